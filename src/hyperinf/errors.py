@@ -1,0 +1,39 @@
+"""Exceptions and warnings raised by hyperinf.
+
+Every error names the problem and how to fix it; all derive from :class:`HyperinfError`
+so callers can catch the library's errors in one place.
+"""
+
+from __future__ import annotations
+
+
+class HyperinfError(Exception):
+    """Base class of every error hyperinf raises on bad input or failed numerics."""
+
+
+class BlockSelectionError(HyperinfError, ValueError):
+    """The block specification matched nothing, or matched a module that is not ``nn.Linear``."""
+
+
+class LossShapeError(HyperinfError, ValueError):
+    """``loss_fn`` did not return one loss per example (shape ``[B]``)."""
+
+
+class EmptyDataError(HyperinfError, ValueError):
+    """A data loader yielded no examples."""
+
+
+class NonFiniteGradientError(HyperinfError, FloatingPointError):
+    """A per-sample gradient contains NaN or Inf (the message names block and batch)."""
+
+
+class NotSPDError(HyperinfError, ValueError):
+    """A matrix given to a solver that needs a symmetric positive-definite input is not SPD."""
+
+
+class NotFittedError(HyperinfError, RuntimeError):
+    """A scoring call came before ``fit``, or ``fit`` did not collect what the method needs."""
+
+
+class NotConvergedWarning(UserWarning):
+    """An iterative inverse stopped at its iteration cap above its tolerance."""
