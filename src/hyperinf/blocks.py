@@ -1,0 +1,172 @@
+"""Parameter blocks: which ``nn.Linear`` weights are attributed, and how each gradient is laid out.
+
+A block's per-sample gradient is an ``r x d`` matrix whose ``d x d`` Gram matrix ``g^T g`` is the
+block's generalized Fisher (GFIM). For a peft LoRA adapter on ``Linear(d_in -> d_out)``,
+``lora_A.weight`` (``r x d_in``) is used as is and ``lora_B.weight`` (``d_out x r``) transposed,
+so ``d`` is always the large side. For a dense ``Linear`` the ``d`` side is a choice
+(``side="in"``: ``d = d_in``, the default; ``side="out"``: ``d = d_out``). A bias, when included,
+is an extra input column (``d_in + 1``), as in the homogeneous-coordinate trick of K-FAC.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from hyperinf.errors import BlockSelectionError
+
+Side = Literal["in", "out"]
+BlockSpec = str | Sequence[str]
+
+_LORA_NAME = re.compile(r"\.lora_(A|B)\.[^.]+$")
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """One ``nn.Linear`` whose weight (and optionally bias) forms an ``r x d`` gradient matrix."""
+
+    name: str
+    module: nn.Linear
+    side: Side
+    include_bias: bool
+
+    @property
+    def has_bias(self) -> bool:
+        return self.include_bias and self.module.bias is not None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(r, d)``: rows and columns of the laid-out gradient."""
+        d_out, d_in = self.module.weight.shape
+        d_in += int(self.has_bias)
+        return (d_out, d_in) if self.side == "in" else (d_in, d_out)
+
+    @property
+    def num_params(self) -> int:
+        r, d = self.shape
+        return r * d
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters this block attributes, in the order :meth:`layout` takes them."""
+        params = [self.module.weight]
+        if self.has_bias:
+            params.append(self.module.bias)
+        return params
+
+    def layout(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None = None) -> torch.Tensor:
+        """Lay out gradients shaped like ``[..., d_out, d_in]`` (and ``[..., d_out]``) as ``[..., r, d]``."""
+        g = weight_grad
+        if self.has_bias:
+            if bias_grad is None:
+                raise ValueError(f"block {self.name!r} includes its bias but no bias gradient was given")
+            g = torch.cat([g, bias_grad.unsqueeze(-1)], dim=-1)
+        return g if self.side == "in" else g.transpose(-1, -2)
+
+
+def select_blocks(
+    model: nn.Module,
+    spec: BlockSpec = "lora",
+    *,
+    side: Side = "in",
+    include_bias: bool = True,
+) -> list[Block]:
+    """Select the blocks named by ``spec``.
+
+    ``spec`` is ``"lora"`` (every peft ``lora_A`` / ``lora_B`` adapter), ``"linear"`` (every
+    ``nn.Linear``) or a list of module names; a name of a container module (e.g. the last
+    transformer layer) selects every ``nn.Linear`` beneath it. ``side`` applies to dense layers;
+    LoRA adapters always put the rank on the ``r`` side.
+    """
+    if side not in ("in", "out"):
+        raise ValueError(f"side must be 'in' or 'out', got {side!r}")
+    if isinstance(spec, str) and spec == "lora":
+        named = [(n, m) for n, m in model.named_modules() if _LORA_NAME.search(n) and isinstance(m, nn.Linear)]
+        if not named:
+            raise BlockSelectionError(
+                "blocks='lora' matched no module: the model has no peft LoRA adapters (lora_A / lora_B "
+                "nn.Linear modules). Wrap it with peft.get_peft_model, or pass blocks='linear' or a list "
+                "of module names."
+            )
+    elif isinstance(spec, str) and spec == "linear":
+        named = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not named:
+            raise BlockSelectionError("blocks='linear' matched no module: the model has no nn.Linear layers.")
+    elif isinstance(spec, str):
+        raise BlockSelectionError(
+            f"unknown block specification {spec!r}: use 'lora', 'linear' or a list of module names "
+            "(e.g. ['classifier'])."
+        )
+    else:
+        named = _select_by_name(model, list(spec))
+    modules = dict(model.named_modules())
+    return [Block(n, m, _side_of(n, side), include_bias) for n, m in named if not _inactive_copy(n, modules)]
+
+
+def _inactive_copy(name: str, modules: dict[str, nn.Module]) -> bool:
+    """True for a module peft keeps but does not run: a wrapped head's ``original_module`` or an inactive adapter."""
+    parts = name.split(".")
+    for i, child in enumerate(parts):
+        parent = modules.get(".".join(parts[:i]))
+        if child == "original_module" and hasattr(parent, "modules_to_save"):
+            return True
+        active = getattr(parent, "active_adapters", None)
+        if child in ("lora_A", "lora_B", "modules_to_save") and i + 1 < len(parts) and isinstance(active, list):
+            if parts[i + 1] not in active:
+                return True
+    return False
+
+
+def _side_of(name: str, dense_side: Side) -> Side:
+    match = _LORA_NAME.search(name)
+    if match is None:
+        return dense_side
+    return "in" if match.group(1) == "A" else "out"
+
+
+def _select_by_name(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Linear]]:
+    if not names:
+        raise BlockSelectionError("the list of block names is empty: name at least one nn.Linear module.")
+    modules = dict(model.named_modules())
+    selected: dict[str, nn.Linear] = {}
+    for name in names:
+        if name not in modules:
+            close = difflib.get_close_matches(name, list(modules), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise BlockSelectionError(f"no module named {name!r} in the model.{hint}")
+        module = modules[name]
+        if isinstance(module, nn.Linear):
+            selected[name] = module
+            continue
+        linears = {
+            f"{name}.{sub}" if sub else name: m
+            for sub, m in module.named_modules()
+            if isinstance(m, nn.Linear)
+        }
+        if not linears:
+            raise BlockSelectionError(
+                f"module {name!r} is a {type(module).__name__}, not nn.Linear, and contains no "
+                "nn.Linear: hyperinf blocks must be nn.Linear layers (or containers of them)."
+            )
+        selected.update(linears)
+    return list(selected.items())
+
+
+@contextmanager
+def block_gradients_enabled(blocks: Sequence[Block]) -> Iterator[None]:
+    """Make autograd track the blocks' parameters (peft freezes some), restoring the flags after."""
+    saved = [(p, p.requires_grad) for b in blocks for p in b.parameters()]
+    try:
+        for param, _ in saved:
+            param.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for param, flag in saved:
+            param.requires_grad_(flag)

@@ -1,0 +1,157 @@
+"""Per-sample gradients of the selected blocks from one forward and one backward pass per batch.
+
+A forward hook on each block keeps the layer input ``a`` (``[B, T, d_in]``) and output ``y``;
+``torch.autograd.grad`` of the summed per-example loss with respect to the outputs gives
+``delta = dL/dy``; the per-example weight gradient is ``sum_t delta_t a_t^T`` (one einsum per
+block). Parameter ``.grad`` fields are never touched, and only the part of the graph between the
+loss and the hooked outputs is differentiated. This works where ``torch.func.vmap`` fails on
+Hugging Face models (attention-mask code calls ``.all()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from hyperinf.batches import padding_mask
+from hyperinf.blocks import Block, block_gradients_enabled
+from hyperinf.errors import BlockSelectionError, LossShapeError, NonFiniteGradientError
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class BatchGradients:
+    """Per-example losses ``[B]`` and per-block gradients ``{name: [B, r, d]}`` of one batch."""
+
+    losses: torch.Tensor
+    grads: dict[str, torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.losses.shape[0]
+
+
+class PerSampleGradients:
+    """Computes :class:`BatchGradients` for batches of ``model`` under ``loss_fn``.
+
+    ``loss_fn(model, batch)`` must return one loss per example (shape ``[B]``). Padding positions
+    named by a batch's 2-D ``attention_mask`` are zeroed, so they contribute nothing even if the
+    model leaks gradient into them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        blocks: Sequence[Block],
+        *,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.blocks = list(blocks)
+        self.dtype = dtype
+
+    def __call__(self, batch: Any, *, batch_index: int = 0) -> BatchGradients:
+        with self._capture() as records:
+            losses = self.loss_fn(self.model, batch)
+            _check_losses(losses)
+            outputs = [y for block in self.blocks for _, y in records[block.name]]
+            deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
+        losses = losses.detach()
+        mask = padding_mask(batch)
+        grads: dict[str, torch.Tensor] = {}
+        position = 0
+        for block in self.blocks:
+            calls = records[block.name]
+            if not calls:
+                raise BlockSelectionError(
+                    f"block {block.name!r} was not called in the forward pass of batch {batch_index}: "
+                    "check that loss_fn runs the model and that the adapter is active and not merged."
+                )
+            g = None
+            for (a, _), delta in zip(calls, deltas[position : position + len(calls)]):
+                term = self._block_gradient(block, a, delta, mask, losses.shape[0], batch_index)
+                g = term if g is None else g + term
+            position += len(calls)
+            if not torch.isfinite(g).all():
+                raise NonFiniteGradientError(
+                    f"NaN/Inf in the per-sample gradients of block {block.name!r} in batch {batch_index}: "
+                    "check the inputs and the loss of that batch (e.g. log of 0, a diverged model)."
+                )
+            grads[block.name] = g
+        return BatchGradients(losses, grads)
+
+    def _block_gradient(
+        self,
+        block: Block,
+        a: torch.Tensor,
+        delta: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        batch_size: int,
+        batch_index: int,
+    ) -> torch.Tensor:
+        if a.shape[0] != batch_size:
+            raise LossShapeError(
+                f"block {block.name!r} saw an input with leading dimension {a.shape[0]} in batch "
+                f"{batch_index}, but loss_fn returned {batch_size} losses: per-sample gradients need "
+                "the batch dimension first in every selected layer's input."
+            )
+        if delta is None:
+            delta = torch.zeros(*a.shape[:-1], block.module.out_features, dtype=a.dtype, device=a.device)
+        a = a.to(self.dtype).reshape(batch_size, -1, a.shape[-1])
+        delta = delta.to(self.dtype).reshape(batch_size, -1, delta.shape[-1])
+        if mask is not None and mask.shape == delta.shape[:2]:
+            delta = delta * mask.to(delta.dtype).unsqueeze(-1)
+        weight_grad = torch.einsum("bto,bti->boi", delta, a)
+        bias_grad = delta.sum(dim=1) if block.has_bias else None
+        return block.layout(weight_grad, bias_grad)
+
+    @contextmanager
+    def _capture(self) -> Iterator[dict[str, list[tuple[torch.Tensor, GradientEdge]]]]:
+        records: dict[str, list[tuple[torch.Tensor, GradientEdge]]] = {b.name: [] for b in self.blocks}
+        handles = []
+
+        def make_hook(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                if not output.requires_grad:
+                    raise LossShapeError(_NO_GRAPH)
+                # The gradient edge, not the tensor: an in-place op after the layer would rebase the tensor.
+                records[name].append((inputs[0].detach(), get_gradient_edge(output)))
+
+            return hook
+
+        try:
+            for block in self.blocks:
+                handles.append(block.module.register_forward_hook(make_hook(block.name)))
+            with block_gradients_enabled(self.blocks):
+                yield records
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _check_losses(losses: Any) -> None:
+    if not isinstance(losses, torch.Tensor):
+        raise LossShapeError(f"loss_fn must return a tensor of per-example losses, got {type(losses).__name__}.")
+    if losses.dim() != 1:
+        raise LossShapeError(
+            f"loss_fn must return per-example losses of shape [B], got shape {tuple(losses.shape)}: "
+            "use reduction='none' (e.g. F.cross_entropy(logits, labels, reduction='none'))"
+            + (" and do not average over the batch." if losses.dim() == 0 else ".")
+        )
+    if not losses.requires_grad:
+        raise LossShapeError(_NO_GRAPH)
+
+
+_NO_GRAPH = (
+    "loss_fn returned losses that do not depend on the selected blocks (no autograd graph): "
+    "do not compute them under torch.no_grad() or detach them."
+)
