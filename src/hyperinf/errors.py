@@ -37,3 +37,7 @@ class NotFittedError(HyperinfError, RuntimeError):
 
 class NotConvergedWarning(UserWarning):
     """An iterative inverse stopped at its iteration cap above its tolerance."""
+
+
+class NotConvergedError(HyperinfError, RuntimeError):
+    """An iterative inverse or solver stopped above its tolerance and the caller asked to raise."""

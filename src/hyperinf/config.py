@@ -1,0 +1,60 @@
+"""The settings of an influence run, kept in one dataclass so they can be saved next to results."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+from hyperinf.blocks import Side
+from hyperinf.curvature import DampingMode
+
+OnFail = Literal["warn", "raise", "cholesky"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class InfluenceConfig:
+    """Every option of :class:`hyperinf.InfluenceEngine` (defaults follow the paper and DESIGN.md).
+
+    damping: ``c`` in ``lambda_l = c / (n p_l) sum_i ||g_i||^2`` (``damping_mode="relative"``),
+        or ``lambda_l`` itself for every block (``"absolute"``).
+    schulz_init: ``"auto"`` (converges for any SPD matrix) or the paper's fixed ``X_0 = c I``.
+    on_nonconvergence: what an iterative inverse that misses its tolerance does.
+    lissa_scale: ``s`` in ``r <- v + (I - A/s) r``; ``None`` uses a bound on ``lambda_max(A)``.
+    cache_bytes: per-sample training gradients up to this size are kept from ``fit`` for pass 2.
+    """
+
+    side: Side = "in"
+    include_bias: bool = True
+    damping: float = 0.1
+    damping_mode: DampingMode = "relative"
+    schulz_max_iter: int = 100
+    schulz_tol: float | None = None
+    schulz_init: str | float = "auto"
+    schulz_order: int = 2
+    on_nonconvergence: OnFail = "warn"
+    lissa_iters: int = 10
+    lissa_scale: float | None = None
+    fim_max_params: int = 4096
+    hessian_max_params: int = 4096
+    cache_bytes: int = 1 << 30
+    dtype: str = "float32"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.damping < 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if self.on_nonconvergence not in ("warn", "raise", "cholesky"):
+            raise ValueError(f"on_nonconvergence must be 'warn', 'raise' or 'cholesky', got {self.on_nonconvergence!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,93 @@
+"""Streamed, mergeable curvature accumulators: GFIM and flattened FIM per block, and damping.
+
+Per block ``l`` with per-sample gradients ``g_i`` (``r x d``) the accumulator keeps plain sums:
+``gram = sum_i g_i^T g_i`` (``d x d``), ``sq_norm = sum_i ||g_i||_F^2`` and, for small blocks,
+``fim = sum_i vec(g_i) vec(g_i)^T`` (``rd x rd``). Memory does not grow with the number of
+examples, and two accumulators over disjoint shards add up to the accumulator of their union
+(``merge``, or ``all_reduce`` of :meth:`CurvatureAccumulator.tensors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+
+from hyperinf.blocks import Block
+
+DampingMode = Literal["relative", "absolute"]
+
+
+class CurvatureAccumulator:
+    """Sums of per-sample gradient statistics for a fixed list of blocks."""
+
+    def __init__(
+        self,
+        blocks: Sequence[Block],
+        *,
+        fim: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.blocks = list(blocks)
+        self.count = 0
+        self.gram: dict[str, torch.Tensor] = {}
+        self.sq_norm: dict[str, torch.Tensor] = {}
+        self.fim: dict[str, torch.Tensor] | None = {} if fim else None
+        for block in self.blocks:
+            r, d = block.shape
+            self.gram[block.name] = torch.zeros(d, d, dtype=dtype, device=device)
+            self.sq_norm[block.name] = torch.zeros((), dtype=dtype, device=device)
+            if self.fim is not None:
+                self.fim[block.name] = torch.zeros(r * d, r * d, dtype=dtype, device=device)
+
+    def update(self, grads: Mapping[str, torch.Tensor]) -> None:
+        """Add one batch of per-sample gradients ``{name: [B, r, d]}``."""
+        batch_size = None
+        for block in self.blocks:
+            g = grads[block.name].to(self.gram[block.name].dtype)
+            batch_size = g.shape[0]
+            flat = g.reshape(batch_size, -1)
+            # sum_i g_i^T g_i: contract the batch and r axes together in one matmul.
+            stacked = g.transpose(0, 1).reshape(-1, g.shape[-1])
+            self.gram[block.name].addmm_(stacked.T, stacked)
+            self.sq_norm[block.name] += flat.square().sum()
+            if self.fim is not None:
+                self.fim[block.name].addmm_(flat.T, flat)
+        self.count += batch_size or 0
+
+    def merge(self, other: CurvatureAccumulator) -> None:
+        """Add the sums of an accumulator over another shard of the data."""
+        if [b.name for b in other.blocks] != [b.name for b in self.blocks]:
+            raise ValueError("cannot merge curvature accumulators over different blocks")
+        if (self.fim is None) != (other.fim is None):
+            raise ValueError("cannot merge an accumulator with the flattened FIM into one without it")
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine += theirs.to(mine.device)
+        self.count += other.count
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every running sum, in a fixed order (for ``all_reduce`` across processes)."""
+        out = [self.gram[b.name] for b in self.blocks] + [self.sq_norm[b.name] for b in self.blocks]
+        if self.fim is not None:
+            out += [self.fim[b.name] for b in self.blocks]
+        return out
+
+    def gfim(self, name: str) -> torch.Tensor:
+        """``G_l = (1/n) sum_i g_i^T g_i``."""
+        return self.gram[name] / self.count
+
+    def flat_fim(self, name: str) -> torch.Tensor:
+        """``F_l = (1/n) sum_i vec(g_i) vec(g_i)^T``; only when accumulated with ``fim=True``."""
+        if self.fim is None:
+            raise KeyError("the flattened FIM was not accumulated")
+        return self.fim[name] / self.count
+
+    def damping(self, block: Block, c: float, mode: DampingMode = "relative") -> float:
+        """``lambda_l = c / (n p_l) * sum_i ||g_i||_F^2`` (paper, Algorithm 2), or ``c`` itself."""
+        if mode == "absolute":
+            return float(c)
+        if mode != "relative":
+            raise ValueError(f"damping_mode must be 'relative' or 'absolute', got {mode!r}")
+        return float(c * self.sq_norm[block.name] / (self.count * block.num_params))

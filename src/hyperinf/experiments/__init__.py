@@ -1,0 +1,1 @@
+"""Runnable experiments, each callable from the ``hyperinf`` command line."""

@@ -1,0 +1,659 @@
+"""Inverses and linear solvers for symmetric positive-definite (SPD) curvature blocks.
+
+Every function takes ``A`` of shape ``[..., d, d]`` and works on the whole stack at once, so all
+blocks of one size are handled by batched matrix multiplies. Iterative methods return
+``(result, InverseInfo)``; none of them fails silently: by default a run that stops above its
+tolerance emits :class:`~hyperinf.errors.NotConvergedWarning` (``on_fail`` picks raise, fall back
+to Cholesky, or ignore), and a diverging run stops early and reports ``converged=False``.
+
+Residuals: an inverse ``X`` is measured by ``||I - A X||_F / sqrt(d)`` (the RMS of its
+eigen-residuals for commuting ``X``); a solve ``A x = b`` by ``||b - A x|| / ||b||`` per
+right-hand side. Both are reported as the worst over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from hyperinf.errors import NotConvergedError, NotConvergedWarning, NotSPDError
+
+Callback = Callable[[int, Tensor], None]
+OnFail = Literal["warn", "raise", "cholesky", "ignore"]
+Init = Literal["auto"] | float | Tensor
+
+_ON_FAIL = ("warn", "raise", "cholesky", "ignore")
+_ADVICE = {
+    "stalled": "The residual stopped decreasing at the rounding floor: A is too ill-conditioned "
+    "for its precision, or not SPD; add damping or use float64. ",
+    "max_iter": "It was still improving: raise max_iter. ",
+}
+# A residual this large (relative to a start near 1) only comes from an iteration that diverges.
+_DIVERGED = 1e6
+# Schulz: this many checks in a row without a new best residual means the precision floor.
+_PATIENCE = 2
+
+
+@dataclass(frozen=True)
+class InverseInfo:
+    """How an iterative inverse or solve ended.
+
+    ``residual`` is the worst over the batch of ``||I - A X||_F / sqrt(d)`` for inverses, or of
+    ``||b - A x|| / ||b||`` for solves, measured on the returned result. ``stop_reason`` is one
+    of ``"tol"``, ``"stalled"`` (no progress: the precision floor), ``"diverged"``,
+    ``"max_iter"``, or ``"fallback"`` (result replaced by the Cholesky one). ``residuals`` holds
+    the residual checked before each update (CG and GMRES: their cheap recursive estimate).
+    """
+
+    iterations: int
+    residual: float
+    converged: bool
+    method: str
+    tol: float
+    stop_reason: str
+    residuals: tuple[float, ...] = ()
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Default stopping tolerance, ``eps ** 0.75``: ~6e-6 for float32, ~2e-12 for float64.
+
+    Close to what each precision can reach on well-conditioned blocks; ill-conditioned ones stop
+    on the stall rule of :func:`schulz_inverse` instead.
+    """
+    return torch.finfo(dtype).eps ** 0.75
+
+
+# ----------------------------------------------------------------------------- spectral bounds
+
+
+def spectral_bounds(A: Tensor, lower_bound: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
+    """Cheap bounds ``(lo, hi)`` with ``lo <= lambda_min <= lambda_max <= hi`` per symmetric ``A``.
+
+    ``hi`` is the smaller of the largest absolute row sum and the Frobenius norm (each bounds the
+    spectral radius), widened by ``d * eps`` so rounding in the sums cannot push it below
+    ``lambda_max``. ``lo`` is the largest of ``lower_bound`` (e.g. the damping), the Gershgorin
+    lower bound and 0. Shapes: ``A [..., d, d]`` -> ``lo, hi [...]``.
+    """
+    d = _check_square(A)
+    abs_rows = A.abs().sum(-1)
+    hi = torch.minimum(abs_rows.amax(-1), torch.linalg.matrix_norm(A))
+    hi = hi * (1 + d * torch.finfo(A.dtype).eps)
+    diag = A.diagonal(dim1=-2, dim2=-1)
+    gershgorin = (diag + diag.abs() - abs_rows).amin(-1)
+    lo = torch.maximum(gershgorin, torch.as_tensor(lower_bound, dtype=A.dtype, device=A.device))
+    return lo.clamp_min(0), hi
+
+
+# ----------------------------------------------------------------------------- Schulz / hyperpower
+
+
+def schulz_inverse(
+    A: Tensor,
+    *,
+    max_iter: int = 100,
+    tol: float | None = None,
+    init: Init = "auto",
+    order: int = 2,
+    lower_bound: float | Tensor | None = None,
+    on_fail: OnFail = "warn",
+    callback: Callback | None = None,
+) -> tuple[Tensor, InverseInfo]:
+    """Inverse of SPD ``A [..., d, d]`` by the hyperpower iteration of order ``p`` (Schulz: p=2).
+
+    ``T = I - A X``, ``X <- X (I + T + ... + T^{p-1})`` (Horner form, p matmuls per step), which
+    gives ``I - A X_new = T^p``. ``init="auto"`` starts from ``X0 = alpha I`` with
+    ``alpha = 2 / (hi + lo)`` from :func:`spectral_bounds` (``1 / hi`` when ``lo`` is 0), so
+    ``||I - A X0||_2 < 1`` and the iteration converges for every SPD ``A``; ``lower_bound``
+    (e.g. the damping) tightens ``lo``. A float ``c`` gives the paper's ``X0 = c I`` (it used
+    5e-4, which diverges once ``lambda_max(A) > 2 / c``); a tensor is used as ``X0``.
+
+    Stopping, checked every step on the worst residual of the current iterate (computed from
+    the ``A X`` the step needs anyway): once it is ``<= tol`` one more step is taken, which takes
+    it to the precision floor, and the loop stops (converged). It also stops when progress stalls
+    at the rounding floor above ``tol`` (see :func:`_schulz_stop`; counted as converged when the
+    residual is ``<= sqrt(tol)``, e.g. float32 with condition numbers up to ~1e5), when the
+    residual exceeds ``1e6`` or is not finite (diverged), or after ``max_iter`` steps.
+    ``callback(t, X_t)`` is called after each step. The result is symmetrized.
+    """
+    d = _check_square(A)
+    _check_on_fail(on_fail)
+    if order < 2:
+        raise ValueError(f"order must be >= 2 (2 is Schulz); got {order}")
+    tol = default_tol(A.dtype) if tol is None else tol
+    X = _initial_inverse(A, init, lower_bound).reshape(-1, d, d)
+    A3 = A.reshape(-1, d, d)
+    X, reason, history = _hyperpower_loop(A3, X, order, max_iter, tol, callback, A.shape)
+    X = (X + X.mT) / 2
+    residual = history[-1]
+    converged = reason == "tol" or (reason == "stalled" and residual <= math.sqrt(tol))
+    method = "schulz" if order == 2 else f"hyperpower(order={order})"
+    info = InverseInfo(len(history) - 1, residual, converged, method, tol, reason, tuple(history))
+    hint = "use init='auto' (a fixed init c*I diverges when c*lambda_max(A) > 2)"
+    return _finish(X.reshape(A.shape), info, on_fail, lambda: _exact_inverse(A), hint)
+
+
+hyperpower_inverse = schulz_inverse
+"""The hyperpower family ``X (I + T + ... + T^{p-1})``; Schulz is its order 2."""
+
+
+def _initial_inverse(A: Tensor, init: Init, lower_bound: float | Tensor | None) -> Tensor:
+    """``X0`` for the hyperpower iteration: ``alpha I`` (auto or fixed ``alpha``) or a given tensor."""
+    if isinstance(init, Tensor):
+        return init.to(A).expand(A.shape).clone()
+    if init == "auto":
+        lo, hi = spectral_bounds(A, 0.0 if lower_bound is None else lower_bound)
+        alpha = torch.where(lo > 0, 2 / (hi + lo), 1 / hi)
+    elif isinstance(init, (int, float)) and not isinstance(init, bool):
+        alpha = torch.full(A.shape[:-2], float(init), dtype=A.dtype, device=A.device)
+    else:
+        raise ValueError(f"init must be 'auto', a float or a tensor; got {init!r}")
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    return alpha[..., None, None] * eye
+
+
+def _hyperpower_loop(
+    A: Tensor,
+    X: Tensor,
+    order: int,
+    max_iter: int,
+    tol: float,
+    callback: Callback | None,
+    shape: torch.Size,
+) -> tuple[Tensor, str, list[float]]:
+    """Iterate on ``A, X [N, d, d]``; return the last iterate, why it stopped, residual history."""
+    scale = math.sqrt(A.shape[-1])
+    history: list[float] = []
+    for t in range(max_iter + 1):
+        T = _identity_minus(A @ X)
+        history.append(_worst(torch.linalg.matrix_norm(T) / scale))
+        reason = _schulz_stop(history, tol, order, A.shape[-1], at_cap=t == max_iter)
+        if reason is not None:
+            return X, reason, history
+        X = _hyperpower_step(X, T, order)
+        if callback is not None:
+            callback(t + 1, X.reshape(shape))
+    raise AssertionError("unreachable: the loop stops at max_iter")
+
+
+def _schulz_stop(history: list[float], tol: float, order: int, d: int, at_cap: bool) -> str | None:
+    """Why to stop after the residual ``history[-1]`` was measured, or None to take another step.
+
+    Since ``I - A X_new = T^p``, exact arithmetic guarantees ``r_new <= d^((p-1)/2) r^p``; where
+    that bound is below ``r / 4`` but the measured ``r_new`` exceeds ``r / 2``, rounding dominates:
+    the iteration is at its precision floor ("stalled"). Further from convergence, a stall is
+    ``_PATIENCE`` checks in a row without a new best residual; if the residual is then >= 1 (no
+    better than ``X = 0``), some eigen-direction has ``|1 - lambda x| > 1`` and grows: "diverged".
+    """
+    r = history[-1]
+    if not math.isfinite(r) or r > _DIVERGED:
+        return "diverged"
+    if len(history) > 1:
+        previous = history[-2]
+        if previous <= tol:  # the step after reaching tol was taken: done
+            return "tol" if r <= tol else "stalled"
+        guaranteed = d ** ((order - 1) / 2) * previous**order
+        if guaranteed <= previous / 4 and r > previous / 2:
+            return "stalled"
+    if len(history) > _PATIENCE and min(history[-_PATIENCE:]) >= min(history[:-_PATIENCE]):
+        return "diverged" if r >= 1 else "stalled"
+    if at_cap:
+        return "tol" if r <= tol else "max_iter"
+    return None
+
+
+def _hyperpower_step(X: Tensor, T: Tensor, order: int) -> Tensor:
+    """``X (I + T + ... + T^{order-1})`` as ``X + X U`` with ``U = T (I + T (I + ...))``."""
+    U = T
+    for _ in range(order - 2):
+        U = torch.baddbmm(T, T, U)
+    return torch.baddbmm(X, X, U)
+
+
+def _identity_minus(P: Tensor) -> Tensor:
+    """``I - P`` in place (P is a fresh product; this avoids allocating an identity per step)."""
+    P.neg_().diagonal(dim1=-2, dim2=-1).add_(1)
+    return P
+
+
+# ----------------------------------------------------------------------------- Cholesky (exact)
+
+
+def cholesky_inverse(A: Tensor) -> Tensor:
+    """Exact inverse of SPD ``A [..., d, d]`` via Cholesky; raises NotSPDError naming bad items."""
+    return torch.cholesky_inverse(_cholesky(A))
+
+
+def cholesky_solve(A: Tensor, B: Tensor) -> Tensor:
+    """Exact ``A^{-1} B`` for SPD ``A [..., d, d]``, ``B [..., d]`` or ``[..., d, k]``."""
+    L = _cholesky(A)
+    columns, unflatten = _as_columns(A, B)
+    return unflatten(torch.cholesky_solve(columns, L.reshape(-1, *L.shape[-2:])))
+
+
+def _cholesky(A: Tensor) -> Tensor:
+    """Lower Cholesky factor, after checking that every item is finite, symmetric and PD."""
+    _check_square(A)
+    _require(torch.isfinite(A).all(-1).all(-1), A, "contain NaN or Inf")
+    asymmetry = torch.linalg.matrix_norm(A - A.mT) / torch.linalg.matrix_norm(A).clamp_min(
+        torch.finfo(A.dtype).tiny
+    )
+    tolerance = max(100 * torch.finfo(A.dtype).eps, 1e-10)
+    _require(asymmetry <= tolerance, A, f"are not symmetric (||A - A^T||_F / ||A||_F > {tolerance:.0e})")
+    L, info = torch.linalg.cholesky_ex(A)
+    _require(info == 0, A, "are not positive definite")
+    return L
+
+
+def _require(ok: Tensor, A: Tensor, problem: str) -> None:
+    """Raise NotSPDError naming the batch items where ``ok`` is False."""
+    if bool(ok.all()):
+        return
+    if A.dim() == 2:
+        where = "The matrix"
+    else:
+        bad = [tuple(i.tolist()) for i in torch.nonzero(~ok)]
+        listed = ", ".join(str(i) for i in bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        where = f"Batch item(s) {listed} of the {tuple(A.shape)} stack"
+    raise NotSPDError(
+        f"{where} {problem}, so no Cholesky factorization exists. Curvature blocks must be "
+        "symmetric positive definite: add damping (A + lambda * I with lambda > 0), symmetrize "
+        "with (A + A^T) / 2, and check the gradients for NaN/Inf."
+    )
+
+
+def _exact_inverse(A: Tensor) -> tuple[Tensor, float]:
+    """Cholesky inverse and its residual, for the ``on_fail='cholesky'`` fallback."""
+    X = cholesky_inverse(A)
+    d = A.shape[-1]
+    T = _identity_minus(A.reshape(-1, d, d) @ X.reshape(-1, d, d))
+    return X, _worst(torch.linalg.matrix_norm(T) / math.sqrt(d))
+
+
+def _exact_solve(A: Tensor, B: Tensor) -> tuple[Tensor, float]:
+    """Cholesky solve and its relative residual, for the ``on_fail='cholesky'`` fallback."""
+    X = cholesky_solve(A, B)
+    columns, _ = _as_columns(A, B)
+    solution, _ = _as_columns(A, X)
+    R = torch.baddbmm(columns, A.reshape(-1, *A.shape[-2:]), solution, alpha=-1)
+    return X, _worst(_relative(R, columns))
+
+
+# ----------------------------------------------------------------------------- Krylov solvers
+
+
+def conjugate_gradient(
+    A: Tensor,
+    b: Tensor,
+    *,
+    max_iter: int | None = None,
+    tol: float | None = None,
+    x0: Tensor | None = None,
+    on_fail: OnFail = "warn",
+    callback: Callback | None = None,
+) -> tuple[Tensor, InverseInfo]:
+    """Solve SPD ``A x = b`` by conjugate gradients, every right-hand side at once.
+
+    ``A [..., d, d]``, ``b [..., d]`` or ``[..., d, k]``. Stops when every column's recursive
+    residual is ``<= tol`` (default :func:`default_tol`), on NaN/Inf or growth past 1e6
+    (diverged), or after ``max_iter`` steps (default ``10 d``: rounding makes CG need more than
+    the ``d`` steps of exact arithmetic); ``converged`` is judged on the true residual of the
+    result. ``x0`` (same shape as ``b``) is the starting guess, 0 by default.
+    """
+    d = _check_square(A)
+    _check_on_fail(on_fail)
+    tol = default_tol(A.dtype) if tol is None else tol
+    max_iter = 10 * d if max_iter is None else max_iter
+    B, unflatten = _as_columns(A, b)
+    A3 = A.reshape(-1, d, d)
+    X = torch.zeros_like(B) if x0 is None else _as_columns(A, x0)[0].clone()
+    R = torch.baddbmm(B, A3, X, alpha=-1)
+    P, rr = R.clone(), (R * R).sum(-2)
+    b_norm = _column_norms(B)
+    history: list[float] = []
+    for t in range(max_iter + 1):
+        history.append(_worst(rr.sqrt() / b_norm))
+        reason = _solver_stop(history[-1], tol, at_cap=t == max_iter)
+        if reason is not None:
+            break
+        AP = A3 @ P
+        alpha = _safe_divide(rr, (P * AP).sum(-2)).unsqueeze(-2)
+        X = X + alpha * P
+        R = R - alpha * AP
+        rr_next = (R * R).sum(-2)
+        P = R + _safe_divide(rr_next, rr).unsqueeze(-2) * P
+        rr = rr_next
+        if callback is not None:
+            callback(t + 1, unflatten(X))
+    return _solver_result(A, b, X, reason, history, tol, "cg", on_fail, unflatten)
+
+
+def gmres(
+    A: Tensor,
+    b: Tensor,
+    *,
+    max_iter: int | None = None,
+    restart: int | None = None,
+    tol: float | None = None,
+    on_fail: OnFail = "warn",
+    callback: Callback | None = None,
+) -> tuple[Tensor, InverseInfo]:
+    """Solve ``A x = b`` by GMRES (Arnoldi with re-orthogonalized Gram-Schmidt, Givens rotations).
+
+    ``max_iter`` (default ``d``) counts Arnoldi steps in total; ``restart`` (default: none) is the
+    Krylov dimension after which the method restarts from the current ``x``. Each right-hand side
+    of ``b [..., d]`` / ``[..., d, k]`` has its own Krylov space; a column whose residual estimate
+    reaches ``tol`` is frozen. ``converged`` is judged on the true residual of the result.
+    """
+    d = _check_square(A)
+    _check_on_fail(on_fail)
+    tol = default_tol(A.dtype) if tol is None else tol
+    max_iter = d if max_iter is None else max_iter
+    restart = max_iter if restart is None else restart
+    B, unflatten = _as_columns(A, b)
+    A3 = A.reshape(-1, d, d)
+    X = torch.zeros_like(B)
+    b_norm = _column_norms(B)
+    history = [_worst(_relative(B, B))]
+    done = history[0] <= tol
+    steps = 0
+    while not done and steps < max_iter:
+        cycle = min(restart, max_iter - steps)
+        X, cycle_history = _gmres_cycle(A3, B, X, b_norm, cycle, tol, callback, unflatten, steps)
+        steps += len(cycle_history)
+        history += cycle_history
+        done = history[-1] <= tol or not math.isfinite(history[-1])
+    reason = _solver_stop(history[-1], tol, at_cap=True)
+    return _solver_result(A, b, X, reason, history, tol, "gmres", on_fail, unflatten)
+
+
+def _gmres_cycle(
+    A: Tensor,
+    B: Tensor,
+    X0: Tensor,
+    b_norm: Tensor,
+    m: int,
+    tol: float,
+    callback: Callback | None,
+    unflatten: Callable[[Tensor], Tensor],
+    start: int,
+) -> tuple[Tensor, list[float]]:
+    """Up to ``m`` Arnoldi steps from ``X0 [N, d, k]``; returns the new ``X`` and residual estimates."""
+    R0 = torch.baddbmm(B, A, X0, alpha=-1)
+    beta = torch.linalg.vector_norm(R0, dim=-2)
+    V = R0.new_zeros(R0.shape[0], m + 1, *R0.shape[1:])  # [N, m+1, d, k]
+    V[:, 0] = R0 / beta.clamp_min(torch.finfo(beta.dtype).tiny).unsqueeze(-2)
+    Rt = R0.new_zeros(*beta.shape, m, m)  # rotated Hessenberg (upper triangular) [N, k, m, m]
+    g = R0.new_zeros(*beta.shape, m + 1)
+    g[..., 0] = beta
+    rotations: list[tuple[Tensor, Tensor]] = []
+    estimate = beta / b_norm
+    active = estimate > tol
+    X, history = X0, []
+    for i in range(m):
+        column = _arnoldi_step(A, V, i)
+        column, rotation = _apply_givens(column, rotations, g, i)
+        rotations.append(rotation)
+        Rt[..., : i + 1, i] = column[..., : i + 1]
+        estimate = torch.where(active, g[..., i + 1].abs() / b_norm, estimate)
+        history.append(_worst(estimate))
+        last = i == m - 1 or history[-1] <= tol or not math.isfinite(history[-1])
+        if callback is not None or last:
+            X = torch.where(active.unsqueeze(-2), _gmres_update(X0, V, Rt, g, i), X)
+            if callback is not None:
+                callback(start + i + 1, unflatten(X))
+        active = active & (estimate > tol)
+        if last:
+            break
+    return X, history
+
+
+def _arnoldi_step(A: Tensor, V: Tensor, i: int) -> Tensor:
+    """Extend the basis ``V`` by ``A V[:, i]``; return the Hessenberg column ``[N, k, i + 2]``."""
+    w = A @ V[:, i]
+    basis = V[:, : i + 1]
+    h = torch.zeros(w.shape[0], w.shape[-1], i + 1, dtype=w.dtype, device=w.device)
+    for _ in range(2):  # classical Gram-Schmidt, twice for orthogonality in finite precision
+        coefficients = torch.einsum("njdk,ndk->nkj", basis, w)
+        w = w - torch.einsum("njdk,nkj->ndk", basis, coefficients)
+        h = h + coefficients
+    norm = _column_norms(w)
+    V[:, i + 1] = w / norm.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-2)
+    return torch.cat([h, norm.unsqueeze(-1)], dim=-1)
+
+
+def _apply_givens(
+    column: Tensor, rotations: list[tuple[Tensor, Tensor]], g: Tensor, i: int
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Rotate the new Hessenberg column by the earlier rotations and a new one zeroing its tail."""
+    column = column.clone()
+    for j, (c, s) in enumerate(rotations):
+        top, bottom = column[..., j].clone(), column[..., j + 1].clone()
+        column[..., j] = c * top + s * bottom
+        column[..., j + 1] = c * bottom - s * top
+    top, bottom = column[..., i], column[..., i + 1]
+    rho = torch.hypot(top, bottom)
+    safe = rho.clamp_min(torch.finfo(rho.dtype).tiny)
+    c = torch.where(rho > 0, top / safe, torch.ones_like(rho))
+    s = torch.where(rho > 0, bottom / safe, torch.zeros_like(rho))
+    column[..., i] = rho
+    g[..., i + 1] = -s * g[..., i]
+    g[..., i] = c * g[..., i]
+    return column, (c, s)
+
+
+def _gmres_update(X0: Tensor, V: Tensor, Rt: Tensor, g: Tensor, i: int) -> Tensor:
+    """``X0 + V y`` with ``y`` minimizing the residual over the first ``i + 1`` Krylov vectors."""
+    y = torch.linalg.solve_triangular(
+        Rt[..., : i + 1, : i + 1], g[..., : i + 1, None], upper=True
+    ).squeeze(-1)
+    return X0 + torch.einsum("njdk,nkj->ndk", V[:, : i + 1], y)
+
+
+# ----------------------------------------------------------------------------- stationary methods
+
+
+def neumann_series(
+    A: Tensor,
+    b: Tensor | None = None,
+    *,
+    max_iter: int = 100,
+    scale: float | Tensor | None = None,
+    tol: float | None = None,
+    on_fail: OnFail = "warn",
+    callback: Callback | None = None,
+) -> tuple[Tensor, InverseInfo]:
+    """Truncated Neumann series ``(1/s) sum_{k<t} (I - A/s)^k b`` (LiSSA's recursion), or the
+    inverse itself when ``b`` is None.
+
+    Run as ``x_{t+1} = x_t + (b - A x_t) / s`` from ``x_0 = 0``, so ``t`` iterations sum ``t``
+    terms (LiSSA's ``r_0 = v`` start equals ``t + 1``). It converges iff ``0 < lambda(A) < 2 s``:
+    ``scale=None`` uses the :func:`spectral_bounds` upper bound, which guarantees it for SPD
+    ``A``; ``scale=1`` is the paper's unscaled variant, which diverges once
+    ``lambda_max(A) >= 2``.
+    """
+    d = _check_square(A)
+    if scale is None:
+        scale = spectral_bounds(A)[1]
+    s = torch.as_tensor(scale, dtype=A.dtype, device=A.device).expand(A.shape[:-2]).reshape(-1, 1, 1)
+    hint = "use scale=None (a bound on lambda_max) so the series converges, or raise max_iter"
+    return _stationary(A, b, lambda R: R / s, max_iter, tol, on_fail, callback, "neumann", hint, d)
+
+
+def sor(
+    A: Tensor,
+    b: Tensor | None = None,
+    *,
+    omega: float = 1.0,
+    max_iter: int = 100,
+    tol: float | None = None,
+    on_fail: OnFail = "warn",
+    callback: Callback | None = None,
+) -> tuple[Tensor, InverseInfo]:
+    """Successive over-relaxation for ``A x = b`` (the inverse when ``b`` is None).
+
+    ``(D + omega L) x_{t+1} = omega b - (omega U + (omega - 1) D) x_t``, run in the equivalent
+    correction form ``x_{t+1} = x_t + omega (D + omega L)^{-1} (b - A x_t)``: one matmul and one
+    triangular solve per step, the sequential row sweep done by ``solve_triangular``.
+    ``omega = 1`` is Gauss-Seidel; it converges for SPD ``A`` when ``0 < omega < 2``.
+    """
+    d = _check_square(A)
+    lower = torch.tril(A, -1) * omega + torch.diag_embed(A.diagonal(dim1=-2, dim2=-1))
+    lower = lower.reshape(-1, d, d)
+
+    def correct(R: Tensor) -> Tensor:
+        return omega * torch.linalg.solve_triangular(lower, R, upper=False)
+
+    hint = "SOR converges for SPD A only with 0 < omega < 2; try omega=1, raise max_iter, or use cg"
+    return _stationary(A, b, correct, max_iter, tol, on_fail, callback, f"sor(omega={omega})", hint, d)
+
+
+def _stationary(
+    A: Tensor,
+    b: Tensor | None,
+    correct: Callable[[Tensor], Tensor],
+    max_iter: int,
+    tol: float | None,
+    on_fail: OnFail,
+    callback: Callback | None,
+    method: str,
+    hint: str,
+    d: int,
+) -> tuple[Tensor, InverseInfo]:
+    """``x_{t+1} = x_t + correct(b - A x_t)`` from 0; ``b=None`` solves for the inverse (``b = I``)."""
+    _check_on_fail(on_fail)
+    tol = default_tol(A.dtype) if tol is None else tol
+    A3 = A.reshape(-1, d, d)
+    target = torch.eye(d, dtype=A.dtype, device=A.device).expand(A.shape) if b is None else b
+    B, unflatten = _as_columns(A, target)
+    measure = (lambda R: torch.linalg.matrix_norm(R) / math.sqrt(d)) if b is None else (lambda R: _relative(R, B))
+    X = torch.zeros_like(B)
+    history: list[float] = []
+    for t in range(max_iter + 1):
+        R = torch.baddbmm(B, A3, X, alpha=-1)
+        history.append(_worst(measure(R)))
+        reason = _solver_stop(history[-1], tol, at_cap=t == max_iter)
+        if reason is not None:
+            break
+        X = X + correct(R)
+        if callback is not None:
+            callback(t + 1, unflatten(X))
+    converged = reason == "tol"
+    info = InverseInfo(len(history) - 1, history[-1], converged, method, tol, reason, tuple(history))
+    exact = (lambda: _exact_inverse(A)) if b is None else (lambda: _exact_solve(A, b))
+    return _finish(unflatten(X), info, on_fail, exact, hint, stacklevel=4)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _solver_stop(r: float, tol: float, at_cap: bool) -> str | None:
+    """Stop reason for solvers, or None to continue."""
+    if not math.isfinite(r) or r > _DIVERGED:
+        return "diverged"
+    if r <= tol:
+        return "tol"
+    return "max_iter" if at_cap else None
+
+
+def _solver_result(
+    A: Tensor,
+    b: Tensor,
+    X: Tensor,
+    reason: str,
+    history: list[float],
+    tol: float,
+    method: str,
+    on_fail: OnFail,
+    unflatten: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, InverseInfo]:
+    """Measure the true residual of a Krylov result and build its info (and failure handling)."""
+    B, _ = _as_columns(A, b)
+    R = torch.baddbmm(B, A.reshape(-1, *A.shape[-2:]), X, alpha=-1)
+    residual = _worst(_relative(R, B))
+    converged = residual <= tol and reason != "diverged"
+    if reason == "tol" and not converged:
+        reason = "stalled"  # the recursive residual reached tol, the true one did not
+    info = InverseInfo(len(history) - 1, residual, converged, method, tol, reason, tuple(history))
+    hint = "raise max_iter, or use float64 / more damping when A is ill-conditioned"
+    return _finish(unflatten(X), info, on_fail, lambda: _exact_solve(A, b), hint, stacklevel=4)
+
+
+def _finish(
+    result: Tensor,
+    info: InverseInfo,
+    on_fail: OnFail,
+    exact: Callable[[], tuple[Tensor, float]],
+    hint: str,
+    stacklevel: int = 3,
+) -> tuple[Tensor, InverseInfo]:
+    """Apply ``on_fail`` to a run that did not converge (``stacklevel`` points at the caller)."""
+    if info.converged or on_fail == "ignore":
+        return result, info
+    message = (
+        f"{info.method} did not converge: stopped ({info.stop_reason}) after {info.iterations} "
+        f"iterations with residual {info.residual:.3g} > tol {info.tol:.3g}. "
+        f"{_ADVICE.get(info.stop_reason, '')}Fix: {hint}."
+    )
+    if on_fail == "raise":
+        raise NotConvergedError(message)
+    if on_fail == "warn":
+        warnings.warn(message, NotConvergedWarning, stacklevel=stacklevel)
+        return result, info
+    warnings.warn(message + " Falling back to Cholesky.", NotConvergedWarning, stacklevel=stacklevel)
+    fallback, residual = exact()
+    method = f"cholesky (fallback from {info.method})"
+    return fallback, replace(info, residual=residual, converged=True, method=method, stop_reason="fallback")
+
+
+def _check_square(A: Tensor) -> int:
+    """Size ``d`` of ``A [..., d, d]``; ValueError for other shapes."""
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A must have shape [..., d, d]; got {tuple(A.shape)}")
+    return A.shape[-1]
+
+
+def _check_on_fail(on_fail: str) -> None:
+    if on_fail not in _ON_FAIL:
+        raise ValueError(f"on_fail must be one of {_ON_FAIL}; got {on_fail!r}")
+
+
+def _as_columns(A: Tensor, b: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """View ``b [..., d]`` or ``[..., d, k]`` as ``[N, d, k]`` and return how to undo it."""
+    batch, d = A.shape[:-2], A.shape[-1]
+    vector = b.dim() == A.dim() - 1
+    columns = b.unsqueeze(-1) if vector else b
+    if columns.shape[:-2] != batch or columns.shape[-2] != d:
+        raise ValueError(f"b must have shape {(*batch, d)} or {(*batch, d)} + (k,); got {tuple(b.shape)}")
+    flat = columns.reshape(-1, d, columns.shape[-1])
+
+    def unflatten(X: Tensor) -> Tensor:
+        X = X.reshape(columns.shape)
+        return X.squeeze(-1) if vector else X
+
+    return flat, unflatten
+
+
+def _column_norms(B: Tensor) -> Tensor:
+    """Norm of each column of ``B [N, d, k]``, floored so zero columns do not divide by zero."""
+    return torch.linalg.vector_norm(B, dim=-2).clamp_min(torch.finfo(B.dtype).tiny)
+
+
+def _relative(R: Tensor, B: Tensor) -> Tensor:
+    """``||r|| / ||b||`` per column."""
+    return torch.linalg.vector_norm(R, dim=-2) / _column_norms(B)
+
+
+def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` with 0 where ``den`` is 0 (finished columns of CG)."""
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _worst(values: Tensor) -> float:
+    """Largest entry as a float (NaN if any entry is NaN; 0 for an empty batch)."""
+    return float(values.max()) if values.numel() else 0.0

@@ -1,0 +1,52 @@
+"""Writing results to disk atomically: a killed run never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+def save_results(
+    directory: str | Path,
+    results: Mapping[str, torch.Tensor],
+    arguments: Mapping[str, Any],
+    diagnostics: list[dict[str, Any]],
+) -> Path:
+    """Write ``scores.safetensors``, ``arguments.json`` and ``diagnostics.json`` into ``directory``."""
+    directory = Path(directory)
+    if not results:
+        raise ValueError("nothing to save: compute scores (score / self_influence / pairwise) first.")
+    tensors = {name: t.detach().cpu().contiguous() for name, t in results.items()}
+    atomic_write(directory / "scores.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    write_json(directory / "arguments.json", dict(arguments))
+    write_json(directory / "diagnostics.json", diagnostics)
+    return directory
+
+
+def load_scores(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Read the tensors written by :func:`save_results`."""
+    return load_file(str(Path(directory) / "scores.safetensors"))

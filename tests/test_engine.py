@@ -1,0 +1,146 @@
+"""The engine's contract beyond the numbers: bad input, caching, saving, model state."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from hyperinf import EmptyDataError, LossShapeError, NonFiniteGradientError, NotFittedError
+from hyperinf.engine import InfluenceEngine
+from hyperinf.results import load_scores
+
+
+def loss_fn(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+@pytest.fixture()
+def setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    data = TensorDataset(torch.randn(30, 4), torch.randint(0, 3, (30,)))
+    return model, DataLoader(data, batch_size=8), DataLoader(TensorDataset(*data[:10]), batch_size=4)
+
+
+def engine_of(model, **kw):
+    return InfluenceEngine(model, loss_fn, blocks="linear", progress=False, **kw)
+
+
+def test_empty_train_loader_is_named(setup):
+    model, _, _ = setup
+    empty = DataLoader(TensorDataset(torch.randn(0, 4), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    with pytest.raises(EmptyDataError, match="train_loader yielded no examples"):
+        engine_of(model).fit(empty)
+
+
+def test_empty_val_loader_is_named(setup):
+    model, train, _ = setup
+    empty = DataLoader(TensorDataset(torch.randn(0, 4), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    engine = engine_of(model).fit(train)
+    with pytest.raises(EmptyDataError, match="val_loader yielded no examples"):
+        engine.score(train, empty)
+
+
+def test_scalar_loss_is_rejected(setup):
+    model, train, _ = setup
+    engine = InfluenceEngine(model, lambda m, b: loss_fn(m, b).mean(), blocks="linear", progress=False)
+    with pytest.raises(LossShapeError, match=r"reduction='none'"):
+        engine.fit(train)
+
+
+def test_nan_gradient_names_block_and_batch(setup):
+    model, _, _ = setup
+    x = torch.randn(12, 4)
+    x[9, 2] = float("nan")
+    loader = DataLoader(TensorDataset(x, torch.zeros(12, dtype=torch.long)), batch_size=4)
+    with pytest.raises(NonFiniteGradientError, match=r"block '0' in batch 2"):
+        engine_of(model).fit(loader)
+
+
+def test_shuffled_loader_is_rejected(setup):
+    model, train, _ = setup
+    shuffled = DataLoader(train.dataset, batch_size=8, shuffle=True)
+    with pytest.raises(ValueError, match="shuffle=False"):
+        engine_of(model).fit(shuffled)
+
+
+def test_score_before_fit_and_missing_curvature(setup):
+    model, train, val = setup
+    engine = engine_of(model)
+    with pytest.raises(NotFittedError, match="call fit"):
+        engine.score(train, val)
+    engine.fit(train)
+    with pytest.raises(NotFittedError, match=r"methods=\['exact-fim'\]"):
+        engine.score(train, val, method="exact-fim")
+
+
+def test_unknown_method_and_oversized_fim(setup):
+    model, train, _ = setup
+    with pytest.raises(ValueError, match="unknown method 'schulz'"):
+        engine_of(model, method="schulz")
+    with pytest.raises(ValueError, match="fim_max_params"):
+        engine_of(model, fim_max_params=10).fit(train, methods=["exact-fim"])
+
+
+def test_cache_is_used_and_budget_respected(setup, monkeypatch):
+    model, train, val = setup
+    cached = engine_of(model).fit(train)
+    assert cached._cache is not None and sum(b.batch_size for b in cached._cache) == 30
+    uncached = engine_of(model, cache_bytes=100).fit(train)
+    assert uncached._cache is None
+    torch.testing.assert_close(cached.score(train, val), uncached.score(train, val))
+    # With the cache, pass 2 over the training set computes no new gradients.
+    calls = []
+    original = cached.gradients.__call__
+    monkeypatch.setattr(type(cached.gradients), "__call__", lambda self, *a, **k: calls.append(1) or original(*a, **k))
+    cached.score(train, val)
+    assert len(calls) == len(list(val))
+
+
+def test_model_state_is_restored(setup):
+    model, train, val = setup
+    model.train()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    engine_of(model).fit(train).score(train, val)
+    assert model.training
+    assert not any(p.requires_grad for p in model[0].parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_save_writes_scores_arguments_and_diagnostics(setup, tmp_path):
+    model, train, val = setup
+    engine = engine_of(model).fit(train)
+    scores = engine.score(train, val)
+    engine.self_influence(train)
+    out = engine.save(tmp_path / "run")
+    saved = load_scores(out)
+    torch.testing.assert_close(saved["score/hyperinf"], scores)
+    assert saved["self_influence/hyperinf"].shape == (30,)
+    arguments = json.loads((out / "arguments.json").read_text())
+    assert arguments["method"] == "hyperinf" and arguments["n_train"] == 30
+    assert [b["name"] for b in arguments["selected_blocks"]] == ["0", "2"]
+    diagnostics = json.loads((out / "diagnostics.json").read_text())
+    assert {d["block"] for d in diagnostics} == {"0", "2"} and all(d["converged"] for d in diagnostics)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_failed_save_leaves_no_partial_file(setup, tmp_path, monkeypatch):
+    model, train, val = setup
+    engine = engine_of(model).fit(train)
+    engine.score(train, val)
+
+    def broken(tensors, filename):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("hyperinf.results.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        engine.save(tmp_path / "run")
+    assert list((tmp_path / "run").iterdir()) == []
