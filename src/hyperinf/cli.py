@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-train", type=int, default=1000, help="training examples (default: 1000)")
     demo.add_argument("--n-val", type=int, default=200, help="clean validation examples (default: 200)")
     demo.add_argument("--flip-fraction", type=float, default=0.2, help="share of flipped training labels (default: 0.2)")
-    demo.add_argument("--epochs", type=int, default=400, help="full-batch training steps (default: 400)")
+    demo.add_argument("--epochs", type=int, default=200, help="full-batch training steps (default: 200)")
     demo.add_argument("--seed", type=int, default=0, help="seed of split, flips and training (default: 0)")
     demo.add_argument(
         "--methods",

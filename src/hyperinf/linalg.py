@@ -166,18 +166,24 @@ def _hyperpower_loop(
     callback: Callback | None,
     shape: torch.Size,
 ) -> tuple[Tensor, str, list[float]]:
-    """Iterate on ``A, X [N, d, d]``; return the last iterate, why it stopped, residual history."""
+    """Iterate on ``A, X [N, d, d]``; return the last iterate, why it stopped, residual history.
+
+    The loop carries ``N = -X``: then ``T = I - A X = A N + I`` is a diagonal shift of the
+    product, and ``-(X S) = N S``, so a step is matmuls plus O(d) work, with no full-size
+    elementwise pass.
+    """
     scale = math.sqrt(A.shape[-1])
     history: list[float] = []
+    N = X.neg()
     for t in range(max_iter + 1):
-        T = _identity_minus(A @ X)
+        T = _add_identity(A @ N)
         history.append(_worst(torch.linalg.matrix_norm(T) / scale))
         reason = _schulz_stop(history, tol, order, A.shape[-1], at_cap=t == max_iter)
         if reason is not None:
-            return X, reason, history
-        X = _hyperpower_step(X, T, order)
+            return N.neg_(), reason, history
+        N = _hyperpower_step(N, T, order)
         if callback is not None:
-            callback(t + 1, X.reshape(shape))
+            callback(t + 1, N.neg().reshape(shape))
     raise AssertionError("unreachable: the loop stops at max_iter")
 
 
@@ -208,17 +214,23 @@ def _schulz_stop(history: list[float], tol: float, order: int, d: int, at_cap: b
 
 
 def _hyperpower_step(X: Tensor, T: Tensor, order: int) -> Tensor:
-    """``X (I + T + ... + T^{order-1})`` as ``X + X U`` with ``U = T (I + T (I + ...))``."""
-    U = T
+    """``X S`` with ``S = I + T (I + T (I + ...)) = I + T + ... + T^{order-1}`` (Horner).
+
+    Plain ``bmm`` plus in-place diagonal shifts (no identity is allocated). Order 2 builds
+    ``S = I + T`` in ``T``'s storage.
+    """
+    S = T if order == 2 else T.clone()
+    _add_identity(S)
     for _ in range(order - 2):
-        U = torch.baddbmm(T, T, U)
-    return torch.baddbmm(X, X, U)
+        S = _add_identity(torch.bmm(T, S))
+    return torch.bmm(X, S)
 
 
-def _identity_minus(P: Tensor) -> Tensor:
-    """``I - P`` in place (P is a fresh product; this avoids allocating an identity per step)."""
-    P.neg_().diagonal(dim1=-2, dim2=-1).add_(1)
+def _add_identity(P: Tensor, scale: float = 1.0) -> Tensor:
+    """``P + scale I`` in place (only the diagonal is touched)."""
+    P.diagonal(dim1=-2, dim2=-1).add_(scale)
     return P
+
 
 
 # ----------------------------------------------------------------------------- Cholesky (exact)
@@ -271,7 +283,7 @@ def _exact_inverse(A: Tensor) -> tuple[Tensor, float]:
     """Cholesky inverse and its residual, for the ``on_fail='cholesky'`` fallback."""
     X = cholesky_inverse(A)
     d = A.shape[-1]
-    T = _identity_minus(A.reshape(-1, d, d) @ X.reshape(-1, d, d))
+    T = _add_identity(A.reshape(-1, d, d) @ X.reshape(-1, d, d), -1.0)  # A X - I
     return X, _worst(torch.linalg.matrix_norm(T) / math.sqrt(d))
 
 

@@ -33,7 +33,7 @@ class DemoArgs:
     n_val: int = 200
     flip_fraction: float = 0.2
     hidden: int = 32
-    epochs: int = 400
+    epochs: int = 200
     seed: int = 0
     methods: tuple[str, ...] = field(default=DEFAULT_METHODS)
     progress: bool = True
@@ -71,7 +71,7 @@ def load_digits_split(args: DemoArgs) -> dict[str, torch.Tensor]:
 def train_mlp(data: dict[str, torch.Tensor], args: DemoArgs) -> nn.Module:
     torch.manual_seed(args.seed)
     model = nn.Sequential(nn.Linear(data["x_train"].shape[1], args.hidden), nn.Tanh(), nn.Linear(args.hidden, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-2)
     for _ in range(args.epochs):
         optimizer.zero_grad()
         loss_fn(model, (data["x_train"], data["y_train"])).mean().backward()
