@@ -122,7 +122,7 @@ def schulz_inverse(
     ``callback(t, X_t)`` is called after each step. The result is symmetrized.
     """
     d = _check_square(A)
-    _check_on_fail(on_fail)
+    _check_options(on_fail, max_iter)
     if order < 2:
         raise ValueError(f"order must be >= 2 (2 is Schulz); got {order}")
     tol = default_tol(A.dtype) if tol is None else tol
@@ -143,7 +143,7 @@ hyperpower_inverse = schulz_inverse
 
 
 def _initial_inverse(A: Tensor, init: Init, lower_bound: float | Tensor | None) -> Tensor:
-    """``X0`` for the hyperpower iteration: ``alpha I`` (auto or fixed ``alpha``) or a given tensor."""
+    """``X0`` for the hyperpower iteration: ``alpha I`` (auto or fixed alpha) or a given tensor."""
     if isinstance(init, Tensor):
         return init.to(A).expand(A.shape).clone()
     if init == "auto":
@@ -174,7 +174,7 @@ def _hyperpower_loop(
     """
     scale = math.sqrt(A.shape[-1])
     history: list[float] = []
-    N = X.neg()
+    N = X.neg_()
     for t in range(max_iter + 1):
         T = _add_identity(A @ N)
         history.append(_worst(torch.linalg.matrix_norm(T) / scale))
@@ -203,8 +203,8 @@ def _schulz_stop(history: list[float], tol: float, order: int, d: int, at_cap: b
         previous = history[-2]
         if previous <= tol:  # the step after reaching tol was taken: done
             return "tol" if r <= tol else "stalled"
-        guaranteed = d ** ((order - 1) / 2) * previous**order
-        if guaranteed <= previous / 4 and r > previous / 2:
+        quadratic = previous < 1 and d ** ((order - 1) / 2) * previous**order <= previous / 4
+        if quadratic and r > previous / 2:
             return "stalled"
     if len(history) > _PATIENCE and min(history[-_PATIENCE:]) >= min(history[:-_PATIENCE]):
         return "diverged" if r >= 1 else "stalled"
@@ -232,7 +232,6 @@ def _add_identity(P: Tensor, scale: float = 1.0) -> Tensor:
     return P
 
 
-
 # ----------------------------------------------------------------------------- Cholesky (exact)
 
 
@@ -252,11 +251,12 @@ def _cholesky(A: Tensor) -> Tensor:
     """Lower Cholesky factor, after checking that every item is finite, symmetric and PD."""
     _check_square(A)
     _require(torch.isfinite(A).all(-1).all(-1), A, "contain NaN or Inf")
-    asymmetry = torch.linalg.matrix_norm(A - A.mT) / torch.linalg.matrix_norm(A).clamp_min(
-        torch.finfo(A.dtype).tiny
-    )
+    scale = torch.linalg.matrix_norm(A).clamp_min(torch.finfo(A.dtype).tiny)
+    asymmetry = torch.linalg.matrix_norm(A - A.mT) / scale
+    # Far above rounding in accumulated curvature sums, far below a genuinely unsymmetric input.
     tolerance = max(100 * torch.finfo(A.dtype).eps, 1e-10)
-    _require(asymmetry <= tolerance, A, f"are not symmetric (||A - A^T||_F / ||A||_F > {tolerance:.0e})")
+    problem = f"are not symmetric (||A - A^T||_F / ||A||_F > {tolerance:.0e})"
+    _require(asymmetry <= tolerance, A, problem)
     L, info = torch.linalg.cholesky_ex(A)
     _require(info == 0, A, "are not positive definite")
     return L
@@ -270,7 +270,8 @@ def _require(ok: Tensor, A: Tensor, problem: str) -> None:
         where = "The matrix"
     else:
         bad = [tuple(i.tolist()) for i in torch.nonzero(~ok)]
-        listed = ", ".join(str(i) for i in bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        listed = ", ".join(str(i) for i in bad[:5])
+        listed += f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         where = f"Batch item(s) {listed} of the {tuple(A.shape)} stack"
     raise NotSPDError(
         f"{where} {problem}, so no Cholesky factorization exists. Curvature blocks must be "
@@ -318,9 +319,9 @@ def conjugate_gradient(
     result. ``x0`` (same shape as ``b``) is the starting guess, 0 by default.
     """
     d = _check_square(A)
-    _check_on_fail(on_fail)
     tol = default_tol(A.dtype) if tol is None else tol
     max_iter = 10 * d if max_iter is None else max_iter
+    _check_options(on_fail, max_iter)
     B, unflatten = _as_columns(A, b)
     A3 = A.reshape(-1, d, d)
     X = torch.zeros_like(B) if x0 is None else _as_columns(A, x0)[0].clone()
@@ -363,9 +364,9 @@ def gmres(
     reaches ``tol`` is frozen. ``converged`` is judged on the true residual of the result.
     """
     d = _check_square(A)
-    _check_on_fail(on_fail)
     tol = default_tol(A.dtype) if tol is None else tol
     max_iter = d if max_iter is None else max_iter
+    _check_options(on_fail, max_iter)
     restart = max_iter if restart is None else restart
     B, unflatten = _as_columns(A, b)
     A3 = A.reshape(-1, d, d)
@@ -395,7 +396,7 @@ def _gmres_cycle(
     unflatten: Callable[[Tensor], Tensor],
     start: int,
 ) -> tuple[Tensor, list[float]]:
-    """Up to ``m`` Arnoldi steps from ``X0 [N, d, k]``; returns the new ``X`` and residual estimates."""
+    """Up to ``m`` Arnoldi steps from ``X0 [N, d, k]``; return the new ``X``, residual estimates."""
     R0 = torch.baddbmm(B, A, X0, alpha=-1)
     beta = torch.linalg.vector_norm(R0, dim=-2)
     V = R0.new_zeros(R0.shape[0], m + 1, *R0.shape[1:])  # [N, m+1, d, k]
@@ -480,19 +481,19 @@ def neumann_series(
     on_fail: OnFail = "warn",
     callback: Callback | None = None,
 ) -> tuple[Tensor, InverseInfo]:
-    """Truncated Neumann series ``(1/s) sum_{k<t} (I - A/s)^k b`` (LiSSA's recursion), or the
-    inverse itself when ``b`` is None.
+    """Truncated Neumann series for ``A^{-1} b`` (LiSSA's recursion); ``A^{-1}`` if b is None.
 
-    Run as ``x_{t+1} = x_t + (b - A x_t) / s`` from ``x_0 = 0``, so ``t`` iterations sum ``t``
-    terms (LiSSA's ``r_0 = v`` start equals ``t + 1``). It converges iff ``0 < lambda(A) < 2 s``:
-    ``scale=None`` uses the :func:`spectral_bounds` upper bound, which guarantees it for SPD
-    ``A``; ``scale=1`` is the paper's unscaled variant, which diverges once
-    ``lambda_max(A) >= 2``.
+    ``x_t = (1/s) sum_{k<t} (I - A/s)^k b``, run as ``x_{t+1} = x_t + (b - A x_t) / s`` from
+    ``x_0 = 0``, so ``t`` iterations sum ``t`` terms (LiSSA's ``r_0 = v`` start: ``t + 1``
+    terms). It converges iff ``0 < lambda(A) < 2 s``: ``scale=None`` uses the
+    :func:`spectral_bounds` upper bound, which guarantees it for SPD ``A``; ``scale=1`` is the
+    paper's unscaled variant, which diverges once ``lambda_max(A) >= 2``.
     """
     d = _check_square(A)
     if scale is None:
         scale = spectral_bounds(A)[1]
-    s = torch.as_tensor(scale, dtype=A.dtype, device=A.device).expand(A.shape[:-2]).reshape(-1, 1, 1)
+    s = torch.as_tensor(scale, dtype=A.dtype, device=A.device)
+    s = s.expand(A.shape[:-2]).reshape(-1, 1, 1)
     hint = "use scale=None (a bound on lambda_max) so the series converges, or raise max_iter"
     return _stationary(A, b, lambda R: R / s, max_iter, tol, on_fail, callback, "neumann", hint, d)
 
@@ -521,8 +522,9 @@ def sor(
     def correct(R: Tensor) -> Tensor:
         return omega * torch.linalg.solve_triangular(lower, R, upper=False)
 
-    hint = "SOR converges for SPD A only with 0 < omega < 2; try omega=1, raise max_iter, or use cg"
-    return _stationary(A, b, correct, max_iter, tol, on_fail, callback, f"sor(omega={omega})", hint, d)
+    hint = "SOR converges for SPD A only with 0 < omega < 2; try omega=1, raise max_iter, or cg"
+    method = f"sor(omega={omega})"
+    return _stationary(A, b, correct, max_iter, tol, on_fail, callback, method, hint, d)
 
 
 def _stationary(
@@ -537,13 +539,16 @@ def _stationary(
     hint: str,
     d: int,
 ) -> tuple[Tensor, InverseInfo]:
-    """``x_{t+1} = x_t + correct(b - A x_t)`` from 0; ``b=None`` solves for the inverse (``b = I``)."""
-    _check_on_fail(on_fail)
+    """``x_{t+1} = x_t + correct(b - A x_t)`` from 0; ``b=None`` solves for the inverse (b = I)."""
+    _check_options(on_fail, max_iter)
     tol = default_tol(A.dtype) if tol is None else tol
     A3 = A.reshape(-1, d, d)
     target = torch.eye(d, dtype=A.dtype, device=A.device).expand(A.shape) if b is None else b
     B, unflatten = _as_columns(A, target)
-    measure = (lambda R: torch.linalg.matrix_norm(R) / math.sqrt(d)) if b is None else (lambda R: _relative(R, B))
+    if b is None:
+        measure = lambda R: torch.linalg.matrix_norm(R) / math.sqrt(d)  # noqa: E731
+    else:
+        measure = lambda R: _relative(R, B)  # noqa: E731
     X = torch.zeros_like(B)
     history: list[float] = []
     for t in range(max_iter + 1):
@@ -556,7 +561,8 @@ def _stationary(
         if callback is not None:
             callback(t + 1, unflatten(X))
     converged = reason == "tol"
-    info = InverseInfo(len(history) - 1, history[-1], converged, method, tol, reason, tuple(history))
+    iterations = len(history) - 1
+    info = InverseInfo(iterations, history[-1], converged, method, tol, reason, tuple(history))
     exact = (lambda: _exact_inverse(A)) if b is None else (lambda: _exact_solve(A, b))
     return _finish(unflatten(X), info, on_fail, exact, hint, stacklevel=4)
 
@@ -588,9 +594,11 @@ def _solver_result(
     B, _ = _as_columns(A, b)
     R = torch.baddbmm(B, A.reshape(-1, *A.shape[-2:]), X, alpha=-1)
     residual = _worst(_relative(R, B))
-    converged = residual <= tol and reason != "diverged"
-    if reason == "tol" and not converged:
+    if reason != "diverged" and residual <= tol:
+        reason = "tol"
+    elif reason == "tol":
         reason = "stalled"  # the recursive residual reached tol, the true one did not
+    converged = reason == "tol"
     info = InverseInfo(len(history) - 1, residual, converged, method, tol, reason, tuple(history))
     hint = "raise max_iter, or use float64 / more damping when A is ill-conditioned"
     return _finish(unflatten(X), info, on_fail, lambda: _exact_solve(A, b), hint, stacklevel=4)
@@ -617,10 +625,12 @@ def _finish(
     if on_fail == "warn":
         warnings.warn(message, NotConvergedWarning, stacklevel=stacklevel)
         return result, info
-    warnings.warn(message + " Falling back to Cholesky.", NotConvergedWarning, stacklevel=stacklevel)
+    message += " Falling back to Cholesky."
+    warnings.warn(message, NotConvergedWarning, stacklevel=stacklevel)
     fallback, residual = exact()
     method = f"cholesky (fallback from {info.method})"
-    return fallback, replace(info, residual=residual, converged=True, method=method, stop_reason="fallback")
+    info = replace(info, residual=residual, converged=True, method=method, stop_reason="fallback")
+    return fallback, info
 
 
 def _check_square(A: Tensor) -> int:
@@ -630,9 +640,12 @@ def _check_square(A: Tensor) -> int:
     return A.shape[-1]
 
 
-def _check_on_fail(on_fail: str) -> None:
+def _check_options(on_fail: str, max_iter: int) -> None:
+    """ValueError for an unknown ``on_fail`` or a negative ``max_iter``."""
     if on_fail not in _ON_FAIL:
         raise ValueError(f"on_fail must be one of {_ON_FAIL}; got {on_fail!r}")
+    if max_iter < 0:
+        raise ValueError(f"max_iter must be >= 0; got {max_iter}")
 
 
 def _as_columns(A: Tensor, b: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -641,7 +654,8 @@ def _as_columns(A: Tensor, b: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor
     vector = b.dim() == A.dim() - 1
     columns = b.unsqueeze(-1) if vector else b
     if columns.shape[:-2] != batch or columns.shape[-2] != d:
-        raise ValueError(f"b must have shape {(*batch, d)} or {(*batch, d)} + (k,); got {tuple(b.shape)}")
+        expected = f"{(*batch, d)} or {(*batch, d, 'k')}"
+        raise ValueError(f"b must have shape {expected}; got {tuple(b.shape)}")
     flat = columns.reshape(-1, d, columns.shape[-1])
 
     def unflatten(X: Tensor) -> Tensor:
@@ -663,7 +677,8 @@ def _relative(R: Tensor, B: Tensor) -> Tensor:
 
 def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` with 0 where ``den`` is 0 (finished columns of CG)."""
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
 
 
 def _worst(values: Tensor) -> float:
