@@ -144,3 +144,12 @@ def test_failed_save_leaves_no_partial_file(setup, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         engine.save(tmp_path / "run")
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_score_methods_equals_single_method_scores(setup):
+    model, train, val = setup
+    engine = engine_of(model).fit(train, methods=["exact", "tracin", "datainf"])
+    together = engine.score_methods(train, val, ["hyperinf", "exact", "tracin", "datainf"])
+    for method, scores in together.items():
+        torch.testing.assert_close(scores, engine_of(model, method=method).fit(train).score(train, val))
+    assert set(engine.ihvp_seconds) == set(together) and all(t >= 0 for t in engine.ihvp_seconds.values())

@@ -7,7 +7,6 @@ inspected first. No download: the data ships inside scikit-learn.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -91,12 +90,7 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
     val_loader = DataLoader(TensorDataset(data["x_val"], data["y_val"]), batch_size=128)
     engine = InfluenceEngine(model, loss_fn, blocks="linear", method="hyperinf", progress=args.progress)
     engine.fit(train_loader, methods=args.methods)
-    scores: dict[str, torch.Tensor] = {}
-    seconds: dict[str, float] = {}
-    for method in args.methods:
-        start = time.perf_counter()
-        scores[method] = engine.score(train_loader, val_loader, method=method)
-        seconds[method] = time.perf_counter() - start
+    scores = engine.score_methods(train_loader, val_loader, args.methods)
     scores["self-influence"] = -engine.self_influence(train_loader)
     with torch.no_grad():
         scores["training loss"] = loss_fn(model, (data["x_train"], data["y_train"]))
@@ -107,7 +101,7 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
             "method": name,
             **{f"detected@{int(f * 100)}%": detection_rate(s, data["flipped"], f) for f in INSPECTED},
             "roc_auc": roc_auc(s, data["flipped"]),
-            "seconds": seconds.get(name),
+            "ihvp_seconds": engine.ihvp_seconds.get(name),
         }
         for name, s in scores.items()
     ]
@@ -121,12 +115,12 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
 
 
 def _print_table(rows: list[dict[str, object]]) -> None:
-    header = ["method", *(f"@{int(f * 100)}%" for f in INSPECTED), "AUC", "score s"]
+    header = ["method", *(f"@{int(f * 100)}%" for f in INSPECTED), "AUC", "iHVP s"]
     print("\nshare of flipped labels found after inspecting the top-ranked fraction of the training set")
     print("  ".join(f"{h:>14}" if i == 0 else f"{h:>7}" for i, h in enumerate(header)))
     for row in rows:
         cells = [f"{row['method']:>14}"]
         cells += [f"{row[f'detected@{int(f * 100)}%']:7.3f}" for f in INSPECTED]
         cells.append(f"{row['roc_auc']:7.3f}")
-        cells.append(f"{row['seconds']:7.3f}" if row["seconds"] is not None else f"{'':>7}")
+        cells.append(f"{row['ihvp_seconds']:7.3f}" if row["ihvp_seconds"] is not None else f"{'':>7}")
         print("  ".join(cells))
