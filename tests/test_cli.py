@@ -1,5 +1,6 @@
 """The command line: help on every subcommand, and the demo end to end on a small setting."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,12 +11,23 @@ from hyperinf.cli import build_parser, main
 from hyperinf.results import load_scores
 
 
-def subcommands() -> list[str]:
-    action = next(a for a in build_parser()._actions if a.dest == "command")
-    return list(action.choices)
+def subcommands(parser=None, prefix=()) -> list[list[str]]:
+    """Every subcommand path, nested ones included (``experiment``, ``experiment convergence``, ...)."""
+    parser = parser or build_parser()
+    paths = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                paths.append([*prefix, name])
+                paths += subcommands(child, (*prefix, name))
+    return paths
 
 
-@pytest.mark.parametrize("command", [[], *[[c] for c in subcommands()]])
+def test_nested_experiment_subcommands_are_listed():
+    assert ["experiment", "convergence"] in subcommands() and ["experiment", "inverse"] in subcommands()
+
+
+@pytest.mark.parametrize("command", [[], *subcommands()], ids=lambda c: " ".join(c) or "top")
 def test_every_subcommand_has_help(command):
     result = subprocess.run(
         [sys.executable, "-m", "hyperinf.cli", *command, "--help"], capture_output=True, text=True, check=True
