@@ -21,7 +21,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
-	$(VENV)/bin/hyperinf demo --out runs/demo
+	$(VENV)/bin/hyperinf mislabel --out runs/mislabel
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_schulz.py

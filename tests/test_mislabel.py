@@ -127,3 +127,18 @@ def test_last_layer_blocks_are_the_last_encoder_layer_and_head(args):
     assert blocks == last_layer_and_head(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(tuple(b + "." for b in blocks)) for n in trainable)
+
+
+def test_rank_sweep_and_seeds_write_one_row_per_rank_seed_and_method(args):
+    args = dataclasses.replace(args, fim=False, methods=("hyperinf", "tracin"))
+    summary = run_mislabel(args, seeds=2, ranks=(1, 2))
+    detection = pd.read_csv(args.out / "detection.csv")
+    assert len(detection) == 2 * 2 * 5  # ranks x seeds x (2 methods + 3 references)
+    assert sorted(set(zip(detection["rank"], detection["seed"]))) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for rank in (1, 2):
+        entry = next(e for e in summary if e["rank"] == rank and e["method"] == "hyperinf")
+        rows = detection[(detection["rank"] == rank) & (detection["method"] == "hyperinf")]
+        assert entry["roc_auc"] == pytest.approx(rows["roc_auc"].mean())
+        assert entry["roc_auc_std"] == pytest.approx(rows["roc_auc"].std())
+    assert (args.out / "rank_sweep.png").is_file()
+    assert (args.out / "scores_rank2_seed1.parquet").is_file()

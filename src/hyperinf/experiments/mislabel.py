@@ -250,22 +250,25 @@ def _detection_row(name: str, scores: torch.Tensor, flipped: torch.Tensor, secon
     }
 
 
-def run_mislabel(args: MislabelArgs, seeds: int = 1) -> list[dict[str, Any]]:
-    """Run ``seeds`` seeds (``args.seed``, ``args.seed + 1``, ...), write every output, print the summary."""
+def run_mislabel(args: MislabelArgs, seeds: int = 1, ranks: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    """Run every rank in ``ranks`` (default: ``args.rank``) for ``seeds`` seeds each; write and print the results."""
+    ranks = ranks or (args.rank,)
     data = load_task(args)
     runs = []
-    for offset in range(seeds):
-        run = run_seed(replace(args, seed=args.seed + offset), data)
-        print(
-            f"seed {run['seed']}: clean test accuracy {run['test_accuracy']:.3f} "
-            f"({'cached adapter' if run['training']['cached'] else 'trained in %.0f s' % run['training']['seconds']})"
-        )
-        for method, why in run["skipped"].items():
-            print(f"  skipped {method}: {why}")
-        runs.append(run)
-    summary = summarize(runs)
+    for rank in ranks:
+        for offset in range(seeds):
+            run = run_seed(replace(args, rank=rank, seed=args.seed + offset), data)
+            run["rank"] = rank
+            run["label"] = f"seed{run['seed']}" if len(ranks) == 1 else f"rank{rank}_seed{run['seed']}"
+            trained = "cached adapter" if run["training"]["cached"] else "trained in %.0f s" % run["training"]["seconds"]
+            print(f"rank {rank}, seed {run['seed']}: clean test accuracy {run['test_accuracy']:.3f} ({trained})")
+            for method, why in run["skipped"].items():
+                print(f"  skipped {method}: {why}")
+            runs.append(run)
+    summary = [entry for rank in ranks for entry in summarize([r for r in runs if r["rank"] == rank])]
     write_outputs(args, data, runs, summary)
-    print_summary(summary, seeds)
+    for rank in ranks:
+        print_summary([e for e in summary if e["rank"] == rank], seeds, rank if not args.last_layer else None)
     print(f"results written to {args.out}/")
     return summary
 
@@ -275,7 +278,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     summary = []
     for method in [row["method"] for row in runs[0]["rows"]]:
         per_seed = [next(r for r in run["rows"] if r["method"] == method) for run in runs]
-        entry: dict[str, Any] = {"method": method, "seeds": len(runs)}
+        entry: dict[str, Any] = {"rank": runs[0]["rank"], "method": method, "seeds": len(runs)}
         for column in per_seed[0]:
             if column == "method" or per_seed[0][column] is None:
                 continue
@@ -290,7 +293,7 @@ def write_outputs(args: MislabelArgs, data: TextDataset, runs: list[dict[str, An
     import pandas as pd
 
     out = args.out
-    rows = [{"seed": run["seed"], **row} for run in runs for row in run["rows"]]
+    rows = [{"rank": run["rank"], "seed": run["seed"], **row} for run in runs for row in run["rows"]]
     atomic_write(out / "detection.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     atomic_write(out / "summary.csv", lambda tmp: pd.DataFrame(summary).to_csv(tmp, index=False))
     for run in runs:
@@ -304,18 +307,20 @@ def write_outputs(args: MislabelArgs, data: TextDataset, runs: list[dict[str, An
                 **{f"score_{name}": s.detach().cpu().numpy() for name, s in run["scores"].items()},
             }
         )
-        atomic_write(out / f"scores_seed{run['seed']}.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+        atomic_write(out / f"scores_{run['label']}.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
     write_json(
         out / "arguments.json",
         {
             "args": asdict(args),
             "label_names": data.label_names,
             "runs": [
-                {k: run[k] for k in ("seed", "test_accuracy", "training", "skipped", "diagnostics")} for run in runs
+                {k: run[k] for k in ("rank", "seed", "test_accuracy", "training", "skipped", "diagnostics")} for run in runs
             ],
         },
     )
     plot_detection(runs[0], out / "detection.png")
+    if len({run["rank"] for run in runs}) > 1:
+        plot_rank_sweep(summary, out / "rank_sweep.png")
 
 
 def plot_detection(run: dict[str, Any], path: Path) -> None:
@@ -346,8 +351,32 @@ def plot_detection(run: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def print_summary(summary: list[dict[str, Any]], seeds: int) -> None:
-    print(f"\nshare of flipped labels found after inspecting the top-ranked share of training data ({seeds} seed(s), mean ± std)")
+def plot_rank_sweep(summary: list[dict[str, Any]], path: Path) -> None:
+    """Time of the inverse-Hessian-vector product against LoRA rank, one line per method (Figs. 6-7 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    methods = [e["method"] for e in summary if "ihvp_seconds" in e]
+    for method in dict.fromkeys(methods):
+        points = [(e["rank"], e["ihvp_seconds"]) for e in summary if e["method"] == method]
+        ax.plot(*zip(*points), marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("LoRA rank r")
+    ax.set_ylabel("inverse-Hessian-vector product time (s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def print_summary(summary: list[dict[str, Any]], seeds: int, rank: int | None) -> None:
+    setting = f"rank {rank}, " if rank is not None else "last layer + head, "
+    print(f"\nshare of flipped labels found after inspecting the top-ranked share of training data ({setting}{seeds} seed(s), mean ± std)")
     header = f"{'method':>16}" + "".join(f"{'@' + str(int(f * 100)) + '%':>15}" for f in INSPECTED) + f"{'ROC-AUC':>15}{'iHVP s':>10}"
     print(header)
     for entry in summary:
@@ -369,6 +398,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--n-test", type=int, default=d.n_test, help=f"clean test examples (default: {d.n_test})")
     parser.add_argument("--flip-fraction", type=float, default=d.flip_fraction, help="share of flipped training labels (default: 0.2)")
     parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default: {d.rank})")
+    parser.add_argument("--ranks", default="", help="comma-separated LoRA ranks for a sweep, e.g. 1,2,4,8,16 (overrides --rank)")
     parser.add_argument("--last-layer", action="store_true", help="tune and attribute the last encoder layer + head instead of LoRA")
     parser.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default: {d.epochs})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
@@ -393,5 +423,6 @@ def main(ns: Any) -> int:
         max_length=ns.max_length, seed=ns.seed, methods=tuple(ns.methods), fim=ns.fim, out=ns.out,
         cache_dir=ns.cache_dir, progress=not ns.no_progress,
     )
-    run_mislabel(args, seeds=ns.seeds)
+    ranks = tuple(int(r) for r in ns.ranks.split(",") if r.strip())
+    run_mislabel(args, seeds=ns.seeds, ranks=ranks)
     return 0

