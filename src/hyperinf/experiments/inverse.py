@@ -129,7 +129,7 @@ class InverseArgs:
 
 
 def _predicted_seconds(history: dict[int, float], d: int) -> float:
-    """Time at ``d`` extrapolated from the largest smaller size measured, as ``d^3`` (0 if none)."""
+    """Time at ``d`` extrapolated as ``d^3`` from the largest smaller size measured (0 if none)."""
     smaller = [size for size in history if size < d]
     if not smaller:
         return 0.0
@@ -138,7 +138,7 @@ def _predicted_seconds(history: dict[int, float], d: int) -> float:
 
 
 def _measure(
-    methods: list[str], d: int, seed: int, args: InverseArgs, slowest: dict[str, dict[int, float]], key: dict[str, Any]
+    methods: list[str], d: int, seed: int, args: InverseArgs, fastest: dict[str, dict[int, float]], key: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Time each method on the seed's matrix and score it against the float64 inverse."""
     problem = make_problem(d, args.n, args.distribution, seed, args.lam, args.device)
@@ -148,7 +148,7 @@ def _measure(
     rows = []
     for name in methods:
         (X, iterations), seconds = timed(lambda: METHODS[name](M, args.iterations), args.device)
-        slowest[name][d] = max(seconds, slowest[name].get(d, 0.0))
+        fastest[name][d] = min(seconds, fastest[name].get(d, math.inf))
         error = float(torch.linalg.matrix_norm(X.to(torch.float64) - reference)) / reference_norm
         rows.append({
             "method": name, **key, "status": "ok", "seconds": seconds, "relative_error": error,
@@ -160,8 +160,9 @@ def _measure(
 def run_inverse(args: InverseArgs) -> dict[str, Any]:
     """Run every method on every (d, seed); write ``inverse.csv``, ``summary.csv``, figures, args.
 
-    A method whose time at ``d``, extrapolated as ``d^3`` from its slowest run at the largest
-    smaller ``d``, exceeds ``time_budget`` seconds is skipped there and at every larger ``d``
+    A method whose time at ``d``, extrapolated as ``d^3`` from its fastest run (the least
+    disturbed by other load on the machine) at the largest smaller ``d``, exceeds ``time_budget``
+    seconds is skipped there and at every larger ``d``
     (rows with ``status = "skipped"``). Returns ``{"rows": DataFrame, "summary": DataFrame}``.
     """
     import pandas as pd
@@ -174,17 +175,17 @@ def run_inverse(args: InverseArgs) -> dict[str, Any]:
     warm = make_problem(8, 16, args.distribution, 0, args.lam, args.device).M.to(dtype)
     for name in args.methods:  # first calls pay one-off library set-up: keep it out of the timings
         METHODS[name](warm, args.iterations)
-    slowest: dict[str, dict[int, float]] = {name: {} for name in args.methods}
+    fastest: dict[str, dict[int, float]] = {name: {} for name in args.methods}
     rows = []
     grid = [(d, seed) for d in sorted(args.dims) for seed in args.seeds]
     for d, seed in progress(grid, args.progress, len(grid), "inverse benchmark"):
         key = {"d": d, "n": args.n, "seed": seed, "dtype": args.dtype, "device": args.device}
-        predicted = {name: _predicted_seconds(slowest[name], d) for name in args.methods}
+        predicted = {name: _predicted_seconds(fastest[name], d) for name in args.methods}
         running = [name for name in args.methods if predicted[name] <= args.time_budget]
         rows += [{"method": name, **key, "status": "skipped", "predicted_seconds": predicted[name]}
                  for name in args.methods if name not in running]  # fmt: skip
         if running:
-            rows += _measure(running, d, seed, args, slowest, key)
+            rows += _measure(running, d, seed, args, fastest, key)
     frame = pd.DataFrame(rows)
     summary = summarize(frame)
     figures = {"inverse": plot_inverse(summary)} if args.figures else {}
