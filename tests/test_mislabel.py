@@ -49,9 +49,8 @@ def test_pipeline_end_to_end_writes_every_output(args, capsys):
     assert len(scores) == 80 and int(scores["flipped"].sum()) == 16
     assert (scores["given_label"] != scores["true_label"]).equals(scores["flipped"])
     # HyperINF and the exact inverse of the same damped GFIM rank identically.
-    torch.testing.assert_close(
-        torch.tensor(scores["score_hyperinf"].values), torch.tensor(scores["score_exact"].values), rtol=1e-3, atol=1e-6
-    )
+    fast, exact = torch.tensor(scores["score_hyperinf"].values), torch.tensor(scores["score_exact"].values)
+    assert torch.linalg.norm(fast - exact) <= 1e-3 * torch.linalg.norm(exact)
     by_method = {e["method"]: e for e in summary}
     assert by_method["hyperinf"]["ihvp_seconds"] >= 0
     printed = capsys.readouterr().out

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -51,6 +52,7 @@ class MislabelArgs:
     n_val: int = 200
     n_test: int = 1000
     flip_fraction: float = 0.2
+    balanced: bool = True
     model: str = "minilm"
     rank: int = 8
     last_layer: bool = False
@@ -193,7 +195,8 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
 def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
     """One seed: split, train (or load), score with every method and reference, evaluate."""
     split = split_and_flip(
-        data, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, flip_fraction=args.flip_fraction, seed=args.seed
+        data, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, flip_fraction=args.flip_fraction,
+        balanced=args.balanced, seed=args.seed,
     )
     model, tokenizer, blocks = build_model(args, len(data.label_names))
     collate = collate_fn(tokenizer, args.max_length)
@@ -269,8 +272,13 @@ def run_mislabel(args: MislabelArgs, seeds: int = 1, ranks: tuple[int, ...] = ()
     write_outputs(args, data, runs, summary)
     for rank in ranks:
         print_summary([e for e in summary if e["rank"] == rank], seeds, rank if not args.last_layer else None)
-    print(f"results written to {args.out}/")
+    print(f"peak memory (RSS) of this process: {peak_rss_mib():.0f} MiB; results written to {args.out}/")
     return summary
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -313,6 +321,7 @@ def write_outputs(args: MislabelArgs, data: TextDataset, runs: list[dict[str, An
         {
             "args": asdict(args),
             "label_names": data.label_names,
+            "peak_rss_mib": peak_rss_mib(),
             "runs": [
                 {k: run[k] for k in ("rank", "seed", "test_accuracy", "training", "skipped", "diagnostics")} for run in runs
             ],
@@ -396,6 +405,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default: {d.n_train})")
     parser.add_argument("--n-val", type=int, default=d.n_val, help=f"clean validation examples (default: {d.n_val})")
     parser.add_argument("--n-test", type=int, default=d.n_test, help=f"clean test examples (default: {d.n_test})")
+    parser.add_argument("--unbalanced", action="store_true", help="draw examples at the data's class frequencies instead of equally per class")
     parser.add_argument("--flip-fraction", type=float, default=d.flip_fraction, help="share of flipped training labels (default: 0.2)")
     parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default: {d.rank})")
     parser.add_argument("--ranks", default="", help="comma-separated LoRA ranks for a sweep, e.g. 1,2,4,8,16 (overrides --rank)")
@@ -418,7 +428,8 @@ def main(ns: Any) -> int:
     """Run ``hyperinf mislabel`` from parsed arguments."""
     args = MislabelArgs(
         task=ns.task, text_column=ns.text_column, label_column=ns.label_column, n_train=ns.n_train,
-        n_val=ns.n_val, n_test=ns.n_test, flip_fraction=ns.flip_fraction, model=ns.model, rank=ns.rank,
+        n_val=ns.n_val, n_test=ns.n_test, flip_fraction=ns.flip_fraction, balanced=not ns.unbalanced,
+        model=ns.model, rank=ns.rank,
         last_layer=ns.last_layer, epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size,
         max_length=ns.max_length, seed=ns.seed, methods=tuple(ns.methods), fim=ns.fim, out=ns.out,
         cache_dir=ns.cache_dir, progress=not ns.no_progress,
