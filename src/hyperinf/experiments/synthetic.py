@@ -136,7 +136,11 @@ def write_outputs(out: Path, args: Any, tables: dict[str, Any], figures: dict[st
 
 
 def set_threads(threads: int | None) -> None:
-    """Use ``threads`` CPU threads for torch (None: leave torch's default)."""
+    """Use ``threads`` CPU threads for torch (None: leave torch's default).
+
+    Set it once per process, before any work: with torch 2.13 (CPU, MKL), raising the count again
+    after running with 1 thread breaks batched ``torch.linalg.inv`` (MKL "DLASWP" parameter error).
+    """
     if threads is not None:
         torch.set_num_threads(threads)
 
