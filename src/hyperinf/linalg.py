@@ -119,7 +119,9 @@ def schulz_inverse(
     at the rounding floor above ``tol`` (see :func:`_schulz_stop`; counted as converged when the
     residual is ``<= sqrt(tol)``, e.g. float32 with condition numbers up to ~1e5), when the
     residual exceeds ``1e6`` or is not finite (diverged), or after ``max_iter`` steps.
-    ``callback(t, X_t)`` is called after each step. The result is symmetrized.
+    ``callback(t, X_t)`` is called after each step. A converged iterate is symmetrized and
+    given one last step (see :func:`_symmetric_step`), counted in ``info.iterations``;
+    ``info.residual`` is that of the returned matrix, which is symmetric to rounding.
     """
     d = _check_square(A)
     _check_options(on_fail, max_iter)
@@ -129,11 +131,16 @@ def schulz_inverse(
     X = _initial_inverse(A, init, lower_bound).reshape(-1, d, d)
     A3 = A.reshape(-1, d, d)
     X, reason, history = _hyperpower_loop(A3, X, order, max_iter, tol, callback, A.shape)
-    X = (X + X.mT) / 2
-    residual = history[-1]
+    if reason in ("tol", "stalled"):
+        X = _symmetric_step(A3, X, order)
+        residual = _add_identity(torch.bmm(A3.double(), X.double()).neg_())
+        history.append(_worst(torch.linalg.matrix_norm(residual) / math.sqrt(d)))
+        if callback is not None:
+            callback(len(history) - 1, X.reshape(A.shape))
+    iterations, residual = len(history) - 1, history[-1]
     converged = reason == "tol" or (reason == "stalled" and residual <= math.sqrt(tol))
     method = "schulz" if order == 2 else f"hyperpower(order={order})"
-    info = InverseInfo(len(history) - 1, residual, converged, method, tol, reason, tuple(history))
+    info = InverseInfo(iterations, residual, converged, method, tol, reason, tuple(history))
     hint = "use init='auto' (a fixed init c*I diverges when c*lambda_max(A) > 2)"
     return _finish(X.reshape(A.shape), info, on_fail, lambda: _exact_inverse(A), hint)
 
@@ -185,6 +192,20 @@ def _hyperpower_loop(
         if callback is not None:
             callback(t + 1, N.neg().reshape(shape))
     raise AssertionError("unreachable: the loop stops at max_iter")
+
+
+def _symmetric_step(A: Tensor, X: Tensor, order: int) -> Tensor:
+    """Average ``X`` with its transpose, then take one more step with ``T = I - A X`` in float64.
+
+    The inverse of an SPD matrix is symmetric, but averaging a converged float32 iterate with
+    its transpose, and float32 rounding itself, leave errors that are small next to
+    ``||A^{-1}||`` yet large along ``A``'s large eigen-directions, where the entries of
+    ``A^{-1}`` are small and where gradients mostly lie. One step with the residual formed in
+    float64 (mixed-precision refinement: two float64 matmuls) removes them.
+    """
+    X = ((X + X.mT) / 2).double()
+    T = _add_identity(torch.bmm(A.double(), X).neg_())
+    return _hyperpower_step(X, T, order).to(A.dtype)
 
 
 def _schulz_stop(history: list[float], tol: float, order: int, d: int, at_cap: bool) -> str | None:
