@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hyperinf.metrics import detection_curve, detection_rate, roc_auc
+from hyperinf.metrics import detection_curve, detection_rate, detection_summary, roc_auc
 
 SCORES = torch.tensor([0.9, 0.1, 0.8, 0.3, 0.7, 0.2, 0.6, 0.4, 0.5, 0.0])
 BAD = torch.tensor([1, 0, 0, 1, 1, 0, 0, 0, 0, 1], dtype=torch.bool)
@@ -37,3 +37,8 @@ def test_metrics_reject_degenerate_labels():
         roc_auc(SCORES, torch.ones(10, dtype=torch.bool))
     with pytest.raises(ValueError, match="fraction"):
         detection_rate(SCORES, BAD, 10)
+
+
+def test_detection_summary_has_the_table_columns():
+    summary = detection_summary(SCORES, BAD, inspected=(0.1, 0.3))
+    assert summary == {"detected@10%": 0.25, "detected@30%": 0.5, "roc_auc": pytest.approx(13 / 24)}

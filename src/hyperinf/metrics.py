@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import torch
 
+INSPECTED = (0.1, 0.2, 0.3, 0.4, 0.5)
+"""The inspection rates of the paper's detection tables (Table 2)."""
+
+
+def detection_summary(scores: torch.Tensor, is_bad: torch.Tensor, inspected: tuple[float, ...] = INSPECTED) -> dict[str, float]:
+    """``{"detected@10%": ..., ..., "roc_auc": ...}``: the detection rates at ``inspected`` and ROC-AUC."""
+    rates = {f"detected@{round(f * 100)}%": detection_rate(scores, is_bad, f) for f in inspected}
+    return {**rates, "roc_auc": roc_auc(scores, is_bad)}
+
 
 def detection_curve(scores: torch.Tensor, is_bad: torch.Tensor) -> torch.Tensor:
     """Share of bad examples found after inspecting the top ``k`` scores, for ``k = 1..n``.

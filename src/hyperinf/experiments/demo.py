@@ -16,10 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hyperinf.engine import InfluenceEngine
-from hyperinf.metrics import detection_rate, roc_auc
+from hyperinf.metrics import INSPECTED, detection_summary
 from hyperinf.results import write_json
 
-INSPECTED = (0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_METHODS = ("hyperinf", "hyperinf-fim", "exact", "exact-fim", "datainf", "lissa", "tracin")
 
 
@@ -99,8 +98,7 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
     rows = [
         {
             "method": name,
-            **{f"detected@{int(f * 100)}%": detection_rate(s, data["flipped"], f) for f in INSPECTED},
-            "roc_auc": roc_auc(s, data["flipped"]),
+            **detection_summary(s, data["flipped"]),
             "ihvp_seconds": engine.ihvp_seconds.get(name),
         }
         for name, s in scores.items()
@@ -115,12 +113,12 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
 
 
 def _print_table(rows: list[dict[str, object]]) -> None:
-    header = ["method", *(f"@{int(f * 100)}%" for f in INSPECTED), "AUC", "iHVP s"]
+    header = ["method", *(f"@{round(f * 100)}%" for f in INSPECTED), "AUC", "iHVP s"]
     print("\nshare of flipped labels found after inspecting the top-ranked fraction of the training set")
     print("  ".join(f"{h:>14}" if i == 0 else f"{h:>7}" for i, h in enumerate(header)))
     for row in rows:
         cells = [f"{row['method']:>14}"]
-        cells += [f"{row[f'detected@{int(f * 100)}%']:7.3f}" for f in INSPECTED]
+        cells += [f"{row[f'detected@{round(f * 100)}%']:7.3f}" for f in INSPECTED]
         cells.append(f"{row['roc_auc']:7.3f}")
         cells.append(f"{row['ihvp_seconds']:7.3f}" if row["ihvp_seconds"] is not None else f"{'':>7}")
         print("  ".join(cells))

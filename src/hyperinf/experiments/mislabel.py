@@ -26,12 +26,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hyperinf.engine import InfluenceEngine
-from hyperinf.metrics import detection_curve, detection_rate, roc_auc
+from hyperinf.metrics import INSPECTED, detection_curve, detection_summary
 from hyperinf.results import atomic_write, write_json
 from hyperinf.tasks.minilm import collate_fn, load_minilm_lora, minilm_folder, sequence_classification_loss
 from hyperinf.tasks.textdata import MislabelSplit, TextDataset, load_bbc_news, load_table, load_tweets, split_and_flip
 
-INSPECTED = (0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
 FIM_METHODS = ("hyperinf-fim", "exact-fim")
 REFERENCES = ("self-influence", "training loss", "random")
@@ -248,8 +247,7 @@ def _methods_for(args: MislabelArgs, engine: InfluenceEngine) -> tuple[list[str]
 def _detection_row(name: str, scores: torch.Tensor, flipped: torch.Tensor, seconds: float | None) -> dict[str, Any]:
     return {
         "method": name,
-        **{f"detected@{int(f * 100)}%": detection_rate(scores, flipped, f) for f in INSPECTED},
-        "roc_auc": roc_auc(scores, flipped),
+        **detection_summary(scores, flipped),
         "ihvp_seconds": seconds,
     }
 
@@ -387,11 +385,11 @@ def plot_rank_sweep(summary: list[dict[str, Any]], path: Path) -> None:
 def print_summary(summary: list[dict[str, Any]], seeds: int, rank: int | None) -> None:
     setting = f"rank {rank}, " if rank is not None else "last layer + head, "
     print(f"\nshare of flipped labels found after inspecting the top-ranked share of training data ({setting}{seeds} seed(s), mean ± std)")
-    header = f"{'method':>16}" + "".join(f"{'@' + str(int(f * 100)) + '%':>15}" for f in INSPECTED) + f"{'ROC-AUC':>15}{'iHVP s':>10}"
+    header = f"{'method':>16}" + "".join(f"{'@' + str(round(f * 100)) + '%':>15}" for f in INSPECTED) + f"{'ROC-AUC':>15}{'iHVP s':>10}"
     print(header)
     for entry in summary:
         line = f"{entry['method']:>16}"
-        for column in [f"detected@{int(f * 100)}%" for f in INSPECTED] + ["roc_auc"]:
+        for column in [f"detected@{round(f * 100)}%" for f in INSPECTED] + ["roc_auc"]:
             line += f"{entry[column]:>9.3f}±{entry[column + '_std']:.3f}"
         line += f"{entry['ihvp_seconds']:>10.3f}" if "ihvp_seconds" in entry else f"{'':>10}"
         print(line)
