@@ -141,7 +141,11 @@ def schulz_inverse(
     converged = reason == "tol" or (reason == "stalled" and residual <= math.sqrt(tol))
     method = "schulz" if order == 2 else f"hyperpower(order={order})"
     info = InverseInfo(iterations, residual, converged, method, tol, reason, tuple(history))
-    hint = "use init='auto' (a fixed init c*I diverges when c*lambda_max(A) > 2)"
+    hint = (
+        "add damping or use float64, or raise max_iter"
+        if isinstance(init, str)
+        else "use init='auto' (a fixed init c*I diverges when c*lambda_max(A) > 2)"
+    )
     return _finish(X.reshape(A.shape), info, on_fail, lambda: _exact_inverse(A), hint)
 
 
