@@ -96,9 +96,10 @@ class InfluenceEngine:
                     hessian.update(self.model, self.gradients.loss_fn, batch)
                 if cache is not None:
                     cached_bytes += sum(g.numel() * g.element_size() for g in grads.grads.values())
-                    cache = cache if cached_bytes <= self.config.cache_bytes else None
-                if cache is not None:
-                    cache.append(grads)
+                    if cached_bytes <= self.config.cache_bytes:
+                        cache.append(grads)
+                    else:
+                        cache = None  # over budget: pass 2 recomputes the gradients
         if curvature.count == 0:
             raise EmptyDataError("train_loader yielded no examples: fit needs at least one training example.")
         self._curvature = curvature
