@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from hyperinf.engine import InfluenceEngine
 from hyperinf.metrics import INSPECTED, detection_curve, detection_summary
 from hyperinf.results import atomic_write, write_json
-from hyperinf.tasks.minilm import collate_fn, load_minilm_lora, minilm_folder, sequence_classification_loss
+from hyperinf.tasks.minilm import classifier_logits, collate_fn, load_minilm_lora, minilm_folder, sequence_classification_loss
 from hyperinf.tasks.textdata import MislabelSplit, TextDataset, load_bbc_news, load_table, load_tweets, split_and_flip
 
 DEFAULT_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
@@ -186,8 +186,7 @@ def train_or_load(model: nn.Module, loader_fn, split: MislabelSplit, args: Misla
 def accuracy(model: nn.Module, loader: DataLoader) -> float:
     correct = total = 0
     for batch in loader:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        correct += int((model(**inputs).logits.argmax(-1) == batch["labels"]).sum())
+        correct += int((classifier_logits(model, batch).argmax(-1) == batch["labels"]).sum())
         total += len(batch["labels"])
     return correct / total
 

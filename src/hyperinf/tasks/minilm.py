@@ -108,9 +108,13 @@ def sequence_classification_loss(model: nn.Module, batch: Mapping[str, torch.Ten
     The batch holds ``input_ids``, ``attention_mask``, ``labels`` and optionally
     ``token_type_ids``; the labels are not passed to the model (it would average the loss).
     """
+    return F.cross_entropy(classifier_logits(model, batch), batch["labels"], reduction="none")
+
+
+def classifier_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a sequence classifier on a dict batch; its labels are not passed to the model."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-    logits = model(**inputs).logits
-    return F.cross_entropy(logits, batch["labels"], reduction="none")
+    return model(**inputs).logits
 
 
 def collate(
