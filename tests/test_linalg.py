@@ -177,6 +177,23 @@ def test_not_converged_is_never_silent():
     assert not info.converged
 
 
+def test_item_residuals_name_the_matrix_that_failed():
+    good, _ = spd((), 32, 10.0)
+    bad, _ = spd((), 32, 1e6, seed=1)  # float32 Schulz stalls far above tol here
+    A = torch.stack([good, bad, good]).float()
+    with pytest.warns(NotConvergedWarning):
+        X, info = schulz_inverse(A)
+    assert len(info.item_residuals) == 3 and info.residual == max(info.item_residuals)
+    assert info.item_residuals[0] <= info.tol and info.item_residuals[2] <= info.tol
+    assert info.item_residuals[1] > 100 * info.tol
+    for i in range(3):  # each entry is that matrix's own ||I - A X||_F / sqrt(d)
+        own = torch.linalg.matrix_norm(torch.eye(32, dtype=F64) - A[i].double() @ X[i].double()) / math.sqrt(32)
+        assert math.isclose(info.item_residuals[i], float(own), rel_tol=1e-3)
+    with pytest.warns(NotConvergedWarning, match="Cholesky"):
+        _, fallback = schulz_inverse(A, max_iter=2, on_fail="cholesky")
+    assert len(fallback.item_residuals) == 3 and max(fallback.item_residuals) == fallback.residual
+
+
 def test_singular_matrix_is_reported_not_converged():
     Q, _ = torch.linalg.qr(randn(32, 32))
     eigs = torch.linspace(0.0, 10.0, 32, dtype=F64)  # one zero eigenvalue

@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hyperinf.blocks import select_blocks
+from hyperinf.config import InfluenceConfig
+from hyperinf.curvature import CurvatureAccumulator
 from hyperinf.engine import InfluenceEngine
+from hyperinf.errors import NotConvergedWarning
+from hyperinf.methods import build_preconditioner
 
 N_TRAIN, N_VAL = 40, 12
 
@@ -110,6 +115,23 @@ def test_hyperinf_equals_exact_in_float32(problem):
     exact = engine.score(loader, DataLoader(val32), method="exact")
     assert torch.linalg.norm(fast - exact) <= 1e-5 * torch.linalg.norm(exact)
     assert all(d.converged for d in engine.diagnostics() if d.method == "hyperinf")
+
+
+def test_diagnostics_are_per_block_within_a_batched_inverse():
+    """Two equal-size blocks are inverted in one Schulz call; only the ill-conditioned one is flagged."""
+    model = nn.ModuleDict({"good": nn.Linear(16, 4), "bad": nn.Linear(16, 4)})
+    curvature = CurvatureAccumulator(select_blocks(model, "linear", include_bias=False))
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    curvature.gram["good"] = (q * torch.linspace(1.0, 10.0, 16)) @ q.T
+    curvature.gram["bad"] = (q * torch.logspace(-7, 0, 16)) @ q.T  # condition 1e7: beyond float32
+    curvature.count = 1
+    config = InfluenceConfig(damping=0.0, damping_mode="absolute")
+    with pytest.warns(NotConvergedWarning):
+        pre = build_preconditioner("hyperinf", curvature, config)
+    good, bad = pre.diagnostics
+    assert (good.block, bad.block) == ("good", "bad")
+    assert good.converged and good.residual <= 1e-5
+    assert not bad.converged and bad.residual > 1e-3
 
 
 def test_lissa_approaches_exact_as_iterations_grow(problem):

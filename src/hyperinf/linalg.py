@@ -45,7 +45,8 @@ class InverseInfo:
     """How an iterative inverse or solve ended.
 
     ``residual`` is the worst over the batch of ``||I - A X||_F / sqrt(d)`` for inverses, or of
-    ``||b - A x|| / ||b||`` for solves, measured on the returned result. ``stop_reason`` is one
+    ``||b - A x|| / ||b||`` for solves, measured on the returned result (``item_residuals``: per
+    matrix of the batch, the worst column of a solve). ``stop_reason`` is one
     of ``"tol"``, ``"stalled"`` (no progress: the precision floor), ``"diverged"``,
     ``"max_iter"``, or ``"fallback"`` (result replaced by the Cholesky one). ``residuals`` holds
     the residual checked before each update (CG and GMRES: their cheap recursive estimate).
@@ -58,6 +59,7 @@ class InverseInfo:
     tol: float
     stop_reason: str
     residuals: tuple[float, ...] = ()
+    item_residuals: tuple[float, ...] = ()
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -130,17 +132,17 @@ def schulz_inverse(
     tol = default_tol(A.dtype) if tol is None else tol
     X = _initial_inverse(A, init, lower_bound).reshape(-1, d, d)
     A3 = A.reshape(-1, d, d)
-    X, reason, history = _hyperpower_loop(A3, X, order, max_iter, tol, callback, A.shape)
+    X, reason, history, items = _hyperpower_loop(A3, X, order, max_iter, tol, callback, A.shape)
     if reason in ("tol", "stalled"):
         X = _symmetric_step(A3, X, order)
-        residual = _add_identity(torch.bmm(A3.double(), X.double()).neg_())
-        history.append(_worst(torch.linalg.matrix_norm(residual) / math.sqrt(d)))
+        items = torch.linalg.matrix_norm(_add_identity(torch.bmm(A3.double(), X.double()).neg_())) / math.sqrt(d)
+        history.append(_worst(items))
         if callback is not None:
             callback(len(history) - 1, X.reshape(A.shape))
     iterations, residual = len(history) - 1, history[-1]
     converged = reason == "tol" or (reason == "stalled" and residual <= math.sqrt(tol))
     method = "schulz" if order == 2 else f"hyperpower(order={order})"
-    info = InverseInfo(iterations, residual, converged, method, tol, reason, tuple(history))
+    info = InverseInfo(iterations, residual, converged, method, tol, reason, tuple(history), _per_item(items))
     hint = (
         "add damping or use float64, or raise max_iter"
         if isinstance(init, str)
@@ -176,8 +178,9 @@ def _hyperpower_loop(
     tol: float,
     callback: Callback | None,
     shape: torch.Size,
-) -> tuple[Tensor, str, list[float]]:
-    """Iterate on ``A, X [N, d, d]``; return the last iterate, why it stopped, residual history.
+) -> tuple[Tensor, str, list[float], Tensor]:
+    """Iterate on ``A, X [N, d, d]``; return the last iterate, why it stopped, the history of the
+    worst residual, and the last iterate's residual per matrix.
 
     The loop carries ``N = -X``: then ``T = I - A X = A N + I`` is a diagonal shift of the
     product, and ``-(X S) = N S``, so a step is matmuls plus O(d) work, with no full-size
@@ -188,10 +191,11 @@ def _hyperpower_loop(
     N = X.neg_()
     for t in range(max_iter + 1):
         T = _add_identity(A @ N)
-        history.append(_worst(torch.linalg.matrix_norm(T) / scale))
+        items = torch.linalg.matrix_norm(T) / scale
+        history.append(_worst(items))
         reason = _schulz_stop(history, tol, order, A.shape[-1], at_cap=t == max_iter)
         if reason is not None:
-            return N.neg_(), reason, history
+            return N.neg_(), reason, history, items
         N = _hyperpower_step(N, T, order)
         if callback is not None:
             callback(t + 1, N.neg().reshape(shape))
@@ -305,21 +309,21 @@ def _require(ok: Tensor, A: Tensor, problem: str) -> None:
     )
 
 
-def _exact_inverse(A: Tensor) -> tuple[Tensor, float]:
-    """Cholesky inverse and its residual, for the ``on_fail='cholesky'`` fallback."""
+def _exact_inverse(A: Tensor) -> tuple[Tensor, Tensor]:
+    """Cholesky inverse and its residual per matrix, for the ``on_fail='cholesky'`` fallback."""
     X = cholesky_inverse(A)
     d = A.shape[-1]
     T = _add_identity(A.reshape(-1, d, d) @ X.reshape(-1, d, d), -1.0)  # A X - I
-    return X, _worst(torch.linalg.matrix_norm(T) / math.sqrt(d))
+    return X, torch.linalg.matrix_norm(T) / math.sqrt(d)
 
 
-def _exact_solve(A: Tensor, B: Tensor) -> tuple[Tensor, float]:
-    """Cholesky solve and its relative residual, for the ``on_fail='cholesky'`` fallback."""
+def _exact_solve(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """Cholesky solve and its relative residual per column, for the ``on_fail='cholesky'`` fallback."""
     X = cholesky_solve(A, B)
     columns, _ = _as_columns(A, B)
     solution, _ = _as_columns(A, X)
     R = torch.baddbmm(columns, A.reshape(-1, *A.shape[-2:]), solution, alpha=-1)
-    return X, _worst(_relative(R, columns))
+    return X, _relative(R, columns)
 
 
 # ----------------------------------------------------------------------------- Krylov solvers
@@ -578,7 +582,8 @@ def _stationary(
     history: list[float] = []
     for t in range(max_iter + 1):
         R = torch.baddbmm(B, A3, X, alpha=-1)
-        history.append(_worst(measure(R)))
+        items = measure(R)
+        history.append(_worst(items))
         reason = _solver_stop(history[-1], tol, at_cap=t == max_iter)
         if reason is not None:
             break
@@ -587,7 +592,7 @@ def _stationary(
             callback(t + 1, unflatten(X))
     converged = reason == "tol"
     iterations = len(history) - 1
-    info = InverseInfo(iterations, history[-1], converged, method, tol, reason, tuple(history))
+    info = InverseInfo(iterations, history[-1], converged, method, tol, reason, tuple(history), _per_item(items))
     exact = (lambda: _exact_inverse(A)) if b is None else (lambda: _exact_solve(A, b))
     return _finish(unflatten(X), info, on_fail, exact, hint, stacklevel=4)
 
@@ -618,13 +623,14 @@ def _solver_result(
     """Measure the true residual of a Krylov result and build its info (and failure handling)."""
     B, _ = _as_columns(A, b)
     R = torch.baddbmm(B, A.reshape(-1, *A.shape[-2:]), X, alpha=-1)
-    residual = _worst(_relative(R, B))
+    items = _relative(R, B)
+    residual = _worst(items)
     if reason != "diverged" and residual <= tol:
         reason = "tol"
     elif reason == "tol":
         reason = "stalled"  # the recursive residual reached tol, the true one did not
     converged = reason == "tol"
-    info = InverseInfo(len(history) - 1, residual, converged, method, tol, reason, tuple(history))
+    info = InverseInfo(len(history) - 1, residual, converged, method, tol, reason, tuple(history), _per_item(items))
     hint = "raise max_iter, or use float64 / more damping when A is ill-conditioned"
     return _finish(unflatten(X), info, on_fail, lambda: _exact_solve(A, b), hint, stacklevel=4)
 
@@ -633,7 +639,7 @@ def _finish(
     result: Tensor,
     info: InverseInfo,
     on_fail: OnFail,
-    exact: Callable[[], tuple[Tensor, float]],
+    exact: Callable[[], tuple[Tensor, Tensor]],
     hint: str,
     stacklevel: int = 3,
 ) -> tuple[Tensor, InverseInfo]:
@@ -652,9 +658,11 @@ def _finish(
         return result, info
     message += " Falling back to Cholesky."
     warnings.warn(message, NotConvergedWarning, stacklevel=stacklevel)
-    fallback, residual = exact()
+    fallback, items = exact()
     method = f"cholesky (fallback from {info.method})"
-    info = replace(info, residual=residual, converged=True, method=method, stop_reason="fallback")
+    info = replace(
+        info, residual=_worst(items), item_residuals=_per_item(items), converged=True, method=method, stop_reason="fallback"
+    )
     return fallback, info
 
 
@@ -704,6 +712,11 @@ def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` with 0 where ``den`` is 0 (finished columns of CG)."""
     nonzero = den != 0
     return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
+
+
+def _per_item(values: Tensor) -> tuple[float, ...]:
+    """Worst entry of each batch item of ``values [N, ...]`` (the columns of a solve, or one norm)."""
+    return tuple(values.reshape(values.shape[0], -1).amax(1).tolist()) if values.numel() else ()
 
 
 def _worst(values: Tensor) -> float:

@@ -236,9 +236,9 @@ def _invert_grouped(
                 lower_bound=lower,
                 on_fail=config.on_nonconvergence,
             )
-            for n in names:
+            for n, residual in zip(names, infos.item_residuals):
                 diag_of[n].iterations = infos.iterations
-                diag_of[n].residual = infos.residual
-                diag_of[n].converged = infos.converged
+                diag_of[n].residual = residual
+                diag_of[n].converged = infos.converged or residual <= infos.tol
         inverses.update(zip(names, result.unbind(0)))
     return inverses
