@@ -153,3 +153,23 @@ def test_score_methods_equals_single_method_scores(setup):
     for method, scores in together.items():
         torch.testing.assert_close(scores, engine_of(model, method=method).fit(train).score(train, val))
     assert set(engine.ihvp_seconds) == set(together) and all(t >= 0 for t in engine.ihvp_seconds.values())
+
+
+def test_score_methods_gives_self_influence_and_losses_in_the_same_training_pass(setup):
+    model, train, val = setup
+    calls = []
+
+    def counting_loss(m, batch):
+        calls.append(len(batch[1]))
+        return loss_fn(m, batch)
+
+    engine = InfluenceEngine(model, counting_loss, blocks="linear", progress=False, cache_bytes=0).fit(train)
+    calls.clear()
+    engine.score_methods(train, val, ["hyperinf", "tracin"], self_influence="exact")
+    assert sum(calls) == 30 + 10  # one training pass and one validation pass, nothing recomputed twice
+    x, y = train.dataset.tensors
+    with torch.no_grad():
+        torch.testing.assert_close(engine.results["train_loss"], loss_fn(model, (x, y)))
+    torch.testing.assert_close(engine.results["self_influence/exact"], engine_of(model, method="exact").fit(train).self_influence(train))
+    with pytest.raises(NotImplementedError, match="self-influence with 'datainf'"):
+        engine.score_methods(train, val, ["tracin"], self_influence="datainf")

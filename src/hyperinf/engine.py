@@ -116,13 +116,22 @@ class InfluenceEngine:
         return self.score_methods(train_loader, val_loader, [method])[method]
 
     def score_methods(
-        self, train_loader: Iterable[Any], val_loader: Iterable[Any], methods: Sequence[str]
+        self,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any],
+        methods: Sequence[str],
+        *,
+        self_influence: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """:meth:`score` for several methods with one validation pass and one training pass.
 
         The time each method took to turn ``v`` into ``h``, building its inverse (or, for DataInf,
-        its pass over the training gradients) included, is kept in :attr:`ihvp_seconds`.
+        its pass over the training gradients) included, is kept in :attr:`ihvp_seconds`. The same
+        training pass keeps each example's training loss (``results["train_loss"]``) and, with
+        ``self_influence=method``, its self-influence (``results["self_influence/<method>"]``):
+        where the gradients are recomputed, a second pass would cost as much as the first.
         """
+        own = self._per_example_preconditioner(self_influence) if self_influence else None
         v = self.mean_gradient(val_loader, "val_loader")
         directions = {}
         for method in methods:
@@ -131,27 +140,25 @@ class InfluenceEngine:
             directions[method] = pre.apply({name: g.unsqueeze(0) for name, g in v.items()})
             self.ihvp_seconds[method] = self._build_seconds[method] + time.perf_counter() - start
         columns: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+        losses, self_scores = [], []
         for batch in self.train_gradients(train_loader):
+            losses.append(batch.losses.detach())
             for method, h in directions.items():
                 columns[method].append(-_inner(batch.grads, h)[:, 0])
+            if own is not None:
+                self_scores.append(_self_influence(own, batch))
         scores = {method: torch.cat(parts) for method, parts in columns.items()}
         self.results.update({f"score/{method}": s.cpu() for method, s in scores.items()})
+        self.results["train_loss"] = torch.cat(losses).cpu()
+        if own is not None:
+            self.results[f"self_influence/{self_influence}"] = torch.cat(self_scores).cpu()
         return scores
 
     def self_influence(self, train_loader: Iterable[Any], *, method: str | None = None) -> torch.Tensor:
         """``- sum_l <A_l^{-1} g_k, g_k>`` per training example (<= 0; most negative = most unusual)."""
         method = method or self.method
-        pre = self.preconditioner(method)
-        if not pre.per_example:
-            raise NotImplementedError(
-                f"self-influence with {method!r} would need a pass over the training set per example; "
-                "use 'hyperinf' or 'exact'."
-            )
-        scores = []
-        for batch in self.train_gradients(train_loader):
-            h = pre.apply(batch.grads)
-            scores.append(-(_flatten(batch.grads) * _flatten(h)).sum(dim=1))
-        result = torch.cat(scores)
+        pre = self._per_example_preconditioner(method)
+        result = torch.cat([_self_influence(pre, batch) for batch in self.train_gradients(train_loader)])
         self.results[f"self_influence/{method}"] = result.cpu()
         return result
 
@@ -199,6 +206,15 @@ class InfluenceEngine:
             )
             self._build_seconds[method] = time.perf_counter() - start
         return self._preconditioners[method]
+
+    def _per_example_preconditioner(self, method: str) -> Preconditioner:
+        pre = self.preconditioner(method)
+        if not pre.per_example:
+            raise NotImplementedError(
+                f"self-influence with {method!r} would need a pass over the training set per example; "
+                "use 'hyperinf' or 'exact'."
+            )
+        return pre
 
     def diagnostics(self) -> list[BlockDiagnostics]:
         """Per-block damping and iterative-inverse outcome of every preconditioner built so far."""
@@ -279,6 +295,11 @@ def _flatten(blocks: dict[str, torch.Tensor]) -> torch.Tensor:
     """Concatenate per-block ``[m, r, d]`` tensors into one ``[m, sum_l r_l d_l]`` matrix."""
     m = next(iter(blocks.values())).shape[0]
     return torch.cat([t.reshape(m, -1) for t in blocks.values()], dim=1)
+
+
+def _self_influence(pre: Preconditioner, batch: BatchGradients) -> torch.Tensor:
+    """``- sum_l <A_l^{-1} g_k, g_k>`` for each example of a batch."""
+    return -(_flatten(batch.grads) * _flatten(pre.apply(batch.grads))).sum(dim=1)
 
 
 def _inner(grads: dict[str, torch.Tensor], h: dict[str, torch.Tensor]) -> torch.Tensor:

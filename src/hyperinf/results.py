@@ -40,7 +40,8 @@ def save_results(
     directory = Path(directory)
     if not results:
         raise ValueError("nothing to save: compute scores (score / self_influence / pairwise) first.")
-    tensors = {name: t.detach().cpu().contiguous() for name, t in results.items()}
+    # Own copies: safetensors refuses entries that share storage (a result stored under two names).
+    tensors = {name: t.detach().cpu().clone().contiguous() for name, t in results.items()}
     atomic_write(directory / "scores.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     write_json(directory / "arguments.json", dict(arguments))
     write_json(directory / "diagnostics.json", diagnostics)

@@ -89,10 +89,9 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
     val_loader = DataLoader(TensorDataset(data["x_val"], data["y_val"]), batch_size=128)
     engine = InfluenceEngine(model, loss_fn, blocks="linear", method="hyperinf", progress=args.progress)
     engine.fit(train_loader, methods=args.methods)
-    scores = engine.score_methods(train_loader, val_loader, args.methods)
-    scores["self-influence"] = -engine.self_influence(train_loader)
-    with torch.no_grad():
-        scores["training loss"] = loss_fn(model, (data["x_train"], data["y_train"]))
+    scores = engine.score_methods(train_loader, val_loader, args.methods, self_influence="hyperinf")
+    scores["self-influence"] = -engine.results["self_influence/hyperinf"]
+    scores["training loss"] = engine.results["train_loss"]
     scores["random"] = torch.rand(args.n_train, generator=torch.Generator().manual_seed(args.seed))
 
     rows = [

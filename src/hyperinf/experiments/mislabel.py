@@ -214,9 +214,9 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
     )
     methods, skipped = _methods_for(args, engine)
     engine.fit(train_loader, methods=methods)
-    scores = engine.score_methods(train_loader, val_loader, methods)
-    scores["self-influence"] = -engine.self_influence(train_loader)
-    scores["training loss"] = torch.cat([b.losses for b in engine.train_gradients(train_loader)])
+    scores = engine.score_methods(train_loader, val_loader, methods, self_influence="hyperinf")
+    scores["self-influence"] = -engine.results["self_influence/hyperinf"]
+    scores["training loss"] = engine.results["train_loss"]
     scores["random"] = torch.rand(args.n_train, generator=torch.Generator().manual_seed(args.seed))
     rows = [_detection_row(name, s, split.flipped, engine.ihvp_seconds.get(name)) for name, s in scores.items()]
     return {
