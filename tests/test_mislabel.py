@@ -84,7 +84,9 @@ def test_cache_key_changes_with_every_training_setting(args, change):
     )
     assert args.training_key(split) != changed.training_key(changed_split)
     # Settings that do not touch training keep the key.
-    same = dataclasses.replace(args, methods=("tracin",), out=args.out / "x", progress=True, damping=1.0)
+    same = dataclasses.replace(
+        args, methods=("tracin",), out=args.out / "x", progress=True, damping=1.0, damping_mode="gfim", dtype="float64"
+    )
     assert same.training_key(split) == args.training_key(split)
 
 
@@ -141,3 +143,17 @@ def test_rank_sweep_and_seeds_write_one_row_per_rank_seed_and_method(args):
         assert entry["roc_auc_std"] == pytest.approx(rows["roc_auc"].std())
     assert (args.out / "rank_sweep.png").is_file()
     assert (args.out / "scores_rank2_seed1.parquet").is_file()
+
+
+@pytest.mark.parametrize("options", [{"dtype": "float64"}, {"damping_mode": "gfim"}])
+def test_last_layer_run_converges_per_block(args, options):
+    """The options for dense blocks (float64, or GFIM-relative damping) run end to end; every block converges."""
+    args = dataclasses.replace(args, last_layer=True, fim=False, methods=("hyperinf", "exact"), **options)
+    run_mislabel(args)
+    diagnostics = json.loads((args.out / "arguments.json").read_text())["runs"][0]["diagnostics"]
+    schulz = [d for d in diagnostics if d["method"] == "hyperinf"]
+    assert len(schulz) == 6 + 2  # the last encoder layer's 6 Linear, the pooler and the classifier
+    assert all(d["converged"] for d in schulz), [(d["block"], d["residual"]) for d in schulz if not d["converged"]]
+    scores = pd.read_parquet(args.out / "scores_seed0.parquet")
+    fast, exact = torch.tensor(scores["score_hyperinf"].values), torch.tensor(scores["score_exact"].values)
+    assert torch.linalg.norm(fast - exact) <= 1e-3 * torch.linalg.norm(exact)

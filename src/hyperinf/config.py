@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -19,8 +19,9 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class InfluenceConfig:
     """Every option of :class:`hyperinf.InfluenceEngine` (defaults follow the paper and DESIGN.md).
 
-    damping: ``c`` in ``lambda_l = c / (n p_l) sum_i ||g_i||^2`` (``damping_mode="relative"``),
-        or ``lambda_l`` itself for every block (``"absolute"``).
+    damping: ``c`` in ``lambda_l = c / (n p_l) sum_i ||g_i||^2`` (``damping_mode="relative"``,
+        ``p_l = r d``), in ``c / (n d) sum_i ||g_i||^2`` (``"gfim"``: ``c`` times the GFIM's mean
+        eigenvalue, for blocks with many rows) or ``lambda_l`` itself for every block (``"absolute"``).
     schulz_init: ``"auto"`` (converges for any SPD matrix) or the paper's fixed ``X_0 = c I``.
     on_nonconvergence: what an iterative inverse that misses its tolerance does.
     lissa_scale: ``s`` in ``r <- v + (I - A/s) r``; ``None`` uses a bound on ``lambda_max(A)``.
@@ -49,6 +50,8 @@ class InfluenceConfig:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if self.damping_mode not in get_args(DampingMode):
+            raise ValueError(f"damping_mode must be one of {get_args(DampingMode)}, got {self.damping_mode!r}")
         if self.on_nonconvergence not in ("warn", "raise", "cholesky"):
             raise ValueError(f"on_nonconvergence must be 'warn', 'raise' or 'cholesky', got {self.on_nonconvergence!r}")
 

@@ -16,7 +16,7 @@ import torch
 
 from hyperinf.blocks import Block
 
-DampingMode = Literal["relative", "absolute"]
+DampingMode = Literal["relative", "gfim", "absolute"]
 
 
 class CurvatureAccumulator:
@@ -85,9 +85,17 @@ class CurvatureAccumulator:
         return self.fim[name] / self.count
 
     def damping(self, block: Block, c: float, mode: DampingMode = "relative") -> float:
-        """``lambda_l = c / (n p_l) * sum_i ||g_i||_F^2`` (paper, Algorithm 2), or ``c`` itself."""
+        """``lambda_l`` for block ``l``: ``c`` times a mean squared gradient entry, or ``c`` itself.
+
+        ``"relative"`` (paper, Algorithm 2): ``c / (n p_l) sum_i ||g_i||_F^2`` with ``p_l = r d``,
+        ``c`` times the mean eigenvalue of the flattened FIM. ``"gfim"``: ``c / (n d) sum_i
+        ||g_i||_F^2``, ``c`` times the mean eigenvalue of the ``d x d`` GFIM (``r`` times larger),
+        which bounds the GFIM's condition number by ``1 + d / c`` whatever ``r``: dense layers,
+        with ``r`` in the hundreds, are otherwise too ill-conditioned for float32.
+        """
         if mode == "absolute":
             return float(c)
-        if mode != "relative":
-            raise ValueError(f"damping_mode must be 'relative' or 'absolute', got {mode!r}")
-        return float(c * self.sq_norm[block.name] / (self.count * block.num_params))
+        per = {"relative": block.num_params, "gfim": block.shape[1]}
+        if mode not in per:
+            raise ValueError(f"damping_mode must be 'relative', 'gfim' or 'absolute', got {mode!r}")
+        return float(c * self.sq_norm[block.name] / (self.count * per[mode]))

@@ -64,6 +64,8 @@ class MislabelArgs:
     fim: bool = False
     fim_max_params: int = 4096
     damping: float = 0.1
+    damping_mode: str = "relative"
+    dtype: str = "float32"
     out: Path = Path("runs/mislabel")
     cache_dir: Path = field(default_factory=default_cache_dir)
     progress: bool = True
@@ -72,7 +74,7 @@ class MislabelArgs:
         """Hash of everything that determines the trained weights, the training data included."""
         settings = {
             k: v for k, v in asdict(self).items()
-            if k not in ("methods", "fim", "fim_max_params", "damping", "out", "cache_dir", "progress", "n_val", "n_test")
+            if k not in ("methods", "fim", "fim_max_params", "damping", "damping_mode", "dtype", "out", "cache_dir", "progress", "n_val", "n_test")
         }
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
         for text, label in zip(split.train.texts, split.train.labels.tolist()):
@@ -211,6 +213,7 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
     engine = InfluenceEngine(
         model, sequence_classification_loss, blocks=blocks, method="hyperinf",
         progress=args.progress, fim_max_params=args.fim_max_params, damping=args.damping,
+        damping_mode=args.damping_mode, dtype=args.dtype,
     )
     methods, skipped = _methods_for(args, engine)
     engine.fit(train_loader, methods=methods)
@@ -416,6 +419,15 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="number of seeds; the table reports mean ± std (default: 1)")
     parser.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated methods (default: {','.join(d.methods)})")
     parser.add_argument("--damping", type=float, default=d.damping, help=f"damping factor c of every method (default: {d.damping})")
+    parser.add_argument(
+        "--damping-mode", default=d.damping_mode, choices=["relative", "gfim", "absolute"],
+        help="lambda = c x mean squared gradient entry per parameter (relative: the paper's), per GFIM "
+        "dimension (gfim: r times larger, bounds the condition number by 1 + d/c; for --last-layer), or c itself",
+    )
+    parser.add_argument(
+        "--dtype", default=d.dtype, choices=["float32", "float64"],
+        help="precision of the per-sample gradients, curvature and inverses (default: float32; float64 for ill-conditioned blocks, e.g. --last-layer)",
+    )
     parser.add_argument("--fim", action="store_true", help="add hyperinf-fim and exact-fim when the blocks are small enough")
     parser.add_argument("--model", default=d.model, choices=["minilm", "tiny-bert"], help="the shipped MiniLM (default) or a tiny random BERT (tests)")
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
@@ -430,7 +442,8 @@ def main(ns: Any) -> int:
         n_val=ns.n_val, n_test=ns.n_test, flip_fraction=ns.flip_fraction, balanced=not ns.unbalanced,
         model=ns.model, rank=ns.rank,
         last_layer=ns.last_layer, epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size,
-        max_length=ns.max_length, seed=ns.seed, methods=tuple(ns.methods), fim=ns.fim, damping=ns.damping, out=ns.out,
+        max_length=ns.max_length, seed=ns.seed, methods=tuple(ns.methods), fim=ns.fim, damping=ns.damping,
+        damping_mode=ns.damping_mode, dtype=ns.dtype, out=ns.out,
         cache_dir=ns.cache_dir, progress=not ns.no_progress,
     )
     ranks = tuple(int(r) for r in ns.ranks.split(",") if r.strip())
