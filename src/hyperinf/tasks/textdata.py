@@ -78,13 +78,16 @@ def load_bbc_news() -> TextDataset:
 
 
 def load_table(source: str | Path | Any, text_column: str = "text", label_column: str = "label") -> TextDataset:
-    """A CSV or parquet file, a pandas DataFrame or a ``datasets.Dataset`` with text and label columns."""
+    """A CSV / TSV / parquet file, a folder written by ``datasets``' ``save_to_disk``, a pandas
+    DataFrame or a ``datasets.Dataset``, with text and label columns."""
     import pandas as pd
 
     if isinstance(source, (str, Path)):
         path = Path(source)
+        if path.is_dir():
+            return load_table(_load_saved_dataset(path), text_column, label_column)
         if path.suffix not in (".csv", ".tsv", ".parquet"):
-            raise DataError(f"unsupported data file {path.name}: use .csv, .tsv or .parquet")
+            raise DataError(f"unsupported data file {path.name}: use .csv, .tsv, .parquet or a datasets folder (save_to_disk)")
         if not path.exists():
             raise DataError(f"data file {path} does not exist")
         if path.suffix == ".parquet":
@@ -98,6 +101,21 @@ def load_table(source: str | Path | Any, text_column: str = "text", label_column
     else:
         raise DataError(f"cannot read data from a {type(source).__name__}: pass a path, a DataFrame or a datasets.Dataset")
     return _from_frame(frame, text_column, label_column)
+
+
+def _load_saved_dataset(path: Path) -> Any:
+    """The ``Dataset`` saved in ``path``; of a saved ``DatasetDict``, its ``train`` split."""
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        data = load_from_disk(str(path))
+    except FileNotFoundError as error:
+        raise DataError(f"{path} is a folder but not one written by datasets' save_to_disk: {error}") from error
+    if isinstance(data, DatasetDict):
+        if "train" not in data:
+            raise DataError(f"the saved DatasetDict in {path} has no 'train' split (splits: {', '.join(data)}); save the split to use")
+        data = data["train"]
+    return data
 
 
 def _from_frame(frame: Any, text_column: str, label_column: str, label_names: list[str] | None = None) -> TextDataset:
