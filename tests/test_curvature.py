@@ -52,3 +52,16 @@ def test_gfim_damping_bounds_the_condition_number_whatever_r():
 def test_unknown_damping_mode_is_named():
     with pytest.raises(ValueError, match="damping_mode must be one of"):
         InfluenceConfig(damping_mode="per-row")
+
+
+def test_spectrum_reports_eigenvalues_damping_and_condition():
+    blocks, grads = dense_block_gradients(r=256)
+    curvature = CurvatureAccumulator(blocks, dtype=torch.float64)
+    curvature.update({"dense": grads})
+    gfim = torch.einsum("nrd,nre->de", grads, grads) / grads.shape[0]
+    eigs = torch.linalg.eigvalsh(gfim)
+    (row,) = curvature.spectrum(0.1, "gfim")
+    lam = curvature.damping(blocks[0], 0.1, "gfim")
+    assert (row["block"], row["r"], row["d"], row["damping"]) == ("dense", 256, 12, lam)
+    assert row["eig_max"] == pytest.approx(float(eigs[-1])) and row["eig_mean"] == pytest.approx(float(eigs.mean()))
+    assert row["condition"] == pytest.approx(float((eigs[-1] + lam) / (eigs[0] + lam)), rel=1e-6)

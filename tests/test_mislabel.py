@@ -168,8 +168,11 @@ def test_last_layer_run_converges_per_block(args, options):
     """The options for dense blocks (float64, or GFIM-relative damping) run end to end; every block converges."""
     args = dataclasses.replace(args, last_layer=True, fim=False, methods=("hyperinf", "exact"), **options)
     run_mislabel(args)
-    diagnostics = json.loads((args.out / "arguments.json").read_text())["runs"][0]["diagnostics"]
-    schulz = [d for d in diagnostics if d["method"] == "hyperinf"]
+    run = json.loads((args.out / "arguments.json").read_text())["runs"][0]
+    schulz = [d for d in run["diagnostics"] if d["method"] == "hyperinf"]
+    assert [s["block"] for s in run["spectrum"]] == [d["block"] for d in schulz]
+    if args.damping_mode == "gfim":
+        assert all(s["condition"] <= 1 + s["d"] / args.damping for s in run["spectrum"])
     assert len(schulz) == 6 + 2  # the last encoder layer's 6 Linear, the pooler and the classifier
     assert all(d["converged"] for d in schulz), [(d["block"], d["residual"]) for d in schulz if not d["converged"]]
     scores = pd.read_parquet(args.out / "scores_seed0.parquet")

@@ -216,6 +216,12 @@ class InfluenceEngine:
             )
         return pre
 
+    def spectrum(self) -> list[dict[str, float | int | str]]:
+        """Per block: the fitted GFIM's eigenvalue range, the damping and the damped condition number."""
+        if self._curvature is None:
+            raise NotFittedError("call fit(train_loader) before asking for the spectrum.")
+        return self._curvature.spectrum(self.config.damping, self.config.damping_mode)
+
     def diagnostics(self) -> list[BlockDiagnostics]:
         """Per-block damping and iterative-inverse outcome of every preconditioner built so far."""
         return [d for pre in self._preconditioners.values() for d in pre.diagnostics]

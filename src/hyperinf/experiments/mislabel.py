@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -193,8 +193,19 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     return correct / total
 
 
-def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
-    """One seed: split, train (or load), score with every method and reference, evaluate."""
+@dataclass
+class TrainedSeed:
+    """One seed's split and its fine-tuned model, with what scoring needs: blocks and a loader maker."""
+
+    split: MislabelSplit
+    model: nn.Module
+    blocks: list[str] | str
+    loader: Callable[[TextDataset], DataLoader]
+    training: dict[str, Any]
+
+
+def trained_seed(args: MislabelArgs, data: TextDataset) -> TrainedSeed:
+    """Split and flip the data for ``args.seed``, then train the model on it (or load it from the cache)."""
     split = split_and_flip(
         data, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, flip_fraction=args.flip_fraction,
         balanced=args.balanced, seed=args.seed,
@@ -207,14 +218,25 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
         return DataLoader(pairs, batch_size=args.batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
 
     training = train_or_load(model, loader_fn, split, args)
-    train_loader, val_loader = loader_fn(split.train), loader_fn(split.val)
-    test_accuracy = accuracy(model, loader_fn(split.test))
+    return TrainedSeed(split, model, blocks, loader_fn, training)
 
-    engine = InfluenceEngine(
-        model, sequence_classification_loss, blocks=blocks, method="hyperinf",
+
+def influence_engine(args: MislabelArgs, seed: TrainedSeed) -> InfluenceEngine:
+    """The engine over the seed's attributed blocks, with the run's damping and precision."""
+    return InfluenceEngine(
+        seed.model, sequence_classification_loss, blocks=seed.blocks, method="hyperinf",
         progress=args.progress, fim_max_params=args.fim_max_params, damping=args.damping,
         damping_mode=args.damping_mode, dtype=args.dtype,
     )
+
+
+def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
+    """One seed: split, train (or load), score with every method and reference, evaluate."""
+    seed = trained_seed(args, data)
+    split = seed.split
+    train_loader, val_loader = seed.loader(split.train), seed.loader(split.val)
+    test_accuracy = accuracy(seed.model, seed.loader(split.test))
+    engine = influence_engine(args, seed)
     methods, skipped = _methods_for(args, engine)
     engine.fit(train_loader, methods=methods)
     scores = engine.score_methods(train_loader, val_loader, methods, self_influence="hyperinf")
@@ -228,9 +250,10 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
         "scores": scores,
         "rows": rows,
         "test_accuracy": test_accuracy,
-        "training": training,
+        "training": seed.training,
         "skipped": skipped,
         "diagnostics": [d.to_dict() for d in engine.diagnostics()],
+        "spectrum": engine.spectrum(),
     }
 
 
@@ -324,7 +347,7 @@ def write_outputs(args: MislabelArgs, data: TextDataset, runs: list[dict[str, An
             "label_names": data.label_names,
             "peak_rss_mib": peak_rss_mib(),
             "runs": [
-                {k: run[k] for k in ("rank", "seed", "test_accuracy", "training", "skipped", "diagnostics")} for run in runs
+                {k: run[k] for k in ("rank", "seed", "test_accuracy", "training", "skipped", "diagnostics", "spectrum")} for run in runs
             ],
         },
     )
@@ -435,9 +458,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def main(ns: Any) -> int:
-    """Run ``hyperinf mislabel`` from parsed arguments."""
-    args = MislabelArgs(
+def mislabel_args(ns: Any) -> MislabelArgs:
+    """The run's settings from the options of :func:`add_arguments` (``ns.methods`` already a list)."""
+    return MislabelArgs(
         task=ns.task, text_column=ns.text_column, label_column=ns.label_column, n_train=ns.n_train,
         n_val=ns.n_val, n_test=ns.n_test, flip_fraction=ns.flip_fraction, balanced=not ns.unbalanced,
         model=ns.model, rank=ns.rank,
@@ -446,6 +469,11 @@ def main(ns: Any) -> int:
         damping_mode=ns.damping_mode, dtype=ns.dtype, out=ns.out,
         cache_dir=ns.cache_dir, progress=not ns.no_progress,
     )
+
+
+def main(ns: Any) -> int:
+    """Run ``hyperinf mislabel`` from parsed arguments."""
+    args = mislabel_args(ns)
     ranks = tuple(int(r) for r in ns.ranks.split(",") if r.strip())
     run_mislabel(args, seeds=ns.seeds, ranks=ranks)
     return 0
