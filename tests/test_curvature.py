@@ -65,3 +65,19 @@ def test_spectrum_reports_eigenvalues_damping_and_condition():
     assert (row["block"], row["r"], row["d"], row["damping"]) == ("dense", 256, 12, lam)
     assert row["eig_max"] == pytest.approx(float(eigs[-1])) and row["eig_mean"] == pytest.approx(float(eigs.mean()))
     assert row["condition"] == pytest.approx(float((eigs[-1] + lam) / (eigs[0] + lam)), rel=1e-6)
+
+
+def test_kron_gap_is_zero_when_lemma_3_1_holds_and_large_when_rows_are_correlated():
+    g = torch.Generator().manual_seed(0)
+    n, r, d = 4000, 3, 5
+    blocks = select_blocks(nn.ModuleDict({"dense": nn.Linear(d, r, bias=False)}), "linear", include_bias=False)
+    independent = torch.randn(n, r, d, generator=g, dtype=torch.float64) * torch.arange(1.0, d + 1, dtype=torch.float64)
+    shared = torch.randn(n, 1, d, generator=g, dtype=torch.float64).expand(n, r, d)  # every row the same
+    gaps = {}
+    for name, grads in (("independent", independent), ("shared", shared)):
+        curvature = CurvatureAccumulator(blocks, fim=True, dtype=torch.float64)
+        curvature.update({"dense": grads})
+        gaps[name] = curvature.spectrum(0.1)[0]["kron_gap"]
+    assert gaps["independent"] < 0.05  # sampling noise only
+    # identical rows: F = 1 1^T (x) C, of which the block diagonal I (x) C holds 1/sqrt(r) of the norm
+    assert gaps["shared"] == pytest.approx((1 - 1 / r) ** 0.5, rel=1e-6)
