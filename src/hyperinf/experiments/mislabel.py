@@ -368,7 +368,8 @@ def plot_detection(run: dict[str, Any], path: Path) -> None:
     inspected = torch.arange(1, n + 1, dtype=torch.float64) / n
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, scores in run["scores"].items():
-        style = {"linestyle": "--"} if name in REFERENCES else {}
+        # exact inverses are dotted: they usually lie on their Schulz counterpart and would hide it
+        style = {"linestyle": "--"} if name in REFERENCES else {"linestyle": ":", "linewidth": 2.5} if name.startswith("exact") else {}
         ax.plot(inspected, detection_curve(scores, flipped), label=name, **style)
     oracle = torch.clamp(torch.arange(1, n + 1, dtype=torch.float64) / int(flipped.sum()), max=1.0)
     ax.plot(inspected, oracle, color="black", linewidth=0.8, label="oracle")
