@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hyperinf import EmptyDataError, LossShapeError, NonFiniteGradientError, NotFittedError
+from hyperinf import DeadBlockWarning, EmptyDataError, LossShapeError, NonFiniteGradientError, NotFittedError
 from hyperinf.engine import InfluenceEngine
 from hyperinf.results import load_scores
 
@@ -173,3 +173,17 @@ def test_score_methods_gives_self_influence_and_losses_in_the_same_training_pass
     torch.testing.assert_close(engine.results["self_influence/exact"], engine_of(model, method="exact").fit(train).self_influence(train))
     with pytest.raises(NotImplementedError, match="self-influence with 'datainf'"):
         engine.score_methods(train, val, ["tracin"], self_influence="datainf")
+
+
+@pytest.mark.parametrize("method", ["hyperinf", "exact", "datainf", "lissa", "tracin"])
+def test_block_without_gradient_is_named_and_adds_nothing(setup, method):
+    """Like a fresh peft adapter (lora_B = 0 leaves lora_A without gradient): finite scores, a warning."""
+    model, train, val = setup
+    with torch.no_grad():
+        model[2].weight.zero_()  # block "0" now gets no gradient from any example
+    engine = engine_of(model, method=method)
+    with pytest.warns(DeadBlockWarning, match=r"block\(s\) 0 have zero gradient"):
+        engine.fit(train)
+    scores = engine.score(train, val)
+    live_only = InfluenceEngine(model, loss_fn, blocks=["2"], method=method, progress=False).fit(train).score(train, val)
+    torch.testing.assert_close(scores, live_only)

@@ -1,7 +1,10 @@
 """hyperinf: influence-function data attribution with HyperINF and its baselines."""
 
+from hyperinf.config import InfluenceConfig
+from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import (
     BlockSelectionError,
+    DeadBlockWarning,
     EmptyDataError,
     HyperinfError,
     LossShapeError,
@@ -15,8 +18,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockSelectionError",
+    "DeadBlockWarning",
     "EmptyDataError",
     "HyperinfError",
+    "InfluenceConfig",
+    "InfluenceEngine",
     "LossShapeError",
     "NonFiniteGradientError",
     "NotConvergedWarning",

@@ -117,10 +117,20 @@ class CurvatureAccumulator:
         ||g_i||_F^2``, ``c`` times the mean eigenvalue of the ``d x d`` GFIM (``r`` times larger),
         which bounds the GFIM's condition number by ``1 + d / c`` whatever ``r``: dense layers,
         with ``r`` in the hundreds, are otherwise too ill-conditioned for float32.
+
+        A block whose gradient is zero for every training example (see :meth:`dead_blocks`) gets
+        ``lambda = 1`` in the relative modes: its curvature ``I`` is then invertible by every
+        method, and it adds nothing to any score since every ``g_k`` is zero there.
         """
         if mode == "absolute":
             return float(c)
         per = {"relative": block.num_params, "gfim": block.shape[1]}
         if mode not in per:
             raise ValueError(f"damping_mode must be 'relative', 'gfim' or 'absolute', got {mode!r}")
+        if block.name in self.dead_blocks():
+            return 1.0
         return float(c * self.sq_norm[block.name] / (self.count * per[mode]))
+
+    def dead_blocks(self) -> list[str]:
+        """Blocks whose per-sample gradient was exactly zero for every example accumulated."""
+        return [b.name for b in self.blocks if float(self.sq_norm[b.name]) == 0.0]

@@ -8,6 +8,7 @@ scores helpful.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from hyperinf.batches import to_device
 from hyperinf.blocks import BlockSpec, select_blocks
 from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import CurvatureAccumulator
-from hyperinf.errors import EmptyDataError, NotFittedError
+from hyperinf.errors import DeadBlockWarning, EmptyDataError, NotFittedError
 from hyperinf.gradients import BatchGradients, LossFn, PerSampleGradients
 from hyperinf.hessian import HessianAccumulator
 from hyperinf.methods import (
@@ -102,6 +103,14 @@ class InfluenceEngine:
                         cache = None  # over budget: pass 2 recomputes the gradients
         if curvature.count == 0:
             raise EmptyDataError("train_loader yielded no examples: fit needs at least one training example.")
+        dead = curvature.dead_blocks()
+        if dead:
+            warnings.warn(
+                f"block(s) {', '.join(dead)} have zero gradient on every training example, so they add nothing "
+                "to any score (a fresh peft adapter's lora_A gets no gradient while lora_B is zero: train it first).",
+                DeadBlockWarning,
+                stacklevel=2,
+            )
         self._curvature = curvature
         self._hessian = hessian.hessian() if hessian is not None else None
         self._cache = cache

