@@ -26,6 +26,8 @@ class InfluenceConfig:
     on_nonconvergence: what an iterative inverse that misses its tolerance does.
     lissa_scale: ``s`` in ``r <- v + (I - A/s) r``; ``None`` uses a bound on ``lambda_max(A)``.
     cache_bytes: per-sample training gradients up to this size are kept from ``fit`` for pass 2.
+    distributed: every process passes its own shard of the data (:func:`hyperinf.distributed.shard`);
+        the engine's sums over data are all-reduced, and scores cover the process's own shard.
     """
 
     side: Side = "in"
@@ -43,6 +45,7 @@ class InfluenceConfig:
     hessian_max_params: int = 4096
     cache_bytes: int = 1 << 30
     dtype: str = "float32"
+    distributed: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:

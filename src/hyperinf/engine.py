@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
+from hyperinf import distributed
 from hyperinf.batches import to_device
 from hyperinf.blocks import BlockSpec, select_blocks
 from hyperinf.config import InfluenceConfig
@@ -58,6 +59,8 @@ class InfluenceEngine:
         self.method = method
         self.block_spec = blocks
         self.config = InfluenceConfig(**options)
+        if self.config.distributed:
+            distributed.require_initialized()
         self.blocks = select_blocks(model, blocks, side=self.config.side, include_bias=self.config.include_bias)
         self.gradients = PerSampleGradients(model, loss_fn, self.blocks, dtype=self.config.torch_dtype)
         self.device = next(model.parameters()).device
@@ -101,6 +104,9 @@ class InfluenceEngine:
                         cache.append(grads)
                     else:
                         cache = None  # over budget: pass 2 recomputes the gradients
+        curvature.count = self._sum_over_processes(curvature.tensors(), curvature.count)
+        if hessian is not None:
+            hessian.count = self._sum_over_processes(hessian.tensors(), hessian.count)
         if curvature.count == 0:
             raise EmptyDataError("train_loader yielded no examples: fit needs at least one training example.")
         dead = curvature.dead_blocks()
@@ -212,6 +218,7 @@ class InfluenceEngine:
                 self.config,
                 hessian=self._hessian,
                 train_gradients=lambda: self.train_gradients(self._fit_loader),
+                reduce=self._sum_over_processes,
             )
             self._build_seconds[method] = time.perf_counter() - start
         return self._preconditioners[method]
@@ -236,13 +243,17 @@ class InfluenceEngine:
         return [d for pre in self._preconditioners.values() for d in pre.diagnostics]
 
     def mean_gradient(self, loader: Iterable[Any], what: str = "loader") -> dict[str, torch.Tensor]:
-        """The mean per-block gradient ``v_l`` over a loader."""
-        total: dict[str, torch.Tensor] = {}
+        """The mean per-block gradient ``v_l`` over a loader (over every process's shard when distributed)."""
+        dtype = self.config.torch_dtype
+        total = {b.name: torch.zeros(b.shape, dtype=dtype, device=self.device) for b in self.blocks}
         count = 0
-        for batch in self._batches(loader, what, f"gradients: {what}"):
+        for batch in self._batches(loader, what, f"gradients: {what}", allow_empty=self.config.distributed):
             count += batch.batch_size
             for name, g in batch.grads.items():
-                total[name] = total[name] + g.sum(0) if name in total else g.sum(0)
+                total[name] += g.sum(0)
+        count = self._sum_over_processes(list(total.values()), count)
+        if count == 0:
+            raise EmptyDataError(f"{what} yielded no examples: pass a loader over at least one example.")
         return {name: t / count for name, t in total.items()}
 
     def train_gradients(self, train_loader: Iterable[Any]) -> Iterator[BatchGradients]:
@@ -265,14 +276,22 @@ class InfluenceEngine:
         return save_results(directory, self.results, arguments, [d.to_dict() for d in self.diagnostics()])
 
     # ------------------------------------------------------------------ helpers
-    def _batches(self, loader: Iterable[Any], what: str, desc: str) -> Iterator[BatchGradients]:
+    def _sum_over_processes(self, tensors: list[torch.Tensor], count: int) -> int:
+        """Sum ``tensors`` in place over processes and return the total ``count`` (as is on one process)."""
+        if not self.config.distributed:
+            return count
+        total = torch.tensor(count, dtype=torch.int64, device=self.device)
+        distributed.all_reduce_sum([*tensors, total])
+        return int(total)
+
+    def _batches(self, loader: Iterable[Any], what: str, desc: str, allow_empty: bool = False) -> Iterator[BatchGradients]:
         seen = 0
         with _eval_mode(self.model):
             for index, batch in enumerate(self._progress(loader, desc)):
                 grads = self.gradients(to_device(batch, self.device), batch_index=index)
                 seen += grads.batch_size
                 yield grads
-        if seen == 0:
+        if seen == 0 and not allow_empty:
             raise EmptyDataError(f"{what} yielded no examples: pass a loader over at least one example.")
 
     def _pairwise_chunk(self, pre: Preconditioner, queries: list[BatchGradients], train_loader: Iterable[Any]) -> torch.Tensor:

@@ -51,6 +51,12 @@ class HessianAccumulator:
         self.total = hessian if self.total is None else self.total + hessian
         self.count += losses.shape[0]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The running sum (for ``all_reduce`` across processes)."""
+        if self.total is None:
+            raise ValueError("no batch was added to the Hessian accumulator")
+        return [self.total]
+
     def hessian(self) -> torch.Tensor:
         """The mean Hessian ``(1/n) sum_i d^2 loss_i / d theta^2``, symmetrised."""
         if self.total is None:

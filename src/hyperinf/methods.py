@@ -28,6 +28,7 @@ from hyperinf.gradients import BatchGradients
 
 Vectors = Mapping[str, torch.Tensor]
 GradientSource = Callable[[], Iterable[BatchGradients]]
+Reduce = Callable[[list[torch.Tensor], int], int]  # sums tensors in place across processes, returns the total count
 
 METHODS = ("hyperinf", "hyperinf-fim", "exact", "exact-fim", "exact-hessian", "datainf", "lissa", "tracin")
 NEEDS_FIM = frozenset({"hyperinf-fim", "exact-fim"})
@@ -134,10 +135,12 @@ class DataInfPreconditioner(Preconditioner):
         diagnostics: list[BlockDiagnostics],
         damping: Mapping[str, float],
         train_gradients: GradientSource,
+        reduce: Reduce | None = None,
     ) -> None:
         super().__init__(blocks, diagnostics)
         self.damping = dict(damping)
         self.train_gradients = train_gradients
+        self.reduce = reduce or _one_process
 
     def apply(self, vectors: Vectors) -> dict[str, torch.Tensor]:
         correction = {name: torch.zeros_like(v) for name, v in vectors.items()}
@@ -149,6 +152,7 @@ class DataInfPreconditioner(Preconditioner):
                 lam = self.damping[name]
                 weights = torch.einsum("brd,mrd->bm", g, v) / (lam + g.square().sum(dim=(1, 2))).unsqueeze(1)
                 correction[name] += torch.einsum("bm,brd->mrd", weights, g)
+        count = self.reduce(list(correction.values()), count)
         return {name: (v - correction[name] / count) / self.damping[name] for name, v in vectors.items()}
 
 
@@ -168,8 +172,12 @@ def build_preconditioner(
     *,
     hessian: torch.Tensor | None = None,
     train_gradients: GradientSource | None = None,
+    reduce: Reduce | None = None,
 ) -> Preconditioner:
-    """Build ``method``'s preconditioner from fitted curvature (and the Hessian / a gradient source)."""
+    """Build ``method``'s preconditioner from fitted curvature (and the Hessian / a gradient source).
+
+    ``reduce`` sums DataInf's pass over the training gradients across processes (distributed runs).
+    """
     blocks = curvature.blocks
     damping = {b.name: curvature.damping(b, config.damping, config.damping_mode) for b in blocks}
     diagnostics = [BlockDiagnostics(b.name, method, *b.shape, damping[b.name]) for b in blocks]
@@ -198,10 +206,14 @@ def build_preconditioner(
     if method == "datainf":
         if train_gradients is None:
             raise ValueError("datainf needs a source of training gradients")
-        return DataInfPreconditioner(blocks, diagnostics, damping, train_gradients)
+        return DataInfPreconditioner(blocks, diagnostics, damping, train_gradients, reduce)
     if method == "tracin":
         return TracInPreconditioner(blocks, diagnostics)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _one_process(tensors: list[torch.Tensor], count: int) -> int:
+    return count
 
 
 def _damped(matrix: torch.Tensor, damping: float) -> torch.Tensor:

@@ -1,0 +1,23 @@
+"""The model and data both sides of the distributed test build: same seed, same weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+METHODS = ["hyperinf", "exact", "datainf", "lissa", "tracin"]
+
+
+def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def problem() -> tuple[nn.Module, TensorDataset, TensorDataset]:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(53, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (53,), generator=g)
+    return model, TensorDataset(x[:41], y[:41]), TensorDataset(x[41:], y[41:])

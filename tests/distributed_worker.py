@@ -1,0 +1,37 @@
+"""Run by ``torchrun`` from test_distributed.py: score with every method on this process's shard.
+
+Usage: torchrun --nproc-per-node N tests/distributed_worker.py OUT.pt
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from hyperinf import InfluenceEngine
+from hyperinf.distributed import gather, shard
+
+from distributed_problem import METHODS, loss_fn, problem  # this script's folder is on sys.path
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    model, train, val = problem()
+    train_loader = DataLoader(shard(train), batch_size=7)
+    val_loader = DataLoader(shard(val), batch_size=5)
+    engine = InfluenceEngine(model, loss_fn, blocks="linear", distributed=True, progress=False, dtype="float64")
+    engine.fit(train_loader, methods=METHODS)
+    scores = engine.score_methods(train_loader, val_loader, METHODS, self_influence="exact")
+    result = {method: gather(s) for method, s in scores.items()}
+    result["self-influence"] = gather(engine.results["self_influence/exact"])
+    result["train_loss"] = gather(engine.results["train_loss"])
+    if dist.get_rank() == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

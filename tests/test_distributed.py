@@ -1,0 +1,54 @@
+"""torch.distributed: scores from real torchrun processes, each on its shard, equal one process's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from hyperinf import InfluenceEngine
+from hyperinf.distributed import shard
+from hyperinf.errors import EmptyDataError
+
+from distributed_problem import METHODS, loss_fn, problem
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_torchrun_shards_give_the_single_process_scores(tmp_path, processes):
+    out = tmp_path / "scores.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               str(HERE / "distributed_worker.py"), str(out)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    together = torch.load(out)
+
+    model, train, val = problem()
+    loader = DataLoader(train, batch_size=7)
+    engine = InfluenceEngine(model, loss_fn, blocks="linear", progress=False, dtype="float64").fit(loader, methods=METHODS)
+    alone = engine.score_methods(loader, DataLoader(val, batch_size=5), METHODS, self_influence="exact")
+    for method in METHODS:
+        torch.testing.assert_close(together[method], alone[method], rtol=1e-9, atol=1e-12 * float(alone[method].abs().max()))
+    torch.testing.assert_close(together["self-influence"], engine.results["self_influence/exact"])
+    torch.testing.assert_close(together["train_loss"], engine.results["train_loss"])
+
+
+def test_shard_is_contiguous_covers_the_data_and_refuses_too_few_examples():
+    data = TensorDataset(torch.arange(10))
+    pieces = [list(shard(data, rank=r, world_size=3).indices) for r in range(3)]
+    assert sum(pieces, []) == list(range(10)) and [len(p) for p in pieces] == [3, 3, 4]
+    with pytest.raises(EmptyDataError, match="2 examples cannot be shared by 3 processes"):
+        shard(TensorDataset(torch.arange(2)), rank=0, world_size=3)
+
+
+def test_distributed_without_a_process_group_says_how_to_start_one():
+    model, _, _ = problem()
+    with pytest.raises(RuntimeError, match="torchrun.*init_process_group"):
+        InfluenceEngine(model, loss_fn, blocks="linear", distributed=True)
