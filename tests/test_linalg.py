@@ -186,6 +186,7 @@ def test_item_residuals_name_the_matrix_that_failed():
     assert len(info.item_residuals) == 3 and info.residual == max(info.item_residuals)
     assert info.item_residuals[0] <= info.tol and info.item_residuals[2] <= info.tol
     assert info.item_residuals[1] > 100 * info.tol
+    assert info.stop_reason == "stalled" and info.item_converged() == (True, False, True)
     for i in range(3):  # each entry is that matrix's own ||I - A X||_F / sqrt(d)
         own = torch.linalg.matrix_norm(torch.eye(32, dtype=F64) - A[i].double() @ X[i].double()) / math.sqrt(32)
         assert math.isclose(info.item_residuals[i], float(own), rel_tol=1e-3)

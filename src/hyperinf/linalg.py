@@ -61,6 +61,11 @@ class InverseInfo:
     residuals: tuple[float, ...] = ()
     item_residuals: tuple[float, ...] = ()
 
+    def item_converged(self) -> tuple[bool, ...]:
+        """Per matrix of the batch: within ``tol``, or at the rounding floor (``<= sqrt(tol)``) of a stalled run."""
+        floor = math.sqrt(self.tol) if self.stop_reason == "stalled" else self.tol
+        return tuple(self.converged or r <= floor for r in self.item_residuals)
+
 
 def default_tol(dtype: torch.dtype) -> float:
     """Default stopping tolerance, ``eps ** 0.75``: ~6e-6 for float32, ~2e-12 for float64.

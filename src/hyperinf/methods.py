@@ -248,9 +248,9 @@ def _invert_grouped(
                 lower_bound=lower,
                 on_fail=config.on_nonconvergence,
             )
-            for n, residual in zip(names, infos.item_residuals):
+            for n, residual, converged in zip(names, infos.item_residuals, infos.item_converged()):
                 diag_of[n].iterations = infos.iterations
                 diag_of[n].residual = residual
-                diag_of[n].converged = infos.converged or residual <= infos.tol
+                diag_of[n].converged = converged
         inverses.update(zip(names, result.unbind(0)))
     return inverses
