@@ -178,3 +178,17 @@ def test_last_layer_run_converges_per_block(args, options):
     scores = pd.read_parquet(args.out / "scores_seed0.parquet")
     fast, exact = torch.tensor(scores["score_hyperinf"].values), torch.tensor(scores["score_exact"].values)
     assert torch.linalg.norm(fast - exact) <= 1e-3 * torch.linalg.norm(exact)
+
+
+@pytest.mark.parametrize(
+    "argv, mode",
+    [([], "relative"), (["--last-layer"], "gfim"), (["--last-layer", "--damping-mode", "relative"], "relative"),
+     (["--damping-mode", "absolute"], "absolute")],
+)
+def test_last_layer_defaults_to_the_gfim_relative_damping(argv, mode):
+    from hyperinf.cli import build_parser
+    from hyperinf.experiments.mislabel import mislabel_args
+
+    ns = build_parser().parse_args(["mislabel", *argv])
+    ns.methods = ns.methods.split(",")
+    assert mislabel_args(ns).damping_mode == mode

@@ -444,9 +444,10 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated methods (default: {','.join(d.methods)})")
     parser.add_argument("--damping", type=float, default=d.damping, help=f"damping factor c of every method (default: {d.damping})")
     parser.add_argument(
-        "--damping-mode", default=d.damping_mode, choices=["relative", "gfim", "absolute"],
-        help="lambda = c x mean squared gradient entry per parameter (relative: the paper's), per GFIM "
-        "dimension (gfim: r times larger, bounds the condition number by 1 + d/c; for --last-layer), or c itself",
+        "--damping-mode", default=None, choices=["relative", "gfim", "absolute"],
+        help="lambda = c x mean squared gradient entry per parameter (relative: the paper's; the default), per "
+        "GFIM dimension (gfim: r times larger, bounds the condition number by 1 + d/c; the default with "
+        "--last-layer, whose dense blocks are beyond float32 otherwise), or c itself",
     )
     parser.add_argument(
         "--dtype", default=d.dtype, choices=["float32", "float64"],
@@ -467,7 +468,7 @@ def mislabel_args(ns: Any) -> MislabelArgs:
         model=ns.model, rank=ns.rank,
         last_layer=ns.last_layer, epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size,
         max_length=ns.max_length, seed=ns.seed, methods=tuple(ns.methods), fim=ns.fim, damping=ns.damping,
-        damping_mode=ns.damping_mode, dtype=ns.dtype, out=ns.out,
+        damping_mode=ns.damping_mode or ("gfim" if ns.last_layer else "relative"), dtype=ns.dtype, out=ns.out,
         cache_dir=ns.cache_dir, progress=not ns.no_progress,
     )
 
