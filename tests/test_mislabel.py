@@ -55,6 +55,8 @@ def test_pipeline_end_to_end_writes_every_output(args, capsys):
     assert by_method["hyperinf"]["ihvp_seconds"] >= 0
     printed = capsys.readouterr().out
     assert "trained in" in printed and "ROC-AUC" in printed
+    cache = json.loads((out / "arguments.json").read_text())["runs"][0]["gradient_cache"]
+    assert cache["kept"] and 0 < cache["gradient_bytes"] <= cache["budget_bytes"]
 
 
 def test_second_run_reuses_the_cached_adapter(args, capsys):

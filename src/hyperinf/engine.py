@@ -71,6 +71,7 @@ class InfluenceEngine:
         self._fit_loader: Iterable[Any] | None = None
         self._preconditioners: dict[str, Preconditioner] = {}
         self.ihvp_seconds: dict[str, float] = {}
+        self.gradient_bytes = 0  # size of all per-sample training gradients, measured by fit
         self._build_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------ pass 1
@@ -90,7 +91,7 @@ class InfluenceEngine:
             else None
         )
         cache: list[BatchGradients] | None = []
-        cached_bytes = 0
+        gradient_bytes = 0
         with _eval_mode(self.model):
             for index, batch in enumerate(self._progress(train_loader, "fit: curvature")):
                 batch = to_device(batch, self.device)
@@ -98,9 +99,9 @@ class InfluenceEngine:
                 curvature.update(grads.grads)
                 if hessian is not None:
                     hessian.update(self.model, self.gradients.loss_fn, batch)
+                gradient_bytes += sum(g.numel() * g.element_size() for g in grads.grads.values())
                 if cache is not None:
-                    cached_bytes += sum(g.numel() * g.element_size() for g in grads.grads.values())
-                    if cached_bytes <= self.config.cache_bytes:
+                    if gradient_bytes <= self.config.cache_bytes:
                         cache.append(grads)
                     else:
                         cache = None  # over budget: pass 2 recomputes the gradients
@@ -120,6 +121,7 @@ class InfluenceEngine:
         self._curvature = curvature
         self._hessian = hessian.hessian() if hessian is not None else None
         self._cache = cache
+        self.gradient_bytes = gradient_bytes
         self._fit_loader = train_loader
         self._preconditioners = {}
         return self
@@ -255,6 +257,11 @@ class InfluenceEngine:
         if count == 0:
             raise EmptyDataError(f"{what} yielded no examples: pass a loader over at least one example.")
         return {name: t / count for name, t in total.items()}
+
+    @property
+    def gradients_cached(self) -> bool:
+        """Whether ``fit`` kept the per-sample training gradients (they fit ``cache_bytes``) for pass 2."""
+        return self._cache is not None
 
     def train_gradients(self, train_loader: Iterable[Any]) -> Iterator[BatchGradients]:
         """Per-sample training gradients: from the ``fit`` cache when it holds this loader, else recomputed."""

@@ -254,6 +254,9 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
         "skipped": skipped,
         "diagnostics": [d.to_dict() for d in engine.diagnostics()],
         "spectrum": engine.spectrum(),
+        "gradient_cache": {
+            "gradient_bytes": engine.gradient_bytes, "budget_bytes": engine.config.cache_bytes, "kept": engine.gradients_cached,
+        },
     }
 
 
@@ -289,6 +292,10 @@ def run_mislabel(args: MislabelArgs, seeds: int = 1, ranks: tuple[int, ...] = ()
             run["label"] = f"seed{run['seed']}" if len(ranks) == 1 else f"rank{rank}_seed{run['seed']}"
             trained = "cached adapter" if run["training"]["cached"] else "trained in %.0f s" % run["training"]["seconds"]
             print(f"rank {rank}, seed {run['seed']}: clean test accuracy {run['test_accuracy']:.3f} ({trained})")
+            cache = run["gradient_cache"]
+            if not cache["kept"]:
+                print(f"  per-sample gradients ({cache['gradient_bytes'] / 2**30:.2f} GiB) exceed the "
+                      f"{cache['budget_bytes'] / 2**30:.2f} GiB cache: every pass over the training set recomputed them")
             for method, why in run["skipped"].items():
                 print(f"  skipped {method}: {why}")
             runs.append(run)
@@ -347,7 +354,7 @@ def write_outputs(args: MislabelArgs, data: TextDataset, runs: list[dict[str, An
             "label_names": data.label_names,
             "peak_rss_mib": peak_rss_mib(),
             "runs": [
-                {k: run[k] for k in ("rank", "seed", "test_accuracy", "training", "skipped", "diagnostics", "spectrum")} for run in runs
+                {k: run[k] for k in ("rank", "seed", "test_accuracy", "training", "skipped", "gradient_cache", "diagnostics", "spectrum")} for run in runs
             ],
         },
     )
