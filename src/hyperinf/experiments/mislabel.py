@@ -458,7 +458,7 @@ def add_arguments(parser: Any) -> None:
     )
     parser.add_argument(
         "--dtype", default=d.dtype, choices=["float32", "float64"],
-        help="precision of the per-sample gradients, curvature and inverses (default: float32; float64 for ill-conditioned blocks, e.g. --last-layer)",
+        help="precision of the per-sample gradients, curvature and inverses (default: float32; float64 for ill-conditioned blocks, e.g. --last-layer --damping-mode relative)",
     )
     parser.add_argument("--fim", action="store_true", help="add hyperinf-fim and exact-fim when the blocks are small enough")
     parser.add_argument("--model", default=d.model, choices=["minilm", "tiny-bert"], help="the shipped MiniLM (default) or a tiny random BERT (tests)")
