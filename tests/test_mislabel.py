@@ -194,3 +194,19 @@ def test_last_layer_defaults_to_the_gfim_relative_damping(argv, mode):
     ns = build_parser().parse_args(["mislabel", *argv])
     ns.methods = ns.methods.split(",")
     assert mislabel_args(ns).damping_mode == mode
+
+
+def test_training_is_reproducible_whatever_the_global_random_state(args):
+    """Same settings, same adapter: dropout must not draw from an unseeded generator."""
+    from safetensors.torch import load_file
+
+    adapters = []
+    for state, cache in ((1, "cache-a"), (2, "cache-b")):
+        torch.manual_seed(state)
+        run_args = dataclasses.replace(args, cache_dir=args.cache_dir / cache, methods=("tracin",), fim=False)
+        run_mislabel(run_args)
+        (path,) = run_args.cache_dir.iterdir()
+        adapters.append(load_file(str(path)))
+    assert adapters[0].keys() == adapters[1].keys()
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[0][name], adapters[1][name], rtol=0, atol=0)

@@ -167,7 +167,12 @@ def train_or_load(model: nn.Module, loader_fn, split: MislabelSplit, args: Misla
     loader = loader_fn(split.train, shuffle=True, generator=generator)
     optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=0.0)
     model.train()
-    with tqdm(total=args.epochs * len(loader), desc="train", disable=not args.progress, leave=False) as bar:
+    # Dropout draws from the global generator: seed it (and leave the caller's state alone) so
+    # the same settings give the same adapter, as the cache key promises.
+    with torch.random.fork_rng(devices=[]), tqdm(
+        total=args.epochs * len(loader), desc="train", disable=not args.progress, leave=False
+    ) as bar:
+        torch.manual_seed(args.seed)
         for _ in range(args.epochs):
             for batch in loader:
                 optimizer.zero_grad()
