@@ -34,6 +34,7 @@ from hyperinf.tasks.textdata import MislabelSplit, TextDataset, load_bbc_news, l
 DEFAULT_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
 FIM_METHODS = ("hyperinf-fim", "exact-fim")
 REFERENCES = ("self-influence", "training loss", "random")
+TRAINING_REVISION = 2  # part of the adapter cache key: bump when train_or_load trains differently (2: seeded dropout)
 
 
 def default_cache_dir() -> Path:
@@ -76,6 +77,7 @@ class MislabelArgs:
             k: v for k, v in asdict(self).items()
             if k not in ("methods", "fim", "fim_max_params", "damping", "damping_mode", "dtype", "out", "cache_dir", "progress", "n_val", "n_test")
         }
+        settings["training_revision"] = TRAINING_REVISION
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
         for text, label in zip(split.train.texts, split.train.labels.tolist()):
             digest.update(f"{label}\t{text}\n".encode())
