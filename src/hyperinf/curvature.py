@@ -127,7 +127,7 @@ class CurvatureAccumulator:
         per = {"relative": block.num_params, "gfim": block.shape[1]}
         if mode not in per:
             raise ValueError(f"damping_mode must be 'relative', 'gfim' or 'absolute', got {mode!r}")
-        if block.name in self.dead_blocks():
+        if float(self.sq_norm[block.name]) == 0.0:  # a dead block (see dead_blocks)
             return 1.0
         return float(c * self.sq_norm[block.name] / (self.count * per[mode]))
 

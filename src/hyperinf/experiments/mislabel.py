@@ -18,13 +18,15 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, get_args
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
 from hyperinf.metrics import INSPECTED, detection_curve, detection_summary
 from hyperinf.results import atomic_write, write_json
@@ -382,8 +384,11 @@ def plot_detection(run: dict[str, Any], path: Path) -> None:
     inspected = torch.arange(1, n + 1, dtype=torch.float64) / n
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, scores in run["scores"].items():
-        # exact inverses are dotted: they usually lie on their Schulz counterpart and would hide it
-        style = {"linestyle": "--"} if name in REFERENCES else {"linestyle": ":", "linewidth": 2.5} if name.startswith("exact") else {}
+        style: dict[str, Any] = {}
+        if name in REFERENCES:
+            style = {"linestyle": "--"}
+        elif name.startswith("exact"):  # dotted: it usually lies on its Schulz counterpart and would hide it
+            style = {"linestyle": ":", "linewidth": 2.5}
         ax.plot(inspected, detection_curve(scores, flipped), label=name, **style)
     oracle = torch.clamp(torch.arange(1, n + 1, dtype=torch.float64) / int(flipped.sum()), max=1.0)
     ax.plot(inspected, oracle, color="black", linewidth=0.8, label="oracle")
@@ -458,7 +463,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated methods (default: {','.join(d.methods)})")
     parser.add_argument("--damping", type=float, default=d.damping, help=f"damping factor c of every method (default: {d.damping})")
     parser.add_argument(
-        "--damping-mode", default=None, choices=["relative", "gfim", "absolute"],
+        "--damping-mode", default=None, choices=get_args(DampingMode),
         help="lambda = c x mean squared gradient entry per parameter (relative: the paper's; the default), per "
         "GFIM dimension (gfim: r times larger, bounds the condition number by 1 + d/c; the default with "
         "--last-layer, whose dense blocks are beyond float32 otherwise), or c itself",
