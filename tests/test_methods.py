@@ -13,7 +13,7 @@ from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import CurvatureAccumulator
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import NotConvergedWarning
-from hyperinf.methods import build_preconditioner
+from hyperinf.methods import FittedInputs, build_preconditioner
 
 N_TRAIN, N_VAL = 40, 12
 
@@ -127,7 +127,7 @@ def test_diagnostics_are_per_block_within_a_batched_inverse():
     curvature.count = 1
     config = InfluenceConfig(damping=0.0, damping_mode="absolute")
     with pytest.warns(NotConvergedWarning):
-        pre = build_preconditioner("hyperinf", curvature, config)
+        pre = build_preconditioner("hyperinf", FittedInputs(curvature, config))
     good, bad = pre.diagnostics
     assert (good.block, bad.block) == ("good", "bad")
     assert good.converged and good.residual <= 1e-5
@@ -163,7 +163,7 @@ def test_exact_hessian_matches_autograd_hessian(problem):
     full = torch.autograd.functional.hessian(mean_loss, layouts)
     sizes = [t.numel() for t in layouts]
     expected = torch.cat([torch.cat([full[i][j].reshape(sizes[i], sizes[j]) for j in range(2)], 1) for i in range(2)])
-    torch.testing.assert_close(engine._hessian, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(engine.fitted.hessian, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["hyperinf", "datainf", "lissa", "exact-fim"])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperinf import __version__
-from hyperinf.methods import METHODS
+from hyperinf.methods import method_names
 
 
 def _demo(ns: argparse.Namespace) -> int:
@@ -54,9 +54,9 @@ def _methods(ns: argparse.Namespace) -> int:
 
 def _method_list(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
+    unknown = [m for m in names if m not in method_names()]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {', '.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {', '.join(method_names())}")
     return names
 
 

@@ -24,7 +24,9 @@ class InfluenceConfig:
         eigenvalue, for blocks with many rows) or ``lambda_l`` itself for every block (``"absolute"``).
     schulz_init: ``"auto"`` (converges for any SPD matrix) or the paper's fixed ``X_0 = c I``.
     on_nonconvergence: what an iterative inverse that misses its tolerance does.
-    lissa_scale: ``s`` in ``r <- v + (I - A/s) r``; ``None`` uses a bound on ``lambda_max(A)``.
+    lissa_iters: ``J``, the number of terms of LiSSA's Neumann series ``(1/s) sum_{j<J} (I - A/s)^j v``.
+    lissa_scale: ``s`` in that series; ``None`` uses a bound on ``lambda_max(A)``; a scale at or below
+        ``lambda_max / 2`` (where the series diverges) is refused when the preconditioner is built.
     cache_bytes: per-sample training gradients up to this size are kept from ``fit`` for pass 2.
     distributed: every process passes its own shard of the data (:func:`hyperinf.distributed.shard`);
         the engine's sums over data are all-reduced, and scores cover the process's own shard.
@@ -57,6 +59,19 @@ class InfluenceConfig:
             raise ValueError(f"damping_mode must be one of {get_args(DampingMode)}, got {self.damping_mode!r}")
         if self.on_nonconvergence not in ("warn", "raise", "cholesky"):
             raise ValueError(f"on_nonconvergence must be 'warn', 'raise' or 'cholesky', got {self.on_nonconvergence!r}")
+        if self.schulz_init != "auto" and not (
+            isinstance(self.schulz_init, (int, float)) and not isinstance(self.schulz_init, bool) and self.schulz_init > 0
+        ):
+            raise ValueError(
+                f"schulz_init must be 'auto' or a positive float c (the start X_0 = c I), got {self.schulz_init!r}"
+            )
+        if self.lissa_scale is not None and not self.lissa_scale > 0:
+            raise ValueError(
+                f"lissa_scale must be positive (above lambda_max / 2 of every block) or None for a bound on "
+                f"lambda_max, got {self.lissa_scale!r}"
+            )
+        if self.lissa_iters < 1:
+            raise ValueError(f"lissa_iters must be >= 1, got {self.lissa_iters}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -9,12 +9,14 @@ examples, and two accumulators over disjoint shards add up to the accumulator of
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 
 from hyperinf.blocks import Block
+from hyperinf.errors import ConfigurationError, DeadBlockWarning
 
 DampingMode = Literal["relative", "gfim", "absolute"]
 
@@ -28,15 +30,18 @@ class CurvatureAccumulator:
         *,
         fim: bool = False,
         dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
+        fim_max_params: int | None = None,
     ) -> None:
         self.blocks = list(blocks)
+        if fim and fim_max_params is not None:
+            _check_fim_size(self.blocks, fim_max_params)
         self.count = 0
         self.gram: dict[str, torch.Tensor] = {}
         self.sq_norm: dict[str, torch.Tensor] = {}
         self.fim: dict[str, torch.Tensor] | None = {} if fim else None
         for block in self.blocks:
             r, d = block.shape
+            device = block.module.weight.device  # models split with device_map keep each block's sums beside it
             self.gram[block.name] = torch.zeros(d, d, dtype=dtype, device=device)
             self.sq_norm[block.name] = torch.zeros((), dtype=dtype, device=device)
             if self.fim is not None:
@@ -46,7 +51,7 @@ class CurvatureAccumulator:
         """Add one batch of per-sample gradients ``{name: [B, r, d]}``."""
         batch_size = None
         for block in self.blocks:
-            g = grads[block.name].to(self.gram[block.name].dtype)
+            g = grads[block.name].to(self.gram[block.name])
             batch_size = g.shape[0]
             flat = g.reshape(batch_size, -1)
             # sum_i g_i^T g_i: contract the batch and r axes together in one matmul.
@@ -69,10 +74,20 @@ class CurvatureAccumulator:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every running sum, in a fixed order (for ``all_reduce`` across processes)."""
-        out = [self.gram[b.name] for b in self.blocks] + [self.sq_norm[b.name] for b in self.blocks]
-        if self.fim is not None:
-            out += [self.fim[b.name] for b in self.blocks]
-        return out
+        return list(self.named_tensors().values())
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Every running sum by name (``gram/<block>``, ``sq_norm/<block>``, ``fim/<block>``), in a fixed order."""
+        sums = {"gram": self.gram, "sq_norm": self.sq_norm, **({"fim": self.fim} if self.fim is not None else {})}
+        return {f"{kind}/{b.name}": table[b.name] for kind, table in sums.items() for b in self.blocks}
+
+    def load(self, tensors: Mapping[str, torch.Tensor], count: int) -> None:
+        """Replace the sums by ``tensors`` (as :meth:`named_tensors` names them) over ``count`` examples."""
+        for name, mine in self.named_tensors().items():
+            if name not in tensors or tensors[name].shape != mine.shape:
+                raise ValueError(f"saved curvature lacks {name!r} of shape {tuple(mine.shape)}")
+            mine.copy_(tensors[name])
+        self.count = count
 
     def gfim(self, name: str) -> torch.Tensor:
         """``G_l = (1/n) sum_i g_i^T g_i``."""
@@ -131,6 +146,28 @@ class CurvatureAccumulator:
             return 1.0
         return float(c * self.sq_norm[block.name] / (self.count * per[mode]))
 
+    def warn_dead_blocks(self, stacklevel: int = 2) -> None:
+        """Warn, naming them, about blocks that add nothing to any score (see :meth:`dead_blocks`)."""
+        dead = self.dead_blocks()
+        if dead:
+            warnings.warn(
+                f"block(s) {', '.join(dead)} have zero gradient on every training example, so they add nothing "
+                "to any score (a fresh peft adapter's lora_A gets no gradient while lora_B is zero: train it first).",
+                DeadBlockWarning,
+                stacklevel=stacklevel + 1,
+            )
+
     def dead_blocks(self) -> list[str]:
         """Blocks whose per-sample gradient was exactly zero for every example accumulated."""
         return [b.name for b in self.blocks if float(self.sq_norm[b.name]) == 0.0]
+
+
+def _check_fim_size(blocks: Sequence[Block], limit: int) -> None:
+    """Refuse a flattened FIM (``rd x rd``) larger than ``limit`` rows, naming the block and the alternative."""
+    too_big = [b for b in blocks if b.num_params > limit]
+    if too_big:
+        b = too_big[0]
+        raise ConfigurationError(
+            f"the flattened FIM of block {b.name!r} would be {b.num_params} x {b.num_params} "
+            f"(limit fim_max_params={limit}); use 'hyperinf' (GFIM, {b.shape[1]} x {b.shape[1]}) or a smaller LoRA rank."
+        )

@@ -19,6 +19,18 @@ class LossShapeError(HyperinfError, ValueError):
     """``loss_fn`` did not return one loss per example (shape ``[B]``)."""
 
 
+class ConfigurationError(HyperinfError, ValueError):
+    """An option or a combination of options the engine cannot run with (the message names the fix)."""
+
+
+class DataOrderError(HyperinfError, ValueError):
+    """A loader that shuffles, or that can be read only once, where scores need a fixed, repeatable order."""
+
+
+class FitMismatchError(HyperinfError, ValueError):
+    """A saved fit does not belong to this model, block selection or set of options."""
+
+
 class EmptyDataError(HyperinfError, ValueError):
     """A data loader yielded no examples."""
 

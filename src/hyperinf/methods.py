@@ -8,212 +8,65 @@ exact-Hessian analogue) with the same ``lambda_l``, so they differ only in how t
 - ``exact`` / ``exact-fim``: Cholesky on the same matrices (the ground truth of the above).
 - ``exact-hessian``: Cholesky on the exact Hessian of the selected parameters + damping.
 - ``datainf``: the closed form of Kwon et al., one pass over the training gradients.
-- ``lissa``: ``r <- v + (I - A/s) r`` on the GFIM, scaled by ``s >= lambda_max`` so it converges.
+- ``lissa``: ``lissa_iters`` terms of the Neumann series of ``A / s``, ``s >= lambda_max`` (converges).
 - ``tracin``: ``h = v`` (no curvature).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from hyperinf import linalg
-from hyperinf.blocks import Block
 from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import CurvatureAccumulator
-from hyperinf.gradients import BatchGradients
-
-Vectors = Mapping[str, torch.Tensor]
-GradientSource = Callable[[], Iterable[BatchGradients]]
-Reduce = Callable[[list[torch.Tensor], int], int]  # sums tensors in place across processes, returns the total count
-
-METHODS = ("hyperinf", "hyperinf-fim", "exact", "exact-fim", "exact-hessian", "datainf", "lissa", "tracin")
-NEEDS_FIM = frozenset({"hyperinf-fim", "exact-fim"})
-NEEDS_HESSIAN = frozenset({"exact-hessian"})
-NEEDS_TRAIN_PASS = frozenset({"datainf"})
+from hyperinf.errors import ConfigurationError, NotFittedError
+from hyperinf.preconditioners import (
+    BlockDiagnostics,
+    DataInfPreconditioner,
+    GradientSource,
+    IdentityPreconditioner,
+    InversePreconditioner,
+    LissaPreconditioner,
+    Preconditioner,
+    Reduce,
+)
 
 
 @dataclass
-class BlockDiagnostics:
-    """What one method did on one block: its damping and, for iterative inverses, how it ended."""
+class FittedInputs:
+    """What a method may build from: the fitted curvature (and Hessian), and a pass over the training data."""
 
-    block: str
-    method: str
-    r: int
-    d: int
-    damping: float
-    iterations: int | None = None
-    residual: float | None = None
-    converged: bool | None = None
+    curvature: CurvatureAccumulator
+    config: InfluenceConfig
+    hessian: torch.Tensor | None = None
+    train_gradients: GradientSource | None = None
+    reduce: Reduce | None = None
 
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+    def damping(self) -> dict[str, float]:
+        """``lambda_l`` of every block under the run's damping options (the same for every method)."""
+        c, mode = self.config.damping, self.config.damping_mode
+        return {b.name: self.curvature.damping(b, c, mode) for b in self.curvature.blocks}
 
 
-class Preconditioner(ABC):
-    """Maps per-block vectors ``{name: [m, r, d]}`` to ``{name: [m, r, d]}``, approximately ``A^{-1} V``."""
+@dataclass(frozen=True)
+class Method:
+    """One influence method: what it needs from pass 1, and how it builds its preconditioner.
+
+    ``fim``: the flattened ``rd x rd`` FIM is accumulated; ``hessian``: the exact Hessian is;
+    ``train_pass``: every ``apply`` sums over the training gradients (no self-influence then,
+    and pass 2 cannot skip per-example gradients); ``check`` refuses configurations the method
+    cannot run with, before any data is read.
+    """
 
     name: str
-    per_example: bool = True  # False where each apply() costs a pass over the training data
-
-    def __init__(self, blocks: Sequence[Block], diagnostics: list[BlockDiagnostics]) -> None:
-        self.blocks = list(blocks)
-        self.diagnostics = diagnostics
-
-    @abstractmethod
-    def apply(self, vectors: Vectors) -> dict[str, torch.Tensor]:
-        """``h_l`` for every block, same shapes as ``vectors``."""
-
-
-class InversePreconditioner(Preconditioner):
-    """Applies explicit inverses: ``V_l X_l`` on the GFIM side, or ``vec(V) X`` over groups of blocks."""
-
-    def __init__(
-        self,
-        name: str,
-        blocks: Sequence[Block],
-        diagnostics: list[BlockDiagnostics],
-        right: Mapping[str, torch.Tensor],
-        flat_groups: Sequence[tuple[Sequence[str], torch.Tensor]] = (),
-    ) -> None:
-        super().__init__(blocks, diagnostics)
-        self.name = name
-        self.right = dict(right)
-        self.flat_groups = list(flat_groups)
-
-    def apply(self, vectors: Vectors) -> dict[str, torch.Tensor]:
-        out = {name: vectors[name] @ inverse for name, inverse in self.right.items()}
-        for names, inverse in self.flat_groups:
-            shapes = [vectors[n].shape for n in names]
-            m = shapes[0][0]
-            flat = torch.cat([vectors[n].reshape(m, -1) for n in names], dim=1) @ inverse
-            for n, piece, shape in zip(names, flat.split([s[1] * s[2] for s in shapes], dim=1), shapes):
-                out[n] = piece.reshape(shape)
-        return out
-
-
-class LissaPreconditioner(Preconditioner):
-    """LiSSA's truncated Neumann series on the damped GFIM: ``r_{j+1} = v + (I - A/s) r_j``, ``h = r_J / s``."""
-
-    name = "lissa"
-
-    def __init__(
-        self,
-        blocks: Sequence[Block],
-        diagnostics: list[BlockDiagnostics],
-        gfim: Mapping[str, torch.Tensor],
-        damping: Mapping[str, float],
-        scale: Mapping[str, float],
-        iterations: int,
-    ) -> None:
-        super().__init__(blocks, diagnostics)
-        self.gfim, self.damping, self.scale, self.iterations = dict(gfim), dict(damping), dict(scale), iterations
-
-    def apply(self, vectors: Vectors) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, v in vectors.items():
-            g, lam, s = self.gfim[name], self.damping[name], self.scale[name]
-            r = v
-            for _ in range(self.iterations):
-                r = v + r - (r @ g + lam * r) / s
-            out[name] = r / s
-        return out
-
-
-class DataInfPreconditioner(Preconditioner):
-    """DataInf: ``h = (1/lam)(v - (1/n) sum_i <g_i, v> / (lam + ||g_i||^2) g_i)``, one training pass per call."""
-
-    name = "datainf"
-    per_example = False
-
-    def __init__(
-        self,
-        blocks: Sequence[Block],
-        diagnostics: list[BlockDiagnostics],
-        damping: Mapping[str, float],
-        train_gradients: GradientSource,
-        reduce: Reduce | None = None,
-    ) -> None:
-        super().__init__(blocks, diagnostics)
-        self.damping = dict(damping)
-        self.train_gradients = train_gradients
-        self.reduce = reduce or _one_process
-
-    def apply(self, vectors: Vectors) -> dict[str, torch.Tensor]:
-        correction = {name: torch.zeros_like(v) for name, v in vectors.items()}
-        count = 0
-        for batch in self.train_gradients():
-            count += batch.batch_size
-            for name, v in vectors.items():
-                g = batch.grads[name].to(v.dtype)
-                lam = self.damping[name]
-                weights = torch.einsum("brd,mrd->bm", g, v) / (lam + g.square().sum(dim=(1, 2))).unsqueeze(1)
-                correction[name] += torch.einsum("bm,brd->mrd", weights, g)
-        count = self.reduce(list(correction.values()), count)
-        return {name: (v - correction[name] / count) / self.damping[name] for name, v in vectors.items()}
-
-
-class TracInPreconditioner(Preconditioner):
-    """No curvature: ``h = v``."""
-
-    name = "tracin"
-
-    def apply(self, vectors: Vectors) -> dict[str, torch.Tensor]:
-        return dict(vectors)
-
-
-def build_preconditioner(
-    method: str,
-    curvature: CurvatureAccumulator,
-    config: InfluenceConfig,
-    *,
-    hessian: torch.Tensor | None = None,
-    train_gradients: GradientSource | None = None,
-    reduce: Reduce | None = None,
-) -> Preconditioner:
-    """Build ``method``'s preconditioner from fitted curvature (and the Hessian / a gradient source).
-
-    ``reduce`` sums DataInf's pass over the training gradients across processes (distributed runs).
-    """
-    blocks = curvature.blocks
-    damping = {b.name: curvature.damping(b, config.damping, config.damping_mode) for b in blocks}
-    diagnostics = [BlockDiagnostics(b.name, method, *b.shape, damping[b.name]) for b in blocks]
-    if method in ("hyperinf", "exact"):
-        matrices = {b.name: _damped(curvature.gfim(b.name), damping[b.name]) for b in blocks}
-        inverses = _invert_grouped(method, matrices, damping, diagnostics, config)
-        return InversePreconditioner(method, blocks, diagnostics, right=inverses)
-    if method in ("hyperinf-fim", "exact-fim"):
-        matrices = {b.name: _damped(curvature.flat_fim(b.name), damping[b.name]) for b in blocks}
-        inverses = _invert_grouped(method.removesuffix("-fim"), matrices, damping, diagnostics, config)
-        return InversePreconditioner(method, blocks, diagnostics, right={}, flat_groups=[((n,), x) for n, x in inverses.items()])
-    if method == "exact-hessian":
-        if hessian is None:
-            raise ValueError("exact-hessian needs the Hessian of the selected blocks")
-        diagonal = torch.cat([torch.full((b.num_params,), damping[b.name], dtype=hessian.dtype) for b in blocks])
-        inverse = linalg.cholesky_inverse(hessian + torch.diag(diagonal.to(hessian.device)))
-        return InversePreconditioner(method, blocks, diagnostics, right={}, flat_groups=[([b.name for b in blocks], inverse)])
-    if method == "lissa":
-        gfim = {b.name: curvature.gfim(b.name) for b in blocks}
-        scale = {}
-        for b, diag in zip(blocks, diagnostics):
-            _, upper = linalg.spectral_bounds(_damped(gfim[b.name], damping[b.name]))
-            scale[b.name] = config.lissa_scale or float(upper)
-            diag.iterations = config.lissa_iters
-        return LissaPreconditioner(blocks, diagnostics, gfim, damping, scale, config.lissa_iters)
-    if method == "datainf":
-        if train_gradients is None:
-            raise ValueError("datainf needs a source of training gradients")
-        return DataInfPreconditioner(blocks, diagnostics, damping, train_gradients, reduce)
-    if method == "tracin":
-        return TracInPreconditioner(blocks, diagnostics)
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-def _one_process(tensors: list[torch.Tensor], count: int) -> int:
-    return count
+    build: Callable[[FittedInputs, list[BlockDiagnostics]], Preconditioner]
+    fim: bool = False
+    hessian: bool = False
+    train_pass: bool = False
+    check: Callable[[InfluenceConfig], None] | None = None
 
 
 def _damped(matrix: torch.Tensor, damping: float) -> torch.Tensor:
@@ -221,36 +74,145 @@ def _damped(matrix: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 def _invert_grouped(
-    kind: str,
+    iterative: bool,
     matrices: Mapping[str, torch.Tensor],
     damping: Mapping[str, float],
     diagnostics: list[BlockDiagnostics],
     config: InfluenceConfig,
 ) -> dict[str, torch.Tensor]:
-    """Invert every matrix, stacking those of equal size into one batched call."""
-    by_size: dict[int, list[str]] = {}
+    """Invert every matrix (Schulz when ``iterative``, else Cholesky), stacking equal sizes into one batched call."""
+    groups: dict[tuple[int, torch.device], list[str]] = {}
     for name, matrix in matrices.items():
-        by_size.setdefault(matrix.shape[0], []).append(name)
+        groups.setdefault((matrix.shape[0], matrix.device), []).append(name)
     diag_of = {d.block: d for d in diagnostics}
     inverses: dict[str, torch.Tensor] = {}
-    for names in by_size.values():
+    for names in groups.values():
         stack = torch.stack([matrices[n] for n in names])
-        if kind == "exact":
-            result = linalg.cholesky_inverse(stack)
-        else:
-            lower = torch.tensor([damping[n] for n in names], dtype=stack.dtype, device=stack.device)
-            result, infos = linalg.schulz_inverse(
-                stack,
-                max_iter=config.schulz_max_iter,
-                tol=config.schulz_tol,
-                init=config.schulz_init,
-                order=config.schulz_order,
-                lower_bound=lower,
-                on_fail=config.on_nonconvergence,
-            )
-            for n, residual, converged in zip(names, infos.item_residuals, infos.item_converged()):
-                diag_of[n].iterations = infos.iterations
-                diag_of[n].residual = residual
-                diag_of[n].converged = converged
+        if not iterative:
+            inverses.update(zip(names, linalg.cholesky_inverse(stack).unbind(0)))
+            continue
+        lower = torch.tensor([damping[n] for n in names], dtype=stack.dtype, device=stack.device)
+        result, info = linalg.schulz_inverse(
+            stack, max_iter=config.schulz_max_iter, tol=config.schulz_tol, init=config.schulz_init,
+            order=config.schulz_order, lower_bound=lower, on_fail=config.on_nonconvergence,
+        )  # fmt: skip
+        for n, residual, converged in zip(names, info.item_residuals, info.item_converged()):
+            diag_of[n].iterations, diag_of[n].residual, diag_of[n].converged = info.iterations, residual, converged
         inverses.update(zip(names, result.unbind(0)))
     return inverses
+
+
+def _block_inverse(fim: bool, iterative: bool) -> Callable[[FittedInputs, list[BlockDiagnostics]], Preconditioner]:
+    """Per block, invert the damped GFIM (``h = V X``) or flattened FIM (``vec(h) = vec(V) X``): Schulz or Cholesky."""
+
+    def build(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
+        damping, blocks = fitted.damping(), fitted.curvature.blocks
+        curvature = fitted.curvature.flat_fim if fim else fitted.curvature.gfim
+        matrices = {b.name: _damped(curvature(b.name), damping[b.name]) for b in blocks}
+        inverses = _invert_grouped(iterative, matrices, damping, diagnostics, fitted.config)
+        name = diagnostics[0].method
+        if fim:
+            return InversePreconditioner(name, blocks, diagnostics, right={}, flat_groups=[((n,), x) for n, x in inverses.items()])
+        return InversePreconditioner(name, blocks, diagnostics, right=inverses)
+
+    return build
+
+
+def _exact_hessian(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
+    if fitted.hessian is None:
+        raise NotFittedError("method 'exact-hessian' needs the exact Hessian: call fit(train_loader, methods=['exact-hessian']).")
+    blocks, hessian, damping = fitted.curvature.blocks, fitted.hessian, fitted.damping()
+    diagonal = torch.cat([torch.full((b.num_params,), damping[b.name], dtype=hessian.dtype) for b in blocks])
+    inverse = linalg.cholesky_inverse(hessian + torch.diag(diagonal.to(hessian.device)))
+    return InversePreconditioner("exact-hessian", blocks, diagnostics, right={}, flat_groups=[([b.name for b in blocks], inverse)])
+
+
+def _lissa(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
+    damping, scale, matrices = fitted.damping(), {}, {}
+    for b in fitted.curvature.blocks:
+        matrices[b.name] = _damped(fitted.curvature.gfim(b.name), damping[b.name])
+        scale[b.name] = _lissa_scale(b.name, matrices[b.name], fitted.config.lissa_scale)
+    return LissaPreconditioner(fitted.curvature.blocks, diagnostics, matrices, scale, fitted.config.lissa_iters)
+
+
+def _lissa_scale(block: str, matrix: torch.Tensor, given: float | None) -> float:
+    """A bound on ``lambda_max`` when no scale is given; a given one must make the series converge."""
+    if given is None:
+        return float(linalg.spectral_bounds(matrix)[1])
+    largest = float(torch.linalg.eigvalsh(matrix.double())[-1])
+    if given <= largest / 2:
+        raise ConfigurationError(
+            f"lissa_scale={given:g} makes LiSSA diverge on block {block!r}: its damped curvature has "
+            f"lambda_max = {largest:.4g}, and the series converges only for a scale above lambda_max / 2 = "
+            f"{largest / 2:.4g}. Leave lissa_scale=None (a bound on lambda_max) or raise it."
+        )
+    return given
+
+
+def _datainf(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
+    if fitted.train_gradients is None:
+        raise NotFittedError(
+            "method 'datainf' sums over the training gradients of the fit, and this engine has no training "
+            "loader (a loaded fit): pass train_loader= to load_fit."
+        )
+    reduce = fitted.reduce or (lambda tensors, count: count)
+    return DataInfPreconditioner(fitted.curvature.blocks, diagnostics, fitted.damping(), fitted.train_gradients, reduce)
+
+
+def _check_datainf(config: InfluenceConfig) -> None:
+    if config.damping == 0:
+        raise ConfigurationError(
+            "method 'datainf' divides by the damping lambda, so damping=0 is undefined for it: "
+            "use damping > 0 (default 0.1)."
+        )
+
+
+def _tracin(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
+    return IdentityPreconditioner("tracin", fitted.curvature.blocks, diagnostics)
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to :data:`REGISTRY` (its name must be new)."""
+    if method.name in REGISTRY:
+        raise ValueError(f"method {method.name!r} is already registered")
+    REGISTRY[method.name] = method
+    return method
+
+
+for _method in (
+    Method("hyperinf", _block_inverse(fim=False, iterative=True)),
+    Method("hyperinf-fim", _block_inverse(fim=True, iterative=True), fim=True),
+    Method("exact", _block_inverse(fim=False, iterative=False)),
+    Method("exact-fim", _block_inverse(fim=True, iterative=False), fim=True),
+    Method("exact-hessian", _exact_hessian, hessian=True),
+    Method("datainf", _datainf, train_pass=True, check=_check_datainf),
+    Method("lissa", _lissa),
+    Method("tracin", _tracin),
+):
+    register(_method)
+
+
+def method_names() -> tuple[str, ...]:
+    """Names of every registered method, in registration order."""
+    return tuple(REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; a clear error listing the choices otherwise."""
+    if name not in REGISTRY:
+        raise ConfigurationError(f"unknown method {name!r}; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def build_preconditioner(name: str, fitted: FittedInputs) -> Preconditioner:
+    """Build method ``name``'s preconditioner from fitted curvature, with one diagnostics row per block."""
+    method = get_method(name)
+    if method.check is not None:
+        method.check(fitted.config)
+    diagnostics = [
+        BlockDiagnostics(b.name, name, *b.shape, damping) for b, damping in zip(fitted.curvature.blocks, fitted.damping().values())
+    ]
+    return method.build(fitted, diagnostics)

@@ -89,9 +89,8 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
     val_loader = DataLoader(TensorDataset(data["x_val"], data["y_val"]), batch_size=128)
     engine = InfluenceEngine(model, loss_fn, blocks="linear", method="hyperinf", progress=args.progress)
     engine.fit(train_loader, methods=args.methods)
-    scores = engine.score_methods(train_loader, val_loader, args.methods, self_influence="hyperinf")
-    scores["self-influence"] = -engine.results["self_influence/hyperinf"]
-    scores["training loss"] = engine.results["train_loss"]
+    scored = engine.score_methods(train_loader, val_loader, args.methods, self_influence="hyperinf")
+    scores = {**scored, "self-influence": -scored.self_influence, "training loss": scored.train_loss}
     scores["random"] = torch.rand(args.n_train, generator=torch.Generator().manual_seed(args.seed))
 
     rows = [
@@ -103,9 +102,8 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
         for name, s in scores.items()
     ]
     _print_table(rows)
-    engine.results.update({f"reference/{k}": v for k, v in scores.items() if k not in args.methods})
-    engine.results["labels/flipped"] = data["flipped"]
-    engine.save(args.out)
+    extra = {f"reference/{k}": v for k, v in scores.items() if k not in args.methods}
+    engine.save(args.out, extra={**extra, "labels/flipped": data["flipped"]})
     write_json(args.out / "detection.json", {"args": asdict(args), "test_accuracy": accuracy, "rows": rows})
     print(f"results written to {args.out}/")
     return rows

@@ -248,9 +248,8 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
     engine = influence_engine(args, seed)
     methods, skipped = _methods_for(args, engine)
     engine.fit(train_loader, methods=methods)
-    scores = engine.score_methods(train_loader, val_loader, methods, self_influence="hyperinf")
-    scores["self-influence"] = -engine.results["self_influence/hyperinf"]
-    scores["training loss"] = engine.results["train_loss"]
+    scored = engine.score_methods(train_loader, val_loader, methods, self_influence="hyperinf")
+    scores = {**scored, "self-influence": -scored.self_influence, "training loss": scored.train_loss}
     scores["random"] = torch.rand(args.n_train, generator=torch.Generator().manual_seed(args.seed))
     rows = [_detection_row(name, s, split.flipped, engine.ihvp_seconds.get(name)) for name, s in scores.items()]
     return {

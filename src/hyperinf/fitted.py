@@ -1,0 +1,187 @@
+"""The fitted curvature: pass 1's sums over the training data, the preconditioners built from them, save and load.
+
+A fit is saved as a folder — ``curvature.safetensors`` (the per-block GFIM sums, squared norms,
+and the flattened FIM / exact Hessian when accumulated) and ``fit.json`` (example count, layout
+options, and a fingerprint of every selected block: name, shape, side and a SHA-256 of its
+weights) — and loaded to score new queries without pass 1. Damping and inverse options are not
+part of the fit: they apply when a preconditioner is built, so a loaded fit can be re-damped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hyperinf.blocks import Block
+from hyperinf.config import InfluenceConfig
+from hyperinf.curvature import CurvatureAccumulator
+from hyperinf.errors import EmptyDataError, FitMismatchError, NotFittedError
+from hyperinf.gradients import BatchGradients, PerSampleGradients
+from hyperinf.hessian import HessianAccumulator
+from hyperinf.methods import FittedInputs, Method, build_preconditioner, get_method
+from hyperinf.preconditioners import BlockDiagnostics, GradientSource, Preconditioner, Reduce
+from hyperinf.results import atomic_write, write_json
+
+FORMAT = 1
+_TENSORS, _META = "curvature.safetensors", "fit.json"
+
+
+class FittedCurvature:
+    """Curvature sums of the selected blocks (and the exact Hessian), and the preconditioners built from them."""
+
+    def __init__(self, curvature: CurvatureAccumulator, hessian: torch.Tensor | None = None) -> None:
+        self.curvature = curvature
+        self.hessian = hessian
+        self._built: dict[str, Preconditioner] = {}
+        self._unreported_seconds: dict[str, float] = {}
+
+    @classmethod
+    def accumulate(
+        cls,
+        batches: Iterable[tuple[Any, BatchGradients]],
+        methods: Sequence[Method],
+        config: InfluenceConfig,
+        gradients: PerSampleGradients,
+        reduce: Reduce,
+    ) -> FittedCurvature:
+        """Pass 1: sum what every method in ``methods`` needs over ``batches`` (and over processes with ``reduce``)."""
+        fim = any(m.fim for m in methods)
+        curvature = CurvatureAccumulator(gradients.blocks, fim=fim, dtype=config.torch_dtype, fim_max_params=config.fim_max_params)
+        hessian = None
+        if any(m.hessian for m in methods):
+            hessian = HessianAccumulator(gradients.blocks, max_params=config.hessian_max_params, dtype=config.torch_dtype)
+        for batch, grads in batches:
+            curvature.update(grads.grads)
+            if hessian is not None:
+                hessian.update(gradients.model, gradients.loss_fn, batch)
+        curvature.count = reduce(curvature.tensors(), curvature.count)
+        if hessian is not None:
+            hessian.count = reduce(hessian.tensors(), hessian.count)
+        if curvature.count == 0:
+            raise EmptyDataError("train_loader yielded no examples: fit needs at least one training example.")
+        curvature.warn_dead_blocks(stacklevel=3)
+        return cls(curvature, hessian.hessian() if hessian is not None else None)
+
+    @property
+    def count(self) -> int:
+        return self.curvature.count
+
+    def require(self, name: str) -> None:
+        """Raise a clear error when method ``name`` needs curvature this fit did not accumulate."""
+        method = get_method(name)
+        if method.fim and self.curvature.fim is None:
+            raise NotFittedError(f"method {name!r} needs the flattened FIM: call fit(train_loader, methods=[{name!r}]).")
+        if method.hessian and self.hessian is None:
+            raise NotFittedError(f"method {name!r} needs the exact Hessian: call fit(train_loader, methods=[{name!r}]).")
+
+    def preconditioner(
+        self, name: str, config: InfluenceConfig, train_gradients: GradientSource | None, reduce: Reduce | None
+    ) -> Preconditioner:
+        """Method ``name``'s preconditioner, built on first use and then reused."""
+        self.require(name)
+        if name not in self._built:
+            start = time.perf_counter()
+            inputs = FittedInputs(self.curvature, config, self.hessian, train_gradients, reduce)
+            self._built[name] = build_preconditioner(name, inputs)
+            self._unreported_seconds[name] = time.perf_counter() - start
+        return self._built[name]
+
+    def take_build_seconds(self, name: str) -> float:
+        """Seconds spent building ``name``'s preconditioner not yet counted in a reported time (0 after the first call)."""
+        return self._unreported_seconds.pop(name, 0.0)
+
+    def diagnostics(self) -> list[BlockDiagnostics]:
+        """Per-block damping and iterative-inverse outcome of every preconditioner built so far."""
+        return [d for pre in self._built.values() for d in pre.diagnostics]
+
+    def save(self, directory: str | Path, config: InfluenceConfig) -> Path:
+        """Write the fit into ``directory`` (``fit.json`` last, so a folder without it is an unfinished save)."""
+        directory = Path(directory)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.curvature.named_tensors().items()}
+        if self.hessian is not None:
+            tensors["hessian"] = self.hessian.detach().cpu().contiguous()
+        (directory / _META).unlink(missing_ok=True)
+        atomic_write(directory / _TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+        meta = {
+            "format": FORMAT,
+            "count": self.count,
+            "fim": self.curvature.fim is not None,
+            "hessian": self.hessian is not None,
+            "layout": _layout(config),
+            "blocks": fingerprint(self.curvature.blocks),
+        }
+        write_json(directory / _META, meta)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, blocks: Sequence[Block], config: InfluenceConfig) -> FittedCurvature:
+        """Read a fit saved by :meth:`save`, after checking it was computed on these blocks and weights."""
+        directory = Path(directory)
+        if not (directory / _META).is_file() or not (directory / _TENSORS).is_file():
+            raise FitMismatchError(
+                f"{directory} holds no saved fit ({_META} and {_TENSORS}): write one with engine.save_fit(directory)."
+            )
+        meta = json.loads((directory / _META).read_text())
+        if meta.get("format") != FORMAT:
+            raise FitMismatchError(f"{directory}/{_META} has format {meta.get('format')!r}; this hyperinf reads format {FORMAT}.")
+        _check_layout(meta["layout"], _layout(config), directory)
+        _check_blocks(meta["blocks"], fingerprint(blocks), directory)
+        curvature = CurvatureAccumulator(blocks, fim=meta["fim"], dtype=config.torch_dtype)
+        tensors = load_file(str(directory / _TENSORS))
+        curvature.load(tensors, meta["count"])
+        hessian = tensors["hessian"].to(blocks[0].module.weight.device) if meta["hessian"] else None
+        return cls(curvature, hessian)
+
+
+def fingerprint(blocks: Sequence[Block]) -> list[dict[str, Any]]:
+    """Name, gradient layout and a SHA-256 of the weights of every block: what a fit is valid for."""
+    rows = []
+    for block in blocks:
+        digest = hashlib.sha256()
+        for param in block.parameters():
+            digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        r, d = block.shape
+        rows.append({"name": block.name, "r": r, "d": d, "side": block.side, "bias": block.has_bias, "weights": digest.hexdigest()})
+    return rows
+
+
+def _layout(config: InfluenceConfig) -> dict[str, Any]:
+    return {"side": config.side, "include_bias": config.include_bias, "dtype": config.dtype}
+
+
+def _check_layout(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
+    differ = [f"{key}={saved[key]!r} (this engine: {current[key]!r})" for key in saved if saved[key] != current.get(key)]
+    if differ:
+        raise FitMismatchError(
+            f"the fit in {directory} was computed with {', '.join(differ)}: construct the engine with the fit's options."
+        )
+
+
+def _check_blocks(saved: list[dict[str, Any]], current: list[dict[str, Any]], directory: Path) -> None:
+    saved_names, current_names = [b["name"] for b in saved], [b["name"] for b in current]
+    if saved_names != current_names:
+        missing = [n for n in saved_names if n not in current_names]
+        extra = [n for n in current_names if n not in saved_names]
+        raise FitMismatchError(
+            f"the fit in {directory} covers other blocks than this engine: missing here {missing or 'none'}, "
+            f"not in the fit {extra or 'none'}. Select the same blocks, or fit again."
+        )
+    for old, new in zip(saved, current):
+        changed = [key for key in ("r", "d", "side", "bias") if old[key] != new[key]]
+        if changed:
+            raise FitMismatchError(
+                f"block {old['name']!r} of the fit in {directory} has {', '.join(f'{k}={old[k]!r}' for k in changed)}, "
+                f"this engine's has {', '.join(f'{k}={new[k]!r}' for k in changed)}: same model and options, or fit again."
+            )
+        if old["weights"] != new["weights"]:
+            raise FitMismatchError(
+                f"the weights of block {old['name']!r} differ from those the fit in {directory} was computed on "
+                "(the model was trained or changed since): the curvature no longer applies, so fit again."
+            )
