@@ -189,3 +189,49 @@ def test_block_without_gradient_is_named_and_adds_nothing(setup, method):
     scores = engine.score(train, val)
     live_only = InfluenceEngine(model, loss_fn, blocks=["2"], method=method, progress=False).fit(train).score(train, val)
     torch.testing.assert_close(scores, live_only)
+
+
+def test_single_use_and_distributed_shuffling_loaders_are_rejected(setup):
+    from torch.utils.data.distributed import DistributedSampler
+
+    from hyperinf.errors import DataOrderError
+
+    model, train, _ = setup
+    with pytest.raises(DataOrderError, match="single-use iterator .*generator"):
+        engine_of(model).fit(batch for batch in train)
+    sampler = DistributedSampler(train.dataset, num_replicas=2, rank=0, shuffle=True)
+    with pytest.raises(DataOrderError, match=r"shuffle=False .*DistributedSampler"):
+        engine_of(model).fit(DataLoader(train.dataset, batch_size=8, sampler=sampler))
+    ordered = DistributedSampler(train.dataset, num_replicas=2, rank=0, shuffle=False)
+    engine_of(model).fit(DataLoader(train.dataset, batch_size=8, sampler=ordered))
+
+
+def test_results_are_read_only(setup):
+    model, train, val = setup
+    engine = engine_of(model).fit(train)
+    engine.score(train, val)
+    with pytest.raises(TypeError):
+        engine.results["score/hyperinf"] = torch.zeros(30)
+
+
+def test_build_time_is_counted_once_in_ihvp_seconds(setup, monkeypatch):
+    """A fake clock: building the inverse takes 100 s, applying it 1 s; only the first call pays the build."""
+    from types import SimpleNamespace
+
+    model, train, val = setup
+    engine = engine_of(model).fit(train)
+    ticks = {"fitted": 0.0, "engine": 0.0}
+
+    def clock(name, step):
+        def tick():
+            ticks[name] += step  # each interval is two readings apart: it lasts one step
+            return ticks[name]
+
+        return SimpleNamespace(perf_counter=tick)
+
+    monkeypatch.setattr("hyperinf.fitted.time", clock("fitted", 100.0))
+    monkeypatch.setattr("hyperinf.engine.time", clock("engine", 1.0))
+    engine.score(train, val)
+    assert engine.ihvp_seconds["hyperinf"] == pytest.approx(101.0)
+    engine.score(train, val)
+    assert engine.ihvp_seconds["hyperinf"] == pytest.approx(1.0)

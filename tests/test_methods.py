@@ -12,7 +12,7 @@ from hyperinf.blocks import select_blocks
 from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import CurvatureAccumulator
 from hyperinf.engine import InfluenceEngine
-from hyperinf.errors import NotConvergedWarning
+from hyperinf.errors import ConfigurationError, NotConvergedWarning
 from hyperinf.methods import FittedInputs, build_preconditioner
 
 N_TRAIN, N_VAL = 40, 12
@@ -201,3 +201,67 @@ def test_self_influence_and_pairwise_match_definition(problem):
     torch.testing.assert_close(pair, expected_pair, rtol=1e-8, atol=1e-12)
     # The mean over query columns is the validation score.
     torch.testing.assert_close(pair.mean(1), engine.score(loader, DataLoader(val)), rtol=1e-8, atol=1e-12)
+
+
+def test_lissa_equals_its_closed_form_along_each_eigen_direction(problem):
+    """``J`` terms of the series give ``(1 - (1 - mu/s)^J) / mu`` per eigenvalue ``mu`` of the damped GFIM."""
+    model, train, val = problem
+    loader = DataLoader(train, batch_size=8)
+    probe = engine_for(model, "exact").fit(loader)
+    g = loop_gradients(model, probe, train)
+    v = {name: t.mean(0) for name, t in loop_gradients(model, probe, val).items()}
+    damped = {}
+    for b in probe.blocks:
+        lam = 0.1 * g[b.name].square().sum() / (N_TRAIN * b.num_params)
+        damped[b.name] = torch.einsum("nrd,nre->de", g[b.name], g[b.name]) / N_TRAIN + lam * torch.eye(b.shape[1], dtype=torch.float64)
+    scale = 1.5 * max(float(torch.linalg.eigvalsh(a)[-1]) for a in damped.values())
+    for iterations in (10, 3):
+        expected, residual = torch.zeros(N_TRAIN, dtype=torch.float64), {}
+        for name, a in damped.items():
+            mu, q = torch.linalg.eigh(a)
+            h = v[name] @ q @ torch.diag((1 - (1 - mu / scale) ** iterations) / mu) @ q.T
+            expected -= torch.einsum("nrd,rd->n", g[name], h)
+            residual[name] = float(((v[name] - h @ a).norm(dim=1) / v[name].norm(dim=1)).max())
+        engine = engine_for(model, "lissa", lissa_iters=iterations, lissa_scale=scale).fit(loader)
+        with pytest.warns(NotConvergedWarning, match=f"lissa stopped after {iterations} iterations far from the inverse"):
+            scores = engine.score(loader, DataLoader(val, batch_size=5))
+        torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-13 * float(expected.abs().max()))
+        # Its diagnostics report the residual of the validation direction, ||v - A h|| / ||v||, per block.
+        reported = {d.block: d.residual for d in engine.diagnostics()}
+        assert reported == pytest.approx(residual, rel=1e-8)
+        assert max(residual.values()) > 0.5  # far from the inverse: the warning above is earned
+
+
+def test_lissa_refuses_a_scale_that_diverges(problem):
+    model, train, val = problem
+    loader = DataLoader(train, batch_size=8)
+    with pytest.raises(ValueError, match="lissa_scale must be positive"):
+        engine_for(model, "lissa", lissa_scale=0.0)
+    engine = engine_for(model, "lissa", lissa_scale=1e-6).fit(loader)
+    with pytest.raises(ConfigurationError, match=r"lissa_scale=1e-06 makes LiSSA diverge on block .*lambda_max / 2"):
+        engine.score(loader, DataLoader(val))
+
+
+def test_invalid_options_are_refused_at_construction(problem):
+    model, _, _ = problem
+    with pytest.raises(ConfigurationError, match="damping=0 is undefined"):
+        engine_for(model, "datainf", damping=0.0)
+    with pytest.raises(ValueError, match="schulz_init must be 'auto' or a positive float"):
+        engine_for(model, "hyperinf", schulz_init=-1.0)
+    with pytest.raises(ValueError, match="schulz_init"):
+        engine_for(model, "hyperinf", schulz_init="paper")
+
+
+def test_gfim_and_fim_share_lambda_but_the_gfim_eigenvalues_are_r_times_larger(problem):
+    """The README's damping note: the same lambda_l damps HyperINF r times less than exact-fim / DataInf."""
+    model, train, val = problem
+    loader = DataLoader(train, batch_size=8)
+    engine = engine_for(model, "hyperinf").fit(loader, methods=["exact-fim"])
+    engine.score_methods(loader, DataLoader(val), ["hyperinf", "exact-fim"])
+    by_method = {(d.method, d.block): d.damping for d in engine.diagnostics()}
+    spectrum = {row["block"]: row for row in engine.spectrum()}
+    for b in engine.blocks:
+        assert by_method[("hyperinf", b.name)] == by_method[("exact-fim", b.name)]
+        fim_mean = float(torch.linalg.eigvalsh(engine.fitted.curvature.flat_fim(b.name)).mean())
+        assert spectrum[b.name]["eig_mean"] == pytest.approx(b.shape[0] * fim_mean, rel=1e-10)
+        assert by_method[("hyperinf", b.name)] == pytest.approx(0.1 * fim_mean, rel=1e-10)

@@ -34,3 +34,9 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert namespace["scores"].shape == (16,) and namespace["matrix"].shape == (16, 4)
     assert (namespace["self_scores"] <= 0).all()
     assert (tmp_path / "runs" / "my-run" / "scores.safetensors").is_file()
+    assert namespace["top"].helpful.shape == (4, 5) and namespace["top"].harmful.shape == (4, 5)
+    # "Fit once, query many times" continues from the same session.
+    fit_once = re.search(r"### Fit once, query many times.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    with pytest.warns(DeadBlockWarning):
+        exec(compile(fit_once, str(README), "exec"), namespace)
+    assert namespace["top"].helpful.shape == (4, 10) and (tmp_path / "runs" / "fit" / "fit.json").is_file()

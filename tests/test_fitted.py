@@ -1,0 +1,115 @@
+"""Fit once, query many times: a saved fit scores like the engine that computed it, and refuses other models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from hyperinf import InfluenceEngine
+from hyperinf.errors import FitMismatchError, NotFittedError
+
+METHODS = ["hyperinf", "exact", "exact-fim", "hyperinf-fim", "exact-hessian", "lissa", "tracin", "datainf"]
+
+
+def loss_fn(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    return DataLoader(TensorDataset(x[:30], y[:30]), batch_size=8), DataLoader(TensorDataset(x[30:], y[30:]), batch_size=4)
+
+
+def engine_of(model, **options):
+    options = {"damping": 0.5, "damping_mode": "absolute", **options}  # enough to make the tanh MLP's Hessian PD
+    return InfluenceEngine(model, loss_fn, blocks="linear", dtype="float64", progress=False, **options)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, data):
+    train, val = data
+    engine = engine_of(make_model()).fit(train, methods=METHODS)
+    expected = engine.score_methods(train, val, METHODS)
+    folder = engine.save_fit(tmp_path_factory.mktemp("fit") / "fit")
+    return folder, expected, engine
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_loaded_fit_scores_without_pass_one(saved, data, method):
+    folder, expected, _ = saved
+    train, val = data
+    calls = []
+
+    def counting_loss(model, batch):
+        calls.append(len(batch[1]))
+        return loss_fn(model, batch)
+
+    engine = InfluenceEngine(
+        make_model(), counting_loss, blocks="linear", method=method, dtype="float64", progress=False, damping=0.5, damping_mode="absolute"
+    )
+    engine.load_fit(folder, train_loader=train)
+    scores = engine.score(train, val)
+    torch.testing.assert_close(scores, expected[method], rtol=1e-12, atol=1e-15)
+    # One validation pass and one training pass (DataInf: one more over the fit's training data); no curvature pass.
+    assert sum(calls) == 10 + 30 * (2 if method == "datainf" else 1)
+
+
+def test_a_loaded_fit_can_be_damped_again(saved, data):
+    folder, _, _ = saved
+    train, val = data
+    fresh = engine_of(make_model(), method="exact", damping=1.0).fit(train)
+    loaded = engine_of(make_model(), method="exact", damping=1.0).load_fit(folder)
+    torch.testing.assert_close(loaded.score(train, val), fresh.score(train, val), rtol=1e-12, atol=1e-15)
+
+
+def test_the_saved_folder_names_blocks_weights_and_count(saved):
+    folder, _, engine = saved
+    meta = json.loads((folder / "fit.json").read_text())
+    assert meta["count"] == 30 and meta["fim"] and meta["hessian"]
+    assert [b["name"] for b in meta["blocks"]] == [b.name for b in engine.blocks]
+    assert all(len(b["weights"]) == 64 for b in meta["blocks"])
+
+
+def test_other_weights_blocks_or_options_are_refused(saved):
+    folder, _, _ = saved
+    with pytest.raises(FitMismatchError, match=r"weights of block '0' differ"):
+        engine_of(make_model(seed=1)).load_fit(folder)
+    with pytest.raises(FitMismatchError, match=r"other blocks than this engine: missing here \['0'\]"):
+        InfluenceEngine(make_model(), loss_fn, blocks=["2"], dtype="float64", progress=False).load_fit(folder)
+    with pytest.raises(FitMismatchError, match=r"side='in' \(this engine: 'out'\)"):
+        engine_of(make_model(), side="out").load_fit(folder)
+    with pytest.raises(FitMismatchError, match=r"dtype='float64' \(this engine: 'float32'\)"):
+        InfluenceEngine(make_model(), loss_fn, blocks="linear", progress=False).load_fit(folder)
+
+
+def test_a_fit_without_what_the_method_needs_is_refused(tmp_path, data):
+    train, _ = data
+    folder = engine_of(make_model()).fit(train).save_fit(tmp_path / "plain")
+    with pytest.raises(NotFittedError, match=r"needs the flattened FIM: call fit\(train_loader, methods=\['exact-fim'\]\)"):
+        engine_of(make_model(), method="exact-fim").load_fit(folder)
+    with pytest.raises(NotFittedError, match="pass train_loader= to load_fit"):
+        engine_of(make_model(), method="datainf").load_fit(folder).score(train, train)
+
+
+def test_an_unfinished_or_missing_save_is_refused(tmp_path, data):
+    train, _ = data
+    folder = engine_of(make_model()).fit(train).save_fit(tmp_path / "fit")
+    (folder / "fit.json").unlink()  # what a save killed before its last file leaves
+    with pytest.raises(FitMismatchError, match="holds no saved fit"):
+        engine_of(make_model()).load_fit(folder)
+    with pytest.raises(FitMismatchError, match="holds no saved fit"):
+        engine_of(make_model()).load_fit(tmp_path / "nowhere")
+    with pytest.raises(NotFittedError, match="call fit"):
+        engine_of(make_model()).save_fit(tmp_path / "unfitted")
