@@ -45,6 +45,19 @@ def _add_mislabel_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
+def _explain(ns: argparse.Namespace) -> int:
+    from hyperinf.experiments.explain import main as explain_main
+
+    _method_list(ns.method)
+    return explain_main(ns)
+
+
+def _add_explain_arguments(parser: argparse.ArgumentParser) -> None:
+    from hyperinf.experiments.explain import add_arguments
+
+    add_arguments(parser)
+
+
 def _methods(ns: argparse.Namespace) -> int:
     from hyperinf import methods
 
@@ -205,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_mislabel_arguments(mislabel)
     mislabel.set_defaults(run=_mislabel)
+
+    explain = commands.add_parser(
+        "explain",
+        help="the training examples that most helped and most hurt the model's answer on given texts",
+        description="Fine-tune (or load) the classifier `hyperinf mislabel` uses on --task, then print for each "
+        "--query its k proponents (most helpful training examples) and opponents (most harmful), with text, "
+        "label and score; written to --out/explanations.jsonl.",
+    )
+    _add_explain_arguments(explain)
+    explain.set_defaults(run=_explain)
 
     methods = commands.add_parser("methods", help="list the influence methods", description="List the influence methods.")
     methods.set_defaults(run=_methods)

