@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from hyperinf.blocks import select_blocks
+from hyperinf.errors import LossShapeError
 from hyperinf.gradients import BatchGradients, PerSampleGradients
 from models import (
     bert_loss,
@@ -239,6 +240,60 @@ def test_padding_positions_are_masked_even_if_the_model_leaks_into_them():
     # sanity: with padding counted, the gradient would differ (the padding embedding is not zero)
     full = reference_gradients(model, _leaky_loss, [{"input_ids": batch["input_ids"][i : i + 1]} for i in range(4)], blocks)
     assert max_relative_error(full["lin"][1:], ref["lin"][1:]) > 1e-2
+
+
+class _PairsAndHead(nn.Module):
+    """A Linear on two positions per token (input ``[B, T, 2, 2]``) whose per-position terms are
+    summed over every position, padding included (the model leaks into padding), plus a head on
+    the masked mean embedding (input ``[B, 4]``). ``drop_first`` feeds the token layer all
+    positions but the first, a sequence the batch's attention_mask does not describe."""
+
+    def __init__(self, drop_first: bool = False) -> None:
+        super().__init__()
+        self.drop_first = drop_first
+        self.emb = nn.Embedding(20, 4)
+        self.pairs = nn.Linear(2, 3)
+        self.head = nn.Linear(4, 1)
+        gen = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(dim=1) / m.sum(dim=1)
+        tokens = (h[:, 1:] if self.drop_first else h).unflatten(-1, (2, 2))
+        per_position = torch.tanh(self.pairs(tokens)).pow(2).sum(dim=(1, 2, 3))
+        return per_position + self.head(pooled).squeeze(-1)
+
+
+def _pairs_loss(model, batch):
+    return model(batch["input_ids"], batch["attention_mask"])
+
+
+def test_mask_covers_every_position_of_a_token_and_skips_pooled_inputs():
+    """``[B, T, 2, d]``: both positions of a padding token are masked; ``[B, d]``: not masked."""
+    model = _PairsAndHead()
+    batch = random_padded_batch(4, max_len=6, min_len=2, vocab_size=20, seed=2)
+    blocks = select_blocks(model, ["pairs", "head"])
+    out = PerSampleGradients(model, _pairs_loss, blocks)(batch)
+    ref = reference_gradients(model, _pairs_loss, unpadded_examples(batch), blocks)
+    for name in ("pairs", "head"):
+        assert max_relative_error(out.grads[name], ref[name]) <= 1e-5, name
+    # sanity: with the padding positions counted, the token layer's gradient would differ
+    with_padding = [{key: batch[key][i : i + 1] for key in ("input_ids", "attention_mask")} for i in range(4)]
+    full = reference_gradients(model, _pairs_loss, with_padding, blocks)
+    assert max_relative_error(full["pairs"][1:], ref["pairs"][1:]) > 1e-2
+
+
+def test_mask_that_does_not_match_the_token_axis_is_an_error():
+    model = _PairsAndHead(drop_first=True)
+    batch = random_padded_batch(4, max_len=6, min_len=2, vocab_size=20, seed=2)
+    psg = PerSampleGradients(model, _pairs_loss, select_blocks(model, ["pairs"]))
+    expected = r"'pairs' in batch 3: .* attention_mask has shape \(4, 6\), but the layer's input has shape \(4, 5, 2, 2\)"
+    with pytest.raises(LossShapeError, match=expected + ".*Fix:"):
+        psg(batch, batch_index=3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 
 from hyperinf.blocks import Side
 from hyperinf.curvature import DampingMode
-
-OnFail = Literal["warn", "raise", "cholesky"]
+from hyperinf.linalg import OnFail
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -23,7 +22,9 @@ class InfluenceConfig:
         ``p_l = r d``), in ``c / (n d) sum_i ||g_i||^2`` (``"gfim"``: ``c`` times the GFIM's mean
         eigenvalue, for blocks with many rows) or ``lambda_l`` itself for every block (``"absolute"``).
     schulz_init: ``"auto"`` (converges for any SPD matrix) or the paper's fixed ``X_0 = c I``.
-    on_nonconvergence: what an iterative inverse that misses its tolerance does.
+    on_nonconvergence: what an iterative inverse that misses its tolerance does: ``"warn"``,
+        ``"raise"`` or ``"cholesky"`` (linalg's ``"ignore"`` is refused: a failed block would
+        then change the scores without a trace).
     lissa_iters: ``J``, the number of terms of LiSSA's Neumann series ``(1/s) sum_{j<J} (I - A/s)^j v``.
     lissa_scale: ``s`` in that series; ``None`` uses a bound on ``lambda_max(A)``; a scale at or below
         ``lambda_max / 2`` (where the series diverges) is refused when the preconditioner is built.

@@ -3,13 +3,15 @@
 A forward hook on each block keeps the layer input ``a`` (``[B, T, d_in]``) and output ``y``;
 ``torch.autograd.grad`` of the summed per-example loss with respect to the outputs gives
 ``delta = dL/dy``; the per-example weight gradient is ``sum_t delta_t a_t^T`` (one einsum per
-block). Parameter ``.grad`` fields are never touched, and only the part of the graph between the
-loss and the hooked outputs is differentiated. This works where ``torch.func.vmap`` fails on
+block, on the device of that block's weight, so a model split over devices works). Parameter
+``.grad`` fields are never touched, and only the part of the graph between the loss and the
+hooked outputs is differentiated. This works where ``torch.func.vmap`` fails on
 Hugging Face models (attention-mask code calls ``.all()``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ class PerSampleGradients:
 
     ``loss_fn(model, batch)`` must return one loss per example (shape ``[B]``). Padding positions
     named by a batch's 2-D ``attention_mask`` are zeroed, so they contribute nothing even if the
-    model leaks gradient into them.
+    model leaks gradient into them (see :func:`_token_mask` for which layer inputs it applies to).
     """
 
     def __init__(
@@ -104,12 +106,14 @@ class PerSampleGradients:
                 f"{batch_index}, but loss_fn returned {batch_size} losses: per-sample gradients need "
                 "the batch dimension first in every selected layer's input."
             )
+        device = block.module.weight.device
         if delta is None:
-            delta = torch.zeros(*a.shape[:-1], block.module.out_features, dtype=a.dtype, device=a.device)
-        a = a.to(self.dtype).reshape(batch_size, -1, a.shape[-1])
-        delta = delta.to(self.dtype).reshape(batch_size, -1, delta.shape[-1])
-        if mask is not None and mask.shape == delta.shape[:2]:
-            delta = delta * mask.to(delta.dtype).unsqueeze(-1)
+            delta = torch.zeros(*a.shape[:-1], block.module.out_features, dtype=self.dtype, device=device)
+        positions = _token_mask(block, a.shape, mask, batch_index)
+        a = a.to(device=device, dtype=self.dtype).reshape(batch_size, -1, a.shape[-1])
+        delta = delta.to(device=device, dtype=self.dtype).reshape(batch_size, -1, delta.shape[-1])
+        if positions is not None:
+            delta = delta * positions.to(device=device, dtype=self.dtype).unsqueeze(-1)
         weight_grad = torch.einsum("bto,bti->boi", delta, a)
         bias_grad = delta.sum(dim=1) if block.has_bias else None
         return block.layout(weight_grad, bias_grad)
@@ -136,6 +140,31 @@ class PerSampleGradients:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _token_mask(
+    block: Block, shape: torch.Size, mask: torch.Tensor | None, batch_index: int
+) -> torch.Tensor | None:
+    """The padding mask ``[B, positions]`` for a block whose input has ``shape``, or None.
+
+    The mask ``[B, T]`` applies to an input ``[B, T, ..., d]``: axis 1 is the token axis, and any
+    axes between it and the features are positions of that token. An input ``[B, d]`` (a head on
+    a pooled vector) has no token axis and is not masked. A token axis of another length, or a
+    mask of another batch size, is an error: skipping the mask would let padding in silently.
+    """
+    if mask is None or len(shape) == 2:
+        return None
+    if mask.shape[0] == shape[0] and mask.shape[1] == shape[1]:
+        per_token = math.prod(shape[2:-1])
+        return mask.unsqueeze(-1).expand(-1, -1, per_token).reshape(shape[0], -1)
+    raise LossShapeError(
+        f"block {block.name!r} in batch {batch_index}: the batch's attention_mask has shape "
+        f"{tuple(mask.shape)}, but the layer's input has shape {tuple(shape)}, so its padding "
+        "positions cannot be found. The mask applies to inputs [B, T, ..., d] with the mask's "
+        "[B, T]; inputs [B, d] are not masked. Fix: pass an attention_mask for the sequence the "
+        "model runs on; for a layer that sees only some positions, give it a [B, d] input "
+        "(index hidden[:, 0] rather than slice hidden[:, :1]) or leave the block out."
+    )
 
 
 def _check_losses(losses: Any) -> None:

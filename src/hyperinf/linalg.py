@@ -6,18 +6,33 @@ blocks of one size are handled by batched matrix multiplies. Iterative methods r
 tolerance emits :class:`~hyperinf.errors.NotConvergedWarning` (``on_fail`` picks raise, fall back
 to Cholesky, or ignore), and a diverging run stops early and reports ``converged=False``.
 
-Residuals: an inverse ``X`` is measured by ``||I - A X||_F / sqrt(d)`` (the RMS of its
-eigen-residuals for commuting ``X``); a solve ``A x = b`` by ``||b - A x|| / ||b||`` per
-right-hand side. Both are reported as the worst over the batch.
+Residuals. An inverse ``X`` is judged on an upper bound of the spectral norm ``||I - A X||_2``,
+which bounds the relative error ``||X - A^{-1}||_2 / ||A^{-1}||_2`` (an RMS over eigen-directions
+would not: it can be ``sqrt(d)`` times smaller and pass a block that is wrong along one
+direction). Two bounds are used, both ``>= ||T||_2`` for ``T = I - A X``:
+
+- inside the iterations (Schulz's stopping checks, Neumann and SOR inverses): ``||T||_F``, in the
+  working precision: O(d^2) next to the O(d^3) step, exact for a rank-one ``T``, but up to
+  ``sqrt(d)`` times ``||T||_2`` when rounding spreads the residual over every direction;
+- on the matrix returned by a Schulz run that reached ``tol`` or stalled, and on the Cholesky
+  fallback: ``||T^T T||_F^{1/2} = (sum_i sigma_i(T)^4)^{1/4}`` with ``T`` formed in float64, at
+  most ``d^{1/4}`` times ``||T||_2`` for one more matmul. Measured on float32 inverses (the exact inverse rounded to
+  float32, d = 1024, condition number 100): ``||T||_2 = 8.9e-7``, this bound ``2.2e-6``,
+  ``||T||_F = 8.1e-6`` (above the float32 default tolerance ``6.4e-6``), and
+  ``sqrt(||T||_1 ||T||_inf) = 7.4e-6``, no tighter than Frobenius on such residuals, so unused.
+
+A solve ``A x = b`` is measured by ``||b - A x|| / ||b||`` per right-hand side. Each is reported
+per matrix of the batch (``InverseInfo.item_residuals``) and as the worst over the batch.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -26,15 +41,18 @@ from hyperinf.errors import NotConvergedError, NotConvergedWarning, NotSPDError
 
 Callback = Callable[[int, Tensor], None]
 OnFail = Literal["warn", "raise", "cholesky", "ignore"]
+"""What a run that misses its tolerance does: warn, raise NotConvergedError, fall back to the
+Cholesky result (with a warning), or nothing (the caller reads ``InverseInfo.converged``)."""
 Init = Literal["auto"] | float | Tensor
 
-_ON_FAIL = ("warn", "raise", "cholesky", "ignore")
+_ON_FAIL: tuple[str, ...] = get_args(OnFail)
 _ADVICE = {
     "stalled": "The residual stopped decreasing at the rounding floor: A is too ill-conditioned "
     "for its precision, or not SPD; add damping or use float64. ",
     "max_iter": "It was still improving: raise max_iter. ",
 }
-# A residual this large (relative to a start near 1) only comes from an iteration that diverges.
+# A residual this large (starts are at most sqrt(d) for an inverse, 1 for a solve) only comes
+# from an iteration that diverges.
 _DIVERGED = 1e6
 # Schulz: this many checks in a row without a new best residual means the precision floor.
 _PATIENCE = 2
@@ -44,12 +62,17 @@ _PATIENCE = 2
 class InverseInfo:
     """How an iterative inverse or solve ended.
 
-    ``residual`` is the worst over the batch of ``||I - A X||_F / sqrt(d)`` for inverses, or of
-    ``||b - A x|| / ||b||`` for solves, measured on the returned result (``item_residuals``: per
-    matrix of the batch, the worst column of a solve). ``stop_reason`` is one
-    of ``"tol"``, ``"stalled"`` (no progress: the precision floor), ``"diverged"``,
-    ``"max_iter"``, or ``"fallback"`` (result replaced by the Cholesky one). ``residuals`` holds
-    the residual checked before each update (CG and GMRES: their cheap recursive estimate).
+    ``residual`` is the worst over the batch, measured on the returned result, of an upper bound
+    of ``||I - A X||_2`` for inverses (see the module docstring: ``||T^T T||_F^{1/2}`` in float64
+    for a Schulz run that reached ``tol`` or stalled and for the Cholesky fallback, otherwise
+    ``||T||_F`` in the working precision), or of ``||b - A x|| / ||b||`` for solves;
+    ``item_residuals`` holds it per matrix of the batch (the worst column of a solve). ``limit``
+    is the largest residual counted as converged: ``tol`` (also when given None), or
+    ``sqrt(tol)`` when a Schulz run stalled at its rounding floor. ``stop_reason`` is one of
+    ``"tol"``, ``"stalled"`` (no progress: the precision floor), ``"diverged"``, ``"max_iter"``,
+    or ``"fallback"`` (result replaced by the Cholesky one). ``residuals`` holds the residual
+    checked before each update (Schulz: ``||T||_F``, then the returned matrix's; CG and GMRES:
+    their cheap recursive estimate).
     """
 
     iterations: int
@@ -60,18 +83,27 @@ class InverseInfo:
     stop_reason: str
     residuals: tuple[float, ...] = ()
     item_residuals: tuple[float, ...] = ()
+    limit: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is None:  # frozen: set the default through object
+            object.__setattr__(self, "limit", self.tol)
 
     def item_converged(self) -> tuple[bool, ...]:
-        """Per matrix of the batch: within ``tol``, or at the rounding floor (``<= sqrt(tol)``) of a stalled run."""
-        floor = math.sqrt(self.tol) if self.stop_reason == "stalled" else self.tol
-        return tuple(self.converged or r <= floor for r in self.item_residuals)
+        """Per matrix of the batch: its residual is within ``limit`` (all True after a fallback)."""
+        return tuple(self.converged or r <= self.limit for r in self.item_residuals)
 
 
 def default_tol(dtype: torch.dtype) -> float:
-    """Default stopping tolerance, ``eps ** 0.75``: ~6e-6 for float32, ~2e-12 for float64.
+    """Default stopping tolerance, ``eps ** 0.75``: ~6.4e-6 for float32, ~1.8e-12 for float64.
 
     Close to what each precision can reach on well-conditioned blocks; ill-conditioned ones stop
-    on the stall rule of :func:`schulz_inverse` instead.
+    on the stall rule of :func:`hyperpower_inverse` and are accepted up to ``sqrt(tol)``.
+    Measured with the spectral-norm bound (eigenvalues log-spaced over the condition number,
+    d = 16 .. 1024): float32 reaches ``tol`` up to condition 1e2 (bound <= 2.2e-6) and is accepted
+    stalled at 1e3 .. 1e4 (bound <= 1.5e-4, exact ``||I - A X||_2 <= 6.9e-5``), not at 1e5 (exact
+    1.2e-2 .. 2.0e-2: a few percent off along the smallest eigen-directions); float64 reaches
+    ``tol`` up to condition 1e3 (bound <= 8.7e-13) and is accepted stalled at 1e6 .. 1e9.
     """
     return torch.finfo(dtype).eps ** 0.75
 
@@ -100,18 +132,18 @@ def spectral_bounds(A: Tensor, lower_bound: float | Tensor = 0.0) -> tuple[Tenso
 # ----------------------------------------------------------------------------- Schulz / hyperpower
 
 
-def schulz_inverse(
+def hyperpower_inverse(
     A: Tensor,
     *,
+    order: int = 2,
     max_iter: int = 100,
     tol: float | None = None,
     init: Init = "auto",
-    order: int = 2,
     lower_bound: float | Tensor | None = None,
     on_fail: OnFail = "warn",
     callback: Callback | None = None,
 ) -> tuple[Tensor, InverseInfo]:
-    """Inverse of SPD ``A [..., d, d]`` by the hyperpower iteration of order ``p`` (Schulz: p=2).
+    """Inverse of SPD ``A [..., d, d]`` by the hyperpower iteration of order ``p >= 2``.
 
     ``T = I - A X``, ``X <- X (I + T + ... + T^{p-1})`` (Horner form, p matmuls per step), which
     gives ``I - A X_new = T^p``. ``init="auto"`` starts from ``X0 = alpha I`` with
@@ -120,15 +152,16 @@ def schulz_inverse(
     (e.g. the damping) tightens ``lo``. A float ``c`` gives the paper's ``X0 = c I`` (it used
     5e-4, which diverges once ``lambda_max(A) > 2 / c``); a tensor is used as ``X0``.
 
-    Stopping, checked every step on the worst residual of the current iterate (computed from
+    Stopping, checked every step on the worst ``||T||_F`` of the current iterate (computed from
     the ``A X`` the step needs anyway): once it is ``<= tol`` one more step is taken, which takes
-    it to the precision floor, and the loop stops (converged). It also stops when progress stalls
-    at the rounding floor above ``tol`` (see :func:`_schulz_stop`; counted as converged when the
-    residual is ``<= sqrt(tol)``, e.g. float32 with condition numbers up to ~1e5), when the
-    residual exceeds ``1e6`` or is not finite (diverged), or after ``max_iter`` steps.
-    ``callback(t, X_t)`` is called after each step. A converged iterate is symmetrized and
-    given one last step (see :func:`_symmetric_step`), counted in ``info.iterations``;
-    ``info.residual`` is that of the returned matrix, which is symmetric to rounding.
+    it to the precision floor, and the loop stops. It also stops when progress stalls at the
+    rounding floor above ``tol`` (see :func:`_schulz_stop`), when the residual exceeds ``1e6`` or
+    is not finite (diverged), or after ``max_iter`` steps. ``callback(t, X_t)`` is called after
+    each step. A run that reached ``tol`` or stalled is symmetrized and given one last step (see
+    :func:`_symmetric_step`), counted in ``info.iterations``; its ``info.residual`` is the float64
+    bound ``||T^T T||_F^{1/2} >= ||I - A X||_2`` of the returned matrix. It has converged when
+    that is ``<= tol``, or, for a run that stalled, ``<= sqrt(tol)`` (``info.limit``): as good as
+    its precision allows, e.g. float32 with condition numbers up to ~1e4.
     """
     d = _check_square(A)
     _check_options(on_fail, max_iter)
@@ -140,14 +173,17 @@ def schulz_inverse(
     X, reason, history, items = _hyperpower_loop(A3, X, order, max_iter, tol, callback, A.shape)
     if reason in ("tol", "stalled"):
         X = _symmetric_step(A3, X, order)
-        items = torch.linalg.matrix_norm(_add_identity(torch.bmm(A3.double(), X.double()).neg_())) / math.sqrt(d)
+        items = _inverse_residuals(A3, X)
         history.append(_worst(items))
         if callback is not None:
             callback(len(history) - 1, X.reshape(A.shape))
-    iterations, residual = len(history) - 1, history[-1]
-    converged = reason == "tol" or (reason == "stalled" and residual <= math.sqrt(tol))
+        reason = "tol" if history[-1] <= tol else "stalled"
+    limit = math.sqrt(tol) if reason == "stalled" else tol
+    residual = history[-1]
     method = "schulz" if order == 2 else f"hyperpower(order={order})"
-    info = InverseInfo(iterations, residual, converged, method, tol, reason, tuple(history), _per_item(items))
+    info = InverseInfo(
+        len(history) - 1, residual, residual <= limit, method, tol, reason, tuple(history), _per_item(items), limit
+    )
     hint = (
         "add damping or use float64, or raise max_iter"
         if isinstance(init, str)
@@ -156,8 +192,13 @@ def schulz_inverse(
     return _finish(X.reshape(A.shape), info, on_fail, lambda: _exact_inverse(A), hint)
 
 
-hyperpower_inverse = schulz_inverse
-"""The hyperpower family ``X (I + T + ... + T^{p-1})``; Schulz is its order 2."""
+def schulz_inverse(A: Tensor, *, order: int = 2, **options: Any) -> tuple[Tensor, InverseInfo]:
+    """Schulz's iteration ``X <- X (2I - A X)``: :func:`hyperpower_inverse` of order 2.
+
+    ``options`` are those of :func:`hyperpower_inverse`. ``order`` is accepted so that callers
+    taking the order from a setting (``InfluenceConfig.schulz_order``) can keep one call.
+    """
+    return hyperpower_inverse(A, order=order, **options)
 
 
 def _initial_inverse(A: Tensor, init: Init, lower_bound: float | Tensor | None) -> Tensor:
@@ -185,18 +226,17 @@ def _hyperpower_loop(
     shape: torch.Size,
 ) -> tuple[Tensor, str, list[float], Tensor]:
     """Iterate on ``A, X [N, d, d]``; return the last iterate, why it stopped, the history of the
-    worst residual, and the last iterate's residual per matrix.
+    worst residual ``||I - A X||_F``, and the last iterate's residual per matrix.
 
     The loop carries ``N = -X``: then ``T = I - A X = A N + I`` is a diagonal shift of the
     product, and ``-(X S) = N S``, so a step is matmuls plus O(d) work, with no full-size
     elementwise pass.
     """
-    scale = math.sqrt(A.shape[-1])
     history: list[float] = []
     N = X.neg_()
     for t in range(max_iter + 1):
         T = _add_identity(A @ N)
-        items = torch.linalg.matrix_norm(T) / scale
+        items = torch.linalg.matrix_norm(T)
         history.append(_worst(items))
         reason = _schulz_stop(history, tol, order, A.shape[-1], at_cap=t == max_iter)
         if reason is not None:
@@ -222,13 +262,14 @@ def _symmetric_step(A: Tensor, X: Tensor, order: int) -> Tensor:
 
 
 def _schulz_stop(history: list[float], tol: float, order: int, d: int, at_cap: bool) -> str | None:
-    """Why to stop after the residual ``history[-1]`` was measured, or None to take another step.
+    """Why to stop after the residual ``r = ||T||_F`` (``history[-1]``) was measured, or None to step.
 
-    Since ``I - A X_new = T^p``, exact arithmetic guarantees ``r_new <= d^((p-1)/2) r^p``; where
-    that bound is below ``r / 4`` but the measured ``r_new`` exceeds ``r / 2``, rounding dominates:
-    the iteration is at its precision floor ("stalled"). Further from convergence, a stall is
-    ``_PATIENCE`` checks in a row without a new best residual; if the residual is then >= 1 (no
-    better than ``X = 0``), some eigen-direction has ``|1 - lambda x| > 1`` and grows: "diverged".
+    Since ``I - A X_new = T^p``, exact arithmetic guarantees ``r_new <= r^p``; where that bound
+    is below ``r / 4`` but the measured ``r_new`` exceeds ``r / 2``, rounding dominates: the
+    iteration is at its precision floor ("stalled"). Further from convergence, a stall is
+    ``_PATIENCE`` checks in a row without a new best residual; if the residual is then
+    ``>= sqrt(d) = ||I - A 0||_F`` (no better than ``X = 0``), some eigen-direction has
+    ``|1 - lambda x| > 1`` and grows: "diverged".
     """
     r = history[-1]
     if not math.isfinite(r) or r > _DIVERGED:
@@ -237,11 +278,10 @@ def _schulz_stop(history: list[float], tol: float, order: int, d: int, at_cap: b
         previous = history[-2]
         if previous <= tol:  # the step after reaching tol was taken: done
             return "tol" if r <= tol else "stalled"
-        quadratic = previous < 1 and d ** ((order - 1) / 2) * previous**order <= previous / 4
-        if quadratic and r > previous / 2:
+        if previous ** (order - 1) <= 1 / 4 and r > previous / 2:
             return "stalled"
     if len(history) > _PATIENCE and min(history[-_PATIENCE:]) >= min(history[:-_PATIENCE]):
-        return "diverged" if r >= 1 else "stalled"
+        return "diverged" if r >= math.sqrt(d) else "stalled"
     if at_cap:
         return "tol" if r <= tol else "max_iter"
     return None
@@ -303,9 +343,7 @@ def _require(ok: Tensor, A: Tensor, problem: str) -> None:
     if A.dim() == 2:
         where = "The matrix"
     else:
-        bad = [tuple(i.tolist()) for i in torch.nonzero(~ok)]
-        listed = ", ".join(str(i) for i in bad[:5])
-        listed += f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        listed = _listing([str(tuple(i.tolist())) for i in torch.nonzero(~ok)])
         where = f"Batch item(s) {listed} of the {tuple(A.shape)} stack"
     raise NotSPDError(
         f"{where} {problem}, so no Cholesky factorization exists. Curvature blocks must be "
@@ -318,8 +356,17 @@ def _exact_inverse(A: Tensor) -> tuple[Tensor, Tensor]:
     """Cholesky inverse and its residual per matrix, for the ``on_fail='cholesky'`` fallback."""
     X = cholesky_inverse(A)
     d = A.shape[-1]
-    T = _add_identity(A.reshape(-1, d, d) @ X.reshape(-1, d, d), -1.0)  # A X - I
-    return X, torch.linalg.matrix_norm(T) / math.sqrt(d)
+    return X, _inverse_residuals(A.reshape(-1, d, d), X.reshape(-1, d, d))
+
+
+def _inverse_residuals(A: Tensor, X: Tensor) -> Tensor:
+    """Per matrix of ``A, X [N, d, d]``, ``||T^T T||_F^{1/2} >= ||T||_2`` for ``T = I - A X`` in float64.
+
+    ``(sum_i sigma_i^4)^{1/4}``: at most ``d^{1/4} ||T||_2``, where ``||T||_F`` can be
+    ``sqrt(d) ||T||_2`` (see the module docstring); one float64 matmul more than ``||T||_F``.
+    """
+    T = _add_identity(torch.bmm(A.double(), X.double()).neg_())
+    return torch.linalg.matrix_norm(torch.bmm(T.mT, T)).sqrt()
 
 
 def _exact_solve(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -580,7 +627,7 @@ def _stationary(
     target = torch.eye(d, dtype=A.dtype, device=A.device).expand(A.shape) if b is None else b
     B, unflatten = _as_columns(A, target)
     if b is None:
-        measure = lambda R: torch.linalg.matrix_norm(R) / math.sqrt(d)  # noqa: E731
+        measure = torch.linalg.matrix_norm  # ||I - A X||_F >= ||I - A X||_2
     else:
         measure = lambda R: _relative(R, B)  # noqa: E731
     X = torch.zeros_like(B)
@@ -599,7 +646,7 @@ def _stationary(
     iterations = len(history) - 1
     info = InverseInfo(iterations, history[-1], converged, method, tol, reason, tuple(history), _per_item(items))
     exact = (lambda: _exact_inverse(A)) if b is None else (lambda: _exact_solve(A, b))
-    return _finish(unflatten(X), info, on_fail, exact, hint, stacklevel=4)
+    return _finish(unflatten(X), info, on_fail, exact, hint)
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -637,7 +684,7 @@ def _solver_result(
     converged = reason == "tol"
     info = InverseInfo(len(history) - 1, residual, converged, method, tol, reason, tuple(history), _per_item(items))
     hint = "raise max_iter, or use float64 / more damping when A is ill-conditioned"
-    return _finish(unflatten(X), info, on_fail, lambda: _exact_solve(A, b), hint, stacklevel=4)
+    return _finish(unflatten(X), info, on_fail, lambda: _exact_solve(A, b), hint)
 
 
 def _finish(
@@ -646,29 +693,57 @@ def _finish(
     on_fail: OnFail,
     exact: Callable[[], tuple[Tensor, Tensor]],
     hint: str,
-    stacklevel: int = 3,
 ) -> tuple[Tensor, InverseInfo]:
-    """Apply ``on_fail`` to a run that did not converge (``stacklevel`` points at the caller)."""
+    """Apply ``on_fail`` to a run that did not converge; a warning points at the caller of linalg."""
     if info.converged or on_fail == "ignore":
         return result, info
+    limit = f"tol {info.tol:.3g}"
+    if info.limit != info.tol:
+        limit = f"sqrt(tol) = {info.limit:.3g}, the limit at the rounding floor"
     message = (
         f"{info.method} did not converge: stopped ({info.stop_reason}) after {info.iterations} "
-        f"iterations with residual {info.residual:.3g} > tol {info.tol:.3g}. "
+        f"iterations with residual {info.residual:.3g} > {limit}. {_failing_items(info)}"
         f"{_ADVICE.get(info.stop_reason, '')}Fix: {hint}."
     )
     if on_fail == "raise":
         raise NotConvergedError(message)
     if on_fail == "warn":
-        warnings.warn(message, NotConvergedWarning, stacklevel=stacklevel)
+        warnings.warn(message, NotConvergedWarning, stacklevel=_caller_stacklevel())
         return result, info
     message += " Falling back to Cholesky."
-    warnings.warn(message, NotConvergedWarning, stacklevel=stacklevel)
+    warnings.warn(message, NotConvergedWarning, stacklevel=_caller_stacklevel())
     fallback, items = exact()
     method = f"cholesky (fallback from {info.method})"
     info = replace(
         info, residual=_worst(items), item_residuals=_per_item(items), converged=True, method=method, stop_reason="fallback"
     )
     return fallback, info
+
+
+def _failing_items(info: InverseInfo) -> str:
+    """The batch items above ``info.limit`` with their residuals, for a batch of several matrices."""
+    if len(info.item_residuals) < 2:
+        return ""
+    pairs = zip(info.item_residuals, info.item_converged())
+    failing = [f"{i} (residual {r:.3g})" for i, (r, ok) in enumerate(pairs) if not ok]
+    return (
+        f"Not converged: batch item(s) {_listing(failing)} of {len(info.item_residuals)} "
+        "(flattened indices, as in info.item_residuals). "
+    )
+
+
+def _listing(entries: list[str], most: int = 5) -> str:
+    """The first ``most`` entries joined by commas, and how many more there are."""
+    more = f" and {len(entries) - most} more" if len(entries) > most else ""
+    return ", ".join(entries[:most]) + more
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside this module, seen from the function calling this."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_square(A: Tensor) -> int:
