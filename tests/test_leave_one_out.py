@@ -106,7 +106,9 @@ def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
     return F.cross_entropy(full_logits(model(batch[0])), batch[1], reduction="none")
 
 
-def train_newton(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, theta: torch.Tensor, classes: int) -> torch.Tensor:
+def train_newton(
+    x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, theta: torch.Tensor, classes: int
+) -> torch.Tensor:
     """Minimise ``(1/N_TRAIN) sum_i w_i loss_i + (L2/2) ||theta||^2`` (strictly convex) to machine precision.
 
     ``theta`` is the ``[classes - 1, d + 1]`` weight-and-bias matrix, flattened row-major.

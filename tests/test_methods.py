@@ -202,4 +202,5 @@ def test_self_influence_and_pairwise_match_definition(problem):
     pair = engine.pairwise(loader, DataLoader(val, batch_size=5), query_chunk=4)
     torch.testing.assert_close(pair, expected_pair, rtol=1e-10, atol=1e-12)  # measured 3e-12 (small entries) / 1e-14
     # The mean over query columns is the validation score.
-    torch.testing.assert_close(pair.mean(1), engine.score(loader, DataLoader(val)), rtol=1e-11, atol=1e-13)  # 3e-14 / 8e-16
+    # measured 3e-14 / 8e-16
+    torch.testing.assert_close(pair.mean(1), engine.score(loader, DataLoader(val)), rtol=1e-11, atol=1e-13)
