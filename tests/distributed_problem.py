@@ -1,4 +1,4 @@
-"""The model and data both sides of the distributed test build: same seed, same weights."""
+"""The model, data and engine options both sides of the distributed test build: same seed, same weights."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-METHODS = ["hyperinf", "exact", "datainf", "lissa", "tracin"]
+METHODS = ["hyperinf", "hyperinf-fim", "exact", "exact-fim", "exact-hessian", "datainf", "lissa", "tracin"]
+# The untrained MLP's Hessian is indefinite (smallest eigenvalue -0.28); c = 30 (lambda_l = 0.52 and 2.0)
+# makes it positive definite, so exact-hessian runs too.
+OPTIONS = {"blocks": "linear", "damping": 30.0, "dtype": "float64", "progress": False}
 
 
 def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

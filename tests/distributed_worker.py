@@ -1,5 +1,9 @@
 """Run by ``torchrun`` from test_distributed.py: score with every method on this process's shard.
 
+Every process scores its shard of the training set against the validation set (sharded too) and,
+with ``pairwise``, against the whole query set (the validation set, unsharded); rank 0 saves the
+gathered results.
+
 Usage: torchrun --nproc-per-node N tests/distributed_worker.py OUT.pt
 """
 
@@ -14,7 +18,7 @@ from torch.utils.data import DataLoader
 from hyperinf import InfluenceEngine
 from hyperinf.distributed import gather, shard
 
-from distributed_problem import METHODS, loss_fn, problem  # this script's folder is on sys.path
+from distributed_problem import METHODS, OPTIONS, loss_fn, problem  # this script's folder is on sys.path
 
 
 def main(out: str) -> None:
@@ -22,12 +26,15 @@ def main(out: str) -> None:
     model, train, val = problem()
     train_loader = DataLoader(shard(train), batch_size=7)
     val_loader = DataLoader(shard(val), batch_size=5)
-    engine = InfluenceEngine(model, loss_fn, blocks="linear", distributed=True, progress=False, dtype="float64")
+    engine = InfluenceEngine(model, loss_fn, distributed=True, **OPTIONS)
     engine.fit(train_loader, methods=METHODS)
     scores = engine.score_methods(train_loader, val_loader, METHODS, self_influence="exact")
     result = {method: gather(s) for method, s in scores.items()}
-    result["self-influence"] = gather(engine.results["self_influence/exact"])
-    result["train_loss"] = gather(engine.results["train_loss"])
+    result["self-influence"] = gather(scores.self_influence)
+    result["train_loss"] = gather(scores.train_loss)
+    queries = DataLoader(val, batch_size=5)
+    for method in METHODS:
+        result[f"pairwise/{method}"] = gather(engine.pairwise(train_loader, queries, method=method, query_chunk=4))
     if dist.get_rank() == 0:
         torch.save(result, out)
     dist.destroy_process_group()

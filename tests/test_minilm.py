@@ -101,9 +101,10 @@ def test_per_sample_lora_gradients_match_single_example_loop(request, extra, dty
     torch.testing.assert_close(got.losses, single, rtol=tol, atol=tol / 10)
 
 
-# float64: Schulz and Cholesky on the same damped GFIMs agree to ~1e-12. float32: the damped
-# MiniLM GFIMs have condition numbers ~4e3-1e4; both inverses then carry ~1e-5 relative score error.
-@pytest.mark.parametrize(("dtype", "tol"), [("float64", 1e-4), ("float32", 1e-4)])
+# float64: Schulz and Cholesky on the same damped GFIMs agree to ~1e-12 (measured 2.4e-12). float32: the
+# damped MiniLM GFIMs have condition numbers ~4e3-1e4; both inverses then carry ~1e-5 relative score
+# error (measured 2.2e-5).
+@pytest.mark.parametrize(("dtype", "tol"), [("float64", 3e-10), ("float32", 1e-4)])
 def test_engine_hyperinf_matches_exact_on_minilm(minilm, dtype, tol):
     model, tokenizer = minilm
     train_texts, val_texts = sentences(32, seed=1), sentences(8, seed=2)

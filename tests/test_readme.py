@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from hyperinf import DeadBlockWarning  # noqa: E402
 from hyperinf.experiments.mislabel import MislabelArgs, _tiny_bert  # noqa: E402
+from hyperinf.results import load_scores  # noqa: E402
 from hyperinf.tasks.minilm import collate_fn  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -33,7 +34,10 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
         exec(compile(code, str(README), "exec"), namespace)
     assert namespace["scores"].shape == (16,) and namespace["matrix"].shape == (16, 4)
     assert (namespace["self_scores"] <= 0).all()
-    assert (tmp_path / "runs" / "my-run" / "scores.safetensors").is_file()
+    saved = load_scores(tmp_path / "runs" / "my-run")
+    names = {"score/hyperinf": "scores", "self_influence/hyperinf": "self_scores", "pairwise/hyperinf": "matrix"}
+    for key, name in names.items():
+        assert torch.equal(saved[key], namespace[name]), key
     assert namespace["top"].helpful.shape == (4, 5) and namespace["top"].harmful.shape == (4, 5)
     # "Fit once, query many times" continues from the same session.
     fit_once = re.search(r"### Fit once, query many times.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
