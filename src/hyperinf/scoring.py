@@ -17,13 +17,19 @@ from hyperinf.preconditioners import Preconditioner
 
 def inner(grads: Mapping[str, torch.Tensor], h: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``sum_l <g_{k,l}, h_{j,l}>`` for every training row k and preconditioned column j: ``[B, m]``."""
-    return sum(torch.einsum("brd,mrd->bm", g, h[name].to(device=g.device, dtype=g.dtype)) for name, g in grads.items())
+    terms = [torch.einsum("brd,mrd->bm", g, h[name].to(device=g.device, dtype=g.dtype)) for name, g in grads.items()]
+    return _sum_on_first_device(terms)
 
 
 def self_influence(pre: Preconditioner, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``- sum_l <A_l^{-1} g_k, g_k>`` for each example of a batch."""
     h = pre.apply(grads)
-    return -sum((g * h[name].to(g.dtype)).flatten(1).sum(1) for name, g in grads.items())
+    return -_sum_on_first_device([(g * h[name].to(g)).flatten(1).sum(1) for name, g in grads.items()])
+
+
+def _sum_on_first_device(terms: list[torch.Tensor]) -> torch.Tensor:
+    """Sum per-block terms that may live on different devices (a model split with ``device_map``)."""
+    return sum(t.to(terms[0].device) for t in terms[1:]) + terms[0]
 
 
 def query_chunks(batches: Iterable[BatchGradients], size: int) -> Iterator[dict[str, torch.Tensor]]:
