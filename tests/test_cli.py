@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import hyperinf.experiments.mislabel
 from hyperinf.cli import build_parser, main
+from hyperinf.experiments.demo import DemoArgs, load_digits_split, train_mlp
 from hyperinf.results import load_scores
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -120,15 +122,36 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         main(["mislabel"])
 
 
+def printed_suspects(printed: str) -> list[list[str]]:
+    """The rows under "... ranks most harmful": index, score, flipped, given, predicted[, text]."""
+    lines = printed.split("ranks most harmful (most likely mislabeled):\n", 1)[1].splitlines()
+    assert lines[0].split()[:5] == ["index", "score", "flipped", "given", "predicted"]
+    return [line.split(maxsplit=5) for line in lines[1:11]]
+
+
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    main(["demo", "--out", str(out), "--n-train", "300", "--epochs", "100", "--methods", "hyperinf,exact,tracin", "--no-progress"])
+    methods = ["hyperinf", "exact", "tracin"]
+    main(["demo", "--out", str(out), "--n-train", "300", "--epochs", "100", "--methods", ",".join(methods), "--no-progress"])
     printed = capsys.readouterr().out
-    assert "clean test accuracy" in printed and "hyperinf" in printed
+    assert "clean test accuracy" in printed and "±" not in printed
     report = json.loads((out / "detection.json").read_text())
     rows = {row["method"]: row for row in report["rows"]}
-    assert set(rows) == {"hyperinf", "exact", "tracin", "self-influence", "training loss", "random"}
+    assert set(rows) == {*methods, "self-influence", "training loss", "random"}
     # HyperINF and exact invert the same damped GFIM: their rankings agree.
     assert rows["hyperinf"]["roc_auc"] == pytest.approx(rows["exact"]["roc_auc"], abs=1e-3)
+
+    # Under the table: the 10 examples HyperINF scores highest, with their given and predicted labels.
     scores = load_scores(out)
-    assert scores["score/hyperinf"].shape == (300,) and int(scores["labels/flipped"].sum()) == 60
+    top = torch.sort(scores["score/hyperinf"], descending=True).indices[:10]
+    args = DemoArgs(n_train=300, epochs=100)
+    data = load_digits_split(args)
+    model = train_mlp(data, args)  # seeded: the model the demo trained
+    with torch.no_grad():
+        predicted = model(data["x_train"]).argmax(1)
+    suspects = printed_suspects(printed)
+    assert [int(row[0]) for row in suspects] == top.tolist()
+    for (index, score, flipped, given, guess), i in zip(suspects, top.tolist()):
+        assert float(score) == pytest.approx(float(scores["score/hyperinf"][i]), rel=1e-3)
+        assert flipped == ("yes" if scores["labels/flipped"][i] else "no")
+        assert (int(given), int(guess)) == (int(data["y_train"][i]), int(predicted[i]))

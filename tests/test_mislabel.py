@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 
 import pandas as pd
@@ -40,9 +41,9 @@ def args(tmp_path):
 
 def test_pipeline_end_to_end_writes_every_output(args, capsys):
     summary = run_mislabel(args)
-    methods = {entry["method"] for entry in summary}
-    assert methods == {"hyperinf", "datainf", "lissa", "tracin", "exact", "hyperinf-fim", "exact-fim",
-                       "self-influence", "training loss", "random"}
+    by_method = {entry["method"]: entry for entry in summary}
+    assert set(by_method) == {"hyperinf", "datainf", "lissa", "tracin", "exact", "hyperinf-fim", "exact-fim",
+                              "self-influence", "training loss", "random"}
     out = args.out
     for name in ("detection.csv", "summary.csv", "scores_seed0.parquet", "arguments.json", "detection.png"):
         assert (out / name).is_file(), name
@@ -52,10 +53,22 @@ def test_pipeline_end_to_end_writes_every_output(args, capsys):
     # HyperINF and the exact inverse of the same damped GFIM rank identically.
     fast, exact = torch.tensor(scores["score_hyperinf"].values), torch.tensor(scores["score_exact"].values)
     assert torch.linalg.norm(fast - exact) <= 1e-3 * torch.linalg.norm(exact)
-    by_method = {e["method"]: e for e in summary}
     assert by_method["hyperinf"]["ihvp_seconds"] >= 0
+    # The predicted label is the model's: for two classes it is the given one exactly when the loss is below log 2.
+    assert set(scores["predicted_label"]) <= {"negative", "positive"}
+    agrees = scores["predicted_label"] == scores["given_label"]
+    assert agrees.equals(scores["score_training loss"] < math.log(2))
     printed = capsys.readouterr().out
-    assert "trained in" in printed and "ROC-AUC" in printed
+    assert "trained in" in printed and "ROC-AUC" in printed and "±" not in printed  # one seed: no spread
+    # Under the table, the 10 examples HyperINF ranks most harmful, as in the parquet file.
+    top = scores.sort_values("score_hyperinf", ascending=False, kind="stable").head(10)
+    rows = printed.split("ranks most harmful (most likely mislabeled):\n", 1)[1].splitlines()[1:11]
+    for line, (index, example) in zip(rows, top.iterrows()):
+        shown, score, flipped, given, predicted, text = line.split(maxsplit=5)
+        assert (int(shown), given, predicted) == (index, example["given_label"], example["predicted_label"])
+        assert float(score) == pytest.approx(example["score_hyperinf"], rel=1e-3)
+        assert flipped == ("yes" if example["flipped"] else "no")
+        assert example["text"].startswith(text.rstrip("…"))
     cache = json.loads((out / "arguments.json").read_text())["runs"][0]["gradient_cache"]
     assert cache["kept"] and 0 < cache["gradient_bytes"] <= cache["budget_bytes"]
 
@@ -151,7 +164,7 @@ def test_last_layer_blocks_are_the_last_encoder_layer_and_head(args):
     assert trainable and all(n.startswith(tuple(b + "." for b in blocks)) for n in trainable)
 
 
-def test_rank_sweep_and_seeds_write_one_row_per_rank_seed_and_method(args):
+def test_rank_sweep_and_seeds_write_one_row_per_rank_seed_and_method(args, capsys):
     args = dataclasses.replace(args, fim=False, methods=("hyperinf", "tracin"))
     summary = run_mislabel(args, seeds=2, ranks=(1, 2))
     detection = pd.read_csv(args.out / "detection.csv")
@@ -164,6 +177,8 @@ def test_rank_sweep_and_seeds_write_one_row_per_rank_seed_and_method(args):
         assert entry["roc_auc_std"] == pytest.approx(rows["roc_auc"].std())
     assert (args.out / "rank_sweep.png").is_file()
     assert (args.out / "scores_rank2_seed1.parquet").is_file()
+    printed = capsys.readouterr().out
+    assert "(2 seeds, mean ± std)" in printed and "±" in printed.split("mean ± std)", 1)[1]
 
 
 @pytest.mark.parametrize("options", [{"dtype": "float64"}, {"damping_mode": "gfim"}])

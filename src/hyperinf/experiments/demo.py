@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import DataError
-from hyperinf.metrics import INSPECTED, detection_summary
+from hyperinf.experiments.report import print_detection_table, print_suspects
+from hyperinf.metrics import detection_summary
 from hyperinf.results import write_json
 from hyperinf.tasks.textdata import flip_count
 
@@ -108,7 +109,10 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
         }
         for name, s in scores.items()
     ]
-    _print_table(rows)
+    print_detection_table(rows, "share of flipped labels found after inspecting the top-ranked fraction of the training set")
+    with torch.no_grad():
+        predicted = model(data["x_train"]).argmax(1)
+    print_suspects(scores, args.methods, data["y_train"], predicted, data["flipped"], [str(d) for d in range(10)])
     engine.results.update({f"reference/{k}": v for k, v in scores.items() if k not in args.methods})
     engine.results["labels/flipped"] = data["flipped"]
     engine.save(args.out)
@@ -116,14 +120,3 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
     print(f"results written to {args.out}/")
     return rows
 
-
-def _print_table(rows: list[dict[str, object]]) -> None:
-    header = ["method", *(f"@{round(f * 100)}%" for f in INSPECTED), "AUC", "iHVP s"]
-    print("\nshare of flipped labels found after inspecting the top-ranked fraction of the training set")
-    print("  ".join(f"{h:>14}" if i == 0 else f"{h:>7}" for i, h in enumerate(header)))
-    for row in rows:
-        cells = [f"{row['method']:>14}"]
-        cells += [f"{row[f'detected@{round(f * 100)}%']:7.3f}" for f in INSPECTED]
-        cells.append(f"{row['roc_auc']:7.3f}")
-        cells.append(f"{row['ihvp_seconds']:7.3f}" if row["ihvp_seconds"] is not None else f"{'':>7}")
-        print("  ".join(cells))
