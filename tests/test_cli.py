@@ -129,15 +129,23 @@ def printed_suspects(printed: str) -> list[list[str]]:
     return [line.split(maxsplit=5) for line in lines[1:11]]
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_finds_the_flipped_labels(tmp_path, capsys):
+    """On digits with 20% flipped labels, every method ranks the flipped examples first, far above chance.
+
+    Measured over seeds 0-19 at this size: every method's ROC-AUC >= 0.80 (seed 0: >= 0.886) and
+    detection at 20% inspected >= 0.65 (seed 0: >= 0.72) against 0.2 for a random ranking; scores of
+    the wrong sign rank the flipped examples last (ROC-AUC <= 0.2).
+    """
     out = tmp_path / "demo"
-    methods = ["hyperinf", "exact", "tracin"]
+    methods = ["hyperinf", "exact", "datainf", "lissa", "tracin"]
     main(["demo", "--out", str(out), "--n-train", "300", "--epochs", "100", "--methods", ",".join(methods), "--no-progress"])
     printed = capsys.readouterr().out
     assert "clean test accuracy" in printed and "±" not in printed
     report = json.loads((out / "detection.json").read_text())
     rows = {row["method"]: row for row in report["rows"]}
     assert set(rows) == {*methods, "self-influence", "training loss", "random"}
+    for method in methods:
+        assert rows[method]["roc_auc"] > 0.7 and rows[method]["detected@20%"] > 0.5, (method, rows[method])
     # HyperINF and exact invert the same damped GFIM: their rankings agree.
     assert rows["hyperinf"]["roc_auc"] == pytest.approx(rows["exact"]["roc_auc"], abs=1e-3)
 

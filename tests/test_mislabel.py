@@ -30,6 +30,9 @@ def synthetic_csv(path, n=120, seed=0):
     return path
 
 
+INFLUENCE_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact", "hyperinf-fim", "exact-fim")
+
+
 @pytest.fixture()
 def args(tmp_path):
     return MislabelArgs(
@@ -39,11 +42,22 @@ def args(tmp_path):
     )
 
 
-def test_pipeline_end_to_end_writes_every_output(args, capsys):
+def test_pipeline_finds_the_flipped_labels_and_writes_every_output(args, tmp_path, capsys):
+    """Every influence method ranks the flipped labels first, far above chance.
+
+    The planted case: 16 of 80 labels flipped, 8 epochs (most seeds fit the clean test set), 60
+    clean validation examples for a steady validation gradient. Measured over seeds 0-23: ROC-AUC
+    >= 0.695 and detection at 20% inspected >= 0.44 (0.2 for a random ranking) for every method;
+    TracIn is the lowest, the others stay >= 0.77 / 0.62. Seed 0: TracIn 0.742 / 0.50, the others
+    >= 0.997 / 0.94. Scores of the wrong sign give 1 - ROC-AUC <= 0.31.
+    """
+    args = dataclasses.replace(args, task=str(synthetic_csv(tmp_path / "planted.csv", n=200)), n_val=60, epochs=8)
     summary = run_mislabel(args)
     by_method = {entry["method"]: entry for entry in summary}
-    assert set(by_method) == {"hyperinf", "datainf", "lissa", "tracin", "exact", "hyperinf-fim", "exact-fim",
-                              "self-influence", "training loss", "random"}
+    assert set(by_method) == {*INFLUENCE_METHODS, "self-influence", "training loss", "random"}
+    for method in INFLUENCE_METHODS:
+        entry = by_method[method]
+        assert entry["roc_auc"] > 0.6 and entry["detected@20%"] > 0.3, (method, entry)
     out = args.out
     for name in ("detection.csv", "summary.csv", "scores_seed0.parquet", "arguments.json", "detection.png"):
         assert (out / name).is_file(), name
@@ -76,13 +90,14 @@ def test_pipeline_end_to_end_writes_every_output(args, capsys):
 def test_second_run_reuses_the_cached_adapter(args, capsys):
     run_mislabel(args)
     first = json.loads((args.out / "arguments.json").read_text())["runs"][0]["training"]
+    first_scores = pd.read_parquet(args.out / "scores_seed0.parquet")
     run_mislabel(args)
     second = json.loads((args.out / "arguments.json").read_text())["runs"][0]["training"]
     assert not first["cached"] and second["cached"] and first["path"] == second["path"]
-    first_scores = pd.read_parquet(args.out / "scores_seed0.parquet")
     assert "cached adapter" in capsys.readouterr().out
     assert len(list(args.cache_dir.iterdir())) == 1
-    assert first_scores["score_hyperinf"].notna().all()
+    # The cached adapter is the trained one: the same predictions and scores.
+    pd.testing.assert_frame_equal(pd.read_parquet(args.out / "scores_seed0.parquet"), first_scores, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
