@@ -241,3 +241,12 @@ def test_training_is_reproducible_whatever_the_global_random_state(args):
     assert adapters[0].keys() == adapters[1].keys()
     for name in adapters[0]:
         torch.testing.assert_close(adapters[0][name], adapters[1][name], rtol=0, atol=0)
+
+
+def test_last_layer_on_a_model_without_bert_layers_is_a_readable_error():
+    from torch import nn
+
+    from hyperinf.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="--last-layer needs a BERT-style classifier"):
+        last_layer_and_head(nn.Sequential(nn.Linear(2, 2)))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
-from hyperinf.errors import DataError
+from hyperinf.errors import ConfigurationError, DataError
 from hyperinf.experiments.report import print_detection_table, print_suspects
 from hyperinf.metrics import detection_curve, detection_summary
 from hyperinf.results import atomic_write, write_json
@@ -110,7 +110,7 @@ def build_model(args: MislabelArgs, num_labels: int) -> tuple[nn.Module, Any, li
     elif args.model == "minilm":
         model, tokenizer = load_minilm_lora(num_labels, r=args.rank, seed=args.seed) if not args.last_layer else _minilm_dense(num_labels, args.seed)
     else:
-        raise ValueError(f"unknown model {args.model!r}: use 'minilm' (the shipped encoder) or 'tiny-bert' (tests)")
+        raise ConfigurationError(f"unknown --model / model {args.model!r}: use 'minilm' (the shipped encoder) or 'tiny-bert' (tests)")
     if not args.last_layer:
         return model, tokenizer, "lora"
     tuned = last_layer_and_head(model)
@@ -125,7 +125,7 @@ def last_layer_and_head(model: nn.Module) -> list[str]:
     layers = [n for n in names if re.fullmatch(r"(.*\.)?encoder\.layer\.\d+", n)]
     head = [n for n in names if n.split(".")[-1] in ("pooler", "classifier")]
     if not layers or not any(n.endswith("classifier") for n in head):
-        raise ValueError("last-layer mode needs a BERT-style classifier (encoder.layer.N and classifier modules)")
+        raise ConfigurationError("--last-layer needs a BERT-style classifier (encoder.layer.N and classifier modules)")
     return [max(layers, key=lambda n: int(n.rsplit(".", 1)[1])), *head]
 
 
@@ -169,7 +169,7 @@ def train_or_load(model: nn.Module, loader_fn, split: MislabelSplit, args: Misla
 
         state = load_file(str(path))
         if set(state) != set(trainable):
-            raise ValueError(f"cached adapter {path} does not match the model's trainable parameters: delete it")
+            raise ConfigurationError(f"cached adapter {path} does not match the model's trainable parameters: delete it (or pass another --cache-dir)")
         with torch.no_grad():
             for name, tensor in state.items():
                 trainable[name].copy_(tensor)
