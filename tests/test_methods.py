@@ -12,7 +12,7 @@ from hyperinf.blocks import select_blocks
 from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import CurvatureAccumulator
 from hyperinf.engine import InfluenceEngine
-from hyperinf.errors import ConfigurationError, NotConvergedWarning
+from hyperinf.errors import ConfigurationError, NotConvergedWarning, NotSPDError
 from hyperinf.methods import FittedInputs, build_preconditioner
 
 N_TRAIN, N_VAL = 40, 12
@@ -268,3 +268,14 @@ def test_gfim_and_fim_share_lambda_but_the_gfim_eigenvalues_are_r_times_larger(p
         fim_mean = float(torch.linalg.eigvalsh(engine.fitted.curvature.flat_fim(b.name)).mean())
         assert spectrum[b.name]["eig_mean"] == pytest.approx(b.shape[0] * fim_mean, rel=1e-10)
         assert by_method[("hyperinf", b.name)] == pytest.approx(0.1 * fim_mean, rel=1e-10)
+
+
+def test_an_indefinite_hessian_is_named_with_its_most_negative_eigenvalue(problem):
+    """A tanh MLP's Hessian is indefinite: the error says so (and what to use), not 'add damping' alone."""
+    model, train, val = problem
+    loader = DataLoader(train, batch_size=16)
+    engine = engine_for(model, "exact-hessian", damping=1e-6, damping_mode="absolute").fit(loader)
+    lowest = float(torch.linalg.eigvalsh(engine.fitted.hessian)[0]) + 1e-6
+    assert lowest < 0  # the premise: this network's loss is not convex in its weights
+    with pytest.raises(NotSPDError, match=rf"indefinite \(most negative eigenvalue {lowest:.4g}\).*'exact', 'hyperinf'"):
+        engine.score(loader, DataLoader(val))

@@ -22,7 +22,7 @@ import torch
 from hyperinf import linalg
 from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import CurvatureAccumulator
-from hyperinf.errors import ConfigurationError, NotFittedError
+from hyperinf.errors import ConfigurationError, NotFittedError, NotSPDError
 from hyperinf.preconditioners import (
     BlockDiagnostics,
     DataInfPreconditioner,
@@ -123,7 +123,19 @@ def _exact_hessian(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) ->
         raise NotFittedError("method 'exact-hessian' needs the exact Hessian: call fit(train_loader, methods=['exact-hessian']).")
     blocks, hessian, damping = fitted.curvature.blocks, fitted.hessian, fitted.damping()
     diagonal = torch.cat([torch.full((b.num_params,), damping[b.name], dtype=hessian.dtype) for b in blocks])
-    inverse = linalg.cholesky_inverse(hessian + torch.diag(diagonal.to(hessian.device)))
+    damped = hessian + torch.diag(diagonal.to(hessian.device))
+    try:
+        inverse = linalg.cholesky_inverse(damped)
+    except NotSPDError:
+        lowest = float(torch.linalg.eigvalsh(damped.double())[0])
+        if lowest >= 0:
+            raise
+        raise NotSPDError(
+            f"the damped exact Hessian of the selected blocks is indefinite (most negative eigenvalue {lowest:.4g}): "
+            "the loss is not convex in these parameters (e.g. a network with hidden layers), so -v^T H^{-1} g has no "
+            "influence meaning. Use a Fisher method ('exact', 'hyperinf': their curvature is positive semi-definite), "
+            f"or a damping above {-lowest:.4g} (damping_mode='absolute')."
+        ) from None
     return InversePreconditioner("exact-hessian", blocks, diagnostics, right={}, flat_groups=[([b.name for b in blocks], inverse)])
 
 
