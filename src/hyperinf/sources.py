@@ -118,7 +118,7 @@ def check_order(loader: Iterable[Any], what: str) -> None:
 
 def check_reiterable(loader: Iterable[Any], what: str) -> None:
     """The training data is read at least twice (fit, then scoring): refuse a single-use iterator."""
-    if iter(loader) is loader:
+    if isinstance(loader, Iterator):  # a generator or an iterator: exhausted after one pass
         raise DataOrderError(
             f"{what} is a single-use iterator ({type(loader).__name__}): the training data is read once by fit "
             "and again by every score, so pass something that can be iterated again, e.g. a DataLoader or a list of batches."
