@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_schulz.py
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_distributed.py
+	$(PY) benchmarks/bench_pass2.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

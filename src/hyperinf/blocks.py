@@ -69,6 +69,13 @@ class Block:
             g = torch.cat([g, bias_grad.unsqueeze(-1)], dim=-1)
         return g if self.side == "in" else g.transpose(-1, -2)
 
+    def unlayout(self, g: torch.Tensor) -> list[torch.Tensor]:
+        """The inverse of :meth:`layout`: ``[..., r, d]`` back to tensors shaped like :meth:`parameters`."""
+        g = g if self.side == "in" else g.transpose(-1, -2)
+        if not self.has_bias:
+            return [g]
+        return [g[..., :-1], g[..., -1]]
+
 
 def select_blocks(
     model: nn.Module,

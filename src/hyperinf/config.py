@@ -9,6 +9,7 @@ import torch
 
 from hyperinf.blocks import Side
 from hyperinf.curvature import DampingMode
+from hyperinf.forward import Pass2
 from hyperinf.linalg import OnFail
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -29,6 +30,9 @@ class InfluenceConfig:
     lissa_scale: ``s`` in that series; ``None`` uses a bound on ``lambda_max(A)``; a scale at or below
         ``lambda_max / 2`` (where the series diverges) is refused when the preconditioner is built.
     cache_bytes: per-sample training gradients up to this size are kept from ``fit`` for pass 2.
+    pass2: how scoring passes over the training set: ``"gradients"`` (per-sample gradients, from
+        the cache or recomputed), ``"jvp"`` (forward-mode directional derivatives, no gradients:
+        :mod:`hyperinf.forward`) or ``"auto"`` (the cheaper by measured costs: on CPU, the gradients).
     distributed: every process passes its own shard of the data (:func:`hyperinf.distributed.shard`);
         the engine's sums over data are all-reduced, and scores cover the process's own shard.
     """
@@ -47,6 +51,7 @@ class InfluenceConfig:
     fim_max_params: int = 4096
     hessian_max_params: int = 4096
     cache_bytes: int = 1 << 30
+    pass2: Pass2 = "auto"
     dtype: str = "float32"
     distributed: bool = False
     progress: bool = True
@@ -71,6 +76,8 @@ class InfluenceConfig:
                 f"lissa_scale must be positive (above lambda_max / 2 of every block) or None for a bound on "
                 f"lambda_max, got {self.lissa_scale!r}"
             )
+        if self.pass2 not in get_args(Pass2):
+            raise ValueError(f"pass2 must be one of {get_args(Pass2)}, got {self.pass2!r}")
         if self.lissa_iters < 1:
             raise ValueError(f"lissa_iters must be >= 1, got {self.lissa_iters}")
 

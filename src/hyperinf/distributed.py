@@ -10,7 +10,7 @@ CPU, ``nccl`` on GPUs).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +42,19 @@ def shard(dataset: Dataset[Any], *, rank: int | None = None, world_size: int | N
         raise EmptyDataError(f"{n} examples cannot be shared by {world_size} processes: every process needs at least one.")
     start, stop = rank * n // world_size, (rank + 1) * n // world_size
     return Subset(dataset, range(start, stop))
+
+
+def reducer(enabled: bool) -> Callable[[list[torch.Tensor], int], int]:
+    """A function that sums tensors in place over processes and returns the total of a count (as is when not ``enabled``)."""
+
+    def reduce(tensors: list[torch.Tensor], count: int) -> int:
+        if not enabled:
+            return count
+        total = torch.tensor(count, dtype=torch.int64, device=tensors[0].device if tensors else "cpu")
+        all_reduce_sum([*tensors, total])
+        return int(total)
+
+    return reduce
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:

@@ -23,6 +23,7 @@ from hyperinf.blocks import BlockSpec, select_blocks
 from hyperinf.config import InfluenceConfig
 from hyperinf.errors import NotFittedError
 from hyperinf.fitted import FittedCurvature
+from hyperinf.forward import DirectionalDerivatives, TrainingScores
 from hyperinf.gradients import LossFn, PerSampleGradients
 from hyperinf.methods import Method, get_method
 from hyperinf.preconditioners import BlockDiagnostics, Preconditioner, Vectors
@@ -48,8 +49,10 @@ class InfluenceEngine:
         self.blocks = select_blocks(model, blocks, side=self.config.side, include_bias=self.config.include_bias)
         self.gradients = PerSampleGradients(model, loss_fn, self.blocks, dtype=self.config.torch_dtype)
         self.device = next(model.parameters()).device  # where batches go: the model's input side
+        self._reduce = distributed.reducer(self.config.distributed)
         self._stream = GradientStream(self.gradients, self.device, progress=self.config.progress)
         self._train = TrainingGradients(self._stream, self.config.cache_bytes)
+        self._pass2 = TrainingScores(self._train, DirectionalDerivatives(model, loss_fn, self.blocks), self.config.pass2)
         self._fit: FittedCurvature | None = None
         self._results: dict[str, torch.Tensor] = {}
         self.ihvp_seconds: dict[str, float] = {}
@@ -95,16 +98,15 @@ class InfluenceEngine:
         """
         own = self._per_example_preconditioner(self_influence) if self_influence else None
         v = self.mean_gradient(val_loader, "val_loader")
-        directions = {m: self._precondition(m, {name: g.unsqueeze(0) for name, g in v.items()}) for m in methods}
-        columns: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
-        losses, self_scores = [], []
-        for batch in self._train(train_loader):
-            losses.append(batch.losses.detach())
-            for method, h in directions.items():
-                columns[method].append(-scoring.inner(batch.grads, h)[:, 0])
+        directions = [self._precondition(m, {name: g.unsqueeze(0) for name, g in v.items()}) for m in methods]
+        stacked = {name: torch.cat([h[name] for h in directions]) for name in directions[0]}
+        losses, columns, self_scores = [], [], []
+        for batch_losses, scores, batch in self._pass2(train_loader, stacked, per_example=own is not None):
+            losses.append(batch_losses.detach())
+            columns.append(scores)
             if own is not None:
                 self_scores.append(scoring.self_influence(own, batch.grads))
-        result = TrainingPass({m: torch.cat(parts) for m, parts in columns.items()}, torch.cat(losses))
+        result = TrainingPass(dict(zip(methods, torch.cat(columns).unbind(1))), torch.cat(losses))
         self._keep({f"score/{m}": s for m, s in result.scores.items()} | {"train_loss": result.train_loss})
         if own is not None:
             result.self_influence = torch.cat(self_scores)
@@ -129,7 +131,7 @@ class InfluenceEngine:
         """
         method = method or self.method
         columns = [
-            torch.cat([-scoring.inner(batch.grads, h) for batch in self._train(train_loader)])
+            torch.cat([scores for _, scores, _ in self._pass2(train_loader, h)])
             for h in self._query_directions(query_loader, method, query_chunk)
         ]
         result = torch.cat(columns, dim=1)
@@ -144,8 +146,8 @@ class InfluenceEngine:
         parts = []
         for h in self._query_directions(query_loader, method, query_chunk):
             running = RunningTopK(k)
-            for batch in self._train(train_loader):
-                running.update(-scoring.inner(batch.grads, h))
+            for _, scores, _ in self._pass2(train_loader, h):
+                running.update(scores)
             parts.append(running.result())
         return TopK.cat(parts)
 
@@ -173,6 +175,11 @@ class InfluenceEngine:
     def results(self) -> Mapping[str, torch.Tensor]:
         """Every result computed so far (``score/<method>``, ``self_influence/<method>``, ...), read-only."""
         return MappingProxyType(self._results)
+
+    @property
+    def pass2_path(self) -> str | None:
+        """Which training pass scored last: ``"gradients"`` (per-sample gradients) or ``"jvp"`` (forward-mode)."""
+        return self._pass2.path
 
     @property
     def gradient_bytes(self) -> int:
@@ -232,11 +239,3 @@ class InfluenceEngine:
 
     def _keep(self, results: Mapping[str, torch.Tensor]) -> None:
         self._results.update({name: t.detach().cpu() for name, t in results.items()})
-
-    def _reduce(self, tensors: list[torch.Tensor], count: int) -> int:
-        """Sum ``tensors`` in place over processes and return the total ``count`` (as is on one process)."""
-        if not self.config.distributed:
-            return count
-        total = torch.tensor(count, dtype=torch.int64, device=tensors[0].device if tensors else self.device)
-        distributed.all_reduce_sum([*tensors, total])
-        return int(total)

@@ -64,7 +64,7 @@ class PerSampleGradients:
     def __call__(self, batch: Any, *, batch_index: int = 0) -> BatchGradients:
         with self._capture() as records:
             losses = self.loss_fn(self.model, batch)
-            _check_losses(losses)
+            check_losses(losses)
             outputs = [y for block in self.blocks for _, y in records[block.name]]
             deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
         losses = losses.detach()
@@ -167,7 +167,8 @@ def _token_mask(
     )
 
 
-def _check_losses(losses: Any) -> None:
+def check_losses(losses: Any, *, need_graph: bool = True) -> None:
+    """``loss_fn`` must return one loss per example, ``[B]`` (with an autograd graph when ``need_graph``)."""
     if not isinstance(losses, torch.Tensor):
         raise LossShapeError(f"loss_fn must return a tensor of per-example losses, got {type(losses).__name__}.")
     if losses.dim() != 1:
@@ -176,7 +177,7 @@ def _check_losses(losses: Any) -> None:
             "use reduction='none' (e.g. F.cross_entropy(logits, labels, reduction='none'))"
             + (" and do not average over the batch." if losses.dim() == 0 else ".")
         )
-    if not losses.requires_grad:
+    if need_graph and not losses.requires_grad:
         raise LossShapeError(_NO_GRAPH)
 
 

@@ -34,15 +34,18 @@ class GradientStream:
     def __call__(self, loader: Iterable[Any], what: str, *, allow_empty: bool = False) -> Iterator[tuple[Any, BatchGradients]]:
         """``(batch, gradients)`` per batch; ``what`` names the loader in errors and the progress bar."""
         seen = 0
-        with eval_mode(self.gradients.model):
-            bar = tqdm(loader, desc=f"gradients: {what}", disable=not self.progress, leave=False)
-            for index, batch in enumerate(bar):
-                batch = to_device(batch, self.device)
-                grads = self.gradients(batch, batch_index=index)
-                seen += grads.batch_size
-                yield batch, grads
+        for index, batch in self.batches(loader, f"gradients: {what}"):
+            grads = self.gradients(batch, batch_index=index)
+            seen += grads.batch_size
+            yield batch, grads
         if seen == 0 and not allow_empty:
             raise EmptyDataError(f"{what} yielded no examples: pass a loader over at least one example.")
+
+    def batches(self, loader: Iterable[Any], desc: str) -> Iterator[tuple[int, Any]]:
+        """``(index, batch)`` on the model's device, with the model in eval mode and a progress bar."""
+        with eval_mode(self.gradients.model):
+            for index, batch in enumerate(tqdm(loader, desc=desc, disable=not self.progress, leave=False)):
+                yield index, to_device(batch, self.device)
 
 
 class TrainingGradients:

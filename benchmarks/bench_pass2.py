@@ -1,0 +1,94 @@
+"""Pass 2 per batch on the shipped MiniLM with LoRA: forward-mode directional derivatives vs per-sample gradients.
+
+    python benchmarks/bench_pass2.py [--n 128] [--seq-len 64] [--batch-size 16] [--rank 8] [--repeats 3]
+                                     [--directions 1,2] [--json out.json]
+
+Ratios of wall time to a plain forward pass (``no_grad`` loss, the model's default attention) over
+the same batches, each batch taking its best time over the rounds and the paths alternating batch
+by batch, so load from other processes falls on every side of a ratio alike:
+
+- ``gradients``: :class:`hyperinf.gradients.PerSampleGradients` (forward + backward + per-block
+  outer products), what pass 2 costs when the gradients are not cached;
+- ``jvp xD``: :class:`hyperinf.forward.DirectionalDerivatives` with D directions (one forward-mode
+  pass per direction, attention on the math kernel), what ``pass2="jvp"`` costs;
+- ``math forward``: the plain forward on the math attention kernel, to separate the kernel's cost
+  from forward-mode AD's.
+
+The issue's goal for forward-mode pass 2 is <= 1.6 forward passes; ``forward.JVP_MAX_DIRECTIONS``
+is the number of directions below which "auto" prefers it, read off this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench_engine import random_batches, timed
+from hyperinf.blocks import select_blocks
+from hyperinf.forward import DirectionalDerivatives
+from hyperinf.gradients import PerSampleGradients
+from hyperinf.tasks.minilm import load_minilm_lora, sequence_classification_loss
+
+
+def run(args: argparse.Namespace) -> dict:
+    model, tokenizer = load_minilm_lora(num_labels=2, r=args.rank, seed=0, lora_b_std=0.02)
+    batches = random_batches(tokenizer, args.n, args.seq_len, args.batch_size, seed=1)
+    blocks = select_blocks(model, "lora")
+    capture = PerSampleGradients(model, sequence_classification_loss, blocks)
+    derivatives = DirectionalDerivatives(model, sequence_classification_loss, blocks)
+    gen = torch.Generator().manual_seed(0)
+    directions = {d: {b.name: torch.randn(d, *b.shape, generator=gen) for b in blocks} for d in args.directions}
+
+    def forward(batch: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            sequence_classification_loss(model, batch)
+
+    def math_forward(batch: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            sequence_classification_loss(model, batch)
+
+    paths = {"forward": forward, "math forward": math_forward, "gradients": capture}
+    paths |= {f"jvp x{d}": (lambda batch, h=h: derivatives(batch, h)) for d, h in directions.items()}
+    best = {name: [float("inf")] * len(batches) for name in paths}
+    for _ in range(args.repeats):
+        for i, batch in enumerate(batches):
+            for name, fn in paths.items():
+                best[name][i] = min(best[name][i], timed(lambda: fn(batch))[0])
+    total = {name: sum(times) for name, times in best.items()}
+    return {
+        "args": vars(args),
+        "seconds_per_example": {name: t / args.n for name, t in total.items()},
+        "ratio_to_forward": {name: t / total["forward"] for name, t in total.items()},
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--directions", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    result = run(args)
+    print(f"MiniLM + LoRA r={args.rank}, {args.n} examples x {args.seq_len} tokens, batch {args.batch_size}, "
+          f"{result['torch_threads']} threads; best of {args.repeats} per batch")
+    print(f"{'path':>14}{'ms/example':>12}{'x forward':>11}")
+    for name, ratio in result["ratio_to_forward"].items():
+        print(f"{name:>14}{1000 * result['seconds_per_example'][name]:>12.2f}{ratio:>11.2f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
