@@ -69,6 +69,14 @@ class Block:
             g = torch.cat([g, bias_grad.unsqueeze(-1)], dim=-1)
         return g if self.side == "in" else g.transpose(-1, -2)
 
+    def kronecker_order(self, inputs: torch.Tensor, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kronecker factors of the inputs ``a`` and output gradients ``delta`` as ``(rows, columns)`` of the layout.
+
+        ``g = delta a^T``: the ``delta`` side indexes the rows for ``side="in"`` (dense default,
+        ``lora_A``) and the columns for ``side="out"`` (and ``lora_B``, whose input is the rank side).
+        """
+        return (outputs, inputs) if self.side == "in" else (inputs, outputs)
+
 
 def select_blocks(
     model: nn.Module,
