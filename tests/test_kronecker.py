@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from hyperinf import InfluenceEngine
+from hyperinf.errors import ConfigurationError
 from models import bert_loss, fitted_kronecker, mlp, mlp_batch, mlp_loss, pad_batch, random_padded_batch
 from models import reference_gradients, reference_kronecker, split_examples, tiny_bert_lora, unpadded_examples
 
@@ -193,3 +194,14 @@ def test_self_influence_and_top_k_read_the_pairwise_matrix(method):
     top = engine.top_k(loader, loader, k=3)
     torch.testing.assert_close(top.harmful_scores, pair.topk(3, dim=0).values.T, rtol=1e-13, atol=0)
     torch.testing.assert_close(top.helpful_scores, (-pair).topk(3, dim=0).values.T.neg(), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("method", KRONECKER)
+def test_zero_damping_on_a_singular_curvature_is_refused(method):
+    """One example: the factors have rank one, so without damping K-FAC / EK-FAC would divide by zero (or, where
+    rounding leaves a tiny positive eigenvalue, by it: only exact zeros are caught)."""
+    model = mlp(dtype=torch.float64)
+    loader = DataLoader(TensorDataset(*mlp_batch(1, dtype=torch.float64)), batch_size=1)
+    engine = fit(engine_of(model, method=method, damping=0.0), loader)
+    with pytest.raises(ConfigurationError, match=f"method '{method}' would divide by zero on block\\(s\\) .*out"):
+        engine.score(loader, loader)

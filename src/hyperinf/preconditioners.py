@@ -16,7 +16,7 @@ import torch
 
 from hyperinf import linalg
 from hyperinf.blocks import Block
-from hyperinf.errors import NotConvergedWarning
+from hyperinf.errors import ConfigurationError, NotConvergedWarning
 from hyperinf.gradients import BatchGradients
 
 Vectors = Mapping[str, torch.Tensor]
@@ -188,6 +188,12 @@ class KroneckerPreconditioner(Preconditioner):
             values = self.eigenvalues[diag.block]
             diag.eig_min, diag.eig_max = float(values.min()), float(values.max())
         self._denominators = {d.block: self.eigenvalues[d.block] + d.damping for d in diagnostics}
+        singular = [block for block, values in self._denominators.items() if float(values.min()) <= 0]
+        if singular:
+            raise ConfigurationError(
+                f"method {name!r} would divide by zero on block(s) {', '.join(singular)}: their curvature has a zero "
+                "eigenvalue and the damping is 0. Use damping > 0."
+            )
 
     def apply(self, vectors: Vectors) -> dict[str, torch.Tensor]:
         out = {}
