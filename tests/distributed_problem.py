@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-METHODS = ["hyperinf", "hyperinf-fim", "exact", "exact-fim", "exact-hessian", "datainf", "lissa", "tracin"]
+METHODS = ["hyperinf", "hyperinf-fim", "exact", "exact-fim", "exact-hessian", "datainf", "lissa", "tracin", "kfac", "ekfac"]
 # The untrained MLP's Hessian is indefinite (smallest eigenvalue -0.28); c = 30 (lambda_l = 0.52 and 2.0)
 # makes it positive definite, so exact-hessian runs too.
 OPTIONS = {"blocks": "linear", "damping": 30.0, "dtype": "float64", "progress": False}

@@ -270,3 +270,74 @@ def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     den = e.norm(dim=1)
     assert (den > 0).all(), "reference gradient is exactly zero: the comparison would be vacuous"
     return float((num / den).max())
+
+
+# --------------------------------------------------------------------------------------------
+# Exact K-FAC / EK-FAC reference: explicit token sums and Kronecker products
+# --------------------------------------------------------------------------------------------
+
+
+def reference_kronecker(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    examples: Sequence[Any],
+    blocks: Sequence[Any],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per block, from one forward and backward call per example (each a batch of one, no padding):
+
+    ``inputs`` = sum over tokens of ``a a^T`` (``a`` with a 1 appended when the block includes its
+    bias), ``outputs`` = sum of ``delta delta^T`` (``delta = dL/dy``), ``tokens``; the flattened
+    empirical Fisher ``fisher = (1/n) sum_k vec(G_k) vec(G_k)^T`` of the laid-out gradients
+    ``G_k = sum_t delta_t a_t^T``; ``kfac`` = ``S (x) A`` (``S = outputs / n``, ``A = inputs / tokens``,
+    in layout order: ``S`` on the rows for side "in", on the columns for side "out") as an explicit
+    ``torch.kron``; and ``ekfac`` = ``Q diag(vec Lambda) Q^T`` with ``Q = Q_r (x) Q_d`` the factors'
+    eigenvectors and ``Lambda = (1/n) sum_k (Q_r^T G_k Q_d)^2``.
+    """
+    sums = {b.name: {"inputs": 0.0, "outputs": 0.0, "tokens": 0, "grads": []} for b in blocks}
+    for example in examples:
+        seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        handles = [
+            b.module.register_forward_hook(lambda m, i, o, name=b.name: seen.__setitem__(name, (i[0].detach(), o)))
+            for b in blocks
+        ]
+        try:
+            with torch.enable_grad():
+                loss = loss_fn(model, example)
+                deltas = torch.autograd.grad(loss.sum(), [seen[b.name][1] for b in blocks])
+        finally:
+            for handle in handles:
+                handle.remove()
+        for b, delta in zip(blocks, deltas):
+            a = seen[b.name][0].reshape(-1, b.module.in_features)
+            if b.include_bias and b.module.bias is not None:
+                a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
+            delta = delta.reshape(-1, b.module.out_features)
+            entry = sums[b.name]
+            entry["inputs"] = entry["inputs"] + a.T @ a
+            entry["outputs"] = entry["outputs"] + delta.T @ delta
+            entry["tokens"] += a.shape[0]
+            g = delta.T @ a
+            entry["grads"].append(g if b.side == "in" else g.T)
+    n, out = len(examples), {}
+    for b in blocks:
+        entry = sums[b.name]
+        grads = torch.stack(entry["grads"])
+        flat = grads.reshape(n, -1)
+        s, a = entry["outputs"] / n, entry["inputs"] / entry["tokens"]
+        rows, columns = (s, a) if b.side == "in" else (a, s)
+        q_r, q_d = torch.linalg.eigh(rows)[1], torch.linalg.eigh(columns)[1]
+        lam = (q_r.T @ grads @ q_d).square().mean(0)
+        q = torch.kron(q_r, q_d)
+        out[b.name] = {
+            "inputs": entry["inputs"], "outputs": entry["outputs"], "tokens": torch.tensor(entry["tokens"]),
+            "grads": grads, "fisher": flat.T @ flat / n, "kfac": torch.kron(rows, columns),
+            "ekfac": q @ torch.diag(lam.reshape(-1)) @ q.T, "lambda": lam,
+        }  # fmt: skip
+    return out
+
+
+def fitted_kronecker(pre: Any, name: str) -> torch.Tensor:
+    """The flattened curvature ``(Q_r (x) Q_d) diag(vec Lambda) (Q_r (x) Q_d)^T`` of a K-FAC / EK-FAC preconditioner's block."""
+    q_r, q_d = pre.bases[name]
+    q = torch.kron(q_r, q_d)
+    return q @ torch.diag(pre.eigenvalues[name].reshape(-1)) @ q.T

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from hyperinf import InfluenceEngine
 from hyperinf.errors import FitMismatchError, NotFittedError
 
-METHODS = ["hyperinf", "exact", "exact-fim", "hyperinf-fim", "exact-hessian", "lissa", "tracin", "datainf"]
+METHODS = ["hyperinf", "exact", "exact-fim", "hyperinf-fim", "exact-hessian", "lissa", "tracin", "datainf", "kfac", "ekfac"]
+TRAIN_PASS_AT_BUILD = ("datainf", "ekfac")  # a loaded fit recomputes the training gradients for these
 
 
 def loss_fn(model, batch):
@@ -62,8 +63,8 @@ def test_a_loaded_fit_scores_without_pass_one(saved, data, method):
     engine.load_fit(folder, train_loader=train)
     scores = engine.score(train, val)
     torch.testing.assert_close(scores, expected[method], rtol=1e-12, atol=1e-15)
-    # One validation pass and one training pass (DataInf: one more over the fit's training data); no curvature pass.
-    assert sum(calls) == 10 + 30 * (2 if method == "datainf" else 1)
+    # One validation pass and one training pass (DataInf, EK-FAC: one more over the fit's training data); no curvature pass.
+    assert sum(calls) == 10 + 30 * (2 if method in TRAIN_PASS_AT_BUILD else 1)
 
 
 def test_a_loaded_fit_can_be_damped_again(saved, data):
@@ -77,7 +78,7 @@ def test_a_loaded_fit_can_be_damped_again(saved, data):
 def test_the_saved_folder_names_blocks_weights_and_count(saved):
     folder, _, engine = saved
     meta = json.loads((folder / "fit.json").read_text())
-    assert meta["count"] == 30 and meta["fim"] and meta["hessian"]
+    assert meta["count"] == 30 and meta["fim"] and meta["hessian"] and meta["kronecker"]
     assert [b["name"] for b in meta["blocks"]] == [b.name for b in engine.blocks]
     assert all(len(b["weights"]) == 64 for b in meta["blocks"])
 
@@ -94,13 +95,16 @@ def test_other_weights_blocks_or_options_are_refused(saved):
         InfluenceEngine(make_model(), loss_fn, blocks="linear", progress=False).load_fit(folder)
 
 
-def test_a_fit_without_what_the_method_needs_is_refused(tmp_path, data):
+def test_a_fit_without_what_the_method_needs_is_refused(tmp_path, data, saved):
     train, _ = data
     folder = engine_of(make_model()).fit(train).save_fit(tmp_path / "plain")
     with pytest.raises(NotFittedError, match=r"needs the flattened FIM: call fit\(train_loader, methods=\['exact-fim'\]\)"):
         engine_of(make_model(), method="exact-fim").load_fit(folder)
-    with pytest.raises(NotFittedError, match="pass train_loader= to load_fit"):
-        engine_of(make_model(), method="datainf").load_fit(folder).score(train, train)
+    with pytest.raises(NotFittedError, match=r"needs the Kronecker factors: call fit\(train_loader, methods=\['kfac'\]\)"):
+        engine_of(make_model(), method="kfac").load_fit(folder)
+    for method in TRAIN_PASS_AT_BUILD:  # a fit with every sum, loaded without its training data
+        with pytest.raises(NotFittedError, match=f"method '{method}' sums over the training gradients.*pass train_loader= to load_fit"):
+            engine_of(make_model(), method=method).load_fit(saved[0]).score(train, train)
 
 
 def test_an_unfinished_or_missing_save_is_refused(tmp_path, data):

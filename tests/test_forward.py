@@ -10,7 +10,7 @@ from hyperinf import InfluenceEngine
 from hyperinf.errors import ConfigurationError
 from models import bert_loss, mlp, mlp_loss, random_padded_batch, tiny_bert_lora
 
-METHODS = ["hyperinf", "exact", "exact-fim", "datainf", "lissa", "tracin"]
+METHODS = ["hyperinf", "exact", "exact-fim", "datainf", "lissa", "tracin", "kfac", "ekfac"]
 
 
 def mlp_data(n: int, seed: int) -> DataLoader:

@@ -2,7 +2,8 @@
 
 The references are built without the engine's numbers: per-example gradients from a loop of
 single-example backward calls (:func:`models.reference_gradients`), the damping from its
-definition, and an explicit solve of the damped GFIM, flattened FIM or autograd Hessian.
+definition, and an explicit solve of the damped GFIM, flattened FIM, explicit Kronecker products
+(K-FAC, EK-FAC: :func:`models.reference_kronecker`) or autograd Hessian.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from hyperinf import InfluenceEngine
-from models import reference_gradients, split_examples
+from models import reference_gradients, reference_kronecker, split_examples
 
 N_TRAIN, N_QUERY, QUERY_BATCH = 24, 10, 5
 # The untrained MLP's Hessian is indefinite (smallest eigenvalue -0.2): c = 10 (lambda_l = 0.5 and 0.8)
 # makes every method's damped curvature, the Hessian's included, positive definite.
 DAMPING = 10.0
-METHODS = ["hyperinf", "hyperinf-fim", "exact", "exact-fim", "exact-hessian", "datainf", "lissa", "tracin"]
+METHODS = ["hyperinf", "hyperinf-fim", "exact", "exact-fim", "exact-hessian", "datainf", "lissa", "tracin", "kfac", "ekfac"]
 
 
 def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -81,15 +82,17 @@ def reference_pairwise(method: str) -> torch.Tensor:
         diagonal = torch.cat([damping[b.name].expand(b.num_params) for b in engine.blocks])
         a = training_hessian(engine, train) + torch.diag(diagonal)
         return -flat(g) @ torch.linalg.solve(a, flat(q).T)
+    kronecker = reference_kronecker(engine.model, loss_fn, split_examples(train.tensors), engine.blocks)
     out = torch.zeros(N_TRAIN, N_QUERY, dtype=torch.float64)
     for b in engine.blocks:
         gb, qb, lam = g[b.name], q[b.name], damping[b.name]
         if method == "exact":
             a = torch.einsum("nrd,nre->de", gb, gb) / N_TRAIN + lam * torch.eye(b.shape[1], dtype=gb.dtype)
             h = torch.linalg.solve(a, qb.transpose(1, 2)).transpose(1, 2)  # q_j A^{-1}, A symmetric
-        elif method == "exact-fim":
+        elif method in ("exact-fim", "kfac", "ekfac"):  # a flattened rd x rd curvature: explicit, or Kronecker products
             vec = gb.reshape(N_TRAIN, -1)
-            a = vec.T @ vec / N_TRAIN + lam * torch.eye(b.num_params, dtype=gb.dtype)
+            curvature = vec.T @ vec / N_TRAIN if method == "exact-fim" else kronecker[b.name][method]
+            a = curvature + lam * torch.eye(b.num_params, dtype=gb.dtype)
             h = torch.linalg.solve(a, qb.reshape(N_QUERY, -1).T).T
         elif method == "datainf":  # DataInf's definition: the mean over i of (lam I + g_i g_i^T)^{-1} q_j
             vec, eye = gb.reshape(N_TRAIN, -1), torch.eye(b.num_params, dtype=gb.dtype)
@@ -126,7 +129,7 @@ def test_each_pairwise_column_is_the_score_of_that_query_alone(method):
 # <= 6e-16. hyperinf / hyperinf-fim are held to the Schulz stopping tolerance (1.8e-12 in float64), the
 # direct solves to 1e-13.
 CLOSED = {"exact": 1e-13, "exact-fim": 1e-13, "exact-hessian": 1e-13, "datainf": 1e-13, "tracin": 1e-13,
-          "hyperinf": 1e-11, "hyperinf-fim": 1e-11}  # fmt: skip
+          "kfac": 1e-13, "ekfac": 1e-13, "hyperinf": 1e-11, "hyperinf-fim": 1e-11}  # fmt: skip
 REFERENCE_OF = {"hyperinf": "exact", "hyperinf-fim": "exact-fim"}
 
 

@@ -76,6 +76,14 @@ class Block:
             return [g]
         return [g[..., :-1], g[..., -1]]
 
+    def kronecker_order(self, inputs: torch.Tensor, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kronecker factors of the inputs ``a`` and output gradients ``delta`` as ``(rows, columns)`` of the layout.
+
+        ``g = delta a^T``: the ``delta`` side indexes the rows for ``side="in"`` (dense default,
+        ``lora_A``) and the columns for ``side="out"`` (and ``lora_B``, whose input is the rank side).
+        """
+        return (outputs, inputs) if self.side == "in" else (inputs, outputs)
+
 
 def select_blocks(
     model: nn.Module,

@@ -1,10 +1,11 @@
-"""Streamed, mergeable curvature accumulators: GFIM and flattened FIM per block, and damping.
+"""Streamed, mergeable curvature accumulators: GFIM and flattened FIM per block, damping, Kronecker factors.
 
 Per block ``l`` with per-sample gradients ``g_i`` (``r x d``) the accumulator keeps plain sums:
 ``gram = sum_i g_i^T g_i`` (``d x d``), ``sq_norm = sum_i ||g_i||_F^2`` and, for small blocks,
 ``fim = sum_i vec(g_i) vec(g_i)^T`` (``rd x rd``). Memory does not grow with the number of
 examples, and two accumulators over disjoint shards add up to the accumulator of their union
-(``merge``, or ``all_reduce`` of :meth:`CurvatureAccumulator.tensors`).
+(``merge``, or ``all_reduce`` of :meth:`CurvatureAccumulator.tensors`). :class:`KroneckerAccumulator`
+keeps K-FAC's token sums the same way.
 """
 
 from __future__ import annotations
@@ -17,11 +18,33 @@ import torch
 
 from hyperinf.blocks import Block
 from hyperinf.errors import ConfigurationError, DeadBlockWarning
+from hyperinf.gradients import TokenFactors
 
 DampingMode = Literal["relative", "gfim", "absolute"]
 
 
-class CurvatureAccumulator:
+class _Sums:
+    """Running sums named by :meth:`named_tensors`: summed across processes, saved and loaded by name."""
+
+    count: int
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every running sum, in a fixed order (for ``all_reduce`` across processes)."""
+        return list(self.named_tensors().values())
+
+    def load(self, tensors: Mapping[str, torch.Tensor], count: int) -> None:
+        """Replace the sums by ``tensors`` (as :meth:`named_tensors` names them) over ``count`` examples."""
+        for name, mine in self.named_tensors().items():
+            if name not in tensors or tensors[name].shape != mine.shape:
+                raise ValueError(f"saved curvature lacks {name!r} of shape {tuple(mine.shape)}")
+            mine.copy_(tensors[name])
+        self.count = count
+
+
+class CurvatureAccumulator(_Sums):
     """Sums of per-sample gradient statistics for a fixed list of blocks."""
 
     def __init__(
@@ -72,22 +95,10 @@ class CurvatureAccumulator:
             mine += theirs.to(mine.device)
         self.count += other.count
 
-    def tensors(self) -> list[torch.Tensor]:
-        """Every running sum, in a fixed order (for ``all_reduce`` across processes)."""
-        return list(self.named_tensors().values())
-
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Every running sum by name (``gram/<block>``, ``sq_norm/<block>``, ``fim/<block>``), in a fixed order."""
         sums = {"gram": self.gram, "sq_norm": self.sq_norm, **({"fim": self.fim} if self.fim is not None else {})}
         return {f"{kind}/{b.name}": table[b.name] for kind, table in sums.items() for b in self.blocks}
-
-    def load(self, tensors: Mapping[str, torch.Tensor], count: int) -> None:
-        """Replace the sums by ``tensors`` (as :meth:`named_tensors` names them) over ``count`` examples."""
-        for name, mine in self.named_tensors().items():
-            if name not in tensors or tensors[name].shape != mine.shape:
-                raise ValueError(f"saved curvature lacks {name!r} of shape {tuple(mine.shape)}")
-            mine.copy_(tensors[name])
-        self.count = count
 
     def gfim(self, name: str) -> torch.Tensor:
         """``G_l = (1/n) sum_i g_i^T g_i``."""
@@ -171,3 +182,53 @@ def _check_fim_size(blocks: Sequence[Block], limit: int) -> None:
             f"the flattened FIM of block {b.name!r} would be {b.num_params} x {b.num_params} "
             f"(limit fim_max_params={limit}); use 'hyperinf' (GFIM, {b.shape[1]} x {b.shape[1]}) or a smaller LoRA rank."
         )
+
+
+class KroneckerAccumulator(_Sums):
+    """K-FAC's pass 1: per block, sums over non-padding tokens of ``a a^T`` and ``delta delta^T``, and the token count.
+
+    ``a`` is the layer input (a 1 appended when the block includes its bias), ``delta = dL_k/dy``
+    the gradient of an example's loss with respect to the layer output. Memory is
+    ``O(d_in^2 + d_out^2)`` per block whatever the number of examples or tokens.
+    """
+
+    def __init__(self, blocks: Sequence[Block], *, dtype: torch.dtype = torch.float32) -> None:
+        self.blocks = list(blocks)
+        self.count = 0
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, torch.Tensor] = {}
+        for block in self.blocks:
+            d_out, d_in = block.module.weight.shape
+            device = block.module.weight.device
+            size = d_in + int(block.has_bias)
+            self.inputs[block.name] = torch.zeros(size, size, dtype=dtype, device=device)
+            self.outputs[block.name] = torch.zeros(d_out, d_out, dtype=dtype, device=device)
+            self.tokens[block.name] = torch.zeros((), dtype=torch.int64, device=device)
+
+    def update(self, factors: Mapping[str, TokenFactors], batch_size: int) -> None:
+        """Add one batch's token factors (:attr:`hyperinf.gradients.BatchGradients.factors`) over ``batch_size`` examples."""
+        for block in self.blocks:
+            term = factors[block.name]
+            self.inputs[block.name] += term.inputs.to(self.inputs[block.name])
+            self.outputs[block.name] += term.outputs.to(self.outputs[block.name])
+            self.tokens[block.name] += term.tokens
+        self.count += batch_size
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Every running sum by name (``kron_in/<block>``, ``kron_out/<block>``, ``kron_tokens/<block>``), in a fixed order."""
+        sums = {"kron_in": self.inputs, "kron_out": self.outputs, "kron_tokens": self.tokens}
+        return {f"{kind}/{b.name}": table[b.name] for kind, table in sums.items() for b in self.blocks}
+
+    def factors(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised factors ``(R, D)`` in the block's ``r x d`` layout order, in float64.
+
+        ``S = (1/n) sum_tokens delta delta^T`` per example and ``A = (1/N) sum_tokens a a^T`` per
+        token (``N`` tokens in all), so ``S (x) A`` is ``T E_tok[delta delta^T] (x) E_tok[a a^T]``:
+        the Fisher ``(1/n) sum_k vec(g_k) vec(g_k)^T`` of examples of ``T`` tokens when tokens are
+        independent and alike, and that Fisher exactly for one example of one token.
+        """
+        tokens = max(int(self.tokens[block.name]), 1)
+        inputs = self.inputs[block.name].double() / tokens
+        outputs = self.outputs[block.name].double() / max(self.count, 1)
+        return block.kronecker_order(inputs, outputs)

@@ -1,7 +1,7 @@
 """The fitted curvature: pass 1's sums over the training data, the preconditioners built from them, save and load.
 
 A fit is saved as a folder — ``curvature.safetensors`` (the per-block GFIM sums, squared norms,
-and the flattened FIM / exact Hessian when accumulated) and ``fit.json`` (example count, layout
+and the flattened FIM / exact Hessian / Kronecker factors when accumulated) and ``fit.json`` (example count, layout
 options, and a fingerprint of every selected block: name, shape, side and a SHA-256 of its
 weights) — and loaded to score new queries without pass 1. Damping and inverse options are not
 part of the fit: they apply when a preconditioner is built, so a loaded fit can be re-damped.
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from hyperinf.blocks import Block
 from hyperinf.config import InfluenceConfig
-from hyperinf.curvature import CurvatureAccumulator
+from hyperinf.curvature import CurvatureAccumulator, KroneckerAccumulator
 from hyperinf.errors import EmptyDataError, FitMismatchError, NotFittedError
 from hyperinf.gradients import BatchGradients, PerSampleGradients
 from hyperinf.hessian import HessianAccumulator
@@ -34,11 +34,14 @@ _TENSORS, _META = "curvature.safetensors", "fit.json"
 
 
 class FittedCurvature:
-    """Curvature sums of the selected blocks (and the exact Hessian), and the preconditioners built from them."""
+    """Curvature sums of the selected blocks (exact Hessian, Kronecker factors), and the preconditioners built from them."""
 
-    def __init__(self, curvature: CurvatureAccumulator, hessian: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, curvature: CurvatureAccumulator, hessian: torch.Tensor | None = None, kronecker: KroneckerAccumulator | None = None
+    ) -> None:
         self.curvature = curvature
         self.hessian = hessian
+        self.kronecker = kronecker
         self._built: dict[str, Preconditioner] = {}
         self._unreported_seconds: dict[str, float] = {}
 
@@ -51,23 +54,34 @@ class FittedCurvature:
         gradients: PerSampleGradients,
         reduce: Reduce,
     ) -> FittedCurvature:
-        """Pass 1: sum what every method in ``methods`` needs over ``batches`` (and over processes with ``reduce``)."""
+        """Pass 1: sum what every method in ``methods`` needs over ``batches`` (and over processes with ``reduce``).
+
+        ``batches`` must be a lazy stream of ``gradients``' batches: the Kronecker factors are captured while it is read.
+        """
         fim = any(m.fim for m in methods)
         curvature = CurvatureAccumulator(gradients.blocks, fim=fim, dtype=config.torch_dtype, fim_max_params=config.fim_max_params)
         hessian = None
         if any(m.hessian for m in methods):
             hessian = HessianAccumulator(gradients.blocks, max_params=config.hessian_max_params, dtype=config.torch_dtype)
-        for batch, grads in batches:
-            curvature.update(grads.grads)
-            if hessian is not None:
-                hessian.update(gradients.model, gradients.loss_fn, batch)
+        kronecker = KroneckerAccumulator(gradients.blocks, dtype=config.torch_dtype) if any(m.kronecker for m in methods) else None
+        with gradients.capturing_factors(kronecker is not None):  # ``batches`` is computed lazily, inside this block
+            for batch, grads in batches:
+                curvature.update(grads.grads)
+                if hessian is not None:
+                    hessian.update(gradients.model, gradients.loss_fn, batch)
+                if kronecker is not None:
+                    if grads.factors is None:
+                        raise ValueError("batches were computed before accumulate: pass the lazy stream of fit's batches")
+                    kronecker.update(grads.factors, grads.batch_size)
         curvature.count = reduce(curvature.tensors(), curvature.count)
         if hessian is not None:
             hessian.count = reduce(hessian.tensors(), hessian.count)
+        if kronecker is not None:
+            kronecker.count = reduce(kronecker.tensors(), kronecker.count)
         if curvature.count == 0:
             raise EmptyDataError("train_loader yielded no examples: fit needs at least one training example.")
         curvature.warn_dead_blocks(stacklevel=3)
-        return cls(curvature, hessian.hessian() if hessian is not None else None)
+        return cls(curvature, hessian.hessian() if hessian is not None else None, kronecker)
 
     @property
     def count(self) -> int:
@@ -80,6 +94,8 @@ class FittedCurvature:
             raise NotFittedError(f"method {name!r} needs the flattened FIM: call fit(train_loader, methods=[{name!r}]).")
         if method.hessian and self.hessian is None:
             raise NotFittedError(f"method {name!r} needs the exact Hessian: call fit(train_loader, methods=[{name!r}]).")
+        if method.kronecker and self.kronecker is None:
+            raise NotFittedError(f"method {name!r} needs the Kronecker factors: call fit(train_loader, methods=[{name!r}]).")
 
     def preconditioner(
         self, name: str, config: InfluenceConfig, train_gradients: GradientSource | None, reduce: Reduce | None
@@ -88,7 +104,7 @@ class FittedCurvature:
         self.require(name)
         if name not in self._built:
             start = time.perf_counter()
-            inputs = FittedInputs(self.curvature, config, self.hessian, train_gradients, reduce)
+            inputs = FittedInputs(self.curvature, config, self.hessian, train_gradients, reduce, self.kronecker)
             self._built[name] = build_preconditioner(name, inputs)
             self._unreported_seconds[name] = time.perf_counter() - start
         return self._built[name]
@@ -104,7 +120,8 @@ class FittedCurvature:
     def save(self, directory: str | Path, config: InfluenceConfig) -> Path:
         """Write the fit into ``directory`` (``fit.json`` last, so a folder without it is an unfinished save)."""
         directory = Path(directory)
-        tensors = {name: t.detach().cpu().contiguous() for name, t in self.curvature.named_tensors().items()}
+        sums = {**self.curvature.named_tensors(), **(self.kronecker.named_tensors() if self.kronecker is not None else {})}
+        tensors = {name: t.detach().cpu().contiguous() for name, t in sums.items()}
         if self.hessian is not None:
             tensors["hessian"] = self.hessian.detach().cpu().contiguous()
         (directory / _META).unlink(missing_ok=True)
@@ -114,6 +131,7 @@ class FittedCurvature:
             "count": self.count,
             "fim": self.curvature.fim is not None,
             "hessian": self.hessian is not None,
+            "kronecker": self.kronecker is not None,
             "layout": _layout(config),
             "blocks": fingerprint(self.curvature.blocks),
         }
@@ -137,7 +155,11 @@ class FittedCurvature:
         tensors = load_file(str(directory / _TENSORS))
         curvature.load(tensors, meta["count"])
         hessian = tensors["hessian"].to(blocks[0].module.weight.device) if meta["hessian"] else None
-        return cls(curvature, hessian)
+        kronecker = None
+        if meta.get("kronecker", False):  # fits saved before K-FAC have no such key
+            kronecker = KroneckerAccumulator(blocks, dtype=config.torch_dtype)
+            kronecker.load(tensors, meta["count"])
+        return cls(curvature, hessian, kronecker)
 
 
 def fingerprint(blocks: Sequence[Block]) -> list[dict[str, Any]]:

@@ -7,6 +7,10 @@ block, on the device of that block's weight, so a model split over devices works
 ``.grad`` fields are never touched, and only the part of the graph between the loss and the
 hooked outputs is differentiated. This works where ``torch.func.vmap`` fails on
 Hugging Face models (attention-mask code calls ``.all()``).
+
+With ``kronecker=True`` (K-FAC / EK-FAC) each batch also carries, per block, the sums over its
+non-padding tokens of ``a a^T`` (``a`` with a 1 appended when the block includes its bias) and
+``delta delta^T``, and the token count: the Kronecker factors, at ``O(d_in^2 + d_out^2)`` per block.
 """
 
 from __future__ import annotations
@@ -29,11 +33,24 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @dataclass
+class TokenFactors:
+    """One block's sums over a batch's non-padding tokens: ``a a^T`` (``[d_in(+1), d_in(+1)]``), ``delta delta^T``, count."""
+
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    tokens: int
+
+    def __add__(self, other: TokenFactors) -> TokenFactors:
+        return TokenFactors(self.inputs + other.inputs, self.outputs + other.outputs, self.tokens + other.tokens)
+
+
+@dataclass
 class BatchGradients:
-    """Per-example losses ``[B]`` and per-block gradients ``{name: [B, r, d]}`` of one batch."""
+    """Per-example losses ``[B]``, per-block gradients ``{name: [B, r, d]}`` and, when asked, token factors."""
 
     losses: torch.Tensor
     grads: dict[str, torch.Tensor]
+    factors: dict[str, TokenFactors] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -46,6 +63,7 @@ class PerSampleGradients:
     ``loss_fn(model, batch)`` must return one loss per example (shape ``[B]``). Padding positions
     named by a batch's 2-D ``attention_mask`` are zeroed, so they contribute nothing even if the
     model leaks gradient into them (see :func:`_token_mask` for which layer inputs it applies to).
+    ``kronecker`` adds each block's :class:`TokenFactors` (see :meth:`capturing_factors`).
     """
 
     def __init__(
@@ -55,11 +73,22 @@ class PerSampleGradients:
         blocks: Sequence[Block],
         *,
         dtype: torch.dtype = torch.float32,
+        kronecker: bool = False,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.blocks = list(blocks)
         self.dtype = dtype
+        self.kronecker = kronecker
+
+    @contextmanager
+    def capturing_factors(self, on: bool = True) -> Iterator[None]:
+        """Within the block, batches carry their :class:`TokenFactors` when ``on`` (pass 1 of K-FAC / EK-FAC only)."""
+        saved, self.kronecker = self.kronecker, on
+        try:
+            yield
+        finally:
+            self.kronecker = saved
 
     def __call__(self, batch: Any, *, batch_index: int = 0) -> BatchGradients:
         with self._capture() as records:
@@ -70,6 +99,7 @@ class PerSampleGradients:
         losses = losses.detach()
         mask = padding_mask(batch)
         grads: dict[str, torch.Tensor] = {}
+        factors: dict[str, TokenFactors] | None = {} if self.kronecker else None
         position = 0
         for block in self.blocks:
             calls = records[block.name]
@@ -78,18 +108,22 @@ class PerSampleGradients:
                     f"block {block.name!r} was not called in the forward pass of batch {batch_index}: "
                     "check that loss_fn runs the model and that the adapter is active and not merged."
                 )
-            g = None
+            g, block_factors = None, None
             for (a, _), delta in zip(calls, deltas[position : position + len(calls)]):
-                term = self._block_gradient(block, a, delta, mask, losses.shape[0], batch_index)
+                term, term_factors = self._block_gradient(block, a, delta, mask, losses.shape[0], batch_index)
                 g = term if g is None else g + term
+                if term_factors is not None:
+                    block_factors = term_factors if block_factors is None else block_factors + term_factors
             position += len(calls)
+            if factors is not None and block_factors is not None:
+                factors[block.name] = block_factors
             if not torch.isfinite(g).all():
                 raise NonFiniteGradientError(
                     f"NaN/Inf in the per-sample gradients of block {block.name!r} in batch {batch_index}: "
                     "check the inputs and the loss of that batch (e.g. log of 0, a diverged model)."
                 )
             grads[block.name] = g
-        return BatchGradients(losses, grads)
+        return BatchGradients(losses, grads, factors)
 
     def _block_gradient(
         self,
@@ -99,7 +133,8 @@ class PerSampleGradients:
         mask: torch.Tensor | None,
         batch_size: int,
         batch_index: int,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, TokenFactors | None]:
+        """The block's per-example gradient ``[B, r, d]`` from one call, and its token factors when asked."""
         if a.shape[0] != batch_size:
             raise LossShapeError(
                 f"block {block.name!r} saw an input with leading dimension {a.shape[0]} in batch "
@@ -116,7 +151,20 @@ class PerSampleGradients:
             delta = delta * positions.to(device=device, dtype=self.dtype).unsqueeze(-1)
         weight_grad = torch.einsum("bto,bti->boi", delta, a)
         bias_grad = delta.sum(dim=1) if block.has_bias else None
-        return block.layout(weight_grad, bias_grad)
+        gradient = block.layout(weight_grad, bias_grad)
+        return gradient, (self._token_factors(block, a, delta, positions) if self.kronecker else None)
+
+    @staticmethod
+    def _token_factors(block: Block, a: torch.Tensor, delta: torch.Tensor, positions: torch.Tensor | None) -> TokenFactors:
+        """Sums over the non-padding tokens of ``a a^T`` (bias: a 1 appended) and ``delta delta^T`` (delta is masked already)."""
+        a = a.reshape(-1, a.shape[-1])
+        if block.has_bias:
+            a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+        keep = positions.reshape(-1).to(a) if positions is not None else None
+        tokens = a.shape[0] if keep is None else int(keep.sum())
+        masked = a if keep is None else a * keep.unsqueeze(1)
+        delta = delta.reshape(-1, delta.shape[-1])
+        return TokenFactors(masked.T @ a, delta.T @ delta, tokens)
 
     @contextmanager
     def _capture(self) -> Iterator[dict[str, list[tuple[torch.Tensor, GradientEdge]]]]:

@@ -10,6 +10,10 @@ exact-Hessian analogue) with the same ``lambda_l``, so they differ only in how t
 - ``datainf``: the closed form of Kwon et al., one pass over the training gradients.
 - ``lissa``: ``lissa_iters`` terms of the Neumann series of ``A / s``, ``s >= lambda_max`` (converges).
 - ``tracin``: ``h = v`` (no curvature).
+- ``kfac``: per block, the Kronecker product of the input and output-gradient covariances
+  (float64 eigenbases ``Q_r``, ``Q_d``), ``h = Q_r [(Q_r^T V Q_d) / (e_r e_d^T + lambda)] Q_d^T``.
+- ``ekfac``: the same bases, eigenvalues ``Lambda = (1/n) sum_k (Q_r^T G_k Q_d)^2`` refit on the
+  per-example gradients (one more pass over the training data when the preconditioner is built).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 
 from hyperinf import linalg
 from hyperinf.config import InfluenceConfig
-from hyperinf.curvature import CurvatureAccumulator
+from hyperinf.curvature import CurvatureAccumulator, KroneckerAccumulator
 from hyperinf.errors import ConfigurationError, NotFittedError, NotSPDError
 from hyperinf.preconditioners import (
     BlockDiagnostics,
@@ -29,6 +33,7 @@ from hyperinf.preconditioners import (
     GradientSource,
     IdentityPreconditioner,
     InversePreconditioner,
+    KroneckerPreconditioner,
     LissaPreconditioner,
     Preconditioner,
     Reduce,
@@ -37,13 +42,14 @@ from hyperinf.preconditioners import (
 
 @dataclass
 class FittedInputs:
-    """What a method may build from: the fitted curvature (and Hessian), and a pass over the training data."""
+    """What a method may build from: the fitted curvature (Hessian, Kronecker factors), and a pass over the training data."""
 
     curvature: CurvatureAccumulator
     config: InfluenceConfig
     hessian: torch.Tensor | None = None
     train_gradients: GradientSource | None = None
     reduce: Reduce | None = None
+    kronecker: KroneckerAccumulator | None = None
 
     def damping(self) -> dict[str, float]:
         """``lambda_l`` of every block under the run's damping options (the same for every method)."""
@@ -56,7 +62,7 @@ class Method:
     """One influence method: what it needs from pass 1, and how it builds its preconditioner.
 
     ``fim``: the flattened ``rd x rd`` FIM is accumulated; ``hessian``: the exact Hessian is;
-    ``train_pass``: every ``apply`` sums over the training gradients (no self-influence then,
+    ``kronecker``: the token covariances of each block's inputs and output gradients are; ``train_pass``: every ``apply`` sums over the training gradients (no self-influence then,
     and pass 2 cannot skip per-example gradients); ``check`` refuses configurations the method
     cannot run with, before any data is read.
     """
@@ -65,6 +71,7 @@ class Method:
     build: Callable[[FittedInputs, list[BlockDiagnostics]], Preconditioner]
     fim: bool = False
     hessian: bool = False
+    kronecker: bool = False
     train_pass: bool = False
     check: Callable[[InfluenceConfig], None] | None = None
 
@@ -161,14 +168,19 @@ def _lissa_scale(block: str, matrix: torch.Tensor, given: float | None) -> float
     return given
 
 
-def _datainf(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
+def _training_pass(fitted: FittedInputs, method: str) -> tuple[GradientSource, Reduce]:
+    """The fit's training gradients and the sum across processes, for a method that passes over them."""
     if fitted.train_gradients is None:
         raise NotFittedError(
-            "method 'datainf' sums over the training gradients of the fit, and this engine has no training "
+            f"method {method!r} sums over the training gradients of the fit, and this engine has no training "
             "loader (a loaded fit): pass train_loader= to load_fit."
         )
-    reduce = fitted.reduce or (lambda tensors, count: count)
-    return DataInfPreconditioner(fitted.curvature.blocks, diagnostics, fitted.damping(), fitted.train_gradients, reduce)
+    return fitted.train_gradients, fitted.reduce or (lambda tensors, count: count)
+
+
+def _datainf(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
+    source, reduce = _training_pass(fitted, "datainf")
+    return DataInfPreconditioner(fitted.curvature.blocks, diagnostics, fitted.damping(), source, reduce)
 
 
 def _check_datainf(config: InfluenceConfig) -> None:
@@ -181,6 +193,47 @@ def _check_datainf(config: InfluenceConfig) -> None:
 
 def _tracin(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
     return IdentityPreconditioner("tracin", fitted.curvature.blocks, diagnostics)
+
+
+Eigen = tuple[torch.Tensor, torch.Tensor]
+
+
+def _kronecker_eigen(fitted: FittedInputs, method: str) -> dict[str, tuple[Eigen, Eigen]]:
+    """Per block, float64 ``eigh`` of the Kronecker factors in layout order: ``((e_r, Q_r), (e_d, Q_d))``."""
+    if fitted.kronecker is None:
+        raise NotFittedError(f"method {method!r} needs the Kronecker factors: call fit(train_loader, methods=[{method!r}]).")
+    return {b.name: tuple(torch.linalg.eigh(f) for f in fitted.kronecker.factors(b)) for b in fitted.curvature.blocks}
+
+
+def _kfac(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
+    """K-FAC: ``Lambda = e_r e_d^T``, the eigenvalues of ``R (x) D`` (see :meth:`KroneckerAccumulator.factors` for the scale)."""
+    dtype, bases, eigenvalues = fitted.config.torch_dtype, {}, {}
+    for name, ((e_r, q_r), (e_d, q_d)) in _kronecker_eigen(fitted, "kfac").items():
+        bases[name] = (q_r.to(dtype), q_d.to(dtype))
+        eigenvalues[name] = torch.outer(e_r.clamp_min(0.0), e_d.clamp_min(0.0)).to(dtype)
+    return KroneckerPreconditioner("kfac", fitted.curvature.blocks, diagnostics, bases, eigenvalues)
+
+
+def _ekfac(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
+    """EK-FAC: K-FAC's bases, ``Lambda = (1/n) sum_k (Q_r^T G_k Q_d)^2`` from one pass over the training gradients.
+
+    With orthonormal bases ``sum Lambda = (1/n) sum_k ||G_k||_F^2``, so the relative damping
+    ``lambda = c / (n r d) sum_k ||G_k||^2`` is exactly ``c`` times the mean of ``Lambda``: with
+    ``c = 0.1`` (the default), kronfluence's heuristic damping (its ``damping=None``; its default
+    is an absolute ``1e-8``, our ``damping_mode="absolute"``).
+    """
+    source, reduce = _training_pass(fitted, "ekfac")
+    dtype = fitted.config.torch_dtype
+    bases = {name: (q_r.to(dtype), q_d.to(dtype)) for name, ((_, q_r), (_, q_d)) in _kronecker_eigen(fitted, "ekfac").items()}
+    sums = {name: torch.zeros(q_r.shape[0], q_d.shape[0], dtype=dtype, device=q_r.device) for name, (q_r, q_d) in bases.items()}
+    count = 0
+    for batch in source():
+        count += batch.batch_size
+        for name, (q_r, q_d) in bases.items():
+            sums[name] += (q_r.T @ batch.grads[name].to(q_r) @ q_d).square().sum(0)
+    count = reduce(list(sums.values()), count)
+    eigenvalues = {name: total / count for name, total in sums.items()}
+    return KroneckerPreconditioner("ekfac", fitted.curvature.blocks, diagnostics, bases, eigenvalues)
 
 
 REGISTRY: dict[str, Method] = {}
@@ -203,6 +256,8 @@ for _method in (
     Method("datainf", _datainf, train_pass=True, check=_check_datainf),
     Method("lissa", _lissa),
     Method("tracin", _tracin),
+    Method("kfac", _kfac, kronecker=True),
+    Method("ekfac", _ekfac, kronecker=True),
 ):
     register(_method)
 

@@ -16,7 +16,7 @@ import torch
 
 from hyperinf import linalg
 from hyperinf.blocks import Block
-from hyperinf.errors import NotConvergedWarning
+from hyperinf.errors import ConfigurationError, NotConvergedWarning
 from hyperinf.gradients import BatchGradients
 
 Vectors = Mapping[str, torch.Tensor]
@@ -30,7 +30,8 @@ LISSA_FAR = 0.5
 
 @dataclass
 class BlockDiagnostics:
-    """What one method did on one block: its damping and, for iterative inverses, how it ended."""
+    """What one method did on one block: its damping, for iterative inverses how it ended, and for
+    K-FAC / EK-FAC the range of the eigenvalues ``Lambda`` it divides by (before damping)."""
 
     block: str
     method: str
@@ -40,6 +41,8 @@ class BlockDiagnostics:
     iterations: int | None = None
     residual: float | None = None
     converged: bool | None = None
+    eig_min: float | None = None
+    eig_max: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -161,6 +164,44 @@ class DataInfPreconditioner(Preconditioner):
                 correction[name] += torch.einsum("bm,brd->mrd", weights, g)
         count = self.reduce(list(correction.values()), count)
         return {name: (v - correction[name] / count) / self.damping[name] for name, v in vectors.items()}
+
+
+class KroneckerPreconditioner(Preconditioner):
+    """K-FAC / EK-FAC: ``h = Q_r [(Q_r^T V Q_d) / (Lambda + lambda)] Q_d^T`` with per-block bases and eigenvalues.
+
+    ``bases[name] = (Q_r, Q_d)`` are orthonormal ``r x r`` and ``d x d``; ``eigenvalues[name]`` is
+    ``Lambda`` (``r x d``), the curvature's diagonal in the basis ``Q_r (x) Q_d``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        blocks: Sequence[Block],
+        diagnostics: list[BlockDiagnostics],
+        bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        eigenvalues: Mapping[str, torch.Tensor],
+    ) -> None:
+        super().__init__(name, blocks, diagnostics)
+        self.bases = dict(bases)
+        self.eigenvalues = dict(eigenvalues)
+        for diag in diagnostics:
+            values = self.eigenvalues[diag.block]
+            diag.eig_min, diag.eig_max = float(values.min()), float(values.max())
+        self._denominators = {d.block: self.eigenvalues[d.block] + d.damping for d in diagnostics}
+        singular = [block for block, values in self._denominators.items() if float(values.min()) <= 0]
+        if singular:
+            raise ConfigurationError(
+                f"method {name!r} would divide by zero on block(s) {', '.join(singular)}: their curvature has a zero "
+                "eigenvalue and the damping is 0. Use damping > 0."
+            )
+
+    def apply(self, vectors: Vectors) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, v in vectors.items():
+            rows, columns = self.bases[name]
+            rotated = rows.T @ v.to(rows.dtype) @ columns
+            out[name] = (rows @ (rotated / self._denominators[name]) @ columns.T).to(v.dtype)
+        return out
 
 
 class IdentityPreconditioner(Preconditioner):

@@ -72,7 +72,7 @@ class TrainingGradients:
         for batch, grads in self.stream(loader, "train_loader", allow_empty=allow_empty):
             total += sum(g.numel() * g.element_size() for g in grads.grads.values())
             if cache is not None and total <= self.budget_bytes:
-                cache.append(grads)
+                cache.append(BatchGradients(grads.losses, grads.grads))  # not pass 1's token factors
             else:
                 cache = None  # over budget: pass 2 recomputes the gradients
             yield batch, grads
