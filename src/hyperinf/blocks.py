@@ -11,11 +11,12 @@ is an extra input column (``d_in + 1``), as in the homogeneous-coordinate trick 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -185,3 +186,15 @@ def block_gradients_enabled(blocks: Sequence[Block]) -> Iterator[None]:
     finally:
         for param, flag in saved:
             param.requires_grad_(flag)
+
+
+def fingerprint(blocks: Sequence[Block]) -> list[dict[str, Any]]:
+    """Name, gradient layout and a SHA-256 of the weights of every block: what a fit is valid for."""
+    rows = []
+    for block in blocks:
+        digest = hashlib.sha256()
+        for param in block.parameters():
+            digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        r, d = block.shape
+        rows.append({"name": block.name, "r": r, "d": d, "side": block.side, "bias": block.has_bias, "weights": digest.hexdigest()})
+    return rows

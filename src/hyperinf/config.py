@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import torch
 
 from hyperinf.blocks import Side
 from hyperinf.curvature import DampingMode
-from hyperinf.forward import Pass2
 from hyperinf.linalg import OnFail
+
+Pass2 = Literal["auto", "jvp", "gradients"]  # how pass 2 reads the training set (see hyperinf.forward)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -84,6 +85,10 @@ class InfluenceConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+    def layout(self) -> dict[str, Any]:
+        """The options that shape the accumulated curvature (a saved fit or checkpoint is valid only for them)."""
+        return {"side": self.side, "include_bias": self.include_bias, "dtype": self.dtype}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

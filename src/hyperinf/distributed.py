@@ -11,6 +11,7 @@ CPU, ``nccl`` on GPUs).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +56,12 @@ def reducer(enabled: bool) -> Callable[[list[torch.Tensor], int], int]:
         return int(total)
 
     return reduce
+
+
+def per_process(path: str | Path, enabled: bool) -> Path:
+    """``path`` itself on one process; ``<path>.rank<r>`` per process when distributed (each writes its own)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.rank{dist.get_rank()}") if enabled else path
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:

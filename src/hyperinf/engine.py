@@ -20,6 +20,7 @@ from torch import nn
 
 from hyperinf import distributed, scoring
 from hyperinf.blocks import BlockSpec, select_blocks
+from hyperinf.checkpoints import fit_checkpoint, score_checkpoint
 from hyperinf.config import InfluenceConfig
 from hyperinf.errors import NotFittedError
 from hyperinf.fitted import FittedCurvature
@@ -58,11 +59,20 @@ class InfluenceEngine:
         self.ihvp_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------ pass 1
-    def fit(self, train_loader: Iterable[Any], *, methods: Sequence[str] = ()) -> InfluenceEngine:
-        """Accumulate the curvature every method in ``{method} | methods`` needs, in one pass."""
+    def fit(
+        self, train_loader: Iterable[Any], *, methods: Sequence[str] = (), checkpoint: str | Path | None = None, checkpoint_every: int = 50
+    ) -> InfluenceEngine:
+        """Accumulate the curvature every method in ``{method} | methods`` needs, in one pass.
+
+        With ``checkpoint`` (a file path; one per process when distributed), the partial sums are
+        written there every ``checkpoint_every`` batches, and a rerun after a crash resumes after
+        them (a :class:`~hyperinf.checkpoints.ResumedWarning` says from where) with the same result.
+        """
         wanted = [self._check_method(m) for m in dict.fromkeys([self.method, *methods])]
-        batches = self._train.record(train_loader, allow_empty=True)
-        self._fit = FittedCurvature.accumulate(batches, wanted, self.config, self.gradients, self._reduce)
+        saver = fit_checkpoint(checkpoint, checkpoint_every, self.blocks, self.config, wanted, train_loader) if checkpoint else None
+        resumed = saver.resume("fit") if saver is not None else (0, {})
+        batches = self._train.record(train_loader, allow_empty=True, skip=resumed[0])
+        self._fit = FittedCurvature.accumulate(batches, wanted, self.config, self.gradients, self._reduce, saver, resumed)
         return self
 
     def save_fit(self, directory: str | Path) -> Path:
@@ -87,29 +97,27 @@ class InfluenceEngine:
         return self.score_methods(train_loader, val_loader, [method])[method]
 
     def score_methods(
-        self, train_loader: Iterable[Any], val_loader: Iterable[Any], methods: Sequence[str], *, self_influence: str | None = None
-    ) -> TrainingPass:
+        self, train_loader: Iterable[Any], val_loader: Iterable[Any], methods: Sequence[str], *, self_influence: str | None = None,
+        checkpoint: str | Path | None = None, checkpoint_every: int = 50,
+    ) -> TrainingPass:  # fmt: skip
         """:meth:`score` for several methods with one validation pass and one training pass.
 
         The same training pass keeps each example's training loss and, with ``self_influence=method``,
         its self-influence: where the gradients are recomputed, a second pass would cost as much as the
         first. The time each method took to turn ``v`` into ``h`` (building its inverse the first time,
-        or DataInf's pass over the training gradients) is kept in :attr:`ihvp_seconds`.
+        or DataInf's pass over the training gradients) is kept in :attr:`ihvp_seconds`. ``checkpoint``
+        makes the training pass resumable, as for :meth:`fit`.
         """
         own = self._per_example_preconditioner(self_influence) if self_influence else None
         v = self.mean_gradient(val_loader, "val_loader")
         directions = [self._precondition(m, {name: g.unsqueeze(0) for name, g in v.items()}) for m in methods]
         stacked = {name: torch.cat([h[name] for h in directions]) for name in directions[0]}
-        losses, columns, self_scores = [], [], []
-        for batch_losses, scores, batch in self._pass2(train_loader, stacked, per_example=own is not None):
-            losses.append(batch_losses.detach())
-            columns.append(scores)
-            if own is not None:
-                self_scores.append(scoring.self_influence(own, batch.grads))
-        result = TrainingPass(dict(zip(methods, torch.cat(columns).unbind(1))), torch.cat(losses))
+        saver = score_checkpoint(checkpoint, checkpoint_every, self.blocks, self.config, stacked, methods, self_influence, train_loader) if checkpoint else None
+        done, state = saver.resume("score") if saver is not None else (0, {})
+        passes = self._pass2(train_loader, stacked, per_example=own is not None, skip=done)
+        result = scoring.collect(passes, methods, own, saver, done, state)
         self._keep({f"score/{m}": s for m, s in result.scores.items()} | {"train_loss": result.train_loss})
-        if own is not None:
-            result.self_influence = torch.cat(self_scores)
+        if result.self_influence is not None:
             self._keep({f"self_influence/{self_influence}": result.self_influence})
         return result
 
@@ -202,7 +210,6 @@ class InfluenceEngine:
         }
         return save_results(directory, {**self._results, **(extra or {})}, arguments, [d.to_dict() for d in self.diagnostics()])
 
-    # ------------------------------------------------------------------ helpers
     def _check_method(self, name: str) -> Method:
         method = get_method(name)
         if method.check is not None:

@@ -31,6 +31,10 @@ class FitMismatchError(HyperinfError, ValueError):
     """A saved fit does not belong to this model, block selection or set of options."""
 
 
+class CheckpointMismatchError(HyperinfError, ValueError):
+    """A checkpoint was written by a run with other settings: resuming would mix two runs."""
+
+
 class EmptyDataError(HyperinfError, ValueError):
     """A data loader yielded no examples."""
 

@@ -9,17 +9,17 @@ part of the fit: they apply when a preconditioner is built, so a loaded fit can 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from hyperinf.blocks import Block
+from hyperinf.blocks import Block, fingerprint
+from hyperinf.checkpoints import PassCheckpoint
 from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import CurvatureAccumulator, KroneckerAccumulator
 from hyperinf.errors import EmptyDataError, FitMismatchError, NotFittedError
@@ -53,10 +53,14 @@ class FittedCurvature:
         config: InfluenceConfig,
         gradients: PerSampleGradients,
         reduce: Reduce,
+        checkpoint: PassCheckpoint | None = None,
+        resumed: tuple[int, Mapping[str, torch.Tensor]] = (0, {}),
     ) -> FittedCurvature:
         """Pass 1: sum what every method in ``methods`` needs over ``batches`` (and over processes with ``reduce``).
 
         ``batches`` must be a lazy stream of ``gradients``' batches: the Kronecker factors are captured while it is read.
+        With a ``checkpoint``, the partial sums are written every few batches; ``resumed`` is an
+        earlier run's ``(batches done, sums)``, and ``batches`` then starts after those batches.
         """
         fim = any(m.fim for m in methods)
         curvature = CurvatureAccumulator(gradients.blocks, fim=fim, dtype=config.torch_dtype, fim_max_params=config.fim_max_params)
@@ -64,6 +68,11 @@ class FittedCurvature:
         if any(m.hessian for m in methods):
             hessian = HessianAccumulator(gradients.blocks, max_params=config.hessian_max_params, dtype=config.torch_dtype)
         kronecker = KroneckerAccumulator(gradients.blocks, dtype=config.torch_dtype) if any(m.kronecker for m in methods) else None
+        sums = {"curvature": curvature, "hessian": hessian, "kronecker": kronecker}
+        sums = {key: acc for key, acc in sums.items() if acc is not None}
+        done, state = resumed
+        if state:
+            _restore(sums, state)
         with gradients.capturing_factors(kronecker is not None):  # ``batches`` is computed lazily, inside this block
             for batch, grads in batches:
                 curvature.update(grads.grads)
@@ -73,6 +82,9 @@ class FittedCurvature:
                     if grads.factors is None:
                         raise ValueError("batches were computed before accumulate: pass the lazy stream of fit's batches")
                     kronecker.update(grads.factors, grads.batch_size)
+                done += 1
+                if checkpoint is not None:
+                    checkpoint.save(done, lambda: _partial(sums))
         curvature.count = reduce(curvature.tensors(), curvature.count)
         if hessian is not None:
             hessian.count = reduce(hessian.tensors(), hessian.count)
@@ -81,6 +93,8 @@ class FittedCurvature:
         if curvature.count == 0:
             raise EmptyDataError("train_loader yielded no examples: fit needs at least one training example.")
         curvature.warn_dead_blocks(stacklevel=3)
+        if checkpoint is not None:
+            checkpoint.finish()
         return cls(curvature, hessian.hessian() if hessian is not None else None, kronecker)
 
     @property
@@ -132,7 +146,7 @@ class FittedCurvature:
             "fim": self.curvature.fim is not None,
             "hessian": self.hessian is not None,
             "kronecker": self.kronecker is not None,
-            "layout": _layout(config),
+            "layout": config.layout(),
             "blocks": fingerprint(self.curvature.blocks),
         }
         write_json(directory / _META, meta)
@@ -149,7 +163,7 @@ class FittedCurvature:
         meta = json.loads((directory / _META).read_text())
         if meta.get("format") != FORMAT:
             raise FitMismatchError(f"{directory}/{_META} has format {meta.get('format')!r}; this hyperinf reads format {FORMAT}.")
-        _check_layout(meta["layout"], _layout(config), directory)
+        _check_layout(meta["layout"], config.layout(), directory)
         _check_blocks(meta["blocks"], fingerprint(blocks), directory)
         curvature = CurvatureAccumulator(blocks, fim=meta["fim"], dtype=config.torch_dtype)
         tensors = load_file(str(directory / _TENSORS))
@@ -160,22 +174,6 @@ class FittedCurvature:
             kronecker = KroneckerAccumulator(blocks, dtype=config.torch_dtype)
             kronecker.load(tensors, meta["count"])
         return cls(curvature, hessian, kronecker)
-
-
-def fingerprint(blocks: Sequence[Block]) -> list[dict[str, Any]]:
-    """Name, gradient layout and a SHA-256 of the weights of every block: what a fit is valid for."""
-    rows = []
-    for block in blocks:
-        digest = hashlib.sha256()
-        for param in block.parameters():
-            digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        r, d = block.shape
-        rows.append({"name": block.name, "r": r, "d": d, "side": block.side, "bias": block.has_bias, "weights": digest.hexdigest()})
-    return rows
-
-
-def _layout(config: InfluenceConfig) -> dict[str, Any]:
-    return {"side": config.side, "include_bias": config.include_bias, "dtype": config.dtype}
 
 
 def _check_layout(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
@@ -207,3 +205,16 @@ def _check_blocks(saved: list[dict[str, Any]], current: list[dict[str, Any]], di
                 f"the weights of block {old['name']!r} differ from those the fit in {directory} was computed on "
                 "(the model was trained or changed since): the curvature no longer applies, so fit again."
             )
+
+
+def _partial(sums: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Every accumulator's running sums and example count, named for a checkpoint."""
+    state = {f"{key}/{name}": t for key, acc in sums.items() for name, t in acc.named_tensors().items()}
+    return state | {f"count/{key}": torch.tensor(acc.count) for key, acc in sums.items()}
+
+
+def _restore(sums: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """Load a checkpoint's :func:`_partial` state into the accumulators."""
+    for key, acc in sums.items():
+        prefix = f"{key}/"
+        acc.load({n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}, int(state[f"count/{key}"]))

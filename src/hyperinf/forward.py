@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hyperinf.blocks import Block
+from hyperinf.config import Pass2
 from hyperinf.errors import ConfigurationError, EmptyDataError
 from hyperinf.gradients import BatchGradients, LossFn, check_losses
 from hyperinf.scoring import inner
@@ -67,7 +68,6 @@ class DirectionalDerivatives:
         return value, torch.stack(columns, dim=1)
 
 
-Pass2 = Literal["auto", "jvp", "gradients"]
 # Cost of one training pass, in plain forward passes over the same batches, measured by
 # benchmarks/bench_pass2.py on MiniLM + LoRA r=8 (2 CPU threads; docs/results.md): forward-mode
 # AD costs 3.3 per direction, the per-sample gradient path 2.1 for all directions together.
@@ -108,20 +108,21 @@ class TrainingScores:
         self.path: str | None = None  # the path of the last pass
 
     def __call__(
-        self, loader: Iterable[Any], h: Mapping[str, torch.Tensor], *, per_example: bool = False
+        self, loader: Iterable[Any], h: Mapping[str, torch.Tensor], *, per_example: bool = False, skip: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, BatchGradients | None]]:
+        """Batches after the first ``skip`` (those a resumed run already scored)."""
         cached = self.train.cached and loader is self.train.fit_loader
         m = next(iter(h.values())).shape[0]
         self.path = choose_pass2(self.setting, m, per_example=per_example, cached=cached)
         if self.path == "gradients":
-            for batch in self.train(loader):
+            for batch in self.train(loader, skip=skip):
                 yield batch.losses, -inner(batch.grads, h), batch
             return
         check_order(loader, "train_loader")
         seen = 0
-        for _, batch in self.train.stream.batches(loader, "forward-mode: train_loader"):
+        for _, batch in self.train.stream.batches(loader, "forward-mode: train_loader", skip=skip):
             value, derivative = self.derivatives(batch, h)
             seen += value.shape[0]
             yield value, -derivative, None
-        if seen == 0:
+        if seen == 0 and not skip:
             raise EmptyDataError("train_loader yielded no examples: pass a loader over at least one example.")

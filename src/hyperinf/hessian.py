@@ -8,7 +8,7 @@ gradients of :mod:`hyperinf.gradients`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,6 +56,15 @@ class HessianAccumulator:
         if self.total is None:
             raise ValueError("no batch was added to the Hessian accumulator")
         return [self.total]
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """The running sum by name (none before the first batch), for checkpoints."""
+        return {"total": self.total} if self.total is not None else {}
+
+    def load(self, tensors: Mapping[str, torch.Tensor], count: int) -> None:
+        """Replace the running sum by a checkpoint's (:meth:`named_tensors`) over ``count`` examples."""
+        self.total = tensors["total"].to(self.dtype).clone() if "total" in tensors else None
+        self.count = count
 
     def hessian(self) -> torch.Tensor:
         """The mean Hessian ``(1/n) sum_i d^2 loss_i / d theta^2``, symmetrised."""

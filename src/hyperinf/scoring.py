@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from hyperinf.checkpoints import PassCheckpoint
 from hyperinf.gradients import BatchGradients
 from hyperinf.preconditioners import Preconditioner
 
@@ -124,3 +125,38 @@ class TrainingPass(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.scores)
+
+
+def collect(
+    passes: Iterable[tuple[torch.Tensor, torch.Tensor, BatchGradients | None]],
+    columns: Sequence[str],
+    own: Preconditioner | None,
+    saver: PassCheckpoint | None,
+    done: int = 0,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> TrainingPass:
+    """Gather a training pass's losses, score columns and (with ``own``) self-influence, batch by batch.
+
+    ``state`` holds what an interrupted run collected over its first ``done`` batches (``passes``
+    starts after them); ``saver`` writes the collection so far every few batches.
+    """
+    state = state or {}
+    losses = [state["losses"]] if state else []
+    scores = [state["scores"]] if state else []
+    self_scores = [state["self_influence"]] if state and own is not None else []
+
+    def gathered() -> dict[str, torch.Tensor]:
+        out = {"losses": torch.cat(losses), "scores": torch.cat(scores)}
+        return out | ({"self_influence": torch.cat(self_scores)} if own is not None else {})
+
+    for done, (batch_losses, batch_scores, batch) in enumerate(passes, start=done + 1):
+        losses.append(batch_losses.detach())
+        scores.append(batch_scores)
+        if own is not None:
+            self_scores.append(self_influence(own, batch.grads))
+        if saver is not None:
+            saver.save(done, gathered)
+    result = gathered()
+    if saver is not None:
+        saver.finish()
+    return TrainingPass(dict(zip(columns, result["scores"].unbind(1))), result["losses"], result.get("self_influence"))

@@ -31,21 +31,25 @@ class GradientStream:
         self.device = device
         self.progress = progress
 
-    def __call__(self, loader: Iterable[Any], what: str, *, allow_empty: bool = False) -> Iterator[tuple[Any, BatchGradients]]:
-        """``(batch, gradients)`` per batch; ``what`` names the loader in errors and the progress bar."""
+    def __call__(
+        self, loader: Iterable[Any], what: str, *, allow_empty: bool = False, skip: int = 0
+    ) -> Iterator[tuple[Any, BatchGradients]]:
+        """``(batch, gradients)`` per batch after the first ``skip``; ``what`` names the loader in errors and the progress bar."""
         seen = 0
-        for index, batch in self.batches(loader, f"gradients: {what}"):
+        for index, batch in self.batches(loader, f"gradients: {what}", skip=skip):
             grads = self.gradients(batch, batch_index=index)
             seen += grads.batch_size
             yield batch, grads
-        if seen == 0 and not allow_empty:
+        if seen == 0 and not (allow_empty or skip):
             raise EmptyDataError(f"{what} yielded no examples: pass a loader over at least one example.")
 
-    def batches(self, loader: Iterable[Any], desc: str) -> Iterator[tuple[int, Any]]:
-        """``(index, batch)`` on the model's device, with the model in eval mode and a progress bar."""
+    def batches(self, loader: Iterable[Any], desc: str, *, skip: int = 0) -> Iterator[tuple[int, Any]]:
+        """``(index, batch)`` on the model's device, with the model in eval mode and a progress bar; the first
+        ``skip`` batches (done by a run that was interrupted) are read past without being moved or computed."""
         with eval_mode(self.gradients.model):
             for index, batch in enumerate(tqdm(loader, desc=desc, disable=not self.progress, leave=False)):
-                yield index, to_device(batch, self.device)
+                if index >= skip:
+                    yield index, to_device(batch, self.device)
 
 
 class TrainingGradients:
@@ -63,13 +67,14 @@ class TrainingGradients:
         """Whether the fit's gradients were kept (they fit the budget)."""
         return self._cache is not None
 
-    def record(self, loader: Iterable[Any], *, allow_empty: bool = False) -> Iterator[tuple[Any, BatchGradients]]:
-        """Pass 1 over ``loader``: yield every batch with its gradients and keep them while they fit."""
+    def record(self, loader: Iterable[Any], *, allow_empty: bool = False, skip: int = 0) -> Iterator[tuple[Any, BatchGradients]]:
+        """Pass 1 over ``loader`` (after ``skip`` batches): yield every batch with its gradients and keep them
+        while they fit (not on a resumed pass, whose first batches are not in memory)."""
         check_order(loader, "train_loader")
         check_reiterable(loader, "train_loader")
-        cache: list[BatchGradients] | None = []
+        cache: list[BatchGradients] | None = [] if not skip else None
         total = 0
-        for batch, grads in self.stream(loader, "train_loader", allow_empty=allow_empty):
+        for batch, grads in self.stream(loader, "train_loader", allow_empty=allow_empty, skip=skip):
             total += sum(g.numel() * g.element_size() for g in grads.grads.values())
             if cache is not None and total <= self.budget_bytes:
                 cache.append(BatchGradients(grads.losses, grads.grads))  # not pass 1's token factors
@@ -82,13 +87,13 @@ class TrainingGradients:
         """Drop the cache; ``loader`` (if given) is the training data of a fit loaded from disk."""
         self.fit_loader, self.gradient_bytes, self._cache = loader, 0, None
 
-    def __call__(self, loader: Iterable[Any]) -> Iterator[BatchGradients]:
-        """The per-sample gradients of ``loader``: from the cache when it holds this loader, else recomputed."""
+    def __call__(self, loader: Iterable[Any], *, skip: int = 0) -> Iterator[BatchGradients]:
+        """The per-sample gradients of ``loader`` after ``skip`` batches: from the cache when it holds this loader, else recomputed."""
         if self._cache is not None and loader is self.fit_loader:
-            yield from self._cache
+            yield from self._cache[skip:]
             return
         check_order(loader, "train_loader")
-        for _, grads in self.stream(loader, "train_loader"):
+        for _, grads in self.stream(loader, "train_loader", skip=skip):
             yield grads
 
 
