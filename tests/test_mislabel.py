@@ -270,3 +270,20 @@ def test_min_confidence_selects_the_tweets_and_is_checked():
     assert len(load_task(MislabelArgs(task="tweets")).texts) == int(confident.groupby("text")["sentiment"].nunique().eq(1).sum())
     with pytest.raises(DataError, match="--min-confidence"):
         load_task(MislabelArgs(task="tweets", min_confidence=1.5))
+
+
+def test_a_rerun_resumes_both_passes_from_their_checkpoints(args, monkeypatch):
+    """Checkpoints left as by a killed run (here: never deleted) are resumed, and the scores are unchanged."""
+    from hyperinf.checkpoints import PassCheckpoint, ResumedWarning
+
+    args = dataclasses.replace(args, fim=False, methods=("hyperinf", "exact", "tracin"), batch_size=8)
+    monkeypatch.setattr(PassCheckpoint, "finish", lambda self: None)
+    monkeypatch.setattr("hyperinf.experiments.mislabel.CHECKPOINT_EVERY", 3)  # 10 batches: checkpoints at 3, 6, 9
+    run_mislabel(args)
+    first = pd.read_parquet(args.out / "scores_seed0.parquet")
+    left = sorted(p.name for p in (args.out / "checkpoints").iterdir())
+    assert left == ["rank2_seed0.fit.ckpt", "rank2_seed0.score.ckpt"]
+    with pytest.warns(ResumedWarning) as resumed:
+        run_mislabel(args)
+    assert {str(w.message).split(":")[0] for w in resumed} == {"fit", "score"}
+    pd.testing.assert_frame_equal(pd.read_parquet(args.out / "scores_seed0.parquet"), first)

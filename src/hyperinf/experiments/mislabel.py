@@ -38,6 +38,7 @@ from hyperinf.tasks.textdata import MislabelSplit, TextDataset, load_bbc_news, l
 DEFAULT_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
 FIM_METHODS = ("hyperinf-fim", "exact-fim")
 REFERENCES = ("self-influence", "training loss", "random")
+CHECKPOINT_EVERY = 50  # batches between checkpoints of the influence passes (a few seconds of work on MiniLM)
 TRAINING_REVISION = 2  # part of the adapter cache key: bump when train_or_load trains differently (2: seeded dropout)
 
 
@@ -256,8 +257,14 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
     predicted = predict(seed.model, train_loader)
     engine = influence_engine(args, seed)
     methods, skipped = _methods_for(args, engine)
-    engine.fit(train_loader, methods=methods)
-    scored = engine.score_methods(train_loader, val_loader, methods, self_influence="hyperinf")
+    # A killed run resumes both passes from here (the adapter itself comes back from its cache).
+    checkpoints = args.out / "checkpoints" / f"rank{args.rank}_seed{args.seed}"
+    every = CHECKPOINT_EVERY
+    engine.fit(train_loader, methods=methods, checkpoint=checkpoints.with_suffix(".fit.ckpt"), checkpoint_every=every)
+    scored = engine.score_methods(
+        train_loader, val_loader, methods, self_influence="hyperinf", checkpoint=checkpoints.with_suffix(".score.ckpt"),
+        checkpoint_every=every,
+    )  # fmt: skip
     scores = {**scored, "self-influence": -scored.self_influence, "training loss": scored.train_loss}
     scores["random"] = torch.rand(args.n_train, generator=torch.Generator().manual_seed(args.seed))
     rows = [_detection_row(name, s, split.flipped, engine.ihvp_seconds.get(name)) for name, s in scores.items()]
