@@ -21,10 +21,11 @@ from torch import nn
 from hyperinf import distributed, scoring
 from hyperinf.blocks import BlockSpec, select_blocks
 from hyperinf.config import InfluenceConfig
-from hyperinf.errors import NotFittedError
+from hyperinf.errors import ConfigurationError, NotFittedError
 from hyperinf.fitted import FittedCurvature
 from hyperinf.forward import DirectionalDerivatives, TrainingScores
 from hyperinf.gradients import LossFn, PerSampleGradients
+from hyperinf.hessian import OutputFn, OutputFunctions, OutputLossFn
 from hyperinf.methods import Method, get_method
 from hyperinf.preconditioners import BlockDiagnostics, Preconditioner, Vectors
 from hyperinf.results import save_results
@@ -37,12 +38,29 @@ class InfluenceEngine:
 
     ``loss_fn(model, batch)`` returns per-example losses ``[B]``. ``blocks`` is ``"lora"``,
     ``"linear"`` or a list of module names; ``method`` one of :func:`hyperinf.methods.method_names`.
+    ``output_fn(model, batch) -> [B, K]`` and ``output_loss(outputs, batch) -> [B]`` split
+    ``loss_fn`` into the model's outputs and the loss of them (e.g. the logits, and
+    ``F.cross_entropy(logits, labels, reduction="none")``): only ``exact-ggn``'s fit needs them.
     Other keyword options are the fields of :class:`hyperinf.config.InfluenceConfig`.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, *, blocks: BlockSpec = "lora", method: str = "hyperinf", **options: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        blocks: BlockSpec = "lora",
+        method: str = "hyperinf",
+        output_fn: OutputFn | None = None,
+        output_loss: OutputLossFn | None = None,
+        **options: Any,
+    ) -> None:
         self.config = InfluenceConfig(**options)
         self._check_method(method)
+        if (output_fn is None) != (output_loss is None):
+            given, missing = ("output_fn", "output_loss") if output_loss is None else ("output_loss", "output_fn")
+            raise ConfigurationError(f"{given} was given without {missing}: the exact GGN needs both (or neither for other methods).")
+        self.outputs = OutputFunctions(output_fn, output_loss) if output_fn is not None and output_loss is not None else None
         if self.config.distributed:
             distributed.require_initialized()
         self.model, self.method, self.block_spec = model, method, blocks
@@ -62,7 +80,7 @@ class InfluenceEngine:
         """Accumulate the curvature every method in ``{method} | methods`` needs, in one pass."""
         wanted = [self._check_method(m) for m in dict.fromkeys([self.method, *methods])]
         batches = self._train.record(train_loader, allow_empty=True)
-        self._fit = FittedCurvature.accumulate(batches, wanted, self.config, self.gradients, self._reduce)
+        self._fit = FittedCurvature.accumulate(batches, wanted, self.config, self.gradients, self._reduce, self.outputs)
         return self
 
     def save_fit(self, directory: str | Path) -> Path:
