@@ -152,3 +152,28 @@ def test_an_output_loss_that_averages_the_batch_is_a_loss_shape_error():
     )  # fmt: skip
     with pytest.raises(LossShapeError, match=r"output_loss must return one loss per example, shape \[7\], got shape \(\)"):
         engine.fit(train)
+
+
+def test_the_ggn_of_a_deep_linear_network_with_a_squared_loss_is_kfacs_true_fisher_form():
+    """Each diagonal block is ``B^T B (x) E[a a^T]`` (``a``: the layer's input with a 1 for the bias, ``B``: the later weights).
+
+    The Jacobian of the outputs in a linear layer's output is ``B`` for every example and ``H = I``,
+    so the block is exactly Kronecker: K-FAC with the true Fisher's output factor ``E[B^T H B]``.
+    (The ``kfac`` method uses the empirical output factor ``E[delta delta^T] = B^T E[r r^T] B``
+    instead: on this network it is neither the GGN block nor the empirical Fisher block, measured 92-117% and
+    21-48% away from them in relative Frobenius norm.)
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 3), nn.Linear(3, K)).double()
+    train = make_data("squared", N_TRAIN, seed=1)
+    engine = engine_for(model, "squared").fit(DataLoader(train, batch_size=7))
+    layers, a, start = list(model), train.tensors[0], 0
+    for i, block in enumerate(engine.blocks):
+        later = torch.eye(layers[i].out_features, dtype=torch.float64)
+        for layer in layers[i + 1 :]:
+            later = layer.weight.detach() @ later
+        inputs = torch.cat([a, torch.ones(N_TRAIN, 1, dtype=torch.float64)], dim=1)
+        expected = torch.kron(later.T @ later, inputs.T @ inputs / N_TRAIN)
+        got = engine.fitted.ggn[start : start + block.num_params, start : start + block.num_params]
+        assert float((got - expected).abs().max()) < 1e-12, block.name  # measured <= 1.7e-16
+        a, start = layers[i](a).detach(), start + block.num_params
