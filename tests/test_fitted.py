@@ -13,12 +13,20 @@ from torch.utils.data import DataLoader, TensorDataset
 from hyperinf import InfluenceEngine
 from hyperinf.errors import FitMismatchError, NotFittedError
 
-METHODS = ["hyperinf", "exact", "exact-fim", "hyperinf-fim", "exact-hessian", "lissa", "tracin", "datainf", "kfac", "ekfac"]
+METHODS = ["hyperinf", "exact", "exact-fim", "hyperinf-fim", "exact-hessian", "exact-ggn", "lissa", "tracin", "datainf", "kfac", "ekfac"]
 TRAIN_PASS_AT_BUILD = ("datainf", "ekfac")  # a loaded fit recomputes the training gradients for these
 
 
+def logits(model, batch):
+    return model(batch[0])
+
+
+def output_loss(outputs, batch):
+    return F.cross_entropy(outputs, batch[1], reduction="none")
+
+
 def loss_fn(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+    return output_loss(logits(model, batch), batch)
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -34,7 +42,8 @@ def data():
 
 
 def engine_of(model, **options):
-    options = {"damping": 0.5, "damping_mode": "absolute", **options}  # enough to make the tanh MLP's Hessian PD
+    # Damping enough to make the tanh MLP's Hessian PD; the output functions for the exact GGN's fit.
+    options = {"damping": 0.5, "damping_mode": "absolute", "output_fn": logits, "output_loss": output_loss, **options}
     return InfluenceEngine(model, loss_fn, blocks="linear", dtype="float64", progress=False, **options)
 
 
@@ -78,7 +87,7 @@ def test_a_loaded_fit_can_be_damped_again(saved, data):
 def test_the_saved_folder_names_blocks_weights_and_count(saved):
     folder, _, engine = saved
     meta = json.loads((folder / "fit.json").read_text())
-    assert meta["count"] == 30 and meta["fim"] and meta["hessian"] and meta["kronecker"]
+    assert meta["count"] == 30 and meta["fim"] and meta["hessian"] and meta["ggn"] and meta["kronecker"]
     assert [b["name"] for b in meta["blocks"]] == [b.name for b in engine.blocks]
     assert all(len(b["weights"]) == 64 for b in meta["blocks"])
 
@@ -102,6 +111,8 @@ def test_a_fit_without_what_the_method_needs_is_refused(tmp_path, data, saved):
         engine_of(make_model(), method="exact-fim").load_fit(folder)
     with pytest.raises(NotFittedError, match=r"needs the Kronecker factors: call fit\(train_loader, methods=\['kfac'\]\)"):
         engine_of(make_model(), method="kfac").load_fit(folder)
+    with pytest.raises(NotFittedError, match=r"needs the exact GGN: call fit\(train_loader, methods=\['exact-ggn'\]\)"):
+        engine_of(make_model(), method="exact-ggn").load_fit(folder)
     for method in TRAIN_PASS_AT_BUILD:  # a fit with every sum, loaded without its training data
         with pytest.raises(NotFittedError, match=f"method '{method}' sums over the training gradients.*pass train_loader= to load_fit"):
             engine_of(make_model(), method=method).load_fit(saved[0]).score(train, train)

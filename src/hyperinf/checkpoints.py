@@ -80,7 +80,7 @@ def fit_checkpoint(
         "pass": "fit",
         "blocks": fingerprint(blocks),
         "layout": config.layout(),
-        "needs": sorted({kind for m in methods for kind in ("fim", "hessian", "kronecker") if getattr(m, kind)}),
+        "needs": sorted({kind for m in methods for kind in ("fim", "hessian", "ggn", "kronecker") if getattr(m, kind)}),
         "batches": len(loader) if hasattr(loader, "__len__") else None,
     }
     return PassCheckpoint(per_process(path, config.distributed), settings, every)

@@ -26,6 +26,7 @@ from hyperinf.errors import NotFittedError
 from hyperinf.fitted import FittedCurvature
 from hyperinf.forward import DirectionalDerivatives, TrainingScores
 from hyperinf.gradients import LossFn, PerSampleGradients
+from hyperinf.hessian import OutputFn, OutputLossFn, output_functions
 from hyperinf.methods import Method, get_method
 from hyperinf.preconditioners import BlockDiagnostics, Preconditioner, Vectors
 from hyperinf.results import save_results
@@ -38,12 +39,19 @@ class InfluenceEngine:
 
     ``loss_fn(model, batch)`` returns per-example losses ``[B]``. ``blocks`` is ``"lora"``,
     ``"linear"`` or a list of module names; ``method`` one of :func:`hyperinf.methods.method_names`.
+    ``output_fn(model, batch) -> [B, K]`` and ``output_loss(outputs, batch) -> [B]`` split
+    ``loss_fn`` into the model's outputs and the loss of them (e.g. the logits, and
+    ``F.cross_entropy(logits, labels, reduction="none")``): only ``exact-ggn``'s fit needs them.
     Other keyword options are the fields of :class:`hyperinf.config.InfluenceConfig`.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, *, blocks: BlockSpec = "lora", method: str = "hyperinf", **options: Any) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, *, blocks: BlockSpec = "lora", method: str = "hyperinf",
+        output_fn: OutputFn | None = None, output_loss: OutputLossFn | None = None, **options: Any,
+    ) -> None:  # fmt: skip
         self.config = InfluenceConfig(**options)
         self._check_method(method)
+        self.outputs = output_functions(output_fn, output_loss)
         if self.config.distributed:
             distributed.require_initialized()
         self.model, self.method, self.block_spec = model, method, blocks
@@ -58,21 +66,16 @@ class InfluenceEngine:
         self._results: dict[str, torch.Tensor] = {}
         self.ihvp_seconds: dict[str, float] = {}
 
-    # ------------------------------------------------------------------ pass 1
     def fit(
         self, train_loader: Iterable[Any], *, methods: Sequence[str] = (), checkpoint: str | Path | None = None, checkpoint_every: int = 50
     ) -> InfluenceEngine:
-        """Accumulate the curvature every method in ``{method} | methods`` needs, in one pass.
-
-        With ``checkpoint`` (a file path; one per process when distributed), the partial sums are
-        written there every ``checkpoint_every`` batches, and a rerun after a crash resumes after
-        them (a :class:`~hyperinf.checkpoints.ResumedWarning` says from where) with the same result.
-        """
+        """Accumulate the curvature every method in ``{method} | methods`` needs, in one pass; ``checkpoint``
+        (a file) makes it resumable after a crash, with the same result (:mod:`hyperinf.checkpoints`)."""
         wanted = [self._check_method(m) for m in dict.fromkeys([self.method, *methods])]
         saver = fit_checkpoint(checkpoint, checkpoint_every, self.blocks, self.config, wanted, train_loader) if checkpoint else None
         resumed = saver.resume("fit") if saver is not None else (0, {})
         batches = self._train.record(train_loader, allow_empty=True, skip=resumed[0])
-        self._fit = FittedCurvature.accumulate(batches, wanted, self.config, self.gradients, self._reduce, saver, resumed)
+        self._fit = FittedCurvature.accumulate(batches, wanted, self.config, self.gradients, self._reduce, saver, resumed, self.outputs)
         return self
 
     def save_fit(self, directory: str | Path) -> Path:
@@ -90,7 +93,6 @@ class InfluenceEngine:
         self._train.forget(train_loader)
         return self
 
-    # ------------------------------------------------------------------ pass 2
     def score(self, train_loader: Iterable[Any], val_loader: Iterable[Any], *, method: str | None = None) -> torch.Tensor:
         """Influence of each training example on the mean validation loss, ``[n_train]``."""
         method = method or self.method
@@ -103,10 +105,9 @@ class InfluenceEngine:
         """:meth:`score` for several methods with one validation pass and one training pass.
 
         The same training pass keeps each example's training loss and, with ``self_influence=method``,
-        its self-influence: where the gradients are recomputed, a second pass would cost as much as the
-        first. The time each method took to turn ``v`` into ``h`` (building its inverse the first time,
-        or DataInf's pass over the training gradients) is kept in :attr:`ihvp_seconds`. ``checkpoint``
-        makes the training pass resumable, as for :meth:`fit`.
+        its self-influence (a second pass would cost as much as the first where gradients are recomputed).
+        The time each method took to turn ``v`` into ``h`` (its first build included) is kept in
+        :attr:`ihvp_seconds`. ``checkpoint`` makes the training pass resumable, as for :meth:`fit`.
         """
         own = self._per_example_preconditioner(self_influence) if self_influence else None
         v = self.mean_gradient(val_loader, "val_loader")
@@ -159,7 +160,6 @@ class InfluenceEngine:
             parts.append(running.result())
         return TopK.cat(parts)
 
-    # ------------------------------------------------------------------ parts
     def preconditioner(self, method: str) -> Preconditioner:
         """The fitted preconditioner of ``method`` (built once, then reused)."""
         self._check_method(method)

@@ -1,7 +1,7 @@
 """The fitted curvature: pass 1's sums over the training data, the preconditioners built from them, save and load.
 
 A fit is saved as a folder — ``curvature.safetensors`` (the per-block GFIM sums, squared norms,
-and the flattened FIM / exact Hessian / Kronecker factors when accumulated) and ``fit.json`` (example count, layout
+and the flattened FIM / exact Hessian / exact GGN / Kronecker factors when accumulated) and ``fit.json`` (example count, layout
 options, and a fingerprint of every selected block: name, shape, side and a SHA-256 of its
 weights) — and loaded to score new queries without pass 1. Damping and inverse options are not
 part of the fit: they apply when a preconditioner is built, so a loaded fit can be re-damped.
@@ -22,9 +22,9 @@ from hyperinf.blocks import Block, fingerprint
 from hyperinf.checkpoints import PassCheckpoint
 from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import CurvatureAccumulator, KroneckerAccumulator
-from hyperinf.errors import EmptyDataError, FitMismatchError, NotFittedError
+from hyperinf.errors import ConfigurationError, EmptyDataError, FitMismatchError, NotFittedError
 from hyperinf.gradients import BatchGradients, PerSampleGradients
-from hyperinf.hessian import HessianAccumulator
+from hyperinf.hessian import GGNAccumulator, HessianAccumulator, OutputFunctions
 from hyperinf.methods import FittedInputs, Method, build_preconditioner, get_method
 from hyperinf.preconditioners import BlockDiagnostics, GradientSource, Preconditioner, Reduce
 from hyperinf.results import atomic_write, write_json
@@ -34,14 +34,19 @@ _TENSORS, _META = "curvature.safetensors", "fit.json"
 
 
 class FittedCurvature:
-    """Curvature sums of the selected blocks (exact Hessian, Kronecker factors), and the preconditioners built from them."""
+    """Curvature sums of the selected blocks (exact Hessian, exact GGN, Kronecker factors), and the preconditioners built from them."""
 
     def __init__(
-        self, curvature: CurvatureAccumulator, hessian: torch.Tensor | None = None, kronecker: KroneckerAccumulator | None = None
+        self,
+        curvature: CurvatureAccumulator,
+        hessian: torch.Tensor | None = None,
+        kronecker: KroneckerAccumulator | None = None,
+        ggn: torch.Tensor | None = None,
     ) -> None:
         self.curvature = curvature
         self.hessian = hessian
         self.kronecker = kronecker
+        self.ggn = ggn
         self._built: dict[str, Preconditioner] = {}
         self._unreported_seconds: dict[str, float] = {}
 
@@ -55,20 +60,27 @@ class FittedCurvature:
         reduce: Reduce,
         checkpoint: PassCheckpoint | None = None,
         resumed: tuple[int, Mapping[str, torch.Tensor]] = (0, {}),
+        outputs: OutputFunctions | None = None,
     ) -> FittedCurvature:
         """Pass 1: sum what every method in ``methods`` needs over ``batches`` (and over processes with ``reduce``).
 
         ``batches`` must be a lazy stream of ``gradients``' batches: the Kronecker factors are captured while it is read.
         With a ``checkpoint``, the partial sums are written every few batches; ``resumed`` is an
         earlier run's ``(batches done, sums)``, and ``batches`` then starts after those batches.
+        ``outputs`` (the model's outputs and the loss of them) is needed by the exact GGN only.
         """
         fim = any(m.fim for m in methods)
         curvature = CurvatureAccumulator(gradients.blocks, fim=fim, dtype=config.torch_dtype, fim_max_params=config.fim_max_params)
         hessian = None
         if any(m.hessian for m in methods):
             hessian = HessianAccumulator(gradients.blocks, max_params=config.hessian_max_params, dtype=config.torch_dtype)
+        ggn = None
+        if any(m.ggn for m in methods):
+            if outputs is None:
+                raise ConfigurationError(MISSING_OUTPUTS)
+            ggn = GGNAccumulator(gradients.blocks, max_params=config.hessian_max_params, dtype=config.torch_dtype)
         kronecker = KroneckerAccumulator(gradients.blocks, dtype=config.torch_dtype) if any(m.kronecker for m in methods) else None
-        sums = {"curvature": curvature, "hessian": hessian, "kronecker": kronecker}
+        sums = {"curvature": curvature, "hessian": hessian, "ggn": ggn, "kronecker": kronecker}
         sums = {key: acc for key, acc in sums.items() if acc is not None}
         done, state = resumed
         if state:
@@ -78,6 +90,8 @@ class FittedCurvature:
                 curvature.update(grads.grads)
                 if hessian is not None:
                     hessian.update(gradients.model, gradients.loss_fn, batch)
+                if ggn is not None:
+                    ggn.update(gradients.model, outputs, batch)
                 if kronecker is not None:
                     if grads.factors is None:
                         raise ValueError("batches were computed before accumulate: pass the lazy stream of fit's batches")
@@ -85,17 +99,14 @@ class FittedCurvature:
                 done += 1
                 if checkpoint is not None:
                     checkpoint.save(done, lambda: _partial(sums))
-        curvature.count = reduce(curvature.tensors(), curvature.count)
-        if hessian is not None:
-            hessian.count = reduce(hessian.tensors(), hessian.count)
-        if kronecker is not None:
-            kronecker.count = reduce(kronecker.tensors(), kronecker.count)
+        for accumulator in sums.values():
+            accumulator.count = reduce(accumulator.tensors(), accumulator.count)
         if curvature.count == 0:
             raise EmptyDataError("train_loader yielded no examples: fit needs at least one training example.")
         curvature.warn_dead_blocks(stacklevel=3)
         if checkpoint is not None:
             checkpoint.finish()
-        return cls(curvature, hessian.hessian() if hessian is not None else None, kronecker)
+        return cls(curvature, hessian.matrix() if hessian is not None else None, kronecker, ggn.matrix() if ggn is not None else None)
 
     @property
     def count(self) -> int:
@@ -108,6 +119,8 @@ class FittedCurvature:
             raise NotFittedError(f"method {name!r} needs the flattened FIM: call fit(train_loader, methods=[{name!r}]).")
         if method.hessian and self.hessian is None:
             raise NotFittedError(f"method {name!r} needs the exact Hessian: call fit(train_loader, methods=[{name!r}]).")
+        if method.ggn and self.ggn is None:
+            raise NotFittedError(f"method {name!r} needs the exact GGN: call fit(train_loader, methods=[{name!r}]).")
         if method.kronecker and self.kronecker is None:
             raise NotFittedError(f"method {name!r} needs the Kronecker factors: call fit(train_loader, methods=[{name!r}]).")
 
@@ -118,7 +131,7 @@ class FittedCurvature:
         self.require(name)
         if name not in self._built:
             start = time.perf_counter()
-            inputs = FittedInputs(self.curvature, config, self.hessian, train_gradients, reduce, self.kronecker)
+            inputs = FittedInputs(self.curvature, config, self.hessian, train_gradients, reduce, self.kronecker, self.ggn)
             self._built[name] = build_preconditioner(name, inputs)
             self._unreported_seconds[name] = time.perf_counter() - start
         return self._built[name]
@@ -136,8 +149,9 @@ class FittedCurvature:
         directory = Path(directory)
         sums = {**self.curvature.named_tensors(), **(self.kronecker.named_tensors() if self.kronecker is not None else {})}
         tensors = {name: t.detach().cpu().contiguous() for name, t in sums.items()}
-        if self.hessian is not None:
-            tensors["hessian"] = self.hessian.detach().cpu().contiguous()
+        for name, matrix in (("hessian", self.hessian), ("ggn", self.ggn)):
+            if matrix is not None:
+                tensors[name] = matrix.detach().cpu().contiguous()
         (directory / _META).unlink(missing_ok=True)
         atomic_write(directory / _TENSORS, lambda tmp: save_file(tensors, str(tmp)))
         meta = {
@@ -145,6 +159,7 @@ class FittedCurvature:
             "count": self.count,
             "fim": self.curvature.fim is not None,
             "hessian": self.hessian is not None,
+            "ggn": self.ggn is not None,
             "kronecker": self.kronecker is not None,
             "layout": config.layout(),
             "blocks": fingerprint(self.curvature.blocks),
@@ -168,12 +183,23 @@ class FittedCurvature:
         curvature = CurvatureAccumulator(blocks, fim=meta["fim"], dtype=config.torch_dtype)
         tensors = load_file(str(directory / _TENSORS))
         curvature.load(tensors, meta["count"])
-        hessian = tensors["hessian"].to(blocks[0].module.weight.device) if meta["hessian"] else None
+        device = blocks[0].module.weight.device
+        hessian = tensors["hessian"].to(device) if meta["hessian"] else None
+        ggn = tensors["ggn"].to(device) if meta.get("ggn", False) else None  # fits saved before the GGN have no such key
         kronecker = None
         if meta.get("kronecker", False):  # fits saved before K-FAC have no such key
             kronecker = KroneckerAccumulator(blocks, dtype=config.torch_dtype)
             kronecker.load(tensors, meta["count"])
-        return cls(curvature, hessian, kronecker)
+        return cls(curvature, hessian, kronecker, ggn)
+
+
+MISSING_OUTPUTS = (
+    "method 'exact-ggn' needs the model's outputs and the loss of them separately: pass "
+    "InfluenceEngine(model, loss_fn, output_fn=..., output_loss=...), with output_fn(model, batch) -> [B, K] "
+    "and output_loss(outputs, batch) -> [B] such that output_loss(output_fn(model, batch), batch) is loss_fn(model, batch); "
+    "e.g. output_fn=lambda model, batch: model(batch[0]) (the logits) and "
+    "output_loss=lambda logits, batch: F.cross_entropy(logits, batch[1], reduction='none')."
+)
 
 
 def _check_layout(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:

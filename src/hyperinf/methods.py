@@ -1,12 +1,16 @@
 """Influence methods: each turns block vectors ``V_l`` (``[m, r, d]``) into ``h_l ~ A_l^{-1} V_l``.
 
 All methods share the damped curvature ``A_l = G_l + lambda_l I`` (or its flattened-FIM /
-exact-Hessian analogue) with the same ``lambda_l``, so they differ only in how they invert:
+exact-Hessian / exact-GGN analogue) with the same ``lambda_l``, so they differ only in how they invert:
 
 - ``hyperinf``: Schulz's iteration on the ``d x d`` GFIM; ``h = V X``.
 - ``hyperinf-fim``: Schulz on the flattened ``rd x rd`` FIM (small blocks only).
 - ``exact`` / ``exact-fim``: Cholesky on the same matrices (the ground truth of the above).
 - ``exact-hessian``: Cholesky on the exact Hessian of the selected parameters + damping.
+- ``exact-ggn``: Cholesky on the exact generalized Gauss-Newton matrix ``(1/n) sum_i J_i^T H_i J_i``
+  of the selected parameters + damping (``J_i``: Jacobian of example i's outputs, ``H_i``: Hessian of
+  its loss in them; needs the engine's ``output_fn`` and ``output_loss``): positive semi-definite,
+  the matrix K-FAC / EK-FAC approximate.
 - ``datainf``: the closed form of Kwon et al., one pass over the training gradients.
 - ``lissa``: ``lissa_iters`` terms of the Neumann series of ``A / s``, ``s >= lambda_max`` (converges).
 - ``tracin``: ``h = v`` (no curvature).
@@ -42,7 +46,7 @@ from hyperinf.preconditioners import (
 
 @dataclass
 class FittedInputs:
-    """What a method may build from: the fitted curvature (Hessian, Kronecker factors), and a pass over the training data."""
+    """What a method may build from: the fitted curvature (Hessian, Kronecker factors, GGN), and a pass over the training data."""
 
     curvature: CurvatureAccumulator
     config: InfluenceConfig
@@ -50,6 +54,7 @@ class FittedInputs:
     train_gradients: GradientSource | None = None
     reduce: Reduce | None = None
     kronecker: KroneckerAccumulator | None = None
+    ggn: torch.Tensor | None = None
 
     def damping(self) -> dict[str, float]:
         """``lambda_l`` of every block under the run's damping options (the same for every method)."""
@@ -61,7 +66,7 @@ class FittedInputs:
 class Method:
     """One influence method: what it needs from pass 1, and how it builds its preconditioner.
 
-    ``fim``: the flattened ``rd x rd`` FIM is accumulated; ``hessian``: the exact Hessian is;
+    ``fim``: the flattened ``rd x rd`` FIM is accumulated; ``hessian``: the exact Hessian is; ``ggn``: the exact GGN is;
     ``kronecker``: the token covariances of each block's inputs and output gradients are; ``train_pass``: every ``apply`` sums over the training gradients (no self-influence then,
     and pass 2 cannot skip per-example gradients); ``check`` refuses configurations the method
     cannot run with, before any data is read.
@@ -71,6 +76,7 @@ class Method:
     build: Callable[[FittedInputs, list[BlockDiagnostics]], Preconditioner]
     fim: bool = False
     hessian: bool = False
+    ggn: bool = False
     kronecker: bool = False
     train_pass: bool = False
     check: Callable[[InfluenceConfig], None] | None = None
@@ -125,25 +131,33 @@ def _block_inverse(fim: bool, iterative: bool) -> Callable[[FittedInputs, list[B
     return build
 
 
-def _exact_hessian(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
-    if fitted.hessian is None:
-        raise NotFittedError("method 'exact-hessian' needs the exact Hessian: call fit(train_loader, methods=['exact-hessian']).")
-    blocks, hessian, damping = fitted.curvature.blocks, fitted.hessian, fitted.damping()
-    diagonal = torch.cat([torch.full((b.num_params,), damping[b.name], dtype=hessian.dtype) for b in blocks])
-    damped = hessian + torch.diag(diagonal.to(hessian.device))
-    try:
-        inverse = linalg.cholesky_inverse(damped)
-    except NotSPDError:
-        lowest = float(torch.linalg.eigvalsh(damped.double())[0])
-        if lowest >= 0:
-            raise
-        raise NotSPDError(
-            f"the damped exact Hessian of the selected blocks is indefinite (most negative eigenvalue {lowest:.4g}): "
-            "the loss is not convex in these parameters (e.g. a network with hidden layers), so -v^T H^{-1} g has no "
-            "influence meaning. Use a Fisher method ('exact', 'hyperinf': their curvature is positive semi-definite), "
-            f"or a damping above {-lowest:.4g} (damping_mode='absolute')."
-        ) from None
-    return InversePreconditioner("exact-hessian", blocks, diagnostics, right={}, flat_groups=[([b.name for b in blocks], inverse)])
+def _exact_curvature(ggn: bool) -> Callable[[FittedInputs, list[BlockDiagnostics]], Preconditioner]:
+    """Cholesky on the exact GGN or Hessian of all selected parameters, each block's coordinates damped by its ``lambda_l``."""
+    name, what = ("exact-ggn", "exact GGN") if ggn else ("exact-hessian", "exact Hessian")
+
+    def build(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
+        matrix = fitted.ggn if ggn else fitted.hessian
+        if matrix is None:
+            raise NotFittedError(f"method {name!r} needs the {what}: call fit(train_loader, methods=[{name!r}]).")
+        blocks, damping = fitted.curvature.blocks, fitted.damping()
+        diagonal = torch.cat([torch.full((b.num_params,), damping[b.name], dtype=matrix.dtype) for b in blocks])
+        damped = matrix + torch.diag(diagonal.to(matrix.device))
+        try:
+            inverse = linalg.cholesky_inverse(damped)
+        except NotSPDError:
+            lowest = float(torch.linalg.eigvalsh(damped.double())[0])
+            if ggn or lowest >= 0:
+                raise
+            raise NotSPDError(
+                f"the damped exact Hessian of the selected blocks is indefinite (most negative eigenvalue {lowest:.4g}): "
+                "the loss is not convex in these parameters (e.g. a network with hidden layers), so -v^T H^{-1} g has no "
+                "influence meaning. Use 'exact-ggn' (the exact Gauss-Newton matrix: the Hessian without the network's second "
+                "derivatives, positive semi-definite) or a Fisher method ('exact', 'hyperinf'), "
+                f"or a damping above {-lowest:.4g} (damping_mode='absolute')."
+            ) from None
+        return InversePreconditioner(name, blocks, diagnostics, right={}, flat_groups=[([b.name for b in blocks], inverse)])
+
+    return build
 
 
 def _lissa(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
@@ -252,7 +266,8 @@ for _method in (
     Method("hyperinf-fim", _block_inverse(fim=True, iterative=True), fim=True),
     Method("exact", _block_inverse(fim=False, iterative=False)),
     Method("exact-fim", _block_inverse(fim=True, iterative=False), fim=True),
-    Method("exact-hessian", _exact_hessian, hessian=True),
+    Method("exact-hessian", _exact_curvature(ggn=False), hessian=True),
+    Method("exact-ggn", _exact_curvature(ggn=True), ggn=True),
     Method("datainf", _datainf, train_pass=True, check=_check_datainf),
     Method("lissa", _lissa),
     Method("tracin", _tracin),
