@@ -2,15 +2,17 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
 .PHONY: test test-slow demo bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[hf,data,experiments,test]'
+	# kronfluence, for tests/test_kronfluence_agreement.py only: --no-deps, its metadata pulls torchvision (CUDA torch)
+	$(PY) -m pip install --quiet --no-deps kronfluence==1.0.1 einops einconv opt_einsum
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
