@@ -4,19 +4,27 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
+MAIN_EXTRAS := hf,data,experiments,test
+PEER_EXTRAS := hf,data,experiments
 PEERS  := .venv-peers
 PEERS_PY := $(PEERS)/bin/python
 PEERS_STAMP := $(PEERS)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
 .PHONY: test test-slow demo bench bench-peers clean
 
+# $(call environment,DIR,EXTRAS): create or reuse the virtual environment DIR with the CPU torch
+# wheel, hyperinf[EXTRAS] and kronfluence (tests/test_kronfluence_agreement.py, the peer benchmark),
+# which goes in with --no-deps because its metadata asks for torchvision (that pulls CUDA torch).
+define environment
+test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+$(1)/bin/python -m pip install --quiet --upgrade pip
+$(1)/bin/python -m pip install --quiet torch==2.13.0
+$(1)/bin/python -m pip install --quiet -e '.[$(2)]'
+$(1)/bin/python -m pip install --quiet --no-deps kronfluence==1.0.1 einops einconv opt_einsum
+endef
+
 $(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[hf,data,experiments,test]'
-	# kronfluence, for tests/test_kronfluence_agreement.py only: --no-deps, its metadata pulls torchvision (CUDA torch)
-	$(PY) -m pip install --quiet --no-deps kronfluence==1.0.1 einops einconv opt_einsum
+	$(call environment,$(VENV),$(MAIN_EXTRAS))
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -35,14 +43,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_distributed.py
 	$(PY) benchmarks/bench_pass2.py
 
-# The peer libraries live in their own environment. kronfluence's metadata asks for torchvision
-# (which pulls CUDA torch), so it goes in with --no-deps plus its pure-Python dependencies.
+# The peer libraries live in their own environment.
 $(PEERS_STAMP): pyproject.toml Makefile
-	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS)
-	$(PEERS_PY) -m pip install --quiet --upgrade pip
-	$(PEERS_PY) -m pip install --quiet torch==2.13.0
-	$(PEERS_PY) -m pip install --quiet -e '.[hf,data,experiments]'
-	$(PEERS_PY) -m pip install --quiet --no-deps kronfluence==1.0.1 einops einconv opt_einsum
+	$(call environment,$(PEERS),$(PEER_EXTRAS))
 	$(PEERS_PY) -m pip install --quiet dattri==0.3.0 captum==0.9.0 mlxtend
 	rm -f $(PEERS)/.installed-*
 	touch $(PEERS_STAMP)
