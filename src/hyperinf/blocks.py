@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -192,9 +192,15 @@ def fingerprint(blocks: Sequence[Block]) -> list[dict[str, Any]]:
     """Name, gradient layout and a SHA-256 of the weights of every block: what a fit is valid for."""
     rows = []
     for block in blocks:
-        digest = hashlib.sha256()
-        for param in block.parameters():
-            digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         r, d = block.shape
-        rows.append({"name": block.name, "r": r, "d": d, "side": block.side, "bias": block.has_bias, "weights": digest.hexdigest()})
+        weights = tensor_digest(block.parameters())
+        rows.append({"name": block.name, "r": r, "d": d, "side": block.side, "bias": block.has_bias, "weights": weights})
     return rows
+
+
+def tensor_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of the raw bytes of ``tensors``, in order (any dtype, any device)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -9,7 +9,6 @@ mixing two runs. The file goes once its pass completes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hyperinf.blocks import Block, fingerprint
+from hyperinf.blocks import Block, fingerprint, tensor_digest
 from hyperinf.config import InfluenceConfig
 from hyperinf.distributed import per_process
 from hyperinf.errors import CheckpointMismatchError
@@ -92,13 +91,10 @@ def score_checkpoint(
 ) -> PassCheckpoint:
     """The checkpoint of a scoring pass: valid for the same weights, directions ``h`` (so the same curvature,
     damping and validation set), score columns, self-influence method and loader length."""
-    digest = hashlib.sha256()
-    for name in sorted(directions):
-        digest.update(directions[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     settings = {
         "pass": "score",
         "blocks": fingerprint(blocks),
-        "directions": digest.hexdigest(),
+        "directions": tensor_digest(directions[name] for name in sorted(directions)),
         "columns": list(columns),
         "self_influence": self_influence,
         "batches": len(loader) if hasattr(loader, "__len__") else None,

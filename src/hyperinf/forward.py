@@ -111,9 +111,8 @@ class TrainingScores:
         self, loader: Iterable[Any], h: Mapping[str, torch.Tensor], *, per_example: bool = False, skip: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, BatchGradients | None]]:
         """Batches after the first ``skip`` (those a resumed run already scored)."""
-        cached = self.train.cached and loader is self.train.fit_loader
         m = next(iter(h.values())).shape[0]
-        self.path = choose_pass2(self.setting, m, per_example=per_example, cached=cached)
+        self.path = choose_pass2(self.setting, m, per_example=per_example, cached=self.train.holds(loader))
         if self.path == "gradients":
             for batch in self.train(loader, skip=skip):
                 yield batch.losses, -inner(batch.grads, h), batch

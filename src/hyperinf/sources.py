@@ -87,9 +87,13 @@ class TrainingGradients:
         """Drop the cache; ``loader`` (if given) is the training data of a fit loaded from disk."""
         self.fit_loader, self.gradient_bytes, self._cache = loader, 0, None
 
+    def holds(self, loader: Iterable[Any]) -> bool:
+        """Whether the cache holds ``loader``'s gradients (it is the fit's loader, and they fit the budget)."""
+        return self._cache is not None and loader is self.fit_loader
+
     def __call__(self, loader: Iterable[Any], *, skip: int = 0) -> Iterator[BatchGradients]:
         """The per-sample gradients of ``loader`` after ``skip`` batches: from the cache when it holds this loader, else recomputed."""
-        if self._cache is not None and loader is self.fit_loader:
+        if self.holds(loader):
             yield from self._cache[skip:]
             return
         check_order(loader, "train_loader")
