@@ -9,12 +9,8 @@ training loss, and self-influence — are scored beside the methods.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 import resource
-import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,11 +20,11 @@ from typing import Any, get_args
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import ConfigurationError, DataError
+from hyperinf.finetune import Schedule, default_cache_dir, train_or_load, training_key
 from hyperinf.experiments.report import print_detection_table, print_suspects
 from hyperinf.metrics import detection_curve, detection_summary
 from hyperinf.results import atomic_write, write_json
@@ -39,11 +35,6 @@ DEFAULT_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
 FIM_METHODS = ("hyperinf-fim", "exact-fim")
 REFERENCES = ("self-influence", "training loss", "random")
 CHECKPOINT_EVERY = 50  # batches between checkpoints of the influence passes (a few seconds of work on MiniLM)
-TRAINING_REVISION = 2  # part of the adapter cache key: bump when train_or_load trains differently (2: seeded dropout)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("HYPERINF_CACHE", Path.home() / ".cache" / "hyperinf")) / "adapters"
 
 
 @dataclass
@@ -83,11 +74,7 @@ class MislabelArgs:
             k: v for k, v in asdict(self).items()
             if k not in ("methods", "fim", "fim_max_params", "damping", "damping_mode", "dtype", "out", "cache_dir", "progress", "n_val", "n_test", "min_confidence")
         }
-        settings["training_revision"] = TRAINING_REVISION
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-        for text, label in zip(split.train.texts, split.train.labels.tolist()):
-            digest.update(f"{label}\t{text}\n".encode())
-        return digest.hexdigest()[:20]
+        return training_key(settings, zip(split.train.texts, split.train.labels.tolist()))
 
 
 BUILT_IN_TASKS: dict[str, Callable[[], TextDataset]] = {"tweets": load_tweets, "bbc": load_bbc_news}
@@ -164,47 +151,6 @@ def _tiny_bert(args: MislabelArgs, num_labels: int) -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def train_or_load(model: nn.Module, loader_fn, split: MislabelSplit, args: MislabelArgs) -> dict[str, Any]:
-    """Fine-tune the trainable parameters on the noisy training set, or load them from the cache."""
-    path = args.cache_dir / f"{args.training_key(split)}.safetensors"
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if path.exists():
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-        if set(state) != set(trainable):
-            raise ConfigurationError(f"cached adapter {path} does not match the model's trainable parameters: delete it (or pass another --cache-dir)")
-        with torch.no_grad():
-            for name, tensor in state.items():
-                trainable[name].copy_(tensor)
-        return {"cached": True, "path": str(path), "seconds": 0.0}
-    start = time.perf_counter()
-    generator = torch.Generator().manual_seed(args.seed)
-    loader = loader_fn(split.train, shuffle=True, generator=generator)
-    optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=0.0)
-    model.train()
-    # Dropout draws from the global generator: seed it (and leave the caller's state alone) so
-    # the same settings give the same adapter, as the cache key promises.
-    with torch.random.fork_rng(devices=[]), tqdm(
-        total=args.epochs * len(loader), desc="train", disable=not args.progress, leave=False
-    ) as bar:
-        torch.manual_seed(args.seed)
-        for _ in range(args.epochs):
-            for batch in loader:
-                optimizer.zero_grad()
-                loss = sequence_classification_loss(model, batch).mean()
-                loss.backward()
-                optimizer.step()
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    from safetensors.torch import save_file
-
-    state = {n: p.detach().contiguous() for n, p in trainable.items()}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
-    return {"cached": False, "path": str(path), "seconds": time.perf_counter() - start}
-
-
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader) -> torch.Tensor:
     """The label the classifier predicts for every example of ``loader``, in loader order."""
@@ -231,11 +177,13 @@ def trained_seed(args: MislabelArgs, data: TextDataset) -> TrainedSeed:
     model, tokenizer, blocks = build_model(args, len(data.label_names))
     collate = collate_fn(tokenizer, args.max_length)
 
-    def loader_fn(ds: TextDataset, shuffle: bool = False, generator: torch.Generator | None = None) -> DataLoader:
-        pairs = list(zip(ds.texts, ds.labels.tolist()))
-        return DataLoader(pairs, batch_size=args.batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
+    def loader_fn(ds: TextDataset) -> DataLoader:
+        return DataLoader(list(zip(ds.texts, ds.labels.tolist())), batch_size=args.batch_size, collate_fn=collate)
 
-    training = train_or_load(model, loader_fn, split, args)
+    examples = list(zip(split.train.texts, split.train.labels.tolist()))
+    schedule = Schedule(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    path = args.cache_dir / f"{args.training_key(split)}.safetensors"
+    training = train_or_load(model, sequence_classification_loss, examples, collate, schedule, path, progress=args.progress)
     return TrainedSeed(split, model, blocks, loader_fn, training)
 
 

@@ -1,0 +1,115 @@
+"""The one place where experiments fine-tune a model: seeded, cached by a key of its settings and data.
+
+Every experiment that trains (mislabel detection, data selection, retraining ground truth) calls
+:func:`train_or_load` with a per-example loss, the examples and a key from :func:`training_key`.
+The same key gives the same trainable weights: data order, dropout and the optimizer are seeded,
+and the result is cached as safetensors (written atomically) so a rerun or an interrupted run
+trains only what is missing. Training can continue from another run's weights (a warm-up):
+load them with :func:`load_trainable` first and put the warm-up's key in the new key's settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hyperinf.errors import ConfigurationError, EmptyDataError
+from hyperinf.results import atomic_write
+
+TRAINING_REVISION = 2  # part of every cache key: bump when train_or_load trains differently (2: seeded dropout)
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def default_cache_dir() -> Path:
+    """``$HYPERINF_CACHE/adapters`` (default ``~/.cache/hyperinf/adapters``): where trained weights are cached."""
+    return Path(os.environ.get("HYPERINF_CACHE", Path.home() / ".cache" / "hyperinf")) / "adapters"
+
+
+def training_key(settings: Mapping[str, Any], examples: Iterable[tuple[str, int]]) -> str:
+    """Hash of everything that determines the trained weights: the settings and the (text, label) examples in order."""
+    digest = hashlib.sha256(json.dumps({**settings, "training_revision": TRAINING_REVISION}, sort_keys=True, default=str).encode())
+    for text, label in examples:
+        digest.update(f"{label}\t{text}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long and how fast to train: AdamW (no weight decay) over shuffled batches."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the parameters that require grad (what training changes and the cache stores)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "the given state") -> None:
+    """Copy ``state`` into the model's trainable parameters; they must match by name."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != set(trainable):
+        raise ConfigurationError(
+            f"{source} does not match the model's trainable parameters ({len(state)} vs {len(trainable)} tensors): "
+            "delete the cached file (or pass another --cache-dir)"
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            trainable[name].copy_(tensor)
+
+
+def train_or_load(
+    model: nn.Module, loss_fn: LossFn, examples: Sequence[tuple[str, int]], collate: Callable[[Sequence[Any]], Any],
+    schedule: Schedule, path: Path, *, progress: bool = True, desc: str = "train",
+) -> dict[str, Any]:  # fmt: skip
+    """Fine-tune the model's trainable parameters on ``examples`` (mean of ``loss_fn``), or load them from ``path``.
+
+    Returns ``{"cached", "path", "seconds", "final_loss"}``; the model is left in eval mode.
+    """
+    if path.exists():
+        from safetensors.torch import load_file
+
+        load_trainable(model, load_file(str(path)), f"cached weights {path}")
+        return {"cached": True, "path": str(path), "seconds": 0.0, "final_loss": None}
+    if len(examples) == 0:
+        raise EmptyDataError("nothing to train on: the training set is empty")
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(schedule.seed)
+    loader = DataLoader(list(examples), batch_size=schedule.batch_size, shuffle=True, generator=generator, collate_fn=collate)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0)
+    loss = torch.tensor(float("nan"))
+    model.train()
+    # Dropout draws from the global generator: seed it (and leave the caller's state alone) so
+    # the same settings give the same weights, as the cache key promises.
+    with torch.random.fork_rng(devices=[]), tqdm(total=schedule.epochs * len(loader), desc=desc, disable=not progress, leave=False) as bar:
+        torch.manual_seed(schedule.seed)
+        for _ in range(schedule.epochs):
+            for batch in loader:
+                optimizer.zero_grad()
+                loss = loss_fn(model, batch).mean()
+                loss.backward()
+                optimizer.step()
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    from safetensors.torch import save_file
+
+    state = {n: t.contiguous() for n, t in trainable_state(model).items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    return {"cached": False, "path": str(path), "seconds": time.perf_counter() - start, "final_loss": float(loss)}

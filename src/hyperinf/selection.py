@@ -1,0 +1,87 @@
+"""Turn influence scores into a training subset: the most helpful share of a candidate pool.
+
+Helpful means the most negative score (``DESIGN.md``: up-weighting the example lowers the target
+loss). Ties are broken by row index, lower first, so the same scores always give the same
+selection. Usable without the command line:
+
+    keep = select_top(scores, 0.2, labels, balance=True)   # row indices, most helpful first
+    subset = [pool[i] for i in keep.tolist()]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hyperinf.errors import DataError
+
+
+def helpfulness_order(scores: torch.Tensor) -> torch.Tensor:
+    """Row indices from the most helpful (most negative score) to the most harmful, ties by row index."""
+    _check_scores(scores)
+    return torch.sort(scores.detach().cpu().double(), stable=True).indices
+
+
+def ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's rank, 0 for the most helpful (see :func:`helpfulness_order`)."""
+    order = helpfulness_order(scores)
+    result = torch.empty_like(order)
+    result[order] = torch.arange(order.numel())
+    return result
+
+
+def selection_size(fraction: float, n: int, what: str = "the pool") -> int:
+    """``round(fraction * n)``: how many of ``n`` examples a fraction keeps; at least one."""
+    if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0) or math.isnan(fraction):
+        raise DataError(f"--fraction / fraction must be in (0, 1] (a share of the pool), got {fraction}")
+    k = round(fraction * n)
+    if k < 1:
+        raise DataError(
+            f"a fraction of {fraction} of {what} ({n} examples) selects {fraction * n:.2f} < 1 example: "
+            "raise --fraction / fraction or use a larger pool"
+        )
+    return k
+
+
+def select_top(
+    scores: torch.Tensor, fraction: float, labels: torch.Tensor | None = None, *, balance: bool = False
+) -> torch.Tensor:
+    """Row indices of the ``round(fraction * n)`` most helpful examples, most helpful first.
+
+    ``balance`` (needs ``labels``) keeps ``round(fraction * n_c)`` of every label ``c`` instead, so a
+    selection cannot collapse onto one class; the result is still in helpfulness order.
+    """
+    order = helpfulness_order(scores)
+    n = order.numel()
+    if not balance:
+        return order[: selection_size(fraction, n)]
+    if labels is None:
+        raise DataError("balance=True / --balance needs the pool's labels: pass labels")
+    labels = labels.detach().cpu()
+    if labels.shape != scores.shape:
+        raise DataError(f"labels {tuple(labels.shape)} and scores {tuple(scores.shape)} differ in shape: one label per scored example")
+    keep = torch.zeros(n, dtype=torch.bool)
+    for label in labels.unique().tolist():
+        in_class = order[labels[order] == label]  # this class's rows, most helpful first
+        keep[in_class[: selection_size(fraction, in_class.numel(), f"label {label}")]] = True
+    return order[keep[order]]
+
+
+def cosine_scores(scores: torch.Tensor, direction_norm: float, gradient_norms: torch.Tensor) -> torch.Tensor:
+    """Scores ``-<h, g_k>`` turned into ``-cos(h, g_k)`` (LESS's normalisation against long-gradient bias)."""
+    if direction_norm <= 0 or not math.isfinite(direction_norm):
+        raise DataError(f"the preconditioned target gradient has norm {direction_norm}: the target set gives no direction to compare with")
+    norms = gradient_norms.to(scores.dtype)
+    zero = int((norms <= 0).sum())
+    if zero:
+        raise DataError(f"{zero} pool examples have a zero gradient (e.g. an answer truncated away): their cosine is undefined; drop them")
+    return scores / (direction_norm * norms)
+
+
+def _check_scores(scores: torch.Tensor) -> None:
+    if scores.dim() != 1 or scores.numel() == 0:
+        raise DataError(f"scores must be one value per pool example (a non-empty 1-D tensor), got shape {tuple(scores.shape)}")
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:
+        raise DataError(f"{bad} of {scores.numel()} scores are NaN or infinite: check the method's diagnostics (damping, convergence)")

@@ -1,0 +1,65 @@
+"""Selection from scores: exactly the k most negative, ties by row, class shares under balance."""
+
+import pytest
+import torch
+
+from hyperinf.errors import DataError
+from hyperinf.selection import cosine_scores, ranks, select_top, selection_size
+
+
+def test_select_top_keeps_exactly_the_k_most_negative_scores():
+    scores = torch.randn(200, generator=torch.Generator().manual_seed(0))
+    for fraction in (0.05, 0.2, 0.4, 1.0):
+        picked = select_top(scores, fraction)
+        k = round(fraction * 200)
+        assert picked.numel() == k
+        threshold = sorted(scores.tolist())[k - 1]
+        assert set(picked.tolist()) == {i for i, s in enumerate(scores.tolist()) if s <= threshold}
+        assert torch.all(scores[picked][:-1] <= scores[picked][1:])  # most helpful first
+
+
+def test_ties_are_broken_by_row_index():
+    scores = torch.tensor([0.0, -1.0, 0.0, -1.0, 0.0])
+    assert select_top(scores, 0.6).tolist() == [1, 3, 0]
+    assert ranks(scores).tolist() == [2, 0, 3, 1, 4]
+
+
+def test_balance_keeps_every_class_share_and_the_plain_selection_does_not():
+    labels = torch.tensor([0] * 80 + [1] * 20)
+    scores = torch.cat([torch.linspace(-2, -1, 80), torch.linspace(0, 1, 20)])  # class 0 all more helpful
+    assert (labels[select_top(scores, 0.2)] == 0).all()
+    picked = select_top(scores, 0.2, labels, balance=True)
+    assert int((labels[picked] == 0).sum()) == 16 and int((labels[picked] == 1).sum()) == 4
+    assert set(picked[labels[picked] == 1].tolist()) == set(range(80, 84))  # class 1's four most helpful
+    assert torch.all(scores[picked][:-1] <= scores[picked][1:])
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5, float("nan")])
+def test_a_fraction_outside_zero_one_is_refused(fraction):
+    with pytest.raises(DataError, match="must be in \\(0, 1\\]"):
+        select_top(torch.zeros(10), fraction)
+
+
+def test_a_selection_smaller_than_one_example_is_refused():
+    with pytest.raises(DataError, match="< 1 example"):
+        selection_size(0.05, 9)
+    with pytest.raises(DataError, match="label 1"):
+        select_top(torch.zeros(30), 0.1, torch.tensor([0] * 28 + [1] * 2), balance=True)
+
+
+def test_bad_scores_and_labels_are_refused():
+    with pytest.raises(DataError, match="NaN"):
+        select_top(torch.tensor([0.0, float("nan")]), 0.5)
+    with pytest.raises(DataError, match="non-empty"):
+        select_top(torch.zeros(0), 0.5)
+    with pytest.raises(DataError, match="needs the pool's labels"):
+        select_top(torch.zeros(4), 0.5, balance=True)
+    with pytest.raises(DataError, match="differ in shape"):
+        select_top(torch.zeros(4), 0.5, torch.zeros(3), balance=True)
+
+
+def test_cosine_scores_refuse_zero_norms():
+    with pytest.raises(DataError, match="zero gradient"):
+        cosine_scores(torch.ones(2), 1.0, torch.tensor([1.0, 0.0]))
+    with pytest.raises(DataError, match="no direction"):
+        cosine_scores(torch.ones(2), 0.0, torch.ones(2))
