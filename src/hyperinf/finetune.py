@@ -112,4 +112,4 @@ def train_or_load(
 
     state = {n: t.contiguous() for n, t in trainable_state(model).items()}
     atomic_write(path, lambda tmp: save_file(state, str(tmp)))
-    return {"cached": False, "path": str(path), "seconds": time.perf_counter() - start, "final_loss": float(loss)}
+    return {"cached": False, "path": str(path), "seconds": time.perf_counter() - start, "final_loss": float(loss.detach())}

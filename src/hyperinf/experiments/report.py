@@ -1,14 +1,27 @@
-"""What the detection experiments print: the detection table and the training examples ranked most harmful."""
+"""What the experiments print and draw: the detection table, the training examples ranked most harmful, figures."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from hyperinf.metrics import INSPECTED
+from hyperinf.results import atomic_write
+
+
+def save_figure(fig: Any, ax: Any, path: Path) -> None:
+    """Grid, legend and tight layout on a one-axes figure, written atomically as a PNG, then closed."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
 
 
 def print_detection_table(entries: Sequence[Mapping[str, Any]], title: str, seeds: int = 1) -> None:

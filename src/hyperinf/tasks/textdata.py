@@ -12,6 +12,7 @@ the Python argument that fix them (``--n-train / n_train``): these functions ser
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,11 @@ class TextDataset:
     texts: list[str]
     labels: torch.Tensor
     label_names: list[str]
+    ids: torch.Tensor | None = None  # each row's position in its source file (0-based), when read from one
 
     def subset(self, index: torch.Tensor) -> TextDataset:
-        return TextDataset([self.texts[i] for i in index.tolist()], self.labels[index], self.label_names)
+        ids = self.ids[index] if self.ids is not None else None
+        return TextDataset([self.texts[i] for i in index.tolist()], self.labels[index], self.label_names, ids)
 
 
 @dataclass
@@ -94,15 +97,36 @@ def _title(article: str) -> str:
     return next((line.strip() for line in article.splitlines() if line.strip()), "")
 
 
-def load_table(source: str | Path | Any, text_column: str = "text", label_column: str = "label") -> TextDataset:
+BUILT_IN_TASKS: dict[str, Callable[[], TextDataset]] = {
+    "tweets": load_tweets,
+    "bbc": load_bbc_news,
+    "bbc-titles": lambda: load_bbc_news(title_only=True),
+}
+
+
+def load_task(task: str, min_confidence: float = 0.8, text_column: str = "text", label_column: str = "label") -> TextDataset:
+    """A built-in task (``tweets``, ``bbc``, ``bbc-titles``) or a user's CSV / TSV / parquet file or datasets folder."""
+    if task == "tweets":
+        return load_tweets(min_confidence)
+    if task in BUILT_IN_TASKS:
+        return BUILT_IN_TASKS[task]()
+    if not Path(task).exists():
+        raise DataError(
+            f"--task {task!r} is neither a built-in task ({', '.join(BUILT_IN_TASKS)}) nor an existing "
+            "file or folder: check the path (.csv, .tsv, .parquet or a datasets save_to_disk folder)"
+        )
+    return load_table(task, text_column, label_column)
+
+
+def load_table(source: str | Path | Any, text_column: str = "text", label_column: str = "label", min_classes: int = 2) -> TextDataset:
     """A CSV / TSV / parquet file, a folder written by ``datasets``' ``save_to_disk``, a pandas
-    DataFrame or a ``datasets.Dataset``, with text and label columns."""
+    DataFrame or a ``datasets.Dataset``, with text and label columns (at least ``min_classes`` labels)."""
     import pandas as pd
 
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
-            return load_table(_load_saved_dataset(path), text_column, label_column)
+            return load_table(_load_saved_dataset(path), text_column, label_column, min_classes)
         frame = _read_file(path)
     elif isinstance(source, pd.DataFrame):
         frame = source
@@ -110,7 +134,7 @@ def load_table(source: str | Path | Any, text_column: str = "text", label_column
         frame = source.to_pandas()
     else:
         raise DataError(f"cannot read data from a {type(source).__name__}: pass a path, a DataFrame or a datasets.Dataset")
-    return _from_frame(frame, text_column, label_column)
+    return _from_frame(frame, text_column, label_column, min_classes=min_classes)
 
 
 def _read_file(path: Path) -> Any:
@@ -147,7 +171,11 @@ def _load_saved_dataset(path: Path) -> Any:
     return data
 
 
-def _from_frame(frame: Any, text_column: str, label_column: str, label_names: list[str] | None = None) -> TextDataset:
+def _from_frame(
+    frame: Any, text_column: str, label_column: str, label_names: list[str] | None = None, min_classes: int = 2
+) -> TextDataset:
+    import pandas as pd
+
     for column, role in ((text_column, "text"), (label_column, "label")):
         if column not in frame.columns:
             raise DataError(
@@ -166,14 +194,15 @@ def _from_frame(frame: Any, text_column: str, label_column: str, label_names: li
             "add rows, or name filled columns with --text-column / text_column and --label-column / label_column"
         )
     names = label_names or sorted(frame[label_column].unique().tolist(), key=str)
-    if len(names) < 2 or frame[label_column].nunique() < 2:
+    if frame[label_column].nunique() < min_classes:
         raise DataError(
-            f"the label column {label_column!r} has a single class ({names[0]!r}): mislabel detection needs "
-            "at least two classes; name another label column with --label-column / label_column"
+            f"the label column {label_column!r} has a single class ({names[0]!r}): mislabel detection and data selection "
+            "need at least two classes; name another label column with --label-column / label_column"
         )
     index = {name: i for i, name in enumerate(names)}
     labels = torch.tensor([index[v] for v in frame[label_column].tolist()])
-    return TextDataset(frame[text_column].tolist(), labels, [str(n) for n in names])
+    ids = torch.tensor(frame.index.to_numpy(), dtype=torch.long) if pd.api.types.is_integer_dtype(frame.index) else None
+    return TextDataset(frame[text_column].tolist(), labels, [str(n) for n in names], ids)
 
 
 def split_and_flip(
@@ -188,13 +217,15 @@ def split_and_flip(
 ) -> MislabelSplit:
     """Seeded disjoint train / val / test subsets; ``flip_fraction`` of train labels moved to another class.
 
+    ``flip_fraction=0`` gives a clean split; ``n_test=0`` an empty test set.
+
     ``balanced`` draws every class equally often (as far as the rarest class allows), so a
     classifier cannot reach high accuracy by predicting the majority class.
     """
-    for size, name in ((n_train, "n-train"), (n_val, "n-val"), (n_test, "n-test")):
-        if size < 1:
-            raise DataError(f"--{name} / {name.replace('-', '_')} must be at least 1, got {size}")
-    n_flipped = flip_count(flip_fraction, n_train)
+    for size, name, least in ((n_train, "n-train", 1), (n_val, "n-val", 1), (n_test, "n-test", 0)):
+        if size < least:
+            raise DataError(f"--{name} / {name.replace('-', '_')} must be at least {least}, got {size}")
+    n_flipped = flip_count(flip_fraction, n_train) if flip_fraction else 0
     total = n_train + n_val + n_test
     if total > data.labels.numel():
         raise DataError(

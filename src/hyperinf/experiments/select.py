@@ -1,0 +1,325 @@
+"""``hyperinf select``: keep the pool examples that help a target set most (paper Sec. 5.2).
+
+The model is warmed up on the candidate pool (LoRA or the last block, one epoch by default,
+seeded and cached like every trained model: :mod:`hyperinf.finetune`), every pool example is
+scored against the target set with one influence method, and the most helpful share (most
+negative score) is written out for each ``--fraction``. :func:`score_pool` and the splitting
+and warm-up helpers are shared with ``hyperinf experiment select`` (:mod:`.select_study`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, get_args
+
+import torch
+
+from hyperinf.curvature import DampingMode
+from hyperinf.engine import InfluenceEngine
+from hyperinf.errors import DataError
+from hyperinf.finetune import Schedule, default_cache_dir, train_or_load, training_key
+from hyperinf.methods import method_names
+from hyperinf.results import atomic_write, write_json
+from hyperinf.selection import cosine_scores, ranks, select_top, selection_size
+from hyperinf.tasks.causal_lm import default_template
+from hyperinf.tasks.learners import MODELS, Learner, build_learner
+from hyperinf.tasks.textdata import BUILT_IN_TASKS, TextDataset, load_table, load_task, split_and_flip
+
+SIGN = "score = -v^T H^-1 g_k: negative = helpful (kept first), positive = harmful"
+TIE_BREAK = "equal scores: lower row id first"
+KINDS = {"tweets": "tweet", "bbc-titles": "news headline", "bbc": "news article"}
+
+
+@dataclass
+class SelectArgs:
+    """Every setting of a selection run (those that shape the warm-up form its cache key)."""
+
+    task: str = "tweets"
+    min_confidence: float = 0.8
+    text_column: str = "text"
+    label_column: str = "label"
+    target: Path | None = None
+    n_pool: int = 1000
+    n_target: int = 100
+    fractions: tuple[float, ...] = (0.05, 0.2, 0.4)
+    method: str = "hyperinf"
+    normalize: bool = False
+    balance: bool = False
+    model: str = "smollm2"
+    dense: bool = False
+    rank: int = 8
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 16
+    max_length: int = 128
+    seed: int = 0
+    damping: float = 0.1
+    damping_mode: str = "relative"
+    dtype: str = "float32"
+    out: Path = Path("runs/select")
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    progress: bool = True
+
+    def learner_settings(self) -> dict[str, Any]:
+        """What builds the model (before training): part of every cache key."""
+        return {"model": self.model, "dense": self.dense, "rank": self.rank, "max_length": self.max_length, "task": self.task, "seed": self.seed}
+
+    def influence_settings(self) -> dict[str, Any]:
+        return {"damping": self.damping, "damping_mode": self.damping_mode, "dtype": self.dtype}
+
+
+@dataclass
+class PoolSplit:
+    """The candidate pool (labels possibly flipped), the target set and a held-out test set."""
+
+    pool: TextDataset
+    target: TextDataset
+    test: TextDataset
+    flipped: torch.Tensor
+
+    def pairs(self, which: str) -> list[tuple[str, int]]:
+        data = getattr(self, which)
+        return list(zip(data.texts, data.labels.tolist()))
+
+
+def load_pool_split(args: SelectArgs, *, n_test: int = 0, flip_fraction: float = 0.0) -> PoolSplit:
+    """The pool and target of ``args`` (target: ``--target`` or a held-out split), checked for use."""
+    data = load_task(args.task, args.min_confidence, args.text_column, args.label_column)
+    if args.target is None:
+        # Built-in tasks are drawn equally per class (a classifier cannot win by the majority class); a user's data as it is.
+        split = split_and_flip(
+            data, n_train=args.n_pool or data.labels.numel() - args.n_target - n_test, n_val=args.n_target, n_test=n_test,
+            flip_fraction=flip_fraction, balanced=args.n_pool > 0 and args.task in BUILT_IN_TASKS, seed=args.seed,
+        )  # fmt: skip
+        result = PoolSplit(split.train, split.val, split.test, split.flipped)
+    else:
+        target = aligned(load_table(args.target, args.text_column, args.label_column, min_classes=1), data.label_names)
+        pool = data if not args.n_pool or args.n_pool >= data.labels.numel() else data.subset(torch.randperm(data.labels.numel(), generator=torch.Generator().manual_seed(args.seed))[: args.n_pool])
+        result = PoolSplit(pool, target, pool.subset(torch.zeros(0, dtype=torch.long)), torch.zeros(pool.labels.numel(), dtype=torch.bool))
+    check_selectable(result.pool, args.fractions, args.balance)
+    return result
+
+
+def aligned(target: TextDataset, label_names: list[str]) -> TextDataset:
+    """The target set with its labels renumbered to the pool's label names."""
+    unknown = sorted(set(target.label_names) - set(label_names))
+    if unknown:
+        raise DataError(
+            f"the target set has labels the pool lacks ({', '.join(map(repr, unknown))}; the pool's: "
+            f"{', '.join(map(repr, label_names))}): fix the target's label column or drop those rows"
+        )
+    index = torch.tensor([label_names.index(name) for name in target.label_names])
+    return TextDataset(target.texts, index[target.labels], list(label_names))
+
+
+def check_selectable(pool: TextDataset, fractions: tuple[float, ...], balance: bool) -> None:
+    """Refuse, before any training, a pool or fraction that cannot give a selection."""
+    if pool.labels.numel() == 0:
+        raise DataError("the candidate pool is empty: pass a --task with rows (or raise --n-pool)")
+    if pool.labels.unique().numel() < 2:
+        raise DataError(
+            f"the candidate pool holds a single label ({pool.label_names[int(pool.labels[0])]!r}): selection for a "
+            "classification task needs at least two; check --label-column"
+        )
+    if not fractions:
+        raise DataError("no --fraction given: pass shares of the pool to keep, e.g. --fraction 0.05,0.2,0.4")
+    for fraction in fractions:
+        if balance:
+            for label in pool.labels.unique().tolist():
+                selection_size(fraction, int((pool.labels == label).sum()), f"label {pool.label_names[label]!r} of the pool")
+        else:
+            selection_size(fraction, pool.labels.numel())
+
+
+def make_learner(args: SelectArgs, label_names: list[str]) -> Learner:
+    template = default_template(label_names, KINDS.get(args.task, "text"))
+    return build_learner(args.model, label_names, rank=args.rank, seed=args.seed, dense=args.dense, max_length=args.max_length, template=template)
+
+
+def warm_up(args: SelectArgs, learner: Learner, pairs: list[tuple[str, int]]) -> dict[str, Any]:
+    """Train on the whole pool (``args.epochs``), or load that from the cache; returns the record with its key."""
+    schedule = Schedule(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    key = training_key({"stage": "warm-up", **args.learner_settings(), **asdict(schedule)}, pairs)
+    record = train_or_load(learner.model, learner.loss, pairs, learner.collate, schedule, args.cache_dir / f"{key}.safetensors", progress=args.progress, desc="warm-up")
+    return {**record, "key": key}
+
+
+def score_pool(
+    args: SelectArgs, learner: Learner, split: PoolSplit, methods: list[str], warm_key: str
+) -> dict[str, torch.Tensor]:
+    """Every method's scores of the pool against the target, the pool's training loss and the norms that
+    turn a score into a cosine (``gradient_norm``, ``direction_norm/<method>``); cached by a key of them all."""
+    key = training_key(
+        {"stage": "scores", "warm_up": warm_key, "methods": methods, **args.influence_settings(), "pool": training_key({}, split.pairs("pool"))},
+        split.pairs("target"),
+    )
+    path = args.cache_dir.parent / "scores" / f"{key}.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    if path.exists():
+        return load_file(str(path))
+    engine = InfluenceEngine(
+        learner.model, learner.loss, blocks=learner.blocks, method=methods[0], damping=args.damping, damping_mode=args.damping_mode,
+        dtype=args.dtype, progress=args.progress,
+    )  # fmt: skip
+    pool, target = learner.loader(split.pairs("pool"), args.batch_size), learner.loader(split.pairs("target"), args.batch_size)
+    engine.fit(pool, methods=methods)
+    scored = engine.score_methods(pool, target, methods, self_influence="tracin")
+    v = {name: g.unsqueeze(0) for name, g in engine.mean_gradient(target, "target").items()}
+    result = {f"score/{m}": scored[m] for m in methods}
+    result["train_loss"] = scored.train_loss
+    result["gradient_norm"] = (-scored.self_influence).clamp_min(0).sqrt()
+    for m in methods:
+        h = engine.preconditioner(m).apply(v)
+        result[f"direction_norm/{m}"] = torch.sqrt(sum((t.double() ** 2).sum() for t in h.values())).reshape(1)
+    result = {k: t.detach().cpu().contiguous() for k, t in result.items()}
+    atomic_write(path, lambda tmp: save_file(result, str(tmp)))
+    return result
+
+
+def method_scores(scored: dict[str, torch.Tensor], method: str, normalize: bool) -> torch.Tensor:
+    """A method's pool scores, as inner products or (``normalize``) as ``-cos(h, g_k)``."""
+    scores = scored[f"score/{method}"]
+    if not normalize:
+        return scores
+    return cosine_scores(scores.double(), float(scored[f"direction_norm/{method}"]), scored["gradient_norm"].double())
+
+
+def composition(pool: TextDataset, picked: torch.Tensor, lengths: torch.Tensor) -> dict[str, Any]:
+    """Label counts and token-length summary of a selection (what a selection collapsing onto one class or
+    onto short texts looks like)."""
+    labels = pool.labels[picked]
+    picked_lengths = lengths[picked].double()
+    return {
+        "size": int(picked.numel()),
+        "labels": {name: int((labels == i).sum()) for i, name in enumerate(pool.label_names)},
+        "tokens": {
+            "mean": float(picked_lengths.mean()), "min": int(picked_lengths.min()), "median": float(picked_lengths.median()),
+            "max": int(picked_lengths.max()), "histogram": _histogram(picked_lengths, lengths.double()),
+        },
+    }  # fmt: skip
+
+
+def _histogram(values: torch.Tensor, reference: torch.Tensor, bins: int = 8) -> dict[str, int]:
+    edges = torch.linspace(float(reference.min()), float(reference.max()) + 1e-9, bins + 1)
+    counts = torch.histc(values, bins=bins, min=float(edges[0]), max=float(edges[-1]))
+    return {f"{edges[i]:.0f}-{edges[i + 1]:.0f}": int(c) for i, c in enumerate(counts.tolist())}
+
+
+def run_select(args: SelectArgs) -> dict[str, Any]:
+    """The ``hyperinf select`` job: warm up, score, select and write; returns what it wrote."""
+    if args.method not in method_names():
+        raise DataError(f"unknown --method {args.method!r}: use one of {', '.join(method_names())}")
+    split = load_pool_split(args)
+    learner = make_learner(args, split.pool.label_names)
+    warm = warm_up(args, learner, split.pairs("pool"))
+    scored = score_pool(args, learner, split, [args.method], warm["key"])
+    scores = method_scores(scored, args.method, args.normalize)
+    lengths = torch.tensor(learner.token_lengths(split.pool.texts))
+    selections = {f: select_top(scores, f, split.pool.labels, balance=args.balance) for f in args.fractions}
+    write_selection(args, split.pool, scores, lengths, selections, {"warm_up": warm})
+    print(f"scored {split.pool.labels.numel()} pool examples against {split.target.labels.numel()} target examples with {args.method}")
+    for fraction, picked in selections.items():
+        made = composition(split.pool, picked, lengths)
+        print(f"  {fraction:.0%}: {made['size']} examples, labels {made['labels']}, mean {made['tokens']['mean']:.1f} tokens")
+    print(f"results written to {args.out}/")
+    return {"scores": scores, "selections": selections}
+
+
+def write_selection(
+    args: SelectArgs, pool: TextDataset, scores: torch.Tensor, lengths: torch.Tensor, selections: dict[float, torch.Tensor],
+    records: dict[str, Any],
+) -> None:  # fmt: skip
+    """scores.parquet, selected_<pct>.jsonl per fraction and arguments.json, each written atomically."""
+    import pandas as pd
+
+    rank = ranks(scores)
+    row_ids = pool.ids if pool.ids is not None else torch.arange(pool.labels.numel())
+    frame = pd.DataFrame(
+        {
+            "row_id": row_ids.numpy(), "text": pool.texts, "label": [pool.label_names[i] for i in pool.labels.tolist()],
+            "score": scores.double().numpy(), "rank": rank.numpy(), "token_length": lengths.numpy(),
+        }
+    )  # fmt: skip
+    atomic_write(args.out / "scores.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    for fraction, picked in selections.items():
+        rows = [
+            {"row_id": int(row_ids[i]), args.text_column: pool.texts[i], args.label_column: pool.label_names[int(pool.labels[i])],
+             "score": float(scores[i]), "rank": int(rank[i])}
+            for i in picked.tolist()
+        ]  # fmt: skip
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        atomic_write(args.out / f"selected_{fraction_label(fraction)}.jsonl", lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+    write_json(
+        args.out / "arguments.json",
+        {
+            "args": asdict(args), "sign": SIGN, "tie_break": TIE_BREAK, "label_names": pool.label_names,
+            "selections": {fraction_label(f): composition(pool, p, lengths) for f, p in selections.items()}, **records,
+        },
+    )  # fmt: skip
+
+
+def fraction_label(fraction: float) -> str:
+    """``0.05 -> '5pct'``, ``0.125 -> '12.5pct'``: a file-name-safe percentage."""
+    return f"{fraction * 100:g}pct"
+
+
+def add_arguments(parser: Any) -> None:
+    """The ``hyperinf select`` options (argparse)."""
+    d = SelectArgs()
+    add_pool_arguments(parser, d)
+    parser.add_argument("--method", default=d.method, choices=method_names(), help=f"influence method (default: {d.method})")
+    parser.add_argument("--normalize", action="store_true", help="rank by -cos(H^-1 v, g_k) instead of the inner product (LESS: against the bias toward short texts with large gradients)")
+    parser.add_argument("--balance", action="store_true", help="keep the same fraction of every label")
+    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
+
+
+def add_pool_arguments(parser: Any, d: SelectArgs) -> None:
+    """Options of the data, the model, its warm-up and the influence engine, shared with ``experiment select``."""
+    parser.add_argument("--task", default=d.task, help="'tweets' (default), 'bbc-titles' (BBC News headlines, 5 topics), 'bbc', or a .csv/.tsv/.parquet file or datasets folder: the candidate pool")
+    parser.add_argument("--target", type=Path, default=None, help="target examples (same formats and columns); default: --n-target rows held out of --task")
+    parser.add_argument("--min-confidence", type=float, default=d.min_confidence, help=f"tweets only: least annotator confidence (default: {d.min_confidence})")
+    parser.add_argument("--text-column", default=d.text_column, help="text column of a data file (default: text)")
+    parser.add_argument("--label-column", default=d.label_column, help="label column of a data file (default: label)")
+    parser.add_argument("--n-pool", type=int, default=d.n_pool, help=f"pool examples drawn from --task (default: {d.n_pool}; 0: all)")
+    parser.add_argument("--n-target", type=int, default=d.n_target, help=f"target examples held out when no --target is given (default: {d.n_target})")
+    parser.add_argument("--fraction", default=",".join(f"{f:g}" for f in d.fractions), help="comma-separated shares of the pool to keep (default: 0.05,0.2,0.4)")
+    parser.add_argument("--model", default=d.model, choices=MODELS, help=f"the shipped SmolLM2-135M-Instruct (default), MiniLM, or a tiny random Llama / BERT (tests)")
+    parser.add_argument("--dense", action="store_true", help="train and attribute the last transformer block instead of LoRA (paper Table 4)")
+    parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default: {d.rank})")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"warm-up epochs on the pool (default: {d.epochs})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
+    parser.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per example, prompt and answer (default: {d.max_length})")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split, the model and the training (default: 0)")
+    parser.add_argument("--damping", type=float, default=d.damping, help=f"damping factor of every method (default: {d.damping})")
+    parser.add_argument("--damping-mode", default=None, choices=get_args(DampingMode), help="as for hyperinf mislabel (default: relative; gfim with --dense)")
+    parser.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"], help="precision of gradients and curvature (default: float32)")
+    parser.add_argument("--cache-dir", type=Path, default=d.cache_dir, help="trained-weights cache (default: $HYPERINF_CACHE/adapters); scores go beside it in scores/")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(f) for f in text.split(",") if f.strip())
+    except ValueError as error:
+        raise DataError(f"--fraction {text!r} is not a comma-separated list of numbers, e.g. 0.05,0.2,0.4") from error
+
+
+def pool_settings(ns: Any) -> dict[str, Any]:
+    """The :class:`SelectArgs` fields given by :func:`add_pool_arguments`' options."""
+    return dict(
+        task=ns.task, target=ns.target, min_confidence=ns.min_confidence, text_column=ns.text_column, label_column=ns.label_column,
+        n_pool=ns.n_pool, n_target=ns.n_target, fractions=parse_fractions(ns.fraction), model=ns.model, dense=ns.dense,
+        rank=ns.rank, epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_length=ns.max_length, seed=ns.seed,
+        damping=ns.damping, damping_mode=ns.damping_mode or ("gfim" if ns.dense else "relative"), dtype=ns.dtype,
+        cache_dir=ns.cache_dir, progress=not ns.no_progress,
+    )  # fmt: skip
+
+
+def main(ns: Any) -> int:
+    """Run ``hyperinf select`` from parsed arguments."""
+    run_select(SelectArgs(**pool_settings(ns), method=ns.method, normalize=ns.normalize, balance=ns.balance, out=ns.out))
+    return 0

@@ -1,0 +1,265 @@
+"""``hyperinf experiment select``: the paper's data-selection protocol (Sec. 5.2, Tables 3-4).
+
+Per seed: warm the model up on the whole pool, score the pool against the target set with every
+method, keep the top k% for each fraction, continue training from the warm-up on each selection
+and measure accuracy on a held-out test set. Beside the methods: random selections (the mean of
+``random_draws`` draws), the full pool, and the references a practitioner tries first — the
+lowest training loss, and LESS (cosine of each example's gradient with the mean target gradient).
+``variant="noisy"`` flips a share of the pool's labels and reports how many of them each selector
+kept. Every trained model, score file and accuracy is cached under a key of its settings, so a
+rerun or an interrupted run redoes only what is missing (two selectors that pick the same rows
+share one training).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyperinf.errors import DataError
+from hyperinf.finetune import Schedule, load_trainable, train_or_load, trainable_state, training_key
+from hyperinf.methods import method_names
+from hyperinf.results import atomic_write, write_json
+from hyperinf.experiments.select import (
+    PoolSplit, SelectArgs, add_pool_arguments, composition, fraction_label, load_pool_split, make_learner, method_scores,
+    pool_settings, score_pool, warm_up,
+)  # fmt: skip
+from hyperinf.experiments.report import save_figure
+from hyperinf.selection import select_top
+from hyperinf.tasks.learners import Learner
+
+STUDY_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
+DENSE_METHODS = ("ekfac",)  # Table 4 compares EK-FAC on the dense last block
+REFERENCES = ("less", "training loss", "random")
+LEVELS = ("full pool", "warm-up only")  # one accuracy each, drawn as horizontal lines
+
+
+@dataclass
+class StudyArgs(SelectArgs):
+    """A :class:`SelectArgs` run plus the protocol's test set, continuation training and seeds."""
+
+    variant: str = "clean"
+    flip_fraction: float = 0.2
+    n_pool: int = 400
+    n_target: int = 50
+    n_test: int = 200
+    methods: tuple[str, ...] = STUDY_METHODS
+    continue_epochs: int = 2
+    random_draws: int = 3
+    seeds: int = 1
+    out: Path = Path("runs/select-study")
+
+
+def run_study(args: StudyArgs) -> list[dict[str, Any]]:
+    """Every seed of the protocol; writes results.csv, summary.csv, a figure and arguments.json."""
+    if args.variant not in ("clean", "noisy"):
+        raise DataError(f"--variant must be 'clean' or 'noisy', got {args.variant!r}")
+    unknown = [m for m in args.methods if m not in method_names()]
+    if unknown:
+        raise DataError(f"unknown --methods {', '.join(unknown)}: use names from {', '.join(method_names())}")
+    rows, records = [], []
+    for offset in range(args.seeds):
+        seed_rows, record = run_seed(replace(args, seed=args.seed + offset))
+        rows += seed_rows
+        records.append(record)
+    summary = summarize(rows)
+    write_study(args, rows, summary, records)
+    print_study(args, summary)
+    return summary
+
+
+def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One seed: split, warm up, score, then train and test on every selection."""
+    split = load_pool_split(args, n_test=args.n_test, flip_fraction=args.flip_fraction if args.variant == "noisy" else 0.0)
+    if split.test.labels.numel() == 0:
+        raise DataError("the protocol needs a test set: raise --n-test (and leave --target unset: the test set is held out of --task)")
+    learner = make_learner(args, split.pool.label_names)
+    warm = warm_up(args, learner, split.pairs("pool"))
+    warm_state = trainable_state(learner.model)
+    start = time.perf_counter()
+    scored = score_pool(args, learner, split, list(args.methods), warm["key"])
+    timing = {"scoring_seconds": time.perf_counter() - start, **pass_costs(learner, split, args.batch_size)}
+    lengths = torch.tensor(learner.token_lengths(split.pool.texts))
+    test = Evaluation(args, learner, split, warm_state, warm["key"])
+    rows = [test.row("warm-up only", 0.0, None)]
+    for name, scores in selectors(args, scored, split).items():
+        for fraction in args.fractions:
+            rows.append(test.row(name, fraction, select_top(scores, fraction, split.pool.labels, balance=args.balance), lengths))
+    for draw in range(args.random_draws):
+        permutation = torch.rand(split.pool.labels.numel(), generator=torch.Generator().manual_seed(1000 * args.seed + draw))
+        for fraction in args.fractions:
+            rows.append({**test.row("random", fraction, select_top(permutation, fraction), lengths), "draw": draw})
+    rows.append(test.row("full pool", 1.0, torch.arange(split.pool.labels.numel()), lengths))
+    record = {"seed": args.seed, "warm_up": warm, "timing": timing, "n": {k: getattr(split, k).labels.numel() for k in ("pool", "target", "test")}}
+    return [{"seed": args.seed, **row} for row in rows], record
+
+
+def selectors(args: StudyArgs, scored: dict[str, torch.Tensor], split: PoolSplit) -> dict[str, torch.Tensor]:
+    """Scores to select by (most negative kept): every method, LESS's cosine and the training loss."""
+    result = {m: method_scores(scored, m, args.normalize) for m in args.methods}
+    if "tracin" in args.methods:
+        result["less"] = method_scores(scored, "tracin", normalize=True)
+    result["training loss"] = scored["train_loss"]
+    return result
+
+
+class Evaluation:
+    """Continue training from the warm-up on a selection (cached) and measure test accuracy (cached)."""
+
+    def __init__(self, args: StudyArgs, learner: Learner, split: PoolSplit, warm_state: dict[str, torch.Tensor], warm_key: str) -> None:
+        self.args, self.learner, self.split, self.warm_state, self.warm_key = args, learner, split, warm_state, warm_key
+        self.schedule = Schedule(epochs=args.continue_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+        self.test_key = training_key({}, split.pairs("test"))
+
+    def row(self, selector: str, fraction: float, picked: torch.Tensor | None, lengths: torch.Tensor | None = None) -> dict[str, Any]:
+        """One table cell: train on ``picked`` (``None``: keep the warm-up) and test; the selection's make-up."""
+        pool = self.split.pool
+        if picked is None:
+            key, training = self.warm_key, None
+            load_trainable(self.learner.model, self.warm_state)
+        else:
+            pairs = [(pool.texts[i], int(pool.labels[i])) for i in sorted(picked.tolist())]
+            key = training_key({"stage": "continue", "warm_up": self.warm_key, **asdict(self.schedule)}, pairs)
+            load_trainable(self.learner.model, self.warm_state)
+            training = train_or_load(
+                self.learner.model, self.learner.loss, pairs, self.learner.collate, self.schedule,
+                self.args.cache_dir / f"{key}.safetensors", progress=self.args.progress, desc=f"{selector} {fraction:.0%}",
+            )  # fmt: skip
+        row: dict[str, Any] = {"selector": selector, "fraction": fraction, "accuracy": self.accuracy(key), "trained_seconds": training and training["seconds"]}
+        if picked is not None and lengths is not None:
+            made = composition(pool, picked, lengths)
+            row["size"] = made["size"]
+            row["mean_tokens"] = made["tokens"]["mean"]
+            row.update({f"share_{name}": count / made["size"] for name, count in made["labels"].items()})
+            if self.split.flipped.any():
+                row["flipped_kept"] = float(self.split.flipped[picked].double().mean())
+        return row
+
+    def accuracy(self, model_key: str) -> float:
+        """Test accuracy of the model now loaded, cached by its weights' key and the test set."""
+        path = self.args.cache_dir.parent / "evals" / f"{model_key}_{self.test_key}.json"
+        if path.exists():
+            import json
+
+            return float(json.loads(path.read_text())["accuracy"])
+        test = self.split.test
+        predicted = self.learner.predict(test.texts, self.args.batch_size)
+        accuracy = float((predicted == test.labels).double().mean())
+        write_json(path, {"accuracy": accuracy})
+        return accuracy
+
+
+def pass_costs(learner: Learner, split: PoolSplit, batch_size: int, batches: int = 2) -> dict[str, float]:
+    """Seconds per example of a plain forward+backward of the pool's first batches (the yardstick of the scoring pass)."""
+    loader = learner.loader(split.pairs("pool")[: batches * batch_size], batch_size)
+    learner.model.zero_grad()
+    start = time.perf_counter()
+    for batch in loader:
+        learner.loss(learner.model, batch).mean().backward()
+    seconds = time.perf_counter() - start
+    learner.model.zero_grad(set_to_none=True)
+    return {"forward_backward_seconds_per_example": seconds / min(batches * batch_size, split.pool.labels.numel())}
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds per (selector, fraction); random draws are averaged within a seed first."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    numeric = [c for c in frame.columns if c not in ("seed", "selector", "fraction", "draw") and pd.api.types.is_numeric_dtype(frame[c])]
+    keys = ["selector", "fraction"]
+    per_seed = frame.groupby(["seed", *keys], sort=False)[numeric].mean().reset_index()
+    grouped = per_seed.groupby(keys, sort=False)
+    summary = grouped[numeric].mean().reset_index()
+    stds = grouped[numeric].std(ddof=1).fillna(0.0).add_suffix("_std").reset_index(drop=True)
+    summary = pd.concat([summary, stds], axis=1)
+    summary["seeds"] = grouped.size().to_numpy()
+    return summary.to_dict("records")
+
+
+def write_study(args: StudyArgs, rows: list[dict[str, Any]], summary: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    atomic_write(args.out / "results.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+    atomic_write(args.out / "summary.csv", lambda tmp: pd.DataFrame(summary).to_csv(tmp, index=False))
+    write_json(args.out / "arguments.json", {"args": asdict(args), "seeds": records})
+    plot_study(args, summary, args.out / "selection.png")
+
+
+def plot_study(args: StudyArgs, summary: list[dict[str, Any]], path: Path) -> None:
+    """Test accuracy against the kept fraction, one line per selector, the full pool and warm-up as levels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    levels = {e["selector"]: e["accuracy"] for e in summary if e["selector"] in LEVELS}
+    for selector in dict.fromkeys(e["selector"] for e in summary if e["selector"] not in levels):
+        points = sorted((e["fraction"], e["accuracy"]) for e in summary if e["selector"] == selector)
+        ax.plot(*zip(*points), marker="o", label=selector, linestyle="--" if selector in REFERENCES else "-")
+    for (name, value), color in zip(levels.items(), ("black", "grey")):
+        ax.axhline(value, color=color, linewidth=0.9, linestyle=":", label=name)
+    ax.set_xlabel("share of the pool kept")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"data selection: {args.model} {'dense' if args.dense else 'LoRA'}, {args.task}, {args.variant}")
+    save_figure(fig, ax, path)
+
+
+def print_study(args: StudyArgs, summary: list[dict[str, Any]]) -> None:
+    seeds = summary[0]["seeds"] if summary else 0
+    print(f"\ntest accuracy after training on the kept share ({args.model}, {'dense last block' if args.dense else f'LoRA r={args.rank}'}, "
+          f"{args.task}, {args.variant} pool, {seeds} seed{'s' if seeds != 1 else ''}{', mean ± std' if seeds > 1 else ''})")
+    fractions = sorted({e["fraction"] for e in summary if e["selector"] not in LEVELS})
+    print(f"{'selector':<16}" + "".join(f"{fraction_label(f):>16}" for f in fractions))
+    for selector in dict.fromkeys(e["selector"] for e in summary):
+        cells = {e["fraction"]: e for e in summary if e["selector"] == selector}
+        if selector in LEVELS:
+            entry = next(iter(cells.values()))
+            print(f"{selector:<16}{_cell(entry, 'accuracy', seeds):>16}")
+            continue
+        print(f"{selector:<16}" + "".join(f"{_cell(cells[f], 'accuracy', seeds) if f in cells else '':>16}" for f in fractions))
+    if args.variant == "noisy":
+        print("share of flipped labels among the kept examples (the pool has %.0f%%)" % (100 * args.flip_fraction))
+        for selector in dict.fromkeys(e["selector"] for e in summary if e["selector"] not in LEVELS):
+            cells = {e["fraction"]: e for e in summary if e["selector"] == selector}
+            print(f"{selector:<16}" + "".join(f"{_cell(cells.get(f, {}), 'flipped_kept', seeds):>16}" for f in fractions))
+
+
+def _cell(entry: dict[str, Any], column: str, seeds: int) -> str:
+    value = entry.get(column)
+    if value is None or value != value:
+        return "-"
+    return f"{value:.3f} ± {entry.get(column + '_std', 0.0):.3f}" if seeds > 1 else f"{value:.3f}"
+
+
+def add_arguments(parser: Any) -> None:
+    """The ``hyperinf experiment select`` options (argparse)."""
+    d = StudyArgs()
+    add_pool_arguments(parser, d)
+    parser.add_argument("--variant", default=d.variant, choices=["clean", "noisy"], help="clean pool (the paper's setting) or noisy: --flip-fraction of pool labels flipped")
+    parser.add_argument("--flip-fraction", type=float, default=d.flip_fraction, help=f"share of flipped pool labels with --variant noisy (default: {d.flip_fraction})")
+    parser.add_argument("--n-test", type=int, default=d.n_test, help=f"held-out test examples (default: {d.n_test})")
+    parser.add_argument("--methods", default=None, help=f"comma-separated influence methods (default: {','.join(d.methods)}, and {','.join(DENSE_METHODS)} with --dense)")
+    parser.add_argument("--continue-epochs", type=int, default=d.continue_epochs, help=f"epochs of training on each selection, from the warm-up (default: {d.continue_epochs})")
+    parser.add_argument("--random-draws", type=int, default=d.random_draws, help=f"random selections per fraction and seed (default: {d.random_draws})")
+    parser.add_argument("--seeds", type=int, default=d.seeds, help="number of seeds; tables report mean ± std (default: 1)")
+    parser.add_argument("--normalize", action="store_true", help="select by -cos(H^-1 v, g_k) for every method")
+    parser.add_argument("--balance", action="store_true", help="keep the same fraction of every label")
+    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
+
+
+def main(ns: Any) -> int:
+    """Run ``hyperinf experiment select`` from parsed arguments."""
+    methods = tuple(m.strip() for m in ns.methods.split(",") if m.strip()) if ns.methods else STUDY_METHODS + (DENSE_METHODS if ns.dense else ())
+    args = StudyArgs(
+        **pool_settings(ns), variant=ns.variant, flip_fraction=ns.flip_fraction, n_test=ns.n_test, methods=methods,
+        continue_epochs=ns.continue_epochs, random_draws=ns.random_draws, seeds=ns.seeds, normalize=ns.normalize,
+        balance=ns.balance, out=ns.out,
+    )  # fmt: skip
+    run_study(args)
+    return 0

@@ -1,0 +1,179 @@
+"""`hyperinf select` and `hyperinf experiment select` end to end on tiny models and ~60 synthetic examples."""
+
+import json
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pd = pytest.importorskip("pandas")
+
+from hyperinf.cli import main  # noqa: E402
+from hyperinf.experiments.select import SelectArgs, make_learner, run_select  # noqa: E402
+from hyperinf.experiments.select_study import StudyArgs, run_study  # noqa: E402
+from hyperinf.finetune import load_trainable  # noqa: E402
+
+GOOD = ["great", "lovely", "happy", "wonderful", "superb"]
+BAD = ["awful", "sad", "terrible", "boring", "poor"]
+FILLER = ["the", "film", "day", "was", "really", "quite", "today", "my", "trip", "food", "very", "so"]
+
+
+def synthetic_frame(n: int = 60, seed: int = 0) -> "pd.DataFrame":
+    """Short texts whose label is the sentiment word they hold; lengths vary from 3 to 12 words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 else "negative"
+        words = rng.choices(FILLER, k=rng.randint(2, 11)) + [rng.choice(GOOD if label == "positive" else BAD)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words) + f" {i}", "label": label})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pool.csv"
+    synthetic_frame().to_csv(path, index=False)
+    return path
+
+
+def select_args(data_file, tmp_path, **changes):
+    settings = dict(
+        task=str(data_file), n_pool=40, n_target=10, model="tiny-bert", rank=2, epochs=1, lr=5e-3, batch_size=8,
+        max_length=32, out=tmp_path / "out", cache_dir=tmp_path / "cache" / "adapters", progress=False,
+    )  # fmt: skip
+    settings.update(changes)
+    return SelectArgs(**settings)
+
+
+def test_select_writes_the_k_most_helpful_rows_and_reuses_its_caches(data_file, tmp_path):
+    args = select_args(data_file, tmp_path)
+    run_select(args)
+    frame = pd.read_parquet(args.out / "scores.parquet")
+    assert list(frame.columns) == ["row_id", "text", "label", "score", "rank", "token_length"]
+    assert len(frame) == 40 and sorted(frame["rank"]) == list(range(40))
+    source = synthetic_frame()
+    assert all(source.loc[row.row_id, "text"] == row.text for row in frame.itertuples())  # row ids point into the file
+    for fraction, label in ((0.05, "5pct"), (0.2, "20pct"), (0.4, "40pct")):
+        rows = [json.loads(line) for line in (args.out / f"selected_{label}.jsonl").read_text().splitlines()]
+        k = round(fraction * 40)
+        assert [r["row_id"] for r in rows] == frame.sort_values(["score", "row_id"])["row_id"].tolist()[:k]
+        assert all(set(r) == {"row_id", "text", "label", "score", "rank"} for r in rows)
+    arguments = json.loads((args.out / "arguments.json").read_text())
+    assert arguments["warm_up"]["cached"] is False and "negative = helpful" in arguments["sign"]
+    made = arguments["selections"]["40pct"]
+    assert sum(made["labels"].values()) == 16 == sum(made["tokens"]["histogram"].values())
+    scores_before = frame["score"].to_numpy()
+
+    run_select(args)  # the second run trains nothing and scores nothing: both come from the caches
+    again = json.loads((args.out / "arguments.json").read_text())
+    assert again["warm_up"]["cached"] is True
+    assert (pd.read_parquet(args.out / "scores.parquet")["score"].to_numpy() == scores_before).all()
+
+
+def test_normalize_equals_the_cosine_computed_by_hand(data_file, tmp_path):
+    """-cos(v, g_k) from a loop of single-example backward calls, v the mean target gradient (TracIn: h = v)."""
+    args = select_args(data_file, tmp_path, method="tracin", normalize=True, dtype="float64", fractions=(0.2,))
+    run_select(args)
+    scores = torch.tensor(pd.read_parquet(args.out / "scores.parquet")["score"].to_numpy())
+
+    from hyperinf.experiments.select import load_pool_split
+    from safetensors.torch import load_file
+
+    split = load_pool_split(args)
+    learner = make_learner(args, split.pool.label_names)
+    warm = next(args.cache_dir.glob("*.safetensors"))
+    load_trainable(learner.model, load_file(str(warm)))
+    params = [p for n, p in learner.model.named_parameters() if "lora_" in n]  # blocks="lora": the head is trained, not attributed
+
+    def gradient(pair):
+        loss = learner.loss(learner.model, learner.collate([pair])).sum()
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
+
+    v = torch.stack([gradient(p) for p in split.pairs("target")]).mean(0)
+    expected = torch.stack([-torch.dot(v, g) / (v.norm() * g.norm()) for g in map(gradient, split.pairs("pool"))])
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-7)  # the model runs in float32
+    assert scores.abs().max() <= 1.0
+
+
+def test_balance_keeps_the_pools_label_shares(data_file, tmp_path):
+    args = select_args(data_file, tmp_path, balance=True, fractions=(0.2,))
+    run_select(args)
+    made = json.loads((args.out / "arguments.json").read_text())["selections"]["20pct"]["labels"]
+    assert made == {"negative": 4, "positive": 4}  # 20 of each label in the pool
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("--fraction 0.2,1.5", ["--fraction", "(0, 1]"]),
+        ("--fraction 0.01", ["< 1 example", "--fraction"]),
+        ("--target {tmp}/target.csv", ["labels the pool lacks", "'neutral'"]),
+        ("--task {tmp}/one.csv", ["single class", "--label-column"]),
+        ("--text-column body", ["no text column 'body'", "--text-column"]),
+        ("--task {tmp}/empty.csv", ["is empty"]),
+    ],
+    ids=["fraction above 1", "fewer than one", "unknown target label", "single class", "missing column", "empty pool"],
+)
+def test_bad_input_is_one_clear_line_and_writes_nothing(data_file, tmp_path, capsys, options, message):
+    pd.DataFrame({"text": ["a b", "c d"], "label": ["neutral", "positive"]}).to_csv(tmp_path / "target.csv", index=False)
+    pd.DataFrame({"text": ["a", "b", "c"], "label": ["pos"] * 3}).to_csv(tmp_path / "one.csv", index=False)
+    (tmp_path / "empty.csv").write_text("")
+    out = tmp_path / "out"
+    argv = f"select --task {data_file} --model tiny-bert --n-pool 40 --n-target 10 --out {out} --cache-dir {tmp_path}/cache --no-progress "
+    status = main((argv + options.format(tmp=tmp_path)).split())
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    for fragment in message:
+        assert fragment in err
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_experiment_select_runs_the_protocol_and_a_second_run_trains_nothing(data_file, tmp_path):
+    args = StudyArgs(
+        **{k: v for k, v in vars(select_args(data_file, tmp_path)).items() if k not in ("n_pool", "n_target", "out")},
+        n_pool=30, n_target=10, n_test=16, variant="noisy", methods=("hyperinf", "tracin"), continue_epochs=1,
+        random_draws=2, out=tmp_path / "study",
+    )  # fmt: skip
+    run_study(args)
+    rows = pd.read_csv(args.out / "results.csv")
+    selectors = {"hyperinf", "tracin", "less", "training loss"}
+    for selector in selectors | {"random"}:
+        assert sorted(rows[rows.selector == selector]["fraction"].unique()) == [0.05, 0.2, 0.4] or selector == "random"
+    assert len(rows[rows.selector == "random"]) == 2 * 3
+    assert set(rows.selector) == selectors | {"random", "full pool", "warm-up only"}
+    assert rows["accuracy"].between(0, 1).all() and rows.loc[rows.fraction == 0.4, "size"].eq(12).all()
+    assert rows.loc[rows.selector == "full pool", "flipped_kept"].item() == pytest.approx(0.2)  # the pool's own share
+    assert (args.out / "selection.png").stat().st_size > 0
+    summary = pd.read_csv(args.out / "summary.csv")
+    random_20 = summary[(summary.selector == "random") & (summary.fraction == 0.2)]["accuracy"].item()
+    assert random_20 == pytest.approx(rows[(rows.selector == "random") & (rows.fraction == 0.2)]["accuracy"].mean())
+
+    run_study(args)
+    again = pd.read_csv(args.out / "results.csv")
+    assert again["trained_seconds"].fillna(0).eq(0).all()  # every continuation came from the cache
+    assert (again["accuracy"] == rows["accuracy"]).all()
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["lora", "dense last block"])
+def test_select_on_a_tiny_causal_lm(data_file, tmp_path, dense):
+    """The causal-LM path: answer-only loss, LoRA on q/v or the last block, option scoring in the protocol."""
+    args = select_args(data_file, tmp_path, model="tiny-llama", dense=dense, method="ekfac" if dense else "hyperinf", fractions=(0.2,))
+    run_select(args)
+    frame = pd.read_parquet(args.out / "scores.parquet")
+    assert frame["score"].notna().all() and frame["score"].std() > 0
+    learner = make_learner(args, ["negative", "positive"])
+    trainable = {n for n, p in learner.model.named_parameters() if p.requires_grad}
+    if dense:
+        assert learner.blocks and all(b.startswith("model.layers.1.") for b in learner.blocks) and all(".layers.1." in n for n in trainable)
+    else:
+        assert learner.blocks == "lora" and trainable and all("lora_" in n for n in trainable)
+    study = StudyArgs(
+        **{k: v for k, v in vars(args).items() if k not in ("n_pool", "n_target", "out", "fractions")},
+        n_pool=30, n_target=10, n_test=10, fractions=(0.2,), methods=("tracin",), continue_epochs=1, random_draws=1,
+        out=tmp_path / "study",
+    )  # fmt: skip
+    run_study(study)
+    assert pd.read_csv(study.out / "results.csv")["accuracy"].between(0, 1).all()
