@@ -167,6 +167,13 @@ def test_option_scoring_picks_the_trained_answer(tokenizer):
     with torch.no_grad():
         for k in range(2):
             torch.testing.assert_close(scores[:, k], -answer_loss(model, collate([(t, k) for t in texts])))
+    # Options of two tokens take the general path (one forward per option): the same reference.
+    longer = [f"{NAMES[0]} {NAMES[1]}", NAMES[1]]
+    scores = option_log_likelihoods(model, tokenizer, texts, longer, TEMPLATE, batch_size=4)
+    collate = instruction_collate(tokenizer, longer, TEMPLATE)
+    with torch.no_grad():
+        for k in range(2):
+            torch.testing.assert_close(scores[:, k], -answer_loss(model, collate([(t, k) for t in texts])))
 
 
 def test_last_block_and_train_last_block(tokenizer):

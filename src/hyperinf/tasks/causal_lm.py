@@ -325,17 +325,29 @@ def option_log_likelihoods(
     """``[N, K]``: the summed log-likelihood of each label name as the answer after each text's prompt.
 
     lm-eval-harness' multiple-choice scoring (unnormalised by length); each option's value is
-    ``-answer_loss`` of the batch whose labels are that option.
+    ``-answer_loss`` of the batch whose labels are that option. When every option is one token
+    (the built-in tasks' labels are, for SmolLM2), one forward per batch scores them all: the
+    prompt's last position predicts each option's token, which is the same number.
     """
     collate = instruction_collate(tokenizer, label_names, template, max_length)
     device = next(model.parameters()).device
-    columns = []
-    for k in range(len(label_names)):
-        column = []
-        for start in range(0, len(texts), batch_size):
-            batch = collate([(text, k) for text in texts[start : start + batch_size]])
-            column.append(-answer_loss(model, {key: v.to(device) for key, v in batch.items()}))
-        columns.append(torch.cat(column) if column else torch.zeros(0, device=device))
+    answers = [tokenizer(template.answer(str(n)), add_special_tokens=False)["input_ids"] for n in label_names]
+    chunks = [list(texts[start : start + batch_size]) for start in range(0, len(texts), batch_size)]
+    if not chunks:
+        return torch.zeros(0, len(label_names), device=device)
+    if all(len(answer) == 1 for answer in answers):
+        option_ids = torch.tensor([answer[0] for answer in answers], device=device)
+        rows = []
+        for chunk in chunks:
+            batch = {key: v.to(device) for key, v in collate([(text, 0) for text in chunk]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            before_answer = (batch["target_ids"] != IGNORE_INDEX).int().argmax(dim=1) - 1
+            rows.append(torch.log_softmax(logits[torch.arange(len(chunk), device=device), before_answer], dim=-1)[:, option_ids])
+        return torch.cat(rows)
+    columns = [
+        torch.cat([-answer_loss(model, {key: v.to(device) for key, v in collate([(text, k) for text in chunk]).items()}) for chunk in chunks])
+        for k in range(len(label_names))
+    ]
     return torch.stack(columns, dim=1)
 
 
