@@ -61,6 +61,9 @@ def test_select_writes_the_k_most_helpful_rows_and_reuses_its_caches(data_file, 
         k = round(fraction * 40)
         assert [r["row_id"] for r in rows] == frame.sort_values(["score", "row_id"])["row_id"].tolist()[:k]
         assert all(set(r) == {"row_id", "text", "label", "score", "rank"} for r in rows)
+    datasets = pytest.importorskip("datasets")  # the README's way to train on a selection
+    selected = datasets.load_dataset("json", data_files=str(args.out / "selected_20pct.jsonl"), split="train")
+    assert selected.num_rows == 8 and set(selected.column_names) >= {"text", "label"}
     arguments = json.loads((args.out / "arguments.json").read_text())
     assert arguments["warm_up"]["cached"] is False and "negative = helpful" in arguments["sign"]
     made = arguments["selections"]["40pct"]
