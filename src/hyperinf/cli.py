@@ -147,7 +147,7 @@ def _add_common_options(
 
 
 def _add_experiments(commands: argparse._SubParsersAction) -> None:
-    """``hyperinf experiment convergence``, ``inverse`` (paper Sec. 4, App. H-I) and ``select`` (Sec. 5.2)."""
+    """``hyperinf experiment convergence``, ``inverse`` (paper Sec. 4, App. H-I), ``select`` (Sec. 5.2) and ``lds``."""
     from hyperinf.experiments import convergence, inverse
     from hyperinf.experiments.synthetic import DISTRIBUTIONS
 
@@ -197,17 +197,23 @@ def _add_experiments(commands: argparse._SubParsersAction) -> None:
     inv.add_argument("--full", action="store_true", help="no time budget: run every method at every size")
     inv.set_defaults(run=_experiment(inverse.InverseArgs, inverse.run_inverse, {"time_budget": math.inf}))
 
-    from hyperinf.experiments import select_study
+    from hyperinf.experiments import lds, select_study
 
-    study = kinds.add_parser(
-        "select",
-        help="data selection for fine-tuning: influence vs random, training loss and LESS (Tables 3-4)",
-        description="Warm the model up on a candidate pool, score the pool against a target set with every "
-        "method, keep the top 5/20/40 percent, continue training on each selection and report test accuracy "
-        "beside random selections, the full pool, the lowest training loss and LESS's gradient cosine.",
-    )
-    select_study.add_arguments(study)
-    study.set_defaults(run=_select_study)
+    for name, module, run, summary, description in (
+        ("select", select_study, _select_study,
+         "data selection for fine-tuning: influence vs random, training loss and LESS (Tables 3-4)",
+         "Warm the model up on a candidate pool, score the pool against a target set with every "
+         "method, keep the top 5/20/40 percent, continue training on each selection and report test accuracy "
+         "beside random selections, the full pool, the lowest training loss and LESS's gradient cosine."),
+        ("lds", lds, lds.main,
+         "linear datamodeling score: influence against retraining on random half subsets (Park et al. 2023)",
+         "Retrain the model on --subsets random halves of the training set (cached) and, for every method "
+         "and damping, report the mean over query examples of Spearman's correlation between a subset's summed "
+         "influence scores and the query's loss after retraining on it, with a bootstrap 95% interval."),
+    ):  # fmt: skip
+        parser = kinds.add_parser(name, help=summary, description=description)
+        module.add_arguments(parser)
+        parser.set_defaults(run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:

