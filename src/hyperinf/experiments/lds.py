@@ -223,7 +223,7 @@ def skip_reason(engine: InfluenceEngine, method: str, setting: Setting) -> str |
 def score_methods(args: LdsArgs, setting: Setting, model: nn.Module) -> list[dict[str, Any]]:
     """Pairwise scores ``[n_train, n_query]`` of every method at every damping (``scores``), or why there are none (``error``).
 
-    A method that does not apply (too large a curvature) gets one row, at the default damping.
+    A method that does not apply (too large a curvature) gets one row, at the default damping. Rows follow ``args.methods``.
     """
     train = DataLoader(setting.train, batch_size=SCORE_BATCH, collate_fn=setting.collate)
     query = DataLoader(setting.query, batch_size=SCORE_BATCH, collate_fn=setting.collate)
@@ -252,7 +252,7 @@ def score_methods(args: LdsArgs, setting: Setting, model: nn.Module) -> list[dic
             except (HyperinfError, torch.linalg.LinAlgError) as error:
                 entry["error"] = f"{type(error).__name__}: {error}"
             results.append(entry)
-    return results
+    return sorted(results, key=lambda entry: args.methods.index(entry["method"]))  # stable: dampings ascending per method
 
 
 def run_lds(args: LdsArgs) -> list[dict[str, Any]]:
@@ -319,7 +319,7 @@ def write_lds(args: LdsArgs, rows: list[dict[str, Any]], per_query: list[dict[st
 
 
 def plot_lds(args: LdsArgs, rows: list[dict[str, Any]], path: Path) -> None:
-    """Bars of the mean LDS per method, at the default damping and at the best, with the bootstrap intervals."""
+    """Bars of the mean LDS per method, at the default damping and at the best (its damping written above), with the bootstrap intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,6 +332,8 @@ def plot_lds(args: LdsArgs, rows: list[dict[str, Any]], path: Path) -> None:
         heights = [r["lds"] for _, r in bars]
         spread = [[r["lds"] - r["low"] for _, r in bars], [r["high"] - r["lds"] for _, r in bars]]
         ax.bar([x for x, _ in bars], heights, width=0.4, yerr=spread, capsize=3, label=label)
+        for x, r in bars if which == 1 else ():
+            ax.annotate("-" if r["damping"] is None else f"{r['damping']:g}", (x, r["high"]), ha="center", va="bottom", fontsize=7)
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(pairs)), list(pairs), rotation=30, ha="right")
     ax.set_ylabel("mean LDS over queries (95% bootstrap interval)")
