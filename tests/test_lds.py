@@ -15,7 +15,7 @@ from torch import nn
 from hyperinf import InfluenceEngine
 from hyperinf.cli import main
 from hyperinf.errors import DataError
-from hyperinf.experiments.lds import LdsArgs, run_lds, subset_masks
+from hyperinf.experiments.lds import LdsArgs, mnist_setting, run_lds, subset_masks
 from hyperinf.metrics import bootstrap_interval, linear_datamodeling_score, spearman
 from plots import assert_plot
 from test_leave_one_out import L2, N_TRAIN, SPECS, full_logits, loss_fn, problem, train_newton, with_ones
@@ -162,8 +162,6 @@ def test_cli_prints_one_line_for_bad_input(tmp_path, capsys):
 
 
 def test_the_mnist_model_is_a_tanh_mlp_with_two_linear_blocks():
-    from hyperinf.experiments.lds import mnist_setting
-
     setting = mnist_setting(LdsArgs(n_train=8, n_query=2))
     model = setting.fresh_model(0)
     assert [type(m) for m in model] == [nn.Linear, nn.Tanh, nn.Linear] and model[0].in_features == 784
