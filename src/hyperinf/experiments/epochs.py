@@ -93,6 +93,8 @@ def plot_epochs(args: EpochsArgs, rows: list[dict[str, Any]], path: Path) -> Non
         ax.errorbar([r["epochs"] for r in own], [r["roc_auc"] for r in own], yerr=[r["roc_auc_std"] for r in own], marker="o", capsize=3, label=method, **style)
     ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":", label="chance")
     ax.set_xscale("log")
+    ax.set_xticks(sorted(args.epochs_list), [str(e) for e in sorted(args.epochs_list)])
+    ax.minorticks_off()
     ax.set_xlabel("training epochs")
     ax.set_ylabel("ROC-AUC of finding the flipped labels")
     m = args.mislabel
