@@ -279,10 +279,11 @@ def skip_reason(engine: InfluenceEngine, method: str, setting: Setting) -> str |
 
 
 def fitted_engine(
-    args: RetrainArgs, setting: Setting, model: nn.Module, damping: float, keep: Callable[[str], bool] = lambda method: True
+    args: RetrainArgs, setting: Setting, model: nn.Module, damping: float, train: DataLoader, keep: Callable[[str], bool] = lambda method: True
 ) -> tuple[InfluenceEngine, list[str], dict[str, str]]:
-    """An engine on the setting's blocks at ``damping``, fitted on the training set for the methods of ``args.methods``
-    that apply and that ``keep`` accepts; those methods, and why the others do not apply."""
+    """An engine on the setting's blocks at ``damping``, fitted on ``train`` (the training set's loader: pass the same one
+    to score, the engine then replays its gradients) for the methods of ``args.methods`` that apply and that ``keep``
+    accepts; those methods, and why the others do not apply."""
     engine = InfluenceEngine(
         model, setting.loss, blocks=setting.blocks, method=args.methods[0], damping=damping, damping_mode=args.damping_mode,
         dtype=args.dtype, output_fn=setting.output_fn, output_loss=setting.output_loss, progress=False,
@@ -290,7 +291,7 @@ def fitted_engine(
     skipped = {m: reason for m in args.methods if (reason := skip_reason(engine, m, setting)) is not None}
     runnable = [m for m in args.methods if m not in skipped and keep(m)]
     if runnable:
-        engine.fit(setting.loader(setting.train), methods=runnable)
+        engine.fit(train, methods=runnable)
     return engine, runnable, skipped
 
 
@@ -303,7 +304,7 @@ def score_methods(args: LdsArgs, setting: Setting, model: nn.Module) -> list[dic
     results: list[dict[str, Any]] = []
     for damping in sorted({DEFAULTS.damping, *args.dampings}):
         default = damping == DEFAULTS.damping
-        engine, runnable, skipped = fitted_engine(args, setting, model, damping, lambda m: default or m not in DAMPING_FREE)
+        engine, runnable, skipped = fitted_engine(args, setting, model, damping, train, lambda m: default or m not in DAMPING_FREE)
         results += [{"method": m, "damping": damping, "default": True, "error": f"skipped: {reason}"} for m, reason in skipped.items() if default]
         for method in runnable:
             entry: dict[str, Any] = {"method": method, "damping": None if method in DAMPING_FREE else damping, "default": default}

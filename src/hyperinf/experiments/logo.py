@@ -98,10 +98,11 @@ def run_seed(args: LogoArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     n = len(setting.train)
     full = trainer.model(torch.arange(n), args.seed)
     full_loss = float(trainer.query_losses(full).mean())
-    engine, runnable, skipped = fitted_engine(args, setting, full, args.damping)
+    train = setting.loader(setting.train)
+    engine, runnable, skipped = fitted_engine(args, setting, full, args.damping, train)
     if not runnable:
         raise DataError(f"no method of --methods applies to the {args.setting} setting ({'; '.join(f'{m}: {why}' for m, why in skipped.items())}): pick others")
-    scored = engine.score_methods(setting.loader(setting.train), setting.loader(setting.query), runnable)
+    scored = engine.score_methods(train, setting.loader(setting.query), runnable)
     rows = []
     for method, scores in scored.items():
         for rank, members in enumerate(logo_groups(scores, args.groups), start=1):
