@@ -128,3 +128,24 @@ def test_an_unfinished_or_missing_save_is_refused(tmp_path, data):
         engine_of(make_model()).load_fit(tmp_path / "nowhere")
     with pytest.raises(NotFittedError, match="call fit"):
         engine_of(make_model()).save_fit(tmp_path / "unfitted")
+
+
+def test_a_fit_sums_the_gfim_only_for_methods_that_invert_it(saved, data, tmp_path):
+    """tracin / K-FAC / EK-FAC / DataInf need no d x d GFIM: without it they score exactly as with it."""
+    train, val = data
+    lean_methods = ["tracin", "kfac", "ekfac", "datainf"]
+    engine = engine_of(make_model(), method="tracin").fit(train, methods=lean_methods)
+    assert engine.fitted.curvature.gram is None and engine.fitted.curvature.fim is None
+    scores = engine.score_methods(train, val, lean_methods)
+    for method in lean_methods:
+        torch.testing.assert_close(scores[method], saved[1][method], rtol=1e-12, atol=1e-14)
+    with pytest.raises(NotFittedError, match=r"needs the GFIM: call fit\(train_loader, methods=\['hyperinf'\]\)"):
+        engine.score(train, val, method="hyperinf")
+    with pytest.raises(NotFittedError, match="did not accumulate it"):
+        engine.spectrum()
+    folder = engine.save_fit(tmp_path / "lean")
+    assert json.loads((folder / "fit.json").read_text())["gfim"] is False
+    loaded = engine_of(make_model(), method="kfac").load_fit(folder)
+    torch.testing.assert_close(loaded.score(train, val), saved[1]["kfac"], rtol=1e-12, atol=1e-14)
+    with pytest.raises(NotFittedError, match="needs the GFIM"):
+        engine_of(make_model(), method="hyperinf").load_fit(folder)

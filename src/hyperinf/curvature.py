@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from hyperinf.blocks import Block
-from hyperinf.errors import ConfigurationError, DeadBlockWarning
+from hyperinf.errors import ConfigurationError, DeadBlockWarning, NotFittedError
 from hyperinf.gradients import TokenFactors
 
 DampingMode = Literal["relative", "gfim", "absolute"]
@@ -52,6 +52,7 @@ class CurvatureAccumulator(_Sums):
         blocks: Sequence[Block],
         *,
         fim: bool = False,
+        gfim: bool = True,
         dtype: torch.dtype = torch.float32,
         fim_max_params: int | None = None,
     ) -> None:
@@ -59,13 +60,16 @@ class CurvatureAccumulator(_Sums):
         if fim and fim_max_params is not None:
             _check_fim_size(self.blocks, fim_max_params)
         self.count = 0
-        self.gram: dict[str, torch.Tensor] = {}
+        # The d x d GFIM costs B r d^2 per batch (on a dense layer, far more than its forward):
+        # it is summed only when a method inverts it. The squared norms (the damping) always are.
+        self.gram: dict[str, torch.Tensor] | None = {} if gfim else None
         self.sq_norm: dict[str, torch.Tensor] = {}
         self.fim: dict[str, torch.Tensor] | None = {} if fim else None
         for block in self.blocks:
             r, d = block.shape
             device = block.module.weight.device  # models split with device_map keep each block's sums beside it
-            self.gram[block.name] = torch.zeros(d, d, dtype=dtype, device=device)
+            if self.gram is not None:
+                self.gram[block.name] = torch.zeros(d, d, dtype=dtype, device=device)
             self.sq_norm[block.name] = torch.zeros((), dtype=dtype, device=device)
             if self.fim is not None:
                 self.fim[block.name] = torch.zeros(r * d, r * d, dtype=dtype, device=device)
@@ -74,12 +78,13 @@ class CurvatureAccumulator(_Sums):
         """Add one batch of per-sample gradients ``{name: [B, r, d]}``."""
         batch_size = None
         for block in self.blocks:
-            g = grads[block.name].to(self.gram[block.name])
+            g = grads[block.name].to(self.sq_norm[block.name])
             batch_size = g.shape[0]
             flat = g.reshape(batch_size, -1)
-            # sum_i g_i^T g_i: contract the batch and r axes together in one matmul.
-            stacked = g.transpose(0, 1).reshape(-1, g.shape[-1])
-            self.gram[block.name].addmm_(stacked.T, stacked)
+            if self.gram is not None:
+                # sum_i g_i^T g_i: contract the batch and r axes together in one matmul.
+                stacked = g.transpose(0, 1).reshape(-1, g.shape[-1])
+                self.gram[block.name].addmm_(stacked.T, stacked)
             self.sq_norm[block.name] += flat.square().sum()
             if self.fim is not None:
                 self.fim[block.name].addmm_(flat.T, flat)
@@ -89,19 +94,21 @@ class CurvatureAccumulator(_Sums):
         """Add the sums of an accumulator over another shard of the data."""
         if [b.name for b in other.blocks] != [b.name for b in self.blocks]:
             raise ValueError("cannot merge curvature accumulators over different blocks")
-        if (self.fim is None) != (other.fim is None):
-            raise ValueError("cannot merge an accumulator with the flattened FIM into one without it")
+        if (self.fim is None) != (other.fim is None) or (self.gram is None) != (other.gram is None):
+            raise ValueError("cannot merge an accumulator with the flattened FIM or the GFIM into one without it")
         for mine, theirs in zip(self.tensors(), other.tensors()):
             mine += theirs.to(mine.device)
         self.count += other.count
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Every running sum by name (``gram/<block>``, ``sq_norm/<block>``, ``fim/<block>``), in a fixed order."""
-        sums = {"gram": self.gram, "sq_norm": self.sq_norm, **({"fim": self.fim} if self.fim is not None else {})}
-        return {f"{kind}/{b.name}": table[b.name] for kind, table in sums.items() for b in self.blocks}
+        sums = {"gram": self.gram, "sq_norm": self.sq_norm, "fim": self.fim}
+        return {f"{kind}/{b.name}": table[b.name] for kind, table in sums.items() if table is not None for b in self.blocks}
 
     def gfim(self, name: str) -> torch.Tensor:
-        """``G_l = (1/n) sum_i g_i^T g_i``."""
+        """``G_l = (1/n) sum_i g_i^T g_i``; only when accumulated with ``gfim=True``."""
+        if self.gram is None:
+            raise KeyError("the GFIM was not accumulated")
         return self.gram[name] / self.count
 
     def flat_fim(self, name: str) -> torch.Tensor:
@@ -118,6 +125,11 @@ class CurvatureAccumulator(_Sums):
         With the flattened FIM accumulated, ``kron_gap`` is ``||F - I_r (x) G / r||_F / ||F||_F``:
         how far the block is from the paper's Lemma 3.1 (i.i.d. zero-mean rows), 0 where it holds.
         """
+        if self.gram is None:
+            raise NotFittedError(
+                "the spectrum is the GFIM's, and this fit did not accumulate it (no method that inverts it was "
+                "asked for): call fit(train_loader, methods=['hyperinf'])."
+            )
         rows = []
         for block in self.blocks:
             gfim = self.gfim(block.name).double()

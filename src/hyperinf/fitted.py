@@ -69,8 +69,10 @@ class FittedCurvature:
         earlier run's ``(batches done, sums)``, and ``batches`` then starts after those batches.
         ``outputs`` (the model's outputs and the loss of them) is needed by the exact GGN only.
         """
-        fim = any(m.fim for m in methods)
-        curvature = CurvatureAccumulator(gradients.blocks, fim=fim, dtype=config.torch_dtype, fim_max_params=config.fim_max_params)
+        curvature = CurvatureAccumulator(
+            gradients.blocks, fim=any(m.fim for m in methods), gfim=any(m.gfim for m in methods), dtype=config.torch_dtype,
+            fim_max_params=config.fim_max_params,
+        )  # fmt: skip
         hessian = None
         if any(m.hessian for m in methods):
             hessian = HessianAccumulator(gradients.blocks, max_params=config.hessian_max_params, dtype=config.torch_dtype)
@@ -115,6 +117,8 @@ class FittedCurvature:
     def require(self, name: str) -> None:
         """Raise a clear error when method ``name`` needs curvature this fit did not accumulate."""
         method = get_method(name)
+        if method.gfim and self.curvature.gram is None:
+            raise NotFittedError(f"method {name!r} needs the GFIM: call fit(train_loader, methods=[{name!r}]).")
         if method.fim and self.curvature.fim is None:
             raise NotFittedError(f"method {name!r} needs the flattened FIM: call fit(train_loader, methods=[{name!r}]).")
         if method.hessian and self.hessian is None:
@@ -158,6 +162,7 @@ class FittedCurvature:
             "format": FORMAT,
             "count": self.count,
             "fim": self.curvature.fim is not None,
+            "gfim": self.curvature.gram is not None,
             "hessian": self.hessian is not None,
             "ggn": self.ggn is not None,
             "kronecker": self.kronecker is not None,
@@ -180,7 +185,7 @@ class FittedCurvature:
             raise FitMismatchError(f"{directory}/{_META} has format {meta.get('format')!r}; this hyperinf reads format {FORMAT}.")
         _check_layout(meta["layout"], config.layout(), directory)
         _check_blocks(meta["blocks"], fingerprint(blocks), directory)
-        curvature = CurvatureAccumulator(blocks, fim=meta["fim"], dtype=config.torch_dtype)
+        curvature = CurvatureAccumulator(blocks, fim=meta["fim"], gfim=meta.get("gfim", True), dtype=config.torch_dtype)  # older fits always hold it
         tensors = load_file(str(directory / _TENSORS))
         curvature.load(tensors, meta["count"])
         device = blocks[0].module.weight.device

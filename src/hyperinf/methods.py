@@ -66,7 +66,7 @@ class FittedInputs:
 class Method:
     """One influence method: what it needs from pass 1, and how it builds its preconditioner.
 
-    ``fim``: the flattened ``rd x rd`` FIM is accumulated; ``hessian``: the exact Hessian is; ``ggn``: the exact GGN is;
+    ``gfim``: the ``d x d`` GFIM is accumulated; ``fim``: the flattened ``rd x rd`` FIM is; ``hessian``: the exact Hessian is; ``ggn``: the exact GGN is;
     ``kronecker``: the token covariances of each block's inputs and output gradients are; ``train_pass``: every ``apply`` sums over the training gradients (no self-influence then,
     and pass 2 cannot skip per-example gradients); ``check`` refuses configurations the method
     cannot run with, before any data is read.
@@ -74,6 +74,7 @@ class Method:
 
     name: str
     build: Callable[[FittedInputs, list[BlockDiagnostics]], Preconditioner]
+    gfim: bool = False
     fim: bool = False
     hessian: bool = False
     ggn: bool = False
@@ -262,14 +263,14 @@ def register(method: Method) -> Method:
 
 
 for _method in (
-    Method("hyperinf", _block_inverse(fim=False, iterative=True)),
+    Method("hyperinf", _block_inverse(fim=False, iterative=True), gfim=True),
     Method("hyperinf-fim", _block_inverse(fim=True, iterative=True), fim=True),
-    Method("exact", _block_inverse(fim=False, iterative=False)),
+    Method("exact", _block_inverse(fim=False, iterative=False), gfim=True),
     Method("exact-fim", _block_inverse(fim=True, iterative=False), fim=True),
     Method("exact-hessian", _exact_curvature(ggn=False), hessian=True),
     Method("exact-ggn", _exact_curvature(ggn=True), ggn=True),
     Method("datainf", _datainf, train_pass=True, check=_check_datainf),
-    Method("lissa", _lissa),
+    Method("lissa", _lissa, gfim=True),
     Method("tracin", _tracin),
     Method("kfac", _kfac, kronecker=True),
     Method("ekfac", _ekfac, kronecker=True),

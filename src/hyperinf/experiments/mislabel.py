@@ -34,6 +34,7 @@ from hyperinf.tasks.textdata import MislabelSplit, TextDataset, flip_count, spli
 DEFAULT_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
 FIM_METHODS = ("hyperinf-fim", "exact-fim")
 REFERENCES = ("self-influence", "training loss", "random")
+SELF_INFLUENCE = "hyperinf"  # the method whose self-influence is the "self-influence" reference
 CHECKPOINT_EVERY = 50  # batches between checkpoints of the influence passes (a few seconds of work on MiniLM)
 
 
@@ -147,9 +148,9 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
     # A killed run resumes both passes from here (the adapter itself comes back from its cache).
     checkpoints = args.out / "checkpoints" / f"rank{args.rank}_seed{args.seed}"
     every = CHECKPOINT_EVERY
-    engine.fit(train_loader, methods=methods, checkpoint=checkpoints.with_suffix(".fit.ckpt"), checkpoint_every=every)
+    engine.fit(train_loader, methods=[*methods, SELF_INFLUENCE], checkpoint=checkpoints.with_suffix(".fit.ckpt"), checkpoint_every=every)
     scored = engine.score_methods(
-        train_loader, val_loader, methods, self_influence="hyperinf", checkpoint=checkpoints.with_suffix(".score.ckpt"),
+        train_loader, val_loader, methods, self_influence=SELF_INFLUENCE, checkpoint=checkpoints.with_suffix(".score.ckpt"),
         checkpoint_every=every,
     )  # fmt: skip
     scores = {**scored, "self-influence": -scored.self_influence, "training loss": scored.train_loss}
