@@ -150,6 +150,15 @@ def test_experiment_select_runs_the_protocol_and_a_second_run_trains_nothing(dat
     assert rows["accuracy"].between(0, 1).all() and rows.loc[rows.fraction == 0.4, "size"].eq(12).all()
     assert rows.loc[rows.selector == "full pool", "flipped_kept"].item() == pytest.approx(0.2)  # the pool's own share
     assert (args.out / "selection.png").stat().st_size > 0
+    record = json.loads((args.out / "arguments.json").read_text())["seeds"][0]
+    shares = record["target_loss_by_label"]
+    assert sum(v["loss_share"] for v in shares.values()) == pytest.approx(1.0) and sum(v["n"] for v in shares.values()) == 10
+    from hyperinf.experiments.select import load_pool_split
+
+    test_labels = load_pool_split(args, n_test=16, flip_fraction=0.2).test.labels
+    weights = torch.bincount(test_labels, minlength=2).double() / test_labels.numel()
+    overall = rows["accuracy_negative"] * float(weights[0]) + rows["accuracy_positive"] * float(weights[1])
+    assert (overall - rows["accuracy"]).abs().max() < 1e-12  # per-label accuracies add up to the overall one
     summary = pd.read_csv(args.out / "summary.csv")
     random_20 = summary[(summary.selector == "random") & (summary.fraction == 0.2)]["accuracy"].item()
     assert random_20 == pytest.approx(rows[(rows.selector == "random") & (rows.fraction == 0.2)]["accuracy"].mean())

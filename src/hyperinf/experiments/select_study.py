@@ -13,6 +13,7 @@ share one training).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -94,7 +95,10 @@ def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         for fraction in args.fractions:
             rows.append({**test.row("random", fraction, select_top(permutation, fraction), lengths), "draw": draw})
     rows.append(test.row("full pool", 1.0, torch.arange(split.pool.labels.numel()), lengths))
-    record = {"seed": args.seed, "warm_up": warm, "timing": timing, "n": {k: getattr(split, k).labels.numel() for k in ("pool", "target", "test")}}
+    record = {
+        "seed": args.seed, "warm_up": warm, "timing": timing, "n": {k: getattr(split, k).labels.numel() for k in ("pool", "target", "test")},
+        "target_loss_by_label": target_loss_by_label(learner, split, warm_state, args.batch_size),
+    }  # fmt: skip
     return [{"seed": args.seed, **row} for row in rows], record
 
 
@@ -129,7 +133,7 @@ class Evaluation:
                 self.learner.model, self.learner.loss, pairs, self.learner.collate, self.schedule,
                 self.args.cache_dir / f"{key}.safetensors", progress=self.args.progress, desc=f"{selector} {fraction:.0%}",
             )  # fmt: skip
-        row: dict[str, Any] = {"selector": selector, "fraction": fraction, "accuracy": self.accuracy(key), "trained_seconds": training and training["seconds"]}
+        row: dict[str, Any] = {"selector": selector, "fraction": fraction, **self.accuracy(key), "trained_seconds": training and training["seconds"]}
         if picked is not None and lengths is not None:
             made = composition(pool, picked, lengths)
             row["size"] = made["size"]
@@ -139,18 +143,33 @@ class Evaluation:
                 row["flipped_kept"] = float(self.split.flipped[picked].double().mean())
         return row
 
-    def accuracy(self, model_key: str) -> float:
-        """Test accuracy of the model now loaded, cached by its weights' key and the test set."""
+    def accuracy(self, model_key: str) -> dict[str, float]:
+        """Test accuracy of the model now loaded, overall and per true label (``accuracy_<label>``: a model
+        that answers one label to everything shows as 1 and 0), cached by its weights' key and the test set."""
         path = self.args.cache_dir.parent / "evals" / f"{model_key}_{self.test_key}.json"
         if path.exists():
-            import json
-
-            return float(json.loads(path.read_text())["accuracy"])
+            cached = json.loads(path.read_text())
+            if len(cached) > 1:  # evaluations cached before per-label accuracy are redone
+                return cached
         test = self.split.test
-        predicted = self.learner.predict(test.texts, self.args.batch_size)
-        accuracy = float((predicted == test.labels).double().mean())
-        write_json(path, {"accuracy": accuracy})
-        return accuracy
+        correct = (self.learner.predict(test.texts, self.args.batch_size) == test.labels).double()
+        result = {"accuracy": float(correct.mean())}
+        result |= {f"accuracy_{name}": float(correct[test.labels == i].mean()) for i, name in enumerate(test.label_names) if (test.labels == i).any()}
+        write_json(path, result)
+        return result
+
+
+@torch.no_grad()
+def target_loss_by_label(learner: Learner, split: PoolSplit, warm_state: dict[str, torch.Tensor], batch_size: int) -> dict[str, dict[str, float]]:
+    """Per label, the warm-up model's mean target loss and that label's share of the summed target loss:
+    the target's mean gradient leans toward the label that dominates it, and so do first-order selections."""
+    load_trainable(learner.model, warm_state)
+    losses = torch.cat([learner.loss(learner.model, batch) for batch in learner.loader(split.pairs("target"), batch_size)]).double()
+    labels = split.target.labels
+    return {
+        name: {"n": int((labels == i).sum()), "mean_loss": float(losses[labels == i].mean()), "loss_share": float(losses[labels == i].sum() / losses.sum())}
+        for i, name in enumerate(split.target.label_names) if (labels == i).any()
+    }  # fmt: skip
 
 
 def pass_costs(learner: Learner, split: PoolSplit, batch_size: int, batches: int = 2) -> dict[str, float]:
@@ -201,7 +220,8 @@ def plot_study(args: StudyArgs, summary: list[dict[str, Any]], path: Path) -> No
     levels = {e["selector"]: e["accuracy"] for e in summary if e["selector"] in LEVELS}
     for selector in dict.fromkeys(e["selector"] for e in summary if e["selector"] not in levels):
         points = sorted((e["fraction"], e["accuracy"]) for e in summary if e["selector"] == selector)
-        ax.plot(*zip(*points), marker="o", label=selector, linestyle="--" if selector in REFERENCES else "-")
+        style = {"linestyle": "--"} if selector in REFERENCES else {"linestyle": ":", "linewidth": 2.5} if selector == "exact" else {}
+        ax.plot(*zip(*points), marker="o", label=selector, **style)  # exact dotted: it usually lies on hyperinf
     for (name, value), color in zip(levels.items(), ("black", "grey")):
         ax.axhline(value, color=color, linewidth=0.9, linestyle=":", label=name)
     ax.set_xlabel("share of the pool kept")
