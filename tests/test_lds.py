@@ -22,15 +22,6 @@ from plots import assert_plot
 from test_leave_one_out import L2, N_TRAIN, SPECS, full_logits, loss_fn, problem, train_newton, with_ones
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster, and far faster when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_spearman_of_monotone_reversed_tied_and_constant_rows():
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]])
     y = torch.tensor([[10.0, 20.0, 35.0, 90.0], [1.0, 3.0, 2.0, 4.0], [5.0, 5.0, 5.0, 5.0]])

@@ -15,7 +15,6 @@ from hyperinf.cli import main
 from hyperinf.errors import DataError
 from hyperinf.experiments.logo import LogoArgs, logo_correlation, logo_groups, paper_table_6, run_logo
 from plots import assert_plot
-from test_lds import one_thread  # noqa: F401 (autouse: one torch thread for these tiny models)
 from test_leave_one_out import L2, N_TRAIN, SPECS, full_logits, loss_fn, problem, train_newton, with_ones
 
 
