@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hyperinf.errors import DataError
+from hyperinf.experiments.select import skewed_labels
 from hyperinf.selection import cosine_scores, ranks, select_top, selection_size
 
 
@@ -63,3 +64,10 @@ def test_cosine_scores_refuse_zero_norms():
         cosine_scores(torch.ones(2), 1.0, torch.tensor([1.0, 0.0]))
     with pytest.raises(DataError, match="no direction"):
         cosine_scores(torch.ones(2), 0.0, torch.ones(2))
+
+
+def test_a_selection_that_under_represents_a_label_is_named():
+    labels = torch.tensor([0] * 50 + [1] * 50)
+    assert skewed_labels(labels, torch.arange(40, 60), ["neg", "pos"]) == []  # 50 / 50
+    assert skewed_labels(labels, torch.cat([torch.arange(5), torch.arange(50, 65)]), ["neg", "pos"]) == []  # 25%: half its share
+    assert skewed_labels(labels, torch.cat([torch.arange(4), torch.arange(50, 66)]), ["neg", "pos"]) == ["neg"]  # 20%

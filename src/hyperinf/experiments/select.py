@@ -232,8 +232,21 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
     for fraction, picked in selections.items():
         made = composition(split.pool, picked, lengths)
         print(f"  {fraction:.0%}: {made['size']} examples, labels {made['labels']}, mean {made['tokens']['mean']:.1f} tokens")
+        for label in skewed_labels(split.pool.labels, picked, split.pool.label_names):
+            print(
+                f"  warning: the {fraction:.0%} selection under-represents label {label!r} (less than half its share of the pool): "
+                "the target's mean gradient leans toward the labels the model gets wrong, and training on such a selection "
+                "can collapse onto them (docs/results.md); --balance keeps every label's share"
+            )
     print(f"results written to {args.out}/")
     return {"scores": scores, "selections": selections}
+
+
+def skewed_labels(labels: torch.Tensor, picked: torch.Tensor, label_names: list[str]) -> list[str]:
+    """Labels whose share of the selection is under half their share of the pool."""
+    pool_share = torch.bincount(labels, minlength=len(label_names)).double() / labels.numel()
+    kept_share = torch.bincount(labels[picked], minlength=len(label_names)).double() / picked.numel()
+    return [label_names[i] for i in torch.nonzero(kept_share < pool_share / 2).squeeze(1).tolist()]
 
 
 def write_selection(
