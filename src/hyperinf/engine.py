@@ -107,7 +107,8 @@ class InfluenceEngine:
         The same training pass keeps each example's training loss and, with ``self_influence=method``,
         its self-influence (a second pass would cost as much as the first where gradients are recomputed).
         The time each method took to turn ``v`` into ``h`` (its first build included) is kept in
-        :attr:`ihvp_seconds`. ``checkpoint`` makes the training pass resumable, as for :meth:`fit`.
+        :attr:`ihvp_seconds`, and each method's ``h`` in the result's ``directions``. ``checkpoint`` makes the
+        training pass resumable, as for :meth:`fit`.
         """
         own = self._per_example_preconditioner(self_influence) if self_influence else None
         v = self.mean_gradient(val_loader, "val_loader")
@@ -117,6 +118,7 @@ class InfluenceEngine:
         done, state = saver.resume("score") if saver is not None else (0, {})
         passes = self._pass2(train_loader, stacked, per_example=own is not None, skip=done)
         result = scoring.collect(passes, methods, own, saver, done, state)
+        result.directions = dict(zip(methods, directions))
         self._keep({f"score/{m}": s for m, s in result.scores.items()} | {"train_loss": result.train_loss})
         if result.self_influence is not None:
             self._keep({f"self_influence/{self_influence}": result.self_influence})

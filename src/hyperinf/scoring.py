@@ -7,7 +7,7 @@ batch of training gradients next to one chunk of preconditioned queries.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -111,11 +111,13 @@ class RunningTopK:
 
 @dataclass
 class TrainingPass(Mapping[str, torch.Tensor]):
-    """What one pass over the training set gives: scores per method (the mapping), losses, self-influence."""
+    """What one pass over the training set gives: scores per method (the mapping), losses, self-influence,
+    and each method's preconditioned validation gradient ``h`` (per block, ``[1, r, d]``) that it scored with."""
 
     scores: dict[str, torch.Tensor]
     train_loss: torch.Tensor
     self_influence: torch.Tensor | None = None
+    directions: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def __getitem__(self, method: str) -> torch.Tensor:
         return self.scores[method]

@@ -175,12 +175,10 @@ def score_pool(
     pool, target = learner.loader(split.pairs("pool"), args.batch_size), learner.loader(split.pairs("target"), args.batch_size)
     engine.fit(pool, methods=methods)
     scored = engine.score_methods(pool, target, methods, self_influence="tracin")
-    v = {name: g.unsqueeze(0) for name, g in engine.mean_gradient(target, "target").items()}
     result = {f"score/{m}": scored[m] for m in methods}
     result["train_loss"] = scored.train_loss
     result["gradient_norm"] = (-scored.self_influence).clamp_min(0).sqrt()
-    for m in methods:
-        h = engine.preconditioner(m).apply(v)
+    for m, h in scored.directions.items():
         result[f"direction_norm/{m}"] = torch.sqrt(sum((t.double() ** 2).sum() for t in h.values())).reshape(1)
     result = {k: t.detach().cpu().contiguous() for k, t in result.items()}
     atomic_write(path, lambda tmp: save_file(result, str(tmp)))
