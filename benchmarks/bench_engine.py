@@ -34,8 +34,9 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -43,6 +44,7 @@ import torch
 
 from hyperinf.blocks import select_blocks
 from hyperinf.engine import InfluenceEngine
+from hyperinf.metrics import spearman
 from hyperinf.gradients import PerSampleGradients
 from hyperinf.tasks.minilm import load_minilm_lora, sequence_classification_loss
 
@@ -77,6 +79,19 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def best_per_batch(paths: Mapping[str, Callable[[Any], object]], batches: Sequence[Any], repeats: int) -> dict[str, float]:
+    """Per path, the sum over batches of its best wall time on each batch over ``repeats`` rounds.
+
+    The paths alternate batch by batch, so load from other processes falls on every path alike.
+    """
+    best = {name: [float("inf")] * len(batches) for name in paths}
+    for _ in range(repeats):
+        for i, batch in enumerate(batches):
+            for name, fn in paths.items():
+                best[name][i] = min(best[name][i], timed(lambda: fn(batch))[0])
+    return {name: sum(times) for name, times in best.items()}
 
 
 class TimedBatches:
@@ -226,17 +241,11 @@ def run(args: argparse.Namespace) -> dict:
         "targets": {"capture_over_plain": 1.3, "hyperinf_over_tracin": 1.3},
         "schulz_iterations": [d.iterations for d in diag],
         "schulz_converged": all(bool(d.converged) for d in diag),
-        "score_spearman_hyperinf_tracin": _spearman(scores["hyperinf"], scores["tracin"]),
+        "score_spearman_hyperinf_tracin": float(spearman(scores["hyperinf"], scores["tracin"])),
         "peak_rss_after_load_mib": rss_model,
         "peak_rss_mib": peak_rss_mib(),
         "total_s": time.perf_counter() - t0,
     }
-
-
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra = a.argsort().argsort().double()
-    rb = b.argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
 def report(r: dict) -> str:

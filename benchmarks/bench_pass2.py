@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_engine import random_batches, timed
+from bench_engine import best_per_batch, random_batches
 from hyperinf.blocks import select_blocks
 from hyperinf.forward import DirectionalDerivatives
 from hyperinf.gradients import PerSampleGradients
@@ -55,12 +55,7 @@ def run(args: argparse.Namespace) -> dict:
 
     paths = {"forward": forward, "math forward": math_forward, "gradients": capture}
     paths |= {f"jvp x{d}": (lambda batch, h=h: derivatives(batch, h)) for d, h in directions.items()}
-    best = {name: [float("inf")] * len(batches) for name in paths}
-    for _ in range(args.repeats):
-        for i, batch in enumerate(batches):
-            for name, fn in paths.items():
-                best[name][i] = min(best[name][i], timed(lambda: fn(batch))[0])
-    total = {name: sum(times) for name, times in best.items()}
+    total = best_per_batch(paths, batches, args.repeats)
     return {
         "args": vars(args),
         "seconds_per_example": {name: t / args.n for name, t in total.items()},

@@ -343,12 +343,6 @@ def worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------- driver
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a.detach().numpy(), b.detach().numpy()).statistic)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", default="mnist,minilm")
@@ -391,6 +385,8 @@ def main() -> None:
 
 def summarize(out: Path, settings: list[str]) -> list[dict[str, Any]]:
     """Every run recorded under ``out`` for ``settings``, with its Spearman correlations to ours and to the reference."""
+    from hyperinf.metrics import spearman
+
     rows = []
     for setting in settings:
         folder, reference = out / setting, "ekfac" if setting == "mnist" else "exact-fim"
@@ -404,7 +400,7 @@ def summarize(out: Path, settings: list[str]) -> list[dict[str, Any]]:
                     scores = torch.load(folder / f"{library}-{method}.pt")
                     for key, name in (("spearman_ours", shared), ("spearman_reference", reference)):
                         theirs = folder / f"ours-{name}.pt"
-                        record[key] = spearman(scores, torch.load(theirs)) if theirs.exists() else None
+                        record[key] = float(spearman(scores, torch.load(theirs))) if theirs.exists() else None
                 rows.append(record)
     return rows
 

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from bench_engine import timed
+from bench_engine import best_per_batch, timed
 from hyperinf.blocks import select_blocks
 from hyperinf.engine import InfluenceEngine
 from hyperinf.gradients import PerSampleGradients
@@ -50,13 +50,8 @@ def run_variant(variant: str, args: argparse.Namespace, pairs: list[tuple[str, i
         learner.loss(learner.model, batch).mean().backward()
 
     paths = {"forward+backward": step, "per-sample gradients": capture}
-    best = {name: [float("inf")] * len(batches) for name in paths}
-    for _ in range(args.repeats):
-        for i, batch in enumerate(batches):
-            for name, fn in paths.items():
-                best[name][i] = min(best[name][i], timed(lambda: fn(batch))[0])
+    total = best_per_batch(paths, batches, args.repeats)
     learner.model.zero_grad(set_to_none=True)
-    total = {name: sum(times) for name, times in best.items()}
 
     methods = METHODS[variant]
     engine = InfluenceEngine(
