@@ -19,7 +19,7 @@ from typing import Any
 
 from hyperinf.errors import DataError
 from hyperinf.experiments.mislabel import MislabelArgs, add_training_arguments, mislabel_args, run_mislabel
-from hyperinf.experiments.report import save_figure
+from hyperinf.experiments.report import new_figure, save_figure
 from hyperinf.methods import method_names
 from hyperinf.results import atomic_write, write_json
 
@@ -81,12 +81,7 @@ def write_epochs(args: EpochsArgs, rows: list[dict[str, Any]]) -> None:
 
 def plot_epochs(args: EpochsArgs, rows: list[dict[str, Any]], path: Path) -> None:
     """ROC-AUC of finding the flipped labels against the training epochs (log scale), one line per method and reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = new_figure()
     for method in dict.fromkeys(r["method"] for r in rows):
         own = [r for r in rows if r["method"] == method]
         style = {"linestyle": "--"} if method not in args.mislabel.methods else {}

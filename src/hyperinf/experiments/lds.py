@@ -47,7 +47,7 @@ from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import DataError, HyperinfError, MissingPackageError, NotConvergedWarning
-from hyperinf.experiments.report import save_figure
+from hyperinf.experiments.report import new_figure, save_figure
 from hyperinf.finetune import LossFn, Schedule, default_cache_dir, train_or_load, training_key
 from hyperinf.hessian import OutputFn, OutputLossFn
 from hyperinf.methods import get_method, method_names
@@ -387,13 +387,8 @@ def write_lds(args: LdsArgs, rows: list[dict[str, Any]], per_query: list[dict[st
 
 def plot_lds(args: LdsArgs, rows: list[dict[str, Any]], path: Path) -> None:
     """Bars of the mean LDS per method, at the default damping and at the best (its damping written above), with the bootstrap intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pairs = {m: pair for m, pair in best_rows(rows).items() if pair[1] is not None}
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(pairs) + 2), 4.5))
+    fig, ax = new_figure(width=max(5.0, 0.9 * len(pairs) + 2))
     for shift, which, label in ((-0.2, 0, "default damping"), (0.2, 1, "best damping")):
         bars = [(i + shift, pair[which]) for i, pair in enumerate(pairs.values()) if _has_lds(pair[which])]
         heights = [r["lds"] for _, r in bars]

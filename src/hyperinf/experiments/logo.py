@@ -28,7 +28,7 @@ from hyperinf.errors import DataError
 from hyperinf.experiments.lds import (
     DEFAULTS, SETTINGS, RetrainArgs, Trainer, add_retrain_arguments, check_retrain_args, fitted_engine, retrain_settings,
 )  # fmt: skip
-from hyperinf.experiments.report import save_figure
+from hyperinf.experiments.report import new_figure, save_figure
 from hyperinf.metrics import spearman
 from hyperinf.results import atomic_write, write_json
 
@@ -167,12 +167,7 @@ def mean_changes(rows: list[dict[str, Any]], method: str) -> list[float]:
 
 def plot_logo(args: LogoArgs, rows: list[dict[str, Any]], summary: list[dict[str, Any]], path: Path) -> None:
     """The validation-loss change after removing each group, most harmful first, one line per method (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = new_figure()
     for entry in summary:
         changes = mean_changes(rows, entry["method"])
         style = {"linestyle": ":", "linewidth": 2.5} if entry["method"].startswith("exact") else {}  # it usually lies on hyperinf

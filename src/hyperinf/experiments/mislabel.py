@@ -23,7 +23,7 @@ from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import ConfigurationError, DataError
 from hyperinf.finetune import Schedule, default_cache_dir, train_or_load, training_key
-from hyperinf.experiments.report import print_detection_table, print_suspects, save_figure
+from hyperinf.experiments.report import new_figure, print_detection_table, print_suspects, save_figure
 from hyperinf.metrics import detection_curve, detection_summary
 from hyperinf.results import atomic_write, write_json
 from hyperinf.tasks.learners import classifier
@@ -280,15 +280,10 @@ def write_outputs(args: MislabelArgs, data: TextDataset, runs: list[dict[str, An
 
 def plot_detection(run: dict[str, Any], path: Path) -> None:
     """Detection rate against inspection rate, one line per method (Fig. 2 style), plus the oracle."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     flipped = run["split"].flipped
     n = flipped.numel()
     inspected = torch.arange(1, n + 1, dtype=torch.float64) / n
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = new_figure()
     for name, scores in run["scores"].items():
         style: dict[str, Any] = {}
         if name in REFERENCES:
@@ -308,12 +303,7 @@ def plot_detection(run: dict[str, Any], path: Path) -> None:
 
 def plot_rank_sweep(summary: list[dict[str, Any]], path: Path) -> None:
     """Time of the inverse-Hessian-vector product against LoRA rank, one line per method (Figs. 6-7 style)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = new_figure()
     methods = [e["method"] for e in summary if "ihvp_seconds" in e]
     for method in dict.fromkeys(methods):
         points = [(e["rank"], e["ihvp_seconds"]) for e in summary if e["method"] == method]

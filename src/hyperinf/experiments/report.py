@@ -13,6 +13,16 @@ from hyperinf.metrics import INSPECTED
 from hyperinf.results import atomic_write
 
 
+def new_figure(width: float = 6.0, height: float = 4.5) -> tuple[Any, Any]:
+    """A one-axes matplotlib figure drawn off-screen (no display needed); finish it with :func:`save_figure`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
 def save_figure(fig: Any, ax: Any, path: Path) -> None:
     """Grid, legend and tight layout on a one-axes figure, written atomically as a PNG, then closed."""
     import matplotlib.pyplot as plt

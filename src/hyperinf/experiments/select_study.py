@@ -29,7 +29,7 @@ from hyperinf.experiments.select import (
     PoolSplit, SelectArgs, add_pool_arguments, composition, fraction_label, load_pool_split, make_learner, method_scores,
     pool_settings, score_pool, warm_up,
 )  # fmt: skip
-from hyperinf.experiments.report import save_figure
+from hyperinf.experiments.report import new_figure, save_figure
 from hyperinf.selection import select_top
 from hyperinf.tasks.learners import Learner
 
@@ -122,13 +122,11 @@ class Evaluation:
     def row(self, selector: str, fraction: float, picked: torch.Tensor | None, lengths: torch.Tensor | None = None) -> dict[str, Any]:
         """One table cell: train on ``picked`` (``None``: keep the warm-up) and test; the selection's make-up."""
         pool = self.split.pool
-        if picked is None:
-            key, training = self.warm_key, None
-            load_trainable(self.learner.model, self.warm_state)
-        else:
+        load_trainable(self.learner.model, self.warm_state)  # every cell starts from the warm-up
+        key, training = self.warm_key, None
+        if picked is not None:
             pairs = [(pool.texts[i], int(pool.labels[i])) for i in sorted(picked.tolist())]
             key = training_key({"stage": "continue", "warm_up": self.warm_key, **asdict(self.schedule)}, pairs)
-            load_trainable(self.learner.model, self.warm_state)
             training = train_or_load(
                 self.learner.model, self.learner.loss, pairs, self.learner.collate, self.schedule,
                 self.args.cache_dir / f"{key}.safetensors", progress=self.args.progress, desc=f"{selector} {fraction:.0%}",
@@ -211,12 +209,7 @@ def write_study(args: StudyArgs, rows: list[dict[str, Any]], summary: list[dict[
 
 def plot_study(args: StudyArgs, summary: list[dict[str, Any]], path: Path) -> None:
     """Test accuracy against the kept fraction, one line per selector, the full pool and warm-up as levels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = new_figure()
     levels = {e["selector"]: e["accuracy"] for e in summary if e["selector"] in LEVELS}
     for selector in dict.fromkeys(e["selector"] for e in summary if e["selector"] not in levels):
         points = sorted((e["fraction"], e["accuracy"]) for e in summary if e["selector"] == selector)
