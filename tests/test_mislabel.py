@@ -88,7 +88,7 @@ def test_pipeline_finds_the_flipped_labels_and_writes_every_output(args, tmp_pat
         assert flipped == ("yes" if example["flipped"] else "no")
         assert example["text"].startswith(text.rstrip("…"))
     cache = json.loads((out / "arguments.json").read_text())["runs"][0]["gradient_cache"]
-    assert cache["kept"] and 0 < cache["gradient_bytes"] <= cache["budget_bytes"]
+    assert cache["store"] == "memory" and 0 < cache["gradient_bytes"] <= cache["budget_bytes"]
 
 
 def test_second_run_reuses_the_cached_adapter(args, capsys):

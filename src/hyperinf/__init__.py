@@ -14,6 +14,7 @@ from hyperinf.errors import (
     NotConvergedWarning,
     NotFittedError,
     NotSPDError,
+    SpillWarning,
 )
 
 __version__ = "0.1.0"
@@ -32,5 +33,6 @@ __all__ = [
     "NotConvergedWarning",
     "NotFittedError",
     "NotSPDError",
+    "SpillWarning",
     "__version__",
 ]

@@ -10,6 +10,7 @@ import torch
 from hyperinf.blocks import Side
 from hyperinf.curvature import DampingMode
 from hyperinf.linalg import OnFail
+from hyperinf.spill import SpillDtype
 
 Pass2 = Literal["auto", "jvp", "gradients"]  # how pass 2 reads the training set (see hyperinf.forward)
 
@@ -30,7 +31,11 @@ class InfluenceConfig:
     lissa_iters: ``J``, the number of terms of LiSSA's Neumann series ``(1/s) sum_{j<J} (I - A/s)^j v``.
     lissa_scale: ``s`` in that series; ``None`` uses a bound on ``lambda_max(A)``; a scale at or below
         ``lambda_max / 2`` (where the series diverges) is refused when the preconditioner is built.
-    cache_bytes: per-sample training gradients up to this size are kept from ``fit`` for pass 2.
+    cache_bytes: per-sample training gradients up to this size are kept in memory from ``fit`` for pass 2.
+    spill_dir: past ``cache_bytes``, the gradients are written to a file in a new folder under this
+        directory and read back memory-mapped (cheaper than recomputing them: :mod:`hyperinf.spill`);
+        ``None``: recomputed. The folder is deleted with the fit.
+    spill_dtype: ``"full"`` (the gradients' dtype, read back bit-identical) or ``"bfloat16"`` (half of float32's size).
     pass2: how scoring passes over the training set: ``"gradients"`` (per-sample gradients, from
         the cache or recomputed), ``"jvp"`` (forward-mode directional derivatives, no gradients:
         :mod:`hyperinf.forward`) or ``"auto"`` (the cheaper by measured costs: on CPU, the gradients).
@@ -52,6 +57,8 @@ class InfluenceConfig:
     fim_max_params: int = 4096
     hessian_max_params: int = 4096
     cache_bytes: int = 1 << 30
+    spill_dir: str | None = None
+    spill_dtype: SpillDtype = "full"
     pass2: Pass2 = "auto"
     dtype: str = "float32"
     distributed: bool = False
@@ -79,6 +86,10 @@ class InfluenceConfig:
             )
         if self.pass2 not in get_args(Pass2):
             raise ValueError(f"pass2 must be one of {get_args(Pass2)}, got {self.pass2!r}")
+        if self.spill_dtype not in get_args(SpillDtype):
+            raise ValueError(f"spill_dtype must be one of {get_args(SpillDtype)}, got {self.spill_dtype!r}")
+        if self.spill_dir is not None:
+            self.spill_dir = str(self.spill_dir)  # a Path is accepted; kept as text so the settings save as JSON
         if self.lissa_iters < 1:
             raise ValueError(f"lissa_iters must be >= 1, got {self.lissa_iters}")
 

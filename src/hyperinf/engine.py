@@ -60,7 +60,7 @@ class InfluenceEngine:
         self.device = next(model.parameters()).device  # where batches go: the model's input side
         self._reduce = distributed.reducer(self.config.distributed)
         self._stream = GradientStream(self.gradients, self.device, progress=self.config.progress)
-        self._train = TrainingGradients(self._stream, self.config.cache_bytes)
+        self._train = TrainingGradients(self._stream, self.config.cache_bytes, self.config.spill_dir, self.config.spill_dtype)
         self._pass2 = TrainingScores(self._train, DirectionalDerivatives(model, loss_fn, self.blocks), self.config.pass2)
         self._fit: FittedCurvature | None = None
         self._results: dict[str, torch.Tensor] = {}
@@ -198,8 +198,13 @@ class InfluenceEngine:
 
     @property
     def gradients_cached(self) -> bool:
-        """Whether ``fit`` kept the per-sample training gradients (they fit ``cache_bytes``) for pass 2."""
+        """Whether ``fit`` kept the per-sample training gradients for pass 2 (within ``cache_bytes``, or spilled to disk)."""
         return self._train.cached
+
+    @property
+    def gradient_store(self) -> str | None:
+        """Where ``fit`` kept the training gradients: ``"memory"``, ``"disk"`` (``spill_dir``) or ``None`` (pass 2 recomputes them)."""
+        return self._train.store
 
     def save(self, directory: str | Path, *, extra: Mapping[str, torch.Tensor] | None = None) -> Path:
         """Write every computed result and ``extra`` tensors (safetensors), the arguments and diagnostics (JSON)."""

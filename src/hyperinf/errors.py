@@ -69,3 +69,7 @@ class NotConvergedWarning(UserWarning):
 
 class NotConvergedError(HyperinfError, RuntimeError):
     """An iterative inverse or solver stopped above its tolerance and the caller asked to raise."""
+
+
+class SpillWarning(UserWarning):
+    """Spilling the training gradients to disk was not possible (no room); pass 2 recomputes them instead."""

@@ -1,14 +1,17 @@
-"""The training-gradient source: per-sample gradients over a loader, kept from pass 1 for pass 2 while they fit.
+"""The training-gradient source: per-sample gradients over a loader, kept from pass 1 for pass 2.
 
 :class:`GradientStream` turns a loader into :class:`~hyperinf.gradients.BatchGradients` (model in
 eval mode, batches moved to the model's device, a progress bar, a clear error for empty data).
-:class:`TrainingGradients` records pass 1's gradients while their size stays within a budget and
-replays them in pass 2; past the budget, or for another loader, it recomputes them.
+:class:`TrainingGradients` records pass 1's gradients in memory while their size stays within a
+budget and replays them in pass 2; past the budget they go to disk when a spill directory is set
+(:mod:`hyperinf.spill`), else pass 2 recomputes them, as it does for another loader.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,9 +21,10 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from hyperinf.batches import to_device
-from hyperinf.errors import DataOrderError, EmptyDataError
+from hyperinf.errors import DataOrderError, EmptyDataError, SpillWarning
 from hyperinf.gradients import BatchGradients, PerSampleGradients
 from hyperinf.preconditioners import Reduce
+from hyperinf.spill import GradientSpill, SpillDtype, remove_orphans, room_for
 
 
 class GradientStream:
@@ -53,52 +57,96 @@ class GradientStream:
 
 
 class TrainingGradients:
-    """Pass 1 records the training gradients (up to ``budget_bytes``); pass 2 replays or recomputes them."""
+    """Pass 1 records the training gradients (in memory up to ``budget_bytes``, then on disk under
+    ``spill_dir`` if one is given); pass 2 replays them, or recomputes them when neither held them."""
 
-    def __init__(self, stream: GradientStream, budget_bytes: int) -> None:
+    def __init__(
+        self, stream: GradientStream, budget_bytes: int, spill_dir: str | Path | None = None, spill_dtype: SpillDtype = "full"
+    ) -> None:  # fmt: skip
         self.stream = stream
         self.budget_bytes = budget_bytes
+        self.spill_dir, self.spill_dtype = spill_dir, spill_dtype
         self.fit_loader: Iterable[Any] | None = None
         self.gradient_bytes = 0  # size of all per-sample training gradients of the fit
-        self._cache: list[BatchGradients] | None = None
+        self._cache: list[BatchGradients] | GradientSpill | None = None
 
     @property
     def cached(self) -> bool:
-        """Whether the fit's gradients were kept (they fit the budget)."""
+        """Whether the fit's gradients were kept (in memory or spilled to disk)."""
         return self._cache is not None
+
+    @property
+    def store(self) -> str | None:
+        """Where the fit's gradients are kept: ``"memory"``, ``"disk"`` or ``None`` (recomputed)."""
+        return None if self._cache is None else "disk" if isinstance(self._cache, GradientSpill) else "memory"
 
     def record(self, loader: Iterable[Any], *, allow_empty: bool = False, skip: int = 0) -> Iterator[tuple[Any, BatchGradients]]:
         """Pass 1 over ``loader`` (after ``skip`` batches): yield every batch with its gradients and keep them
-        while they fit (not on a resumed pass, whose first batches are not in memory)."""
+        (not on a resumed pass, whose first batches are not in memory)."""
         check_order(loader, "train_loader")
         check_reiterable(loader, "train_loader")
-        cache: list[BatchGradients] | None = [] if not skip else None
+        self.forget()
+        if self.spill_dir is not None:
+            remove_orphans(self.spill_dir)
+        cache: list[BatchGradients] | GradientSpill | None = [] if not skip else None
         total = 0
         for batch, grads in self.stream(loader, "train_loader", allow_empty=allow_empty, skip=skip):
             total += sum(g.numel() * g.element_size() for g in grads.grads.values())
-            if cache is not None and total <= self.budget_bytes:
-                cache.append(BatchGradients(grads.losses, grads.grads))  # not pass 1's token factors
-            else:
-                cache = None  # over budget: pass 2 recomputes the gradients
+            kept = BatchGradients(grads.losses, grads.grads)  # not pass 1's token factors
+            if isinstance(cache, list) and total > self.budget_bytes:
+                cache = self._spill(cache, loader, total)
+            cache = _keep(cache, kept)
             yield batch, grads
+        if isinstance(cache, GradientSpill):
+            cache.finish()
         self.fit_loader, self.gradient_bytes, self._cache = loader, total, cache
 
+    def _spill(self, kept: list[BatchGradients], loader: Iterable[Any], total: int) -> GradientSpill | None:
+        """Move the batches kept so far to a new spill file, or ``None`` (recompute) without a spill
+        directory or the disk room the whole pass will take (estimated from its batches so far)."""
+        if self.spill_dir is None:
+            return None
+        expected = total / (len(kept) + 1) * len(loader) if hasattr(loader, "__len__") else total
+        element = next((g.element_size() for b in kept for g in b.grads.values()), 4)
+        if not room_for(self.spill_dir, int(expected * (2 / element if self.spill_dtype == "bfloat16" else 1))):
+            return None
+        spill: GradientSpill | None = GradientSpill(self.spill_dir, self.spill_dtype)
+        for batch in kept:
+            spill = _keep(spill, batch)
+        return spill
+
     def forget(self, loader: Iterable[Any] | None = None) -> None:
-        """Drop the cache; ``loader`` (if given) is the training data of a fit loaded from disk."""
+        """Drop the kept gradients (a spill file is deleted); ``loader`` (if given) is the training data of a fit loaded from disk."""
+        if isinstance(self._cache, GradientSpill):
+            self._cache.close()
         self.fit_loader, self.gradient_bytes, self._cache = loader, 0, None
 
     def holds(self, loader: Iterable[Any]) -> bool:
-        """Whether the cache holds ``loader``'s gradients (it is the fit's loader, and they fit the budget)."""
+        """Whether the kept gradients are ``loader``'s (it is the fit's loader, and they were kept)."""
         return self._cache is not None and loader is self.fit_loader
 
     def __call__(self, loader: Iterable[Any], *, skip: int = 0) -> Iterator[BatchGradients]:
-        """The per-sample gradients of ``loader`` after ``skip`` batches: from the cache when it holds this loader, else recomputed."""
+        """The per-sample gradients of ``loader`` after ``skip`` batches: kept ones when they are this loader's, else recomputed."""
         if self.holds(loader):
-            yield from self._cache[skip:]
+            yield from self._cache.read(skip) if isinstance(self._cache, GradientSpill) else self._cache[skip:]
             return
         check_order(loader, "train_loader")
         for _, grads in self.stream(loader, "train_loader", skip=skip):
             yield grads
+
+
+def _keep(cache: list[BatchGradients] | GradientSpill | None, batch: BatchGradients) -> list[BatchGradients] | GradientSpill | None:
+    """Add ``batch`` to the cache; a spill that fails to write (a full disk) is deleted and becomes ``None``."""
+    if isinstance(cache, list):
+        cache.append(batch)
+    elif isinstance(cache, GradientSpill):
+        try:
+            cache.append(batch)
+        except OSError as error:
+            cache.close()
+            warnings.warn(f"spilling the training gradients to {cache.folder} failed ({error}): pass 2 recomputes them instead.", SpillWarning, stacklevel=3)
+            return None
+    return cache
 
 
 def mean_gradient(

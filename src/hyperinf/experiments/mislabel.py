@@ -132,7 +132,7 @@ def influence_engine(args: MislabelArgs, seed: TrainedSeed) -> InfluenceEngine:
     return InfluenceEngine(
         seed.model, sequence_classification_loss, blocks=seed.blocks, method=args.methods[0],
         progress=args.progress, fim_max_params=args.fim_max_params, damping=args.damping,
-        damping_mode=args.damping_mode, dtype=args.dtype,
+        damping_mode=args.damping_mode, dtype=args.dtype, spill_dir=args.out / "spill",
     )
 
 
@@ -168,7 +168,7 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
         "diagnostics": [d.to_dict() for d in engine.diagnostics()],
         "spectrum": engine.spectrum(),
         "gradient_cache": {
-            "gradient_bytes": engine.gradient_bytes, "budget_bytes": engine.config.cache_bytes, "kept": engine.gradients_cached,
+            "gradient_bytes": engine.gradient_bytes, "budget_bytes": engine.config.cache_bytes, "store": engine.gradient_store,
         },
     }
 
@@ -206,9 +206,10 @@ def run_mislabel(args: MislabelArgs, seeds: int = 1, ranks: tuple[int, ...] = ()
             trained = "cached adapter" if run["training"]["cached"] else "trained in %.0f s" % run["training"]["seconds"]
             print(f"rank {rank}, seed {run['seed']}: clean test accuracy {run['test_accuracy']:.3f} ({trained})")
             cache = run["gradient_cache"]
-            if not cache["kept"]:
+            if cache["store"] != "memory":
+                where = "spilled to --out/spill/ on disk" if cache["store"] == "disk" else "recomputed by every pass over the training set"
                 print(f"  per-sample gradients ({cache['gradient_bytes'] / 2**30:.2f} GiB) exceed the "
-                      f"{cache['budget_bytes'] / 2**30:.2f} GiB cache: every pass over the training set recomputed them")
+                      f"{cache['budget_bytes'] / 2**30:.2f} GiB memory cache: {where}")
             for method, why in run["skipped"].items():
                 print(f"  skipped {method}: {why}")
             runs.append(run)

@@ -29,6 +29,7 @@ from hyperinf.tasks.textdata import BUILT_IN_TASKS, TextDataset, load_table, loa
 
 SIGN = "score = -v^T H^-1 g_k: negative = helpful (kept first), positive = harmful"
 TIE_BREAK = "equal scores: lower row id first"
+CHECKPOINT_EVERY = 20  # batches between checkpoints of the scoring passes (seconds of work on SmolLM2)
 KINDS = {"tweets": "tweet", "bbc-titles": "news headline", "bbc": "news article"}
 
 
@@ -170,11 +171,15 @@ def score_pool(
         return load_file(str(path))
     engine = InfluenceEngine(
         learner.model, learner.loss, blocks=learner.blocks, method=methods[0], damping=args.damping, damping_mode=args.damping_mode,
-        dtype=args.dtype, progress=args.progress, cache_bytes=int(args.cache_gib * 2**30),
+        dtype=args.dtype, progress=args.progress, cache_bytes=int(args.cache_gib * 2**30), spill_dir=args.out / "spill",
     )  # fmt: skip
     pool, target = learner.loader(split.pairs("pool"), args.batch_size), learner.loader(split.pairs("target"), args.batch_size)
-    engine.fit(pool, methods=methods)
-    scored = engine.score_methods(pool, target, methods, self_influence="tracin")
+    # A killed run resumes both passes from these files (the warm-up comes back from its cache).
+    checkpoints = args.out / "checkpoints" / key
+    engine.fit(pool, methods=methods, checkpoint=checkpoints.with_suffix(".fit.ckpt"), checkpoint_every=CHECKPOINT_EVERY)
+    scored = engine.score_methods(
+        pool, target, methods, self_influence="tracin", checkpoint=checkpoints.with_suffix(".score.ckpt"), checkpoint_every=CHECKPOINT_EVERY
+    )
     result = {f"score/{m}": scored[m] for m in methods}
     result["train_loss"] = scored.train_loss
     result["gradient_norm"] = (-scored.self_influence).clamp_min(0).sqrt()
@@ -316,7 +321,7 @@ def add_pool_arguments(parser: Any, d: SelectArgs) -> None:
     parser.add_argument("--damping", type=float, default=d.damping, help=f"damping factor of every method (default: {d.damping})")
     parser.add_argument("--damping-mode", default=None, choices=get_args(DampingMode), help="as for hyperinf mislabel (default: relative; gfim with --dense)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float64"], help="precision of gradients and curvature (default: float64 for SmolLM2, whose GFIMs are too ill-conditioned for float32; float32 for MiniLM)")
-    parser.add_argument("--cache-gib", type=float, default=d.cache_gib, help=f"GiB of per-sample gradients kept in memory between passes; past it they are recomputed (default: {d.cache_gib:g})")
+    parser.add_argument("--cache-gib", type=float, default=d.cache_gib, help=f"GiB of per-sample gradients kept in memory between passes; past it they go to --out/spill/ on disk, deleted when scoring ends (default: {d.cache_gib:g})")
     parser.add_argument("--cache-dir", type=Path, default=d.cache_dir, help="trained-weights cache (default: $HYPERINF_CACHE/adapters); scores go beside it in scores/")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
