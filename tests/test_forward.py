@@ -94,3 +94,30 @@ def test_auto_takes_the_path_the_measured_costs_favour(monkeypatch):
         forced.score_methods(train, val, ["hyperinf"], self_influence="exact")
     with pytest.raises(ValueError, match="pass2 must be one of"):
         InfluenceEngine(model, mlp_loss, blocks="linear", pass2="forward")
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float64", 1e-5), ("float32", 1e-3)])
+def test_forward_mode_on_a_peft_lora_llama_with_padding(dtype, tolerance):
+    """A causal LM (tiny random Llama, rsLoRA on q_proj / v_proj) on instruction data: prompts of unequal
+    length padded in a batch, the loss on the answer tokens only."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from hyperinf.tasks.learners import build_learner
+
+    learner = build_learner("tiny-llama", ["negative", "positive"], rank=2, max_length=24)
+    learner.model.to(torch.float64 if dtype == "float64" else torch.float32)
+    torch.manual_seed(0)
+    for name, param in learner.model.named_parameters():
+        if "lora_B" in name:  # a trained adapter: lora_A's blocks get gradient too
+            param.data.normal_(0, 0.1)
+    words = "the film was really quite good bad today my trip food very so".split()
+    pairs = [(" ".join(words[i % 5 : i % 5 + 2 + i % 7]), i % 2) for i in range(14)]
+    train, val = learner.loader(pairs[:10], 4), learner.loader(pairs[10:], 4)
+    jvp, grads = both_paths(learner.model, learner.loss, learner.blocks, dtype=dtype)
+    for engine in (jvp, grads):
+        engine.fit(train, methods=["exact"])
+    for method in ("hyperinf", "exact", "tracin"):
+        expected = grads.score(train, val, method=method)
+        actual = jvp.score(train, val, method=method)
+        assert jvp.pass2_path == "jvp" and grads.pass2_path == "gradients"
+        assert float((actual - expected).norm() / expected.norm()) <= tolerance
