@@ -1,7 +1,12 @@
-"""Pass 2 per batch on the shipped MiniLM with LoRA: forward-mode directional derivatives vs per-sample gradients.
+"""Pass 2 per batch on the shipped MiniLM or SmolLM2 with LoRA: forward-mode directional derivatives vs per-sample gradients.
 
-    python benchmarks/bench_pass2.py [--n 128] [--seq-len 64] [--batch-size 16] [--rank 8] [--repeats 3]
-                                     [--directions 1,2] [--json out.json]
+    python benchmarks/bench_pass2.py [--model minilm|smollm2] [--n 128] [--seq-len 64] [--batch-size 16] [--rank 8]
+                                     [--repeats 3] [--directions 1,2] [--json out.json]
+
+MiniLM (sequence classification, peft LoRA on query/value) reads ``n`` random
+word-piece sequences of ``seq-len`` tokens; SmolLM2 (rsLoRA on q_proj/v_proj, the data-selection
+learner) reads the first ``n`` shipped tweets as instruction examples (prompt + answer, loss on
+the answer), padded per batch.
 
 Ratios of wall time to a plain forward pass (``no_grad`` loss, the model's default attention) over
 the same batches, each batch taking its best time over the rounds and the paths alternating batch
@@ -36,22 +41,39 @@ from hyperinf.gradients import PerSampleGradients
 from hyperinf.tasks.minilm import load_minilm_lora, sequence_classification_loss
 
 
+def model_and_batches(args: argparse.Namespace) -> tuple[torch.nn.Module, object, list]:
+    """The model, its per-example loss and the benchmark's batches."""
+    if args.model == "minilm":
+        model, tokenizer = load_minilm_lora(num_labels=2, r=args.rank, seed=0, lora_b_std=0.02)
+        return model, sequence_classification_loss, random_batches(tokenizer, args.n, args.seq_len, args.batch_size, seed=1)
+    from hyperinf.tasks.learners import build_learner
+    from hyperinf.tasks.textdata import load_task
+
+    data = load_task("tweets")
+    learner = build_learner(args.model, data.label_names, rank=args.rank, max_length=args.seq_len)
+    torch.manual_seed(0)
+    for name, param in learner.model.named_parameters():
+        if "lora_B" in name:  # as after training: every block has gradient
+            param.data.normal_(0, 0.02)
+    pairs = list(zip(data.texts[: args.n], data.labels[: args.n].tolist()))
+    return learner.model, learner.loss, list(learner.loader(pairs, args.batch_size))
+
+
 def run(args: argparse.Namespace) -> dict:
-    model, tokenizer = load_minilm_lora(num_labels=2, r=args.rank, seed=0, lora_b_std=0.02)
-    batches = random_batches(tokenizer, args.n, args.seq_len, args.batch_size, seed=1)
+    model, loss_fn, batches = model_and_batches(args)
     blocks = select_blocks(model, "lora")
-    capture = PerSampleGradients(model, sequence_classification_loss, blocks)
-    derivatives = DirectionalDerivatives(model, sequence_classification_loss, blocks)
+    capture = PerSampleGradients(model, loss_fn, blocks)
+    derivatives = DirectionalDerivatives(model, loss_fn, blocks)
     gen = torch.Generator().manual_seed(0)
     directions = {d: {b.name: torch.randn(d, *b.shape, generator=gen) for b in blocks} for d in args.directions}
 
     def forward(batch: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            sequence_classification_loss(model, batch)
+            loss_fn(model, batch)
 
     def math_forward(batch: dict[str, torch.Tensor]) -> None:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            sequence_classification_loss(model, batch)
+            loss_fn(model, batch)
 
     paths = {"forward": forward, "math forward": math_forward, "gradients": capture}
     paths |= {f"jvp x{d}": (lambda batch, h=h: derivatives(batch, h)) for d, h in directions.items()}
@@ -66,6 +88,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm", choices=["minilm", "smollm2"])
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -75,7 +98,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     result = run(args)
-    print(f"MiniLM + LoRA r={args.rank}, {args.n} examples x {args.seq_len} tokens, batch {args.batch_size}, "
+    tokens = f"{args.seq_len} tokens" if args.model == "minilm" else f"at most {args.seq_len} tokens (tweets)"
+    print(f"{args.model} + LoRA r={args.rank}, {args.n} examples x {tokens}, batch {args.batch_size}, "
           f"{result['torch_threads']} threads; best of {args.repeats} per batch")
     print(f"{'path':>14}{'ms/example':>12}{'x forward':>11}")
     for name, ratio in result["ratio_to_forward"].items():
