@@ -54,7 +54,6 @@ class GradientSpill:
         self.bytes = 0
         self._batches: list[tuple[torch.Tensor, dict[str, _Entry], dict[str, torch.dtype]]] = []
         self._file: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 - open across appends, closed by finish()
-        self._map: np.memmap | None = None
         self._cleanup = weakref.finalize(self, _remove, self._file, self.folder)
 
     def append(self, batch: BatchGradients) -> None:
@@ -83,21 +82,21 @@ class GradientSpill:
         ``"bfloat16"``: converted back to the gradients' dtype)."""
         if self._file is not None:
             raise RuntimeError("the spill is still being written: call finish() first")
-        if self._map is None and self.bytes:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file untouched
         for losses, entries, dtypes in self._batches[skip:]:
             grads = {name: self._tensor(entry).to(dtypes[name]) for name, entry in entries.items()}
             yield BatchGradients(losses, grads)
 
     def _tensor(self, entry: _Entry) -> torch.Tensor:
+        """One block of one batch, mapped on its own: the mapping (and its pages in this process's resident
+        memory) goes when the tensor does, so reading a file larger than RAM keeps memory flat."""
         size = int(np.prod(entry.shape)) * entry.dtype.itemsize
         if size == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
-        return torch.from_numpy(self._map[entry.offset : entry.offset + size]).view(entry.dtype).view(entry.shape)
+        mapped = np.memmap(self.path, dtype=np.uint8, mode="c", offset=entry.offset, shape=(size,))  # copy-on-write: file untouched
+        return torch.from_numpy(mapped).view(entry.dtype).view(entry.shape)
 
     def close(self) -> None:
         """Delete the file and its folder now (also done when the object is garbage-collected)."""
-        self._map = None
         self._cleanup()
 
 
