@@ -1,4 +1,5 @@
-"""Run by test_checkpoints.py in a subprocess: fit and score with checkpoints, killed by SIGKILL at a chosen loss call.
+"""Run by test_checkpoints.py in a subprocess: fit, score, self-influence and pairwise with checkpoints, killed by
+SIGKILL at a chosen loss call.
 
 Usage: python tests/resume_worker.py FOLDER KILL_AT   (KILL_AT = 0: never killed; writes FOLDER/result.pt)
 """
@@ -41,7 +42,12 @@ def run(folder: Path, kill_at: int) -> dict[str, torch.Tensor]:
     scored = engine.score_methods(
         train, val, ["exact", "hyperinf", "kfac"], self_influence="exact", checkpoint=folder / "score.ckpt", checkpoint_every=2
     )
-    return {**scored.scores, "train_loss": scored.train_loss, "self_influence": scored.self_influence}
+    own = engine.self_influence(train, method="hyperinf", checkpoint=folder / "self.ckpt", checkpoint_every=2)
+    pairwise = engine.pairwise(train, val, method="kfac", query_chunk=5, checkpoint=folder / "pairwise.ckpt", checkpoint_every=2)
+    return {
+        **scored.scores, "train_loss": scored.train_loss, "self_influence": scored.self_influence, "self_influence/hyperinf": own,
+        "pairwise": pairwise,
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ from resume_worker import problem, run
 
 HERE = Path(__file__).parent
 FIT_BATCHES, VAL_BATCHES = 12, 2  # of resume_worker.problem()
+# Loss calls before each pass of the worker: fit, score_methods (validation, then training), self_influence,
+# then pairwise's chunks of 5 queries (query batch 1 of 6 rows, chunk 0's training pass, query batch 2, chunk 1's ...).
+SELF_START = FIT_BATCHES + VAL_BATCHES + FIT_BATCHES
+CHUNK1_START = SELF_START + FIT_BATCHES + 1 + FIT_BATCHES + 1
 
 
 def worker(folder: Path, kill_at: int) -> subprocess.CompletedProcess:
@@ -36,6 +40,9 @@ def uninterrupted(tmp_path_factory):
     [
         (8, "fit.ckpt", "fit: resuming from .* after 6 batch"),  # during pass 1: batches 1-7 done, checkpoint at 6
         (FIT_BATCHES + VAL_BATCHES + 5, "score.ckpt", "score: resuming from .* after 4 batch"),  # during scoring
+        (SELF_START + 5, "self.ckpt", "self_influence: resuming from .* after 4 batch"),
+        # pairwise: chunk 0 done (kept whole), chunk 1 killed at its 5th batch
+        (CHUNK1_START + 5, "pairwise.ckpt.chunk1", "chunk 0: resuming from .* after 12 batch(.|\n)*chunk 1: resuming from .* after 4 batch"),
     ],
 )
 def test_a_killed_run_resumes_and_gives_the_uninterrupted_scores(tmp_path, uninterrupted, kill_at, interrupted, resumed_after):
@@ -49,7 +56,7 @@ def test_a_killed_run_resumes_and_gives_the_uninterrupted_scores(tmp_path, unint
     assert set(result) == set(uninterrupted)
     for key, value in uninterrupted.items():
         assert torch.equal(result[key], value), key  # bit for bit: the same sums in the same order
-    assert not list(tmp_path.glob("*.ckpt"))  # a completed pass removes its checkpoint
+    assert not list(tmp_path.glob("*.ckpt*"))  # a completed pass removes its checkpoint
 
 
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
@@ -80,3 +87,21 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     with pytest.warns(ResumedWarning, match="after 4 batch"):
         plain.fit(train, checkpoint=tmp_path / "fit.ckpt")
     assert not (tmp_path / "fit.ckpt").exists()
+
+
+def test_a_self_influence_checkpoint_of_another_damping_is_refused(tmp_path):
+    model, train, _ = problem()
+    calls = []
+
+    def failing_loss(m, batch):
+        calls.append(1)
+        if len(calls) == FIT_BATCHES + 5:
+            raise RuntimeError("interrupted")
+        return F.cross_entropy(m(batch[0]), batch[1], reduction="none")
+
+    engine = InfluenceEngine(model, failing_loss, blocks="linear", dtype="float64", progress=False, cache_bytes=0).fit(train)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        engine.self_influence(train, checkpoint=tmp_path / "self.ckpt", checkpoint_every=2)
+    other = InfluenceEngine(model, failing_loss, blocks="linear", dtype="float64", progress=False, damping=1.0).fit(train)
+    with pytest.raises(CheckpointMismatchError, match="other settings"):
+        other.self_influence(train, checkpoint=tmp_path / "self.ckpt")

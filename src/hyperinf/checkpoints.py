@@ -57,9 +57,10 @@ class PassCheckpoint:
         warnings.warn(f"{what}: resuming from {self.path} after {batches} batch(es)", ResumedWarning, stacklevel=3)
         return batches, tensors
 
-    def save(self, batches: int, tensors: Callable[[], Mapping[str, torch.Tensor]]) -> None:
-        """Write the state after ``batches`` batches when a checkpoint is due (``tensors`` is called only then)."""
-        if batches % self.every:
+    def save(self, batches: int, tensors: Callable[[], Mapping[str, torch.Tensor]], *, force: bool = False) -> None:
+        """Write the state after ``batches`` batches when a checkpoint is due, or now with ``force``
+        (``tensors`` is called only then)."""
+        if batches % self.every and not force:
             return
         state = {name: t.detach().cpu().contiguous().clone() for name, t in tensors().items()}
         meta = {"batches": str(batches), "settings": self.settings}

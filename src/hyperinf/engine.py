@@ -124,27 +124,45 @@ class InfluenceEngine:
             self._keep({f"self_influence/{self_influence}": result.self_influence})
         return result
 
-    def self_influence(self, train_loader: Iterable[Any], *, method: str | None = None) -> torch.Tensor:
-        """``- sum_l <A_l^{-1} g_k, g_k>`` per training example (<= 0; most negative = most unusual)."""
+    def self_influence(
+        self, train_loader: Iterable[Any], *, method: str | None = None, checkpoint: str | Path | None = None, checkpoint_every: int = 50
+    ) -> torch.Tensor:
+        """``- sum_l <A_l^{-1} g_k, g_k>`` per training example (<= 0; most negative = most unusual);
+        ``checkpoint`` makes the pass resumable, as for :meth:`fit`."""
         method = method or self.method
         pre = self._per_example_preconditioner(method)
-        result = torch.cat([scoring.self_influence(pre, batch.grads) for batch in self._train(train_loader)])
+        saver = None
+        if checkpoint:  # the preconditioner applied to a fixed vector stands for its curvature and damping
+            probe = pre.apply({b.name: torch.ones(1, *b.shape, dtype=self.config.torch_dtype, device=b.module.weight.device) for b in self.blocks})
+            saver = score_checkpoint(checkpoint, checkpoint_every, self.blocks, self.config, probe, [], method, train_loader)
+        done, state = saver.resume("self_influence") if saver is not None else (0, {})
+        passes = ((b.losses, b.losses.new_zeros(b.batch_size, 0), b) for b in self._train(train_loader, skip=done))
+        result = scoring.collect(passes, [], pre, saver, done, state).self_influence
         self._keep({f"self_influence/{method}": result})
         return result
 
     def pairwise(
-        self, train_loader: Iterable[Any], query_loader: Iterable[Any], *, method: str | None = None, query_chunk: int = 256
-    ) -> torch.Tensor:
+        self, train_loader: Iterable[Any], query_loader: Iterable[Any], *, method: str | None = None, query_chunk: int = 256,
+        checkpoint: str | Path | None = None, checkpoint_every: int = 50,
+    ) -> torch.Tensor:  # fmt: skip
         """Influence of each training example on each query's loss, ``[n_train, n_query]``.
 
         Queries are preconditioned ``query_chunk`` rows at a time, so memory holds one chunk of query
         gradients next to one batch of training gradients (and the ``n_train x n_query`` result).
+        ``checkpoint`` makes it resumable: each chunk's training pass is checkpointed at
+        ``<checkpoint>.chunk<i>`` and kept whole once done, until every chunk is.
         """
         method = method or self.method
-        columns = [
-            torch.cat([scores for _, scores, _ in self._pass2(train_loader, h)])
-            for h in self._query_directions(query_loader, method, query_chunk)
-        ]
+        columns, savers = [], []
+        for i, h in enumerate(self._query_directions(query_loader, method, query_chunk)):
+            names = [f"query{j}" for j in range(next(iter(h.values())).shape[0])]
+            saver = score_checkpoint(f"{checkpoint}.chunk{i}", checkpoint_every, self.blocks, self.config, h, names, None, train_loader) if checkpoint else None
+            done, state = saver.resume(f"pairwise, query chunk {i}") if saver is not None else (0, {})
+            scored = scoring.collect(self._pass2(train_loader, h, skip=done), names, None, saver, done, state, keep=True)
+            columns.append(torch.stack([scored[name] for name in names], dim=1))
+            savers.append(saver)
+        for saver in filter(None, savers):
+            saver.finish()
         result = torch.cat(columns, dim=1)
         self._keep({f"pairwise/{method}": result})
         return result

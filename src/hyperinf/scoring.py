@@ -136,11 +136,14 @@ def collect(
     saver: PassCheckpoint | None,
     done: int = 0,
     state: Mapping[str, torch.Tensor] | None = None,
+    *,
+    keep: bool = False,
 ) -> TrainingPass:
     """Gather a training pass's losses, score columns and (with ``own``) self-influence, batch by batch.
 
     ``state`` holds what an interrupted run collected over its first ``done`` batches (``passes``
-    starts after them); ``saver`` writes the collection so far every few batches.
+    starts after them); ``saver`` writes the collection so far every few batches, and at the end
+    deletes it, or (``keep``: one pass of several) writes the whole pass there for a rerun to read back.
     """
     state = state or {}
     losses = [state["losses"]] if state else []
@@ -159,6 +162,8 @@ def collect(
         if saver is not None:
             saver.save(done, gathered)
     result = gathered()
-    if saver is not None:
+    if saver is not None and keep:
+        saver.save(done, lambda: result, force=True)
+    elif saver is not None:
         saver.finish()
     return TrainingPass(dict(zip(columns, result["scores"].unbind(1))), result["losses"], result.get("self_influence"))
