@@ -63,7 +63,7 @@ def run_model(model: str, n: int, batch_size: int) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             engine = InfluenceEngine(
                 learner.model, learner.loss, blocks=learner.blocks, method="tracin", dtype=DTYPES[model], progress=False,
-                cache_bytes=0, spill_dir=folder if spill_dtype else None, spill_dtype=spill_dtype or "full",
+                cache_bytes=0, spill=spill_dtype is not None, spill_dir=folder, spill_dtype=spill_dtype or "full",
             )  # fmt: skip
             fit_seconds, _ = timed(lambda: engine.fit(train))
             row = {"store": engine.gradient_store, "gradient_bytes": engine.gradient_bytes, "fit_seconds": fit_seconds}

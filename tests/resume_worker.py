@@ -37,7 +37,7 @@ def run(folder: Path, kill_at: int) -> dict[str, torch.Tensor]:
             os.kill(os.getpid(), signal.SIGKILL)
         return F.cross_entropy(m(batch[0]), batch[1], reduction="none")
 
-    engine = InfluenceEngine(model, loss_fn, blocks="linear", dtype="float64", progress=False, cache_bytes=0)
+    engine = InfluenceEngine(model, loss_fn, blocks="linear", dtype="float64", progress=False, cache_bytes=0, spill=False)
     engine.fit(train, methods=["exact", "kfac"], checkpoint=folder / "fit.ckpt", checkpoint_every=2)
     scored = engine.score_methods(
         train, val, ["exact", "hyperinf", "kfac"], self_influence="exact", checkpoint=folder / "score.ckpt", checkpoint_every=2

@@ -99,7 +99,7 @@ def test_a_self_influence_checkpoint_of_another_damping_is_refused(tmp_path):
             raise RuntimeError("interrupted")
         return F.cross_entropy(m(batch[0]), batch[1], reduction="none")
 
-    engine = InfluenceEngine(model, failing_loss, blocks="linear", dtype="float64", progress=False, cache_bytes=0).fit(train)
+    engine = InfluenceEngine(model, failing_loss, blocks="linear", dtype="float64", progress=False, cache_bytes=0, spill=False).fit(train)
     with pytest.raises(RuntimeError, match="interrupted"):
         engine.self_influence(train, checkpoint=tmp_path / "self.ckpt", checkpoint_every=2)
     other = InfluenceEngine(model, failing_loss, blocks="linear", dtype="float64", progress=False, damping=1.0).fit(train)

@@ -94,7 +94,7 @@ def test_cache_is_used_and_budget_respected(setup, monkeypatch):
     assert cached.gradients_cached
     per_example = sum(b.num_params for b in cached.blocks) * 4  # float32
     assert cached.gradient_bytes == 30 * per_example
-    uncached = engine_of(model, cache_bytes=100).fit(train)
+    uncached = engine_of(model, cache_bytes=100, spill=False).fit(train)
     assert not uncached.gradients_cached and uncached.gradient_bytes == 30 * per_example
     torch.testing.assert_close(cached.score(train, val), uncached.score(train, val))
     # With the cache, pass 2 over the training set computes no new gradients.
@@ -169,7 +169,7 @@ def test_ihvp_seconds_include_datainfs_pass_over_the_training_gradients(setup):
             time.sleep(delay)
         return loss_fn(m, batch)
 
-    engine = InfluenceEngine(model, slow_loss, blocks="linear", progress=False, cache_bytes=0)
+    engine = InfluenceEngine(model, slow_loss, blocks="linear", progress=False, cache_bytes=0, spill=False)
     engine.fit(train, methods=["datainf"])
     sleeping[0] = True
     engine.score_methods(train, val, ["tracin", "datainf"])
@@ -185,7 +185,7 @@ def test_score_methods_gives_self_influence_and_losses_in_the_same_training_pass
         calls.append(len(batch[1]))
         return loss_fn(m, batch)
 
-    engine = InfluenceEngine(model, counting_loss, blocks="linear", progress=False, cache_bytes=0).fit(train)
+    engine = InfluenceEngine(model, counting_loss, blocks="linear", progress=False, cache_bytes=0, spill=False).fit(train)
     calls.clear()
     scored = engine.score_methods(train, val, ["hyperinf", "tracin"], self_influence="exact")
     assert sum(calls) == 30 + 10  # one training pass and one validation pass, nothing recomputed twice

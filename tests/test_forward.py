@@ -22,7 +22,7 @@ def mlp_data(n: int, seed: int) -> DataLoader:
 def both_paths(model, loss_fn, blocks, **options):
     """Two engines on the same model, one per pass-2 path, fitted on the same data."""
     return [
-        InfluenceEngine(model, loss_fn, blocks=blocks, progress=False, cache_bytes=0, pass2=path, **options)
+        InfluenceEngine(model, loss_fn, blocks=blocks, progress=False, cache_bytes=0, spill=False, pass2=path, **options)
         for path in ("jvp", "gradients")
     ]
 
@@ -76,7 +76,7 @@ def test_forward_mode_computes_no_per_sample_gradient(monkeypatch):
 def test_auto_takes_the_path_the_measured_costs_favour(monkeypatch):
     model = mlp(dtype=torch.float64)
     train, val = mlp_data(20, 1), mlp_data(6, 2)
-    uncached = InfluenceEngine(model, mlp_loss, blocks="linear", progress=False, cache_bytes=0, dtype="float64").fit(train)
+    uncached = InfluenceEngine(model, mlp_loss, blocks="linear", progress=False, cache_bytes=0, spill=False, dtype="float64").fit(train)
     uncached.score(train, val)
     assert uncached.pass2_path == "gradients"  # measured: forward-mode costs 3.3 forwards, gradients 2.1
     monkeypatch.setattr("hyperinf.forward.JVP_PASS_COST", 1.2)  # hardware where forward-mode is cheap

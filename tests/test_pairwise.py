@@ -152,7 +152,7 @@ def test_query_chunk_smaller_than_a_query_batch_bounds_the_queries_preconditione
         return loss_fn(m, batch)
 
     engine = InfluenceEngine(model, counting_loss, blocks="linear", method="exact", dtype="float64", progress=False,
-                             cache_bytes=0)  # fmt: skip
+                             cache_bytes=0, spill=False)  # fmt: skip
     loader = DataLoader(train, batch_size=8)
     engine.fit(loader)
     calls.clear()

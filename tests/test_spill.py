@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import tempfile
 from collections import namedtuple
 
 import pytest
@@ -141,6 +142,8 @@ def test_a_write_that_fails_deletes_the_spill_and_recomputes(setup, tmp_path, mo
     torch.testing.assert_close(engine.score(train, val), reference.score(train, val), rtol=1e-12, atol=0)
 
 
-def test_spill_options_are_checked():
+def test_spill_options_are_checked_and_the_default_folder_is_the_temporary_directory():
     with pytest.raises(ValueError, match="spill_dtype must be one of"):
         InfluenceEngine(nn.Linear(2, 2), loss_fn, blocks="linear", spill_dtype="float16")
+    assert InfluenceEngine(nn.Linear(2, 2), loss_fn, blocks="linear").config.spill_folder == tempfile.gettempdir()
+    assert InfluenceEngine(nn.Linear(2, 2), loss_fn, blocks="linear", spill=False).config.spill_folder is None

@@ -60,7 +60,7 @@ class InfluenceEngine:
         self.device = next(model.parameters()).device  # where batches go: the model's input side
         self._reduce = distributed.reducer(self.config.distributed)
         self._stream = GradientStream(self.gradients, self.device, progress=self.config.progress)
-        self._train = TrainingGradients(self._stream, self.config.cache_bytes, self.config.spill_dir, self.config.spill_dtype)
+        self._train = TrainingGradients(self._stream, self.config.cache_bytes, self.config.spill_folder, self.config.spill_dtype)
         self._pass2 = TrainingScores(self._train, DirectionalDerivatives(model, loss_fn, self.blocks), self.config.pass2)
         self._fit: FittedCurvature | None = None
         self._results: dict[str, torch.Tensor] = {}
@@ -221,7 +221,7 @@ class InfluenceEngine:
 
     @property
     def gradient_store(self) -> str | None:
-        """Where ``fit`` kept the training gradients: ``"memory"``, ``"disk"`` (``spill_dir``) or ``None`` (pass 2 recomputes them)."""
+        """Where ``fit`` kept the training gradients: ``"memory"``, ``"disk"`` (spilled) or ``None`` (pass 2 recomputes them)."""
         return self._train.store
 
     def save(self, directory: str | Path, *, extra: Mapping[str, torch.Tensor] | None = None) -> Path:
