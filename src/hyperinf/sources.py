@@ -94,20 +94,21 @@ class TrainingGradients:
             total += sum(g.numel() * g.element_size() for g in grads.grads.values())
             kept = BatchGradients(grads.losses, grads.grads)  # not pass 1's token factors
             if isinstance(cache, list) and total > self.budget_bytes:
-                cache = self._spill(cache, loader, total)
-            cache = _keep(cache, kept)
+                cache = self._spill([*cache, kept], loader, total)
+            else:
+                cache = _keep(cache, kept)
             yield batch, grads
         if isinstance(cache, GradientSpill):
             cache.finish()
         self.fit_loader, self.gradient_bytes, self._cache = loader, total, cache
 
     def _spill(self, kept: list[BatchGradients], loader: Iterable[Any], total: int) -> GradientSpill | None:
-        """Move the batches kept so far to a new spill file, or ``None`` (recompute) without a spill
-        directory or the disk room the whole pass will take (estimated from its batches so far)."""
+        """Move the batches so far (``total`` bytes) to a new spill file, or ``None`` (recompute) without a
+        spill directory or the disk room the whole pass will take (estimated from these batches)."""
         if self.spill_dir is None:
             return None
-        expected = total / (len(kept) + 1) * len(loader) if hasattr(loader, "__len__") else total
-        element = next((g.element_size() for b in kept for g in b.grads.values()), 4)
+        expected = total / len(kept) * len(loader) if hasattr(loader, "__len__") else total
+        element = next(iter(kept[0].grads.values())).element_size()
         if not room_for(self.spill_dir, int(expected * (2 / element if self.spill_dtype == "bfloat16" else 1))):
             return None
         spill: GradientSpill | None = GradientSpill(self.spill_dir, self.spill_dtype)
