@@ -55,6 +55,16 @@ def peak_rss_mib() -> float:
     return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
 
 
+def as_trained_lora(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Redraw every ``lora_B`` from ``N(0, std^2)``, as after training: a fresh adapter's zero ``lora_B``
+    leaves the ``lora_A`` blocks without gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * std)
+
+
 def random_batches(tokenizer, n: int, seq_len: int, batch_size: int, seed: int) -> list[dict[str, torch.Tensor]]:
     """``n`` examples of ``seq_len`` random word-piece ids between ``[CLS]`` and ``[SEP]``, in batches."""
     gen = torch.Generator().manual_seed(seed)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,8 +34,7 @@ def rss_mib() -> float:
 
 
 def one_size(n: int, jvp: bool) -> dict:
-    import torch
-
+    from bench_engine import as_trained_lora, peak_rss_mib
     from hyperinf import InfluenceEngine
     from hyperinf.tasks.learners import build_learner
     from hyperinf.tasks.textdata import load_task
@@ -44,10 +42,7 @@ def one_size(n: int, jvp: bool) -> dict:
     data = load_task("tweets", min_confidence=0.0)
     n = n or data.labels.numel() - 100
     learner = build_learner("minilm", data.label_names, rank=8, max_length=128)
-    torch.manual_seed(0)
-    for name, param in learner.model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.02)
+    as_trained_lora(learner.model)
     pairs = list(zip(data.texts, data.labels.tolist()))
     train, val = learner.loader(pairs[:n], 16), learner.loader(pairs[-100:], 16)
     loaded_mib = rss_mib()
@@ -71,7 +66,7 @@ def one_size(n: int, jvp: bool) -> dict:
             forward_scores = forward.score(train, val)
             result["score_jvp_seconds"] = time.perf_counter() - start
             result["jvp_max_relative_difference"] = float((forward_scores - scores).abs().max() / scores.abs().max())
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mib"] = peak_rss_mib()
     return result
 
 

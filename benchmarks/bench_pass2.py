@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_engine import best_per_batch, random_batches
+from bench_engine import as_trained_lora, best_per_batch, random_batches
 from hyperinf.blocks import select_blocks
 from hyperinf.forward import DirectionalDerivatives
 from hyperinf.gradients import PerSampleGradients
@@ -51,10 +51,7 @@ def model_and_batches(args: argparse.Namespace) -> tuple[torch.nn.Module, object
 
     data = load_task("tweets")
     learner = build_learner(args.model, data.label_names, rank=args.rank, max_length=args.seq_len)
-    torch.manual_seed(0)
-    for name, param in learner.model.named_parameters():
-        if "lora_B" in name:  # as after training: every block has gradient
-            param.data.normal_(0, 0.02)
+    as_trained_lora(learner.model)
     pairs = list(zip(data.texts[: args.n], data.labels[: args.n].tolist()))
     return learner.model, learner.loss, list(learner.loader(pairs, args.batch_size))
 

@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from bench_engine import as_trained_lora
 from hyperinf import InfluenceEngine
 from hyperinf.tasks.learners import build_learner
 from hyperinf.tasks.textdata import load_task
@@ -52,10 +53,7 @@ def timed(step) -> tuple[float, object]:
 def run_model(model: str, n: int, batch_size: int) -> dict:
     data = load_task("tweets")
     learner = build_learner(model, data.label_names, rank=8, max_length=128)
-    torch.manual_seed(0)
-    for name, param in learner.model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.02)
+    as_trained_lora(learner.model)
     pairs = list(zip(data.texts[:n], data.labels[:n].tolist()))
     train, val = learner.loader(pairs, batch_size), learner.loader(pairs[:batch_size], batch_size)
     rows, reference = {}, None
