@@ -2,7 +2,8 @@
 
 Usage: python tests/select_resume_worker.py DATA_FILE FOLDER KILL_AT   (KILL_AT = 0: never killed)
 KILL_AT = loss:N kills at the N-th loss call of the scoring (the warm-up's calls are not counted),
-read:N at the N-th batch read back from the spilled gradients (pass 2 computes no loss).
+read:N at the N-th batch read back from the spilled gradients (pass 2 computes no loss), warmup:N at
+the N-th training step of the warm-up (checkpointed every 10 steps here).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from hyperinf import finetune
 from hyperinf.experiments import select
 from hyperinf.experiments.select import SelectArgs, run_select
 from hyperinf.spill import GradientSpill
@@ -40,6 +42,7 @@ def killer(at: int):
 
 
 def main(data_file: Path, folder: Path, kill_at: str) -> None:
+    finetune.CHECKPOINT_STEPS = 10
     where, _, at = kill_at.partition(":")
     count = killer(int(at or 0))
     if where == "loss":
@@ -53,6 +56,17 @@ def main(data_file: Path, folder: Path, kill_at: str) -> None:
             return real_score_pool(args, dataclasses.replace(learner, loss=loss), *rest)
 
         select.score_pool = score_pool_counting_losses
+    elif where == "warmup":
+        real_warm_up = select.warm_up
+
+        def warm_up_counting_steps(args, learner, pairs):
+            def loss(model, batch):
+                count()
+                return learner.loss(model, batch)
+
+            return real_warm_up(args, dataclasses.replace(learner, loss=loss), pairs)
+
+        select.warm_up = warm_up_counting_steps
     elif where == "read":
         real_read = GradientSpill.read
 

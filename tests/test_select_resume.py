@@ -1,5 +1,5 @@
-"""`hyperinf select` killed by SIGKILL part way through its scoring (a real subprocess), then rerun: it resumes,
-gives the scores of an uninterrupted run, and removes the killed run's spilled gradients."""
+"""`hyperinf select` killed by SIGKILL part way through its warm-up or its scoring (a real subprocess), then rerun:
+it resumes, gives the scores of an uninterrupted run, and removes the killed run's spilled gradients."""
 
 from __future__ import annotations
 
@@ -46,14 +46,19 @@ def uninterrupted(data_file, tmp_path_factory):
     [
         ("loss:30", "fit: resuming from .* after 20 batch"),  # pass 1
         ("read:25", "score: resuming from .* after 20 batch"),  # pass 2, reading the spilled gradients
+        ("warmup:25", "warm-up: resuming from .* after epoch 1, batch 20"),  # the warm-up training
     ],
 )
 def test_a_killed_select_resumes_with_the_uninterrupted_scores(data_file, tmp_path, uninterrupted, kill_at, resumed_after):
     killed = worker(data_file, tmp_path, kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     out = tmp_path / "out"
-    assert list((out / "checkpoints").glob("*.ckpt")) and not (out / "scores.parquet").exists()
-    assert list((out / "spill").glob("gradients-*"))  # the killed process's gradients, left behind
+    assert not (out / "scores.parquet").exists()
+    if kill_at.startswith("warmup"):
+        assert list((tmp_path / "cache" / "adapters").glob("*.partial.pt"))
+    else:
+        assert list((out / "checkpoints").glob("*.ckpt"))
+        assert list((out / "spill").glob("gradients-*"))  # the killed process's gradients, left behind
     resumed = worker(data_file, tmp_path, "never")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert re.search(resumed_after, resumed.stderr), resumed.stderr[-2000:]
@@ -61,3 +66,4 @@ def test_a_killed_select_resumes_with_the_uninterrupted_scores(data_file, tmp_pa
     assert (frame["row_id"] == uninterrupted["row_id"]).all()
     assert (frame["score"].to_numpy() == uninterrupted["score"].to_numpy()).all()  # bit for bit
     assert not list((out / "checkpoints").glob("*.ckpt")) and not list((out / "spill").glob("gradients-*"))
+    assert not list((tmp_path / "cache" / "adapters").glob("*.partial.pt"))

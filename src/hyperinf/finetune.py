@@ -4,8 +4,11 @@ Every experiment that trains (mislabel detection, data selection, retraining gro
 :func:`train_or_load` with a per-example loss, the examples and a key from :func:`training_key`.
 The same key gives the same trainable weights: data order, dropout and the optimizer are seeded,
 and the result is cached as safetensors (written atomically) so a rerun or an interrupted run
-trains only what is missing. Training can continue from another run's weights (a warm-up):
-load them with :func:`load_trainable` first and put the warm-up's key in the new key's settings.
+trains only what is missing. A long training also checkpoints itself next to that file every
+:data:`CHECKPOINT_STEPS` optimizer steps (weights, optimizer, data order and random state): a
+run killed part way resumes there and ends with the weights of an uninterrupted one. Training
+can continue from another run's weights (a warm-up): load them with :func:`load_trainable` first
+and put the warm-up's key in the new key's settings.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +28,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from hyperinf.checkpoints import ResumedWarning
 from hyperinf.errors import ConfigurationError, EmptyDataError
 from hyperinf.results import atomic_write
 
 TRAINING_REVISION = 2  # part of every cache key: bump when train_or_load trains differently (2: seeded dropout)
+CHECKPOINT_STEPS = 200  # optimizer steps between checkpoints of a training (a minute or two of MiniLM on this CPU)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -79,7 +85,8 @@ def train_or_load(
 ) -> dict[str, Any]:  # fmt: skip
     """Fine-tune the model's trainable parameters on ``examples`` (mean of ``loss_fn``), or load them from ``path``.
 
-    Returns ``{"cached", "path", "seconds", "final_loss"}``; the model is left in eval mode.
+    Returns ``{"cached", "path", "seconds", "final_loss"}``; the model is left in eval mode. An
+    interrupted training resumes from ``<path stem>.partial.pt`` (a :class:`ResumedWarning` says from where).
     """
     if path.exists():
         from safetensors.torch import load_file
@@ -93,23 +100,58 @@ def train_or_load(
     loader = DataLoader(list(examples), batch_size=schedule.batch_size, shuffle=True, generator=generator, collate_fn=collate)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0)
+    partial = path.with_name(f"{path.stem}.partial.pt")
     loss = torch.tensor(float("nan"))
     model.train()
     # Dropout draws from the global generator: seed it (and leave the caller's state alone) so
     # the same settings give the same weights, as the cache key promises.
     with torch.random.fork_rng(devices=[]), tqdm(total=schedule.epochs * len(loader), desc=desc, disable=not progress, leave=False) as bar:
         torch.manual_seed(schedule.seed)
-        for _ in range(schedule.epochs):
-            for batch in loader:
+        first_epoch, skip = _resume(partial, model, optimizer, generator, desc)
+        bar.update(first_epoch * len(loader) + skip)
+        for epoch in range(first_epoch, schedule.epochs):
+            order = generator.get_state()  # the epoch's shuffle (and loader seed) are drawn from here when iteration starts
+            for step, batch in enumerate(loader, start=1):
+                if step <= skip:
+                    continue
                 optimizer.zero_grad()
                 loss = loss_fn(model, batch).mean()
                 loss.backward()
                 optimizer.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+                done = epoch * len(loader) + step
+                if done % CHECKPOINT_STEPS == 0 and done < schedule.epochs * len(loader):
+                    _checkpoint(partial, model, optimizer, epoch, step, order)
+            skip = 0
     model.eval()
     from safetensors.torch import save_file
 
     state = {n: t.contiguous() for n, t in trainable_state(model).items()}
     atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    partial.unlink(missing_ok=True)
     return {"cached": False, "path": str(path), "seconds": time.perf_counter() - start, "final_loss": float(loss.detach())}
+
+
+def _checkpoint(partial: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int, order: torch.Tensor) -> None:
+    """Write what resuming after ``step`` batches of ``epoch`` needs: weights, optimizer, the epoch's data order, the random state."""
+    payload = {
+        "trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+        "order": order, "rng": torch.get_rng_state(),
+    }  # fmt: skip
+    atomic_write(partial, lambda tmp: torch.save(payload, tmp))
+
+
+def _resume(partial: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, desc: str) -> tuple[int, int]:
+    """Restore an interrupted training from ``partial``: ``(epoch, batches of it done)``, ``(0, 0)`` without one.
+    (The file sits beside the cache file named by the key of every setting, so it cannot belong to another run.)"""
+    if not partial.exists():
+        return 0, 0
+    payload = torch.load(partial, weights_only=True)
+    load_trainable(model, payload["trainable"], f"the training checkpoint {partial}")
+    optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["rng"])
+    epoch, step = payload["epoch"], payload["step"]
+    generator.set_state(payload["order"])
+    warnings.warn(f"{desc}: resuming from {partial} after epoch {epoch + 1}, batch {step}", ResumedWarning, stacklevel=3)
+    return epoch, step
