@@ -301,25 +301,30 @@ def score_methods(args: LdsArgs, setting: Setting, model: nn.Module) -> list[dic
     A method that does not apply (too large a curvature) gets one row, at the default damping. Rows follow ``args.methods``.
     """
     train, query = setting.loader(setting.train), setting.loader(setting.query)
-    results: list[dict[str, Any]] = []
-    for damping in sorted({DEFAULTS.damping, *args.dampings}):
-        default = damping == DEFAULTS.damping
-        engine, runnable, skipped = fitted_engine(args, setting, model, damping, train, lambda m: default or m not in DAMPING_FREE)
-        results += [{"method": m, "damping": damping, "default": True, "error": f"skipped: {reason}"} for m, reason in skipped.items() if default]
-        for method in runnable:
-            entry: dict[str, Any] = {"method": method, "damping": None if method in DAMPING_FREE else damping, "default": default}
-            start = time.perf_counter()
-            try:
-                with warnings.catch_warnings():  # recorded in the "converged" column instead
-                    warnings.simplefilter("ignore", NotConvergedWarning)
-                    entry["scores"] = engine.pairwise(train, query, method=method)
-                entry["seconds"] = time.perf_counter() - start
-                flags = [d.converged for d in engine.diagnostics() if d.method == method and d.converged is not None]
-                entry["converged"] = all(flags) if flags else None
-            except (HyperinfError, torch.linalg.LinAlgError) as error:
-                entry["error"] = f"{type(error).__name__}: {error}"
-            results.append(entry)
+    results = [entry for damping in sorted({DEFAULTS.damping, *args.dampings}) for entry in _scores_at(args, setting, model, damping, train, query)]
     return sorted(results, key=lambda entry: args.methods.index(entry["method"]))  # stable: dampings ascending per method
+
+
+def _scores_at(args: LdsArgs, setting: Setting, model: nn.Module, damping: float, train: DataLoader, query: DataLoader) -> list[dict[str, Any]]:
+    """:func:`score_methods`' rows at one damping. The engine lives only here, so one damping's curvature and
+    inverses are freed before the next is fitted (two at once ran MiniLM's flattened FIMs out of memory)."""
+    default = damping == DEFAULTS.damping
+    engine, runnable, skipped = fitted_engine(args, setting, model, damping, train, lambda m: default or m not in DAMPING_FREE)
+    results: list[dict[str, Any]] = [{"method": m, "damping": damping, "default": True, "error": f"skipped: {reason}"} for m, reason in skipped.items() if default]
+    for method in runnable:
+        entry: dict[str, Any] = {"method": method, "damping": None if method in DAMPING_FREE else damping, "default": default}
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():  # recorded in the "converged" column instead
+                warnings.simplefilter("ignore", NotConvergedWarning)
+                entry["scores"] = engine.pairwise(train, query, method=method)
+            entry["seconds"] = time.perf_counter() - start
+            flags = [d.converged for d in engine.diagnostics() if d.method == method and d.converged is not None]
+            entry["converged"] = all(flags) if flags else None
+        except (HyperinfError, torch.linalg.LinAlgError) as error:
+            entry["error"] = f"{type(error).__name__}: {error}"
+        results.append(entry)
+    return results
 
 
 def run_lds(args: LdsArgs) -> list[dict[str, Any]]:
