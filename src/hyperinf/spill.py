@@ -36,11 +36,14 @@ _ALIGN = 8  # every block starts at a multiple of the widest element size, so a 
 
 @dataclass(frozen=True)
 class _Entry:
-    """Where one block of one batch lies in the file: byte offset, shape ``[B, ...]`` and stored dtype."""
+    """Where one block of one batch lies in the file (byte offset, shape ``[B, ...]``, stored dtype) and what
+    it was (dtype and device of the gradient, which reading gives back)."""
 
     offset: int
     shape: tuple[int, ...]
+    stored: torch.dtype
     dtype: torch.dtype
+    device: torch.device
 
 
 class GradientSpill:
@@ -52,22 +55,22 @@ class GradientSpill:
         self.path = self.folder / "gradients.bin"
         self.dtype = dtype
         self.bytes = 0
-        self._batches: list[tuple[torch.Tensor, dict[str, _Entry], dict[str, torch.dtype]]] = []
+        self._batches: list[tuple[torch.Tensor, dict[str, _Entry]]] = []
         self._file: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 - open across appends, closed by finish()
         self._cleanup = weakref.finalize(self, _remove, self._file, self.folder)
 
     def append(self, batch: BatchGradients) -> None:
         """Write one batch's gradients at the end of the file (its losses stay in memory)."""
-        entries, dtypes = {}, {}
+        entries = {}
         for name, g in batch.grads.items():
             stored = g.detach().to("cpu", torch.bfloat16 if self.dtype == "bfloat16" else g.dtype).contiguous()
             raw = stored.view(torch.uint8).numpy() if stored.numel() else np.empty(0, np.uint8)
-            entries[name], dtypes[name] = _Entry(self.bytes, tuple(stored.shape), stored.dtype), g.dtype
+            entries[name] = _Entry(self.bytes, tuple(stored.shape), stored.dtype, g.dtype, g.device)
             self._file.write(raw.tobytes())
             padding = -raw.nbytes % _ALIGN
             self._file.write(bytes(padding))
             self.bytes += raw.nbytes + padding
-        self._batches.append((batch.losses.detach(), entries, dtypes))
+        self._batches.append((batch.losses.detach(), entries))
 
     def finish(self) -> None:
         """Close the file for writing; the batches can then be read back."""
@@ -78,22 +81,22 @@ class GradientSpill:
         return len(self._batches)
 
     def read(self, skip: int = 0) -> Iterator[BatchGradients]:
-        """The batches after the first ``skip``, as written (``"full"``: bit-identical views of the mapped file;
-        ``"bfloat16"``: converted back to the gradients' dtype)."""
+        """The batches after the first ``skip``, as written, on the gradients' device (``"full"`` on CPU:
+        bit-identical views of the mapped file; ``"bfloat16"``: converted back to the gradients' dtype)."""
         if self._file is not None:
             raise RuntimeError("the spill is still being written: call finish() first")
-        for losses, entries, dtypes in self._batches[skip:]:
-            grads = {name: self._tensor(entry).to(dtypes[name]) for name, entry in entries.items()}
+        for losses, entries in self._batches[skip:]:
+            grads = {name: self._tensor(entry).to(entry.device, entry.dtype) for name, entry in entries.items()}
             yield BatchGradients(losses, grads)
 
     def _tensor(self, entry: _Entry) -> torch.Tensor:
         """One block of one batch, mapped on its own: the mapping (and its pages in this process's resident
         memory) goes when the tensor does, so reading a file larger than RAM keeps memory flat."""
-        size = int(np.prod(entry.shape)) * entry.dtype.itemsize
+        size = int(np.prod(entry.shape)) * entry.stored.itemsize
         if size == 0:
-            return torch.empty(entry.shape, dtype=entry.dtype)
+            return torch.empty(entry.shape, dtype=entry.stored)
         mapped = np.memmap(self.path, dtype=np.uint8, mode="c", offset=entry.offset, shape=(size,))  # copy-on-write: file untouched
-        return torch.from_numpy(mapped).view(entry.dtype).view(entry.shape)
+        return torch.from_numpy(mapped).view(entry.stored).view(entry.shape)
 
     def close(self) -> None:
         """Delete the file and its folder now (also done when the object is garbage-collected)."""
