@@ -66,7 +66,7 @@ class GradientSpill:
             stored = g.detach().to("cpu", torch.bfloat16 if self.dtype == "bfloat16" else g.dtype).contiguous()
             raw = stored.view(torch.uint8).numpy() if stored.numel() else np.empty(0, np.uint8)
             entries[name] = _Entry(self.bytes, tuple(stored.shape), stored.dtype, g.dtype, g.device)
-            self._file.write(raw.tobytes())
+            self._file.write(raw)  # the array's buffer, without a bytes copy
             padding = -raw.nbytes % _ALIGN
             self._file.write(bytes(padding))
             self.bytes += raw.nbytes + padding
@@ -76,9 +76,6 @@ class GradientSpill:
         """Close the file for writing; the batches can then be read back."""
         self._file.close()
         self._file = None
-
-    def __len__(self) -> int:
-        return len(self._batches)
 
     def read(self, skip: int = 0) -> Iterator[BatchGradients]:
         """The batches after the first ``skip``, as written, on the gradients' device (``"full"`` on CPU:
