@@ -45,28 +45,18 @@ def main(data_file: Path, folder: Path, kill_at: str) -> None:
     finetune.CHECKPOINT_STEPS = 10
     where, _, at = kill_at.partition(":")
     count = killer(int(at or 0))
-    if where == "loss":
-        real_score_pool = select.score_pool
+    if where in ("loss", "warmup"):  # the scoring's or the warm-up's loss calls
+        name = "score_pool" if where == "loss" else "warm_up"
+        real = getattr(select, name)
 
-        def score_pool_counting_losses(args, learner, *rest):
+        def counting_losses(args, learner, *rest):
             def loss(model, batch):
                 count()
                 return learner.loss(model, batch)
 
-            return real_score_pool(args, dataclasses.replace(learner, loss=loss), *rest)
+            return real(args, dataclasses.replace(learner, loss=loss), *rest)
 
-        select.score_pool = score_pool_counting_losses
-    elif where == "warmup":
-        real_warm_up = select.warm_up
-
-        def warm_up_counting_steps(args, learner, pairs):
-            def loss(model, batch):
-                count()
-                return learner.loss(model, batch)
-
-            return real_warm_up(args, dataclasses.replace(learner, loss=loss), pairs)
-
-        select.warm_up = warm_up_counting_steps
+        setattr(select, name, counting_losses)
     elif where == "read":
         real_read = GradientSpill.read
 
