@@ -135,6 +135,32 @@ def test_answer_loss_reads_only_the_answer_positions(tokenizer):
         assert (answer_loss(model, batch) - answer_loss(model, flipped)).abs().min() > 1e-6
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_lm_head_projects_only_the_answer_positions(tokenizer, lora):
+    """Llama slices by a position mask before its head: only the answer-predicting rows reach it,
+    in training (answer_loss) and in option scoring (one row per text), with the full-logits numbers."""
+    model = tiny(tokenizer)
+    if lora:
+        model = add_lora(model, r=2)
+    head = (model.get_base_model() if lora else model).lm_head
+    rows_seen = []
+    hook = head.register_forward_hook(lambda module, inputs, output: rows_seen.append(inputs[0].shape[:-1]))
+    batch = instruction_collate(tokenizer, NAMES, TEMPLATE)(PAIRS)
+    texts = [text for text, _ in PAIRS]
+    with torch.no_grad():
+        loss = answer_loss(model, batch)
+        scores = option_log_likelihoods(model, tokenizer, texts, NAMES, TEMPLATE, batch_size=len(texts))
+    hook.remove()
+    assert rows_seen == [(len(PAIRS),), (len(PAIRS),)]  # one-token answers: one row per example, not B x T
+    torch.testing.assert_close(loss, reference_answer_nll(model, batch), rtol=0, atol=1e-10)
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, dim=-1)
+    lengths = batch["attention_mask"].sum(1)
+    answer_ids = [tokenizer(TEMPLATE.answer(n), add_special_tokens=False)["input_ids"][0] for n in NAMES]
+    expected = torch.stack([full[i, lengths[i] - 2, answer_ids] for i in range(len(PAIRS))])
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-10)
+
+
 def test_truncation_cuts_the_text_and_keeps_the_answer(tokenizer):
     long_text = " ".join(_WORDS * 3)
     prompt_only = len(tokenizer(TEMPLATE.prompt(""))["input_ids"])

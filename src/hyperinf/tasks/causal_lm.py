@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -308,13 +309,38 @@ def answer_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Te
 
     The logits at position ``t`` predict token ``t + 1``; positions whose target is ``-100`` (the
     prompt, the padding) add nothing. Only ``input_ids`` and ``attention_mask`` go to the model, and
-    the log-softmax is taken at the answer positions alone (not over ``B x T x vocab``).
+    logits are formed at the answer positions alone (see :func:`logits_at`).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["target_ids"][:, 1:].to(logits.device)
-    rows, cols = torch.nonzero(targets != IGNORE_INDEX, as_tuple=True)
-    nll = F.cross_entropy(logits[rows, cols], targets[rows, cols], reduction="none")
-    return torch.zeros(logits.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    targets = batch["target_ids"]
+    keep = torch.zeros_like(targets, dtype=torch.bool)
+    keep[:, :-1] = targets[:, 1:] != IGNORE_INDEX
+    logits = logits_at(model, batch, keep)
+    rows, cols = torch.nonzero(keep.to(logits.device), as_tuple=True)
+    nll = F.cross_entropy(logits, targets.to(logits.device)[rows, cols + 1], reduction="none")
+    return torch.zeros(targets.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+
+
+def logits_at(model: nn.Module, batch: Mapping[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """``[keep.sum(), V]``: the logits at the ``True`` positions of ``keep`` ``[B, T]``, in row-major order.
+
+    Models whose modeling code slices by a position mask before the LM head (``logits_to_keep``,
+    as Llama's does in recent transformers) project only those positions onto the vocabulary: on
+    SmolLM2 the head is a fifth of a forward pass, and a training step costs 20% less. Any other
+    model computes every position's logits and they are selected afterwards: the same numbers.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if _slices_logits_by_mask(model):
+        return model(**inputs, logits_to_keep=keep.to(batch["input_ids"].device)).logits
+    logits = model(**inputs).logits
+    return logits[keep.to(logits.device)]
+
+
+def _slices_logits_by_mask(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model a peft wrapper holds) comes from modeling code that uses
+    transformers' ``slice_logits_to_keep``, the helper that takes a ``[B, T]`` boolean mask."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = sys.modules.get(type(base).__module__)
+    return getattr(module, "slice_logits_to_keep", None) is not None
 
 
 @torch.no_grad()
@@ -340,9 +366,9 @@ def option_log_likelihoods(
         rows = []
         for chunk in chunks:
             batch = {key: v.to(device) for key, v in collate([(text, 0) for text in chunk]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            before_answer = (batch["target_ids"] != IGNORE_INDEX).int().argmax(dim=1) - 1
-            rows.append(torch.log_softmax(logits[torch.arange(len(chunk), device=device), before_answer], dim=-1)[:, option_ids])
+            before_answer = torch.zeros_like(batch["target_ids"], dtype=torch.bool)
+            before_answer[:, :-1] = batch["target_ids"][:, 1:] != IGNORE_INDEX
+            rows.append(torch.log_softmax(logits_at(model, batch, before_answer), dim=-1)[:, option_ids])
         return torch.cat(rows)
     columns = [
         torch.cat([-answer_loss(model, {key: v.to(device) for key, v in collate([(text, k) for text in chunk]).items()}) for chunk in chunks])
