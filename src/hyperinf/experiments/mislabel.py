@@ -31,7 +31,7 @@ from hyperinf.tasks.minilm import classifier_logits, collate_fn, sequence_classi
 from hyperinf.tasks import textdata
 from hyperinf.tasks.textdata import MislabelSplit, TextDataset, flip_count, split_and_flip
 
-DEFAULT_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
+DEFAULT_METHODS = ("hyperinf", "kfac", "ekfac", "exact", "datainf", "lissa", "tracin")
 FIM_METHODS = ("hyperinf-fim", "exact-fim")
 REFERENCES = ("self-influence", "training loss", "random")
 SELF_INFLUENCE = "hyperinf"  # the method whose self-influence is the "self-influence" reference
