@@ -56,7 +56,7 @@ $(PEERS_STAMP): pyproject.toml Makefile
 	touch $(PEERS_STAMP)
 
 bench-peers: $(PEERS_STAMP)
-	$(PEERS_PY) benchmarks/bench_peers.py --out runs/peers
+	$(PEERS_PY) benchmarks/bench_peers.py --libraries ours,kronfluence,dattri,captum --timeout 600 --out runs/peers
 
 clean:
 	rm -rf $(VENV) $(PEERS) runs .pytest_cache
