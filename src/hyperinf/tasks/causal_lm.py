@@ -312,12 +312,18 @@ def answer_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Te
     logits are formed at the answer positions alone (see :func:`logits_at`).
     """
     targets = batch["target_ids"]
-    keep = torch.zeros_like(targets, dtype=torch.bool)
-    keep[:, :-1] = targets[:, 1:] != IGNORE_INDEX
+    keep = answer_predicting(targets)
     logits = logits_at(model, batch, keep)
     rows, cols = torch.nonzero(keep.to(logits.device), as_tuple=True)
     nll = F.cross_entropy(logits, targets.to(logits.device)[rows, cols + 1], reduction="none")
     return torch.zeros(targets.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+
+
+def answer_predicting(target_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: the positions whose next token is an answer token (position ``t`` predicts ``t + 1``)."""
+    keep = torch.zeros_like(target_ids, dtype=torch.bool)
+    keep[:, :-1] = target_ids[:, 1:] != IGNORE_INDEX
+    return keep
 
 
 def logits_at(model: nn.Module, batch: Mapping[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
@@ -366,9 +372,7 @@ def option_log_likelihoods(
         rows = []
         for chunk in chunks:
             batch = {key: v.to(device) for key, v in collate([(text, 0) for text in chunk]).items()}
-            before_answer = torch.zeros_like(batch["target_ids"], dtype=torch.bool)
-            before_answer[:, :-1] = batch["target_ids"][:, 1:] != IGNORE_INDEX
-            rows.append(torch.log_softmax(logits_at(model, batch, before_answer), dim=-1)[:, option_ids])
+            rows.append(torch.log_softmax(logits_at(model, batch, answer_predicting(batch["target_ids"])), dim=-1)[:, option_ids])
         return torch.cat(rows)
     columns = [
         torch.cat([-answer_loss(model, {key: v.to(device) for key, v in collate([(text, k) for text in chunk]).items()}) for chunk in chunks])
