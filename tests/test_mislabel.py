@@ -273,6 +273,12 @@ def test_min_confidence_selects_the_tweets_and_is_checked():
         load_task(MislabelArgs(task="tweets", min_confidence=1.5))
 
 
+def test_finished_passes_leave_neither_checkpoints_nor_their_folder(args, monkeypatch):
+    monkeypatch.setattr("hyperinf.experiments.mislabel.CHECKPOINT_EVERY", 3)  # 10 batches: checkpoints written at 3, 6, 9
+    run_mislabel(dataclasses.replace(args, fim=False, methods=("hyperinf",), batch_size=8))
+    assert not (args.out / "checkpoints").exists()
+
+
 def test_a_rerun_resumes_both_passes_from_their_checkpoints(args, monkeypatch):
     """Checkpoints left as by a killed run (here: never deleted) are resumed, and the scores are unchanged."""
     from hyperinf.checkpoints import PassCheckpoint, ResumedWarning

@@ -26,6 +26,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` if nothing is left in it (a run's checkpoint folder once every pass finished)."""
+    try:
+        folder.rmdir()
+    except OSError:  # absent, or still holding files
+        pass
+
+
 def write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
 

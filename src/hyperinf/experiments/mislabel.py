@@ -25,7 +25,7 @@ from hyperinf.errors import ConfigurationError, DataError
 from hyperinf.finetune import Schedule, default_cache_dir, train_or_load, training_key
 from hyperinf.experiments.report import new_figure, print_detection_table, print_suspects, save_figure
 from hyperinf.metrics import detection_curve, detection_summary
-from hyperinf.results import atomic_write, write_json
+from hyperinf.results import atomic_write, remove_if_empty, write_json
 from hyperinf.tasks.learners import classifier
 from hyperinf.tasks.minilm import classifier_logits, collate_fn, sequence_classification_loss
 from hyperinf.tasks import textdata
@@ -153,6 +153,7 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
         train_loader, val_loader, methods, self_influence=SELF_INFLUENCE, checkpoint=checkpoints.with_suffix(".score.ckpt"),
         checkpoint_every=every,
     )  # fmt: skip
+    remove_if_empty(checkpoints.parent)
     scores = {**scored, "self-influence": -scored.self_influence, "training loss": scored.train_loss}
     scores["random"] = torch.rand(args.n_train, generator=torch.Generator().manual_seed(args.seed))
     rows = [_detection_row(name, s, split.flipped, engine.ihvp_seconds.get(name)) for name, s in scores.items()]

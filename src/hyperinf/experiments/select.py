@@ -21,7 +21,7 @@ from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import DataError
 from hyperinf.finetune import Schedule, default_cache_dir, train_or_load, training_key
 from hyperinf.methods import method_names
-from hyperinf.results import atomic_write, write_json
+from hyperinf.results import atomic_write, remove_if_empty, write_json
 from hyperinf.selection import cosine_scores, ranks, select_top, selection_size
 from hyperinf.tasks.causal_lm import default_template
 from hyperinf.tasks.learners import CAUSAL_LMS, MODELS, Learner, build_learner
@@ -180,6 +180,7 @@ def score_pool(
     scored = engine.score_methods(
         pool, target, methods, self_influence="tracin", checkpoint=checkpoints.with_suffix(".score.ckpt"), checkpoint_every=CHECKPOINT_EVERY
     )
+    remove_if_empty(checkpoints.parent)
     result = {f"score/{m}": scored[m] for m in methods}
     result["train_loss"] = scored.train_loss
     result["gradient_norm"] = (-scored.self_influence).clamp_min(0).sqrt()
