@@ -101,6 +101,28 @@ def test_normalize_equals_the_cosine_computed_by_hand(data_file, tmp_path):
     assert scores.abs().max() <= 1.0
 
 
+def test_target_loss_by_label_equals_a_loop_of_single_examples(data_file, tmp_path, capsys):
+    """arguments.json's per-label target loss under the warm-up, against one forward per target example."""
+    args = select_args(data_file, tmp_path, method="tracin", fractions=(0.2,))
+    run_select(args)
+    written = json.loads((args.out / "arguments.json").read_text())["target_loss_by_label"]
+
+    from hyperinf.experiments.select import load_pool_split
+    from safetensors.torch import load_file
+
+    split = load_pool_split(args)
+    learner = make_learner(args, split.pool.label_names)
+    load_trainable(learner.model, load_file(str(next(args.cache_dir.glob("*.safetensors")))))
+    with torch.no_grad():
+        losses = torch.stack([learner.loss(learner.model, learner.collate([pair])).sum() for pair in split.pairs("target")]).double()
+    for i, name in enumerate(split.target.label_names):
+        mine = split.target.labels == i
+        assert written[name]["n"] == int(mine.sum())
+        assert written[name]["mean_loss"] == pytest.approx(float(losses[mine].mean()), rel=1e-5)
+        assert written[name]["loss_share"] == pytest.approx(float(losses[mine].sum() / losses.sum()), rel=1e-5)
+    assert "target loss by label" in capsys.readouterr().out
+
+
 def test_balance_keeps_the_pools_label_shares(data_file, tmp_path):
     args = select_args(data_file, tmp_path, balance=True, fractions=(0.2,))
     run_select(args)

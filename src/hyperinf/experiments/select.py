@@ -155,6 +155,21 @@ def warm_up(args: SelectArgs, learner: Learner, pairs: list[tuple[str, int]]) ->
     return {**record, "key": key}
 
 
+@torch.no_grad()
+def target_loss_by_label(learner: Learner, split: PoolSplit, batch_size: int) -> dict[str, dict[str, float]]:
+    """Per label, the current model's mean target loss and that label's share of the summed target loss.
+
+    The target's mean gradient leans toward the labels that carry most of that loss, and so do the
+    selections of every influence method (docs/results.md): a share far from the label's share of
+    the target set says a selection will lean the same way."""
+    losses = torch.cat([learner.loss(learner.model, batch) for batch in learner.loader(split.pairs("target"), batch_size)]).double()
+    labels = split.target.labels
+    return {
+        name: {"n": int((labels == i).sum()), "mean_loss": float(losses[labels == i].mean()), "loss_share": float(losses[labels == i].sum() / losses.sum())}
+        for i, name in enumerate(split.target.label_names) if (labels == i).any()
+    }  # fmt: skip
+
+
 def score_pool(
     args: SelectArgs, learner: Learner, split: PoolSplit, methods: list[str], warm_key: str
 ) -> dict[str, torch.Tensor]:
@@ -227,12 +242,15 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
     split = load_pool_split(args)
     learner = make_learner(args, split.pool.label_names)
     warm = warm_up(args, learner, split.pairs("pool"))
+    target_loss = target_loss_by_label(learner, split, args.batch_size)
     scored = score_pool(args, learner, split, [args.method], warm["key"])
     scores = method_scores(scored, args.method, args.normalize)
     lengths = torch.tensor(learner.token_lengths(split.pool.texts))
     selections = {f: select_top(scores, f, split.pool.labels, balance=args.balance) for f in args.fractions}
-    write_selection(args, split.pool, scores, lengths, selections, {"warm_up": warm})
+    write_selection(args, split.pool, scores, lengths, selections, {"warm_up": warm, "target_loss_by_label": target_loss})
     print(f"scored {split.pool.labels.numel()} pool examples against {split.target.labels.numel()} target examples with {args.method}")
+    shares = ", ".join(f"{name} {v['loss_share']:.0%} ({v['n']} examples)" for name, v in target_loss.items())
+    print(f"  the warm-up model's target loss by label: {shares} (selections lean toward the labels that carry it)")
     for fraction, picked in selections.items():
         made = composition(split.pool, picked, lengths)
         print(f"  {fraction:.0%}: {made['size']} examples, labels {made['labels']}, mean {made['tokens']['mean']:.1f} tokens")

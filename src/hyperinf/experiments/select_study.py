@@ -27,7 +27,7 @@ from hyperinf.methods import method_names
 from hyperinf.results import atomic_write, write_json
 from hyperinf.experiments.select import (
     PoolSplit, SelectArgs, add_pool_arguments, composition, fraction_label, load_pool_split, make_learner, method_scores,
-    pool_settings, score_pool, warm_up,
+    pool_settings, score_pool, target_loss_by_label, warm_up,
 )  # fmt: skip
 from hyperinf.experiments.report import new_figure, save_figure
 from hyperinf.selection import select_top
@@ -81,6 +81,7 @@ def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     learner = make_learner(args, split.pool.label_names)
     warm = warm_up(args, learner, split.pairs("pool"))
     warm_state = trainable_state(learner.model)
+    target_loss = target_loss_by_label(learner, split, args.batch_size)
     start = time.perf_counter()
     scored = score_pool(args, learner, split, list(args.methods), warm["key"])
     timing = {"scoring_seconds": time.perf_counter() - start, **pass_costs(learner, split, args.batch_size)}
@@ -97,7 +98,7 @@ def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows.append(test.row("full pool", 1.0, torch.arange(split.pool.labels.numel()), lengths))
     record = {
         "seed": args.seed, "warm_up": warm, "timing": timing, "n": {k: getattr(split, k).labels.numel() for k in ("pool", "target", "test")},
-        "target_loss_by_label": target_loss_by_label(learner, split, warm_state, args.batch_size),
+        "target_loss_by_label": target_loss,
     }  # fmt: skip
     return [{"seed": args.seed, **row} for row in rows], record
 
@@ -155,19 +156,6 @@ class Evaluation:
         result |= {f"accuracy_{name}": float(correct[test.labels == i].mean()) for i, name in enumerate(test.label_names) if (test.labels == i).any()}
         write_json(path, result)
         return result
-
-
-@torch.no_grad()
-def target_loss_by_label(learner: Learner, split: PoolSplit, warm_state: dict[str, torch.Tensor], batch_size: int) -> dict[str, dict[str, float]]:
-    """Per label, the warm-up model's mean target loss and that label's share of the summed target loss:
-    the target's mean gradient leans toward the label that dominates it, and so do first-order selections."""
-    load_trainable(learner.model, warm_state)
-    losses = torch.cat([learner.loss(learner.model, batch) for batch in learner.loader(split.pairs("target"), batch_size)]).double()
-    labels = split.target.labels
-    return {
-        name: {"n": int((labels == i).sum()), "mean_loss": float(losses[labels == i].mean()), "loss_share": float(losses[labels == i].sum() / losses.sum())}
-        for i, name in enumerate(split.target.label_names) if (labels == i).any()
-    }  # fmt: skip
 
 
 def pass_costs(learner: Learner, split: PoolSplit, batch_size: int, batches: int = 2) -> dict[str, float]:
