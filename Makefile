@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_pass2.py
 	$(PY) benchmarks/bench_select.py
 	$(PY) benchmarks/bench_lm_head.py
+	$(PY) benchmarks/bench_option_scoring.py
 	$(PY) benchmarks/bench_fit_needs.py
 
 # The peer libraries live in their own environment.

@@ -359,26 +359,34 @@ def option_log_likelihoods(
     lm-eval-harness' multiple-choice scoring (unnormalised by length); each option's value is
     ``-answer_loss`` of the batch whose labels are that option. When every option is one token
     (the built-in tasks' labels are, for SmolLM2), one forward per batch scores them all: the
-    prompt's last position predicts each option's token, which is the same number.
+    prompt's last position predicts each option's token, which is the same number. Texts are
+    batched in order of length (less padding: a third fewer tokens on the tweets) and the rows
+    come back in the given order.
     """
     collate = instruction_collate(tokenizer, label_names, template, max_length)
     device = next(model.parameters()).device
-    answers = [tokenizer(template.answer(str(n)), add_special_tokens=False)["input_ids"] for n in label_names]
-    chunks = [list(texts[start : start + batch_size]) for start in range(0, len(texts), batch_size)]
-    if not chunks:
+    if not texts:
         return torch.zeros(0, len(label_names), device=device)
+    answers = [tokenizer(template.answer(str(n)), add_special_tokens=False)["input_ids"] for n in label_names]
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    chunks = [[texts[i] for i in order[start : start + batch_size]] for start in range(0, len(texts), batch_size)]
     if all(len(answer) == 1 for answer in answers):
         option_ids = torch.tensor([answer[0] for answer in answers], device=device)
         rows = []
         for chunk in chunks:
             batch = {key: v.to(device) for key, v in collate([(text, 0) for text in chunk]).items()}
             rows.append(torch.log_softmax(logits_at(model, batch, answer_predicting(batch["target_ids"])), dim=-1)[:, option_ids])
-        return torch.cat(rows)
-    columns = [
-        torch.cat([-answer_loss(model, {key: v.to(device) for key, v in collate([(text, k) for text in chunk]).items()}) for chunk in chunks])
-        for k in range(len(label_names))
-    ]
-    return torch.stack(columns, dim=1)
+        sorted_scores = torch.cat(rows)
+    else:
+        columns = [
+            torch.cat([-answer_loss(model, {key: v.to(device) for key, v in collate([(text, k) for text in chunk]).items()}) for chunk in chunks])
+            for k in range(len(label_names))
+        ]
+        sorted_scores = torch.stack(columns, dim=1)
+    scores = torch.empty_like(sorted_scores)
+    scores[torch.tensor(order, device=device)] = sorted_scores
+    return scores
 
 
 def predict_options(
