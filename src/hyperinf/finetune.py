@@ -5,11 +5,12 @@ Every experiment that trains (mislabel detection, data selection, retraining gro
 The same key gives the same trainable weights on the same thread count: data order, dropout and
 the optimizer are seeded (another thread count adds torch's reductions in another order, and the
 weights differ slightly: benchmarks/retrain_threads.py), and the result is cached as safetensors
-(written atomically) so a rerun or an interrupted run trains only what is missing. A long training also checkpoints itself next to that file every
-:data:`CHECKPOINT_STEPS` optimizer steps (weights, optimizer, data order and random state): a
-run killed part way resumes there and ends with the weights of an uninterrupted one. Training
-can continue from another run's weights (a warm-up): load them with :func:`load_trainable` first
-and put the warm-up's key in the new key's settings.
+(written atomically) so a rerun or an interrupted run trains only what is missing. A long
+training also checkpoints itself next to that file every :data:`CHECKPOINT_STEPS` optimizer
+steps (weights, optimizer, data order and random state): a run killed part way resumes there
+and ends with the weights of an uninterrupted one. Training can continue from another run's
+weights (a warm-up): load them with :func:`load_trainable` first and put the warm-up's key in
+the new key's settings.
 """
 
 from __future__ import annotations
