@@ -1,0 +1,36 @@
+"""Test accuracy of the selection study's warm-up per learning rate, on SmolLM2's dense last block.
+
+    python benchmarks/dense_warmup_lr.py 1e-3 1e-4 [LR ...]
+
+The warm-up of ``hyperinf experiment select --model smollm2 --dense`` (seed 0: one epoch on the
+400-tweet pool, cached like the study's) at each learning rate, and the accuracy of its option
+scoring on the study's 200 test tweets, overall and per label: whether the dense variant's weak
+warm-up comes from the study's one learning rate.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from hyperinf.experiments.select import load_pool_split, make_learner, warm_up
+from hyperinf.experiments.select_study import StudyArgs
+
+
+def main() -> None:
+    for lr in [float(x) for x in sys.argv[1:]]:
+        args = StudyArgs(model="smollm2", dense=True, lr=lr, damping_mode="gfim", progress=False)
+        split = load_pool_split(args, n_test=args.n_test, flip_fraction=0.0)
+        learner = make_learner(args, split.pool.label_names)
+        start = time.perf_counter()
+        warm = warm_up(args, learner, split.pairs("pool"))
+        predicted = learner.predict(list(split.test.texts), args.batch_size)
+        accuracy = float((predicted == split.test.labels).double().mean())
+        per_label = ", ".join(
+            f"{name} {float((predicted[split.test.labels == i] == i).double().mean()):.3f}" for i, name in enumerate(split.test.label_names)
+        )  # fmt: skip
+        print(f"lr {lr:g}: warm-up test accuracy {accuracy:.3f} ({per_label}; cached {warm['cached']}, {time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
