@@ -4,7 +4,7 @@
 
 The warm-up of ``hyperinf experiment select --model smollm2 --dense`` (seed 0: one epoch on the
 400-tweet pool, cached like the study's) at each learning rate, and the accuracy of its option
-scoring on the study's 200 test tweets, overall and per label: whether the dense variant's weak
+scoring on the study's 200 test tweets, overall and per label (the study's own evaluation, cached with it): whether the dense variant's weak
 warm-up comes from the study's one learning rate.
 """
 
@@ -14,7 +14,8 @@ import sys
 import time
 
 from hyperinf.experiments.select import load_pool_split, make_learner, warm_up
-from hyperinf.experiments.select_study import StudyArgs
+from hyperinf.experiments.select_study import Evaluation, StudyArgs
+from hyperinf.finetune import trainable_state
 
 
 def main() -> None:
@@ -24,12 +25,9 @@ def main() -> None:
         learner = make_learner(args, split.pool.label_names)
         start = time.perf_counter()
         warm = warm_up(args, learner, split.pairs("pool"))
-        predicted = learner.predict(list(split.test.texts), args.batch_size)
-        accuracy = float((predicted == split.test.labels).double().mean())
-        per_label = ", ".join(
-            f"{name} {float((predicted[split.test.labels == i] == i).double().mean()):.3f}" for i, name in enumerate(split.test.label_names)
-        )  # fmt: skip
-        print(f"lr {lr:g}: warm-up test accuracy {accuracy:.3f} ({per_label}; cached {warm['cached']}, {time.perf_counter() - start:.0f} s)")
+        result = Evaluation(args, learner, split, trainable_state(learner.model), warm["key"]).accuracy(warm["key"])
+        per_label = ", ".join(f"{name} {result[f'accuracy_{name}']:.3f}" for name in split.test.label_names)
+        print(f"lr {lr:g}: warm-up test accuracy {result['accuracy']:.3f} ({per_label}; cached {warm['cached']}, {time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -360,7 +360,7 @@ def option_log_likelihoods(
     ``-answer_loss`` of the batch whose labels are that option. When every option is one token
     (the built-in tasks' labels are, for SmolLM2), one forward per batch scores them all: the
     prompt's last position predicts each option's token, which is the same number. Texts are
-    batched in order of length (less padding: a third fewer tokens on the tweets) and the rows
+    batched in order of length (less padding: a quarter fewer tokens on the tweets) and the rows
     come back in the given order.
     """
     collate = instruction_collate(tokenizer, label_names, template, max_length)
