@@ -170,16 +170,21 @@ def target_loss_by_label(learner: Learner, split: PoolSplit, batch_size: int) ->
     }  # fmt: skip
 
 
+def scores_path(args: SelectArgs, split: PoolSplit, methods: list[str], warm_key: str) -> Path:
+    """Where :func:`score_pool` caches the scores of ``methods`` on this pool, target and warm-up."""
+    key = training_key(
+        {"stage": "scores", "warm_up": warm_key, "methods": methods, **args.influence_settings(), "pool": training_key({}, split.pairs("pool"))},
+        split.pairs("target"),
+    )
+    return args.cache_dir.parent / "scores" / f"{key}.safetensors"
+
+
 def score_pool(
     args: SelectArgs, learner: Learner, split: PoolSplit, methods: list[str], warm_key: str
 ) -> dict[str, torch.Tensor]:
     """Every method's scores of the pool against the target, the pool's training loss and the norms that
     turn a score into a cosine (``gradient_norm``, ``direction_norm/<method>``); cached by a key of them all."""
-    key = training_key(
-        {"stage": "scores", "warm_up": warm_key, "methods": methods, **args.influence_settings(), "pool": training_key({}, split.pairs("pool"))},
-        split.pairs("target"),
-    )
-    path = args.cache_dir.parent / "scores" / f"{key}.safetensors"
+    path = scores_path(args, split, methods, warm_key)
     from safetensors.torch import load_file, save_file
 
     if path.exists():
@@ -190,7 +195,7 @@ def score_pool(
     )  # fmt: skip
     pool, target = learner.loader(split.pairs("pool"), args.batch_size), learner.loader(split.pairs("target"), args.batch_size)
     # A killed run resumes both passes from these files (the warm-up comes back from its cache).
-    checkpoints = args.out / "checkpoints" / key
+    checkpoints = args.out / "checkpoints" / path.stem
     engine.fit(pool, methods=methods, checkpoint=checkpoints.with_suffix(".fit.ckpt"), checkpoint_every=CHECKPOINT_EVERY)
     scored = engine.score_methods(
         pool, target, methods, self_influence="tracin", checkpoint=checkpoints.with_suffix(".score.ckpt"), checkpoint_every=CHECKPOINT_EVERY
