@@ -191,6 +191,24 @@ def test_experiment_select_runs_the_protocol_and_a_second_run_trains_nothing(dat
     assert (again["accuracy"] == rows["accuracy"]).all()
 
 
+def test_balanced_study_draws_random_per_label(data_file, tmp_path):
+    """Under --balance the random baseline has the selections' label make-up, not a free draw's."""
+    args = StudyArgs(
+        **{k: v for k, v in vars(select_args(data_file, tmp_path, balance=True)).items() if k not in ("n_pool", "n_target", "out", "fractions")},
+        n_pool=30, n_target=10, n_test=10, fractions=(0.4,), methods=("tracin",), continue_epochs=1, random_draws=3,
+        out=tmp_path / "study",
+    )  # fmt: skip
+    run_study(args)
+    rows = pd.read_csv(args.out / "results.csv")
+    from hyperinf.experiments.select import load_pool_split
+
+    counts = torch.bincount(load_pool_split(args, n_test=10).pool.labels, minlength=2).tolist()
+    kept = [round(0.4 * c) for c in counts]
+    for _, row in rows[rows.selector.isin(["random", "tracin"])].iterrows():
+        assert row["size"] == sum(kept)
+        assert [row["share_negative"], row["share_positive"]] == pytest.approx([k / sum(kept) for k in kept])
+
+
 @pytest.mark.parametrize("dense", [False, True], ids=["lora", "dense last block"])
 def test_select_on_a_tiny_causal_lm(data_file, tmp_path, dense):
     """The causal-LM path: answer-only loss, LoRA on q/v or the last block, option scoring in the protocol."""

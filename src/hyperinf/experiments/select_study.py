@@ -3,7 +3,7 @@
 Per seed: warm the model up on the whole pool, score the pool against the target set with every
 method, keep the top k% for each fraction, continue training from the warm-up on each selection
 and measure accuracy on a held-out test set. Beside the methods: random selections (the mean of
-``random_draws`` draws), the full pool, and the references a practitioner tries first — the
+``random_draws`` draws, drawn per label under ``balance``), the full pool, and the references a practitioner tries first — the
 lowest training loss, and LESS (cosine of each example's gradient with the mean target gradient).
 ``variant="noisy"`` flips a share of the pool's labels and reports how many of them each selector
 kept. Every trained model, score file and accuracy is cached under a key of its settings, so a
@@ -94,7 +94,9 @@ def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     for draw in range(args.random_draws):
         permutation = torch.rand(split.pool.labels.numel(), generator=torch.Generator().manual_seed(1000 * args.seed + draw))
         for fraction in args.fractions:
-            rows.append({**test.row("random", fraction, select_top(permutation, fraction), lengths), "draw": draw})
+            # Under --balance random keeps every label's share too: the methods are compared with a draw of the same make-up.
+            picked = select_top(permutation, fraction, split.pool.labels, balance=args.balance)
+            rows.append({**test.row("random", fraction, picked, lengths), "draw": draw})
     rows.append(test.row("full pool", 1.0, torch.arange(split.pool.labels.numel()), lengths))
     record = {
         "seed": args.seed, "warm_up": warm, "timing": timing, "n": {k: getattr(split, k).labels.numel() for k in ("pool", "target", "test")},
@@ -250,7 +252,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--random-draws", type=int, default=d.random_draws, help=f"random selections per fraction and seed (default: {d.random_draws})")
     parser.add_argument("--seeds", type=int, default=d.seeds, help="number of seeds; tables report mean ± std (default: 1)")
     parser.add_argument("--normalize", action="store_true", help="select by -cos(H^-1 v, g_k) for every method")
-    parser.add_argument("--balance", action="store_true", help="keep the same fraction of every label")
+    parser.add_argument("--balance", action="store_true", help="keep the same fraction of every label (the random selections too)")
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
 
 
