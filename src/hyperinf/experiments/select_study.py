@@ -209,7 +209,8 @@ def plot_study(args: StudyArgs, summary: list[dict[str, Any]], path: Path) -> No
         ax.axhline(value, color=color, linewidth=0.9, linestyle=":", label=name)
     ax.set_xlabel("share of the pool kept")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"data selection: {args.model} {'dense' if args.dense else 'LoRA'}, {args.task}, {args.variant}")
+    how = ", balanced" if args.balance else ""
+    ax.set_title(f"data selection: {args.model} {'dense' if args.dense else 'LoRA'}, {args.task}, {args.variant}{how}")
     save_figure(fig, ax, path)
 
 
