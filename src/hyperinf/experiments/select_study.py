@@ -3,8 +3,9 @@
 Per seed: warm the model up on the whole pool, score the pool against the target set with every
 method, keep the top k% for each fraction, continue training from the warm-up on each selection
 and measure accuracy on a held-out test set. Beside the methods: random selections (the mean of
-``random_draws`` draws, drawn per label under ``balance``), the full pool, and the references a practitioner tries first — the
-lowest training loss, and LESS (cosine of each example's gradient with the mean target gradient).
+``random_draws`` draws, drawn per label under ``balance``), the full pool, and the references a
+practitioner tries first — the lowest training loss, and LESS (cosine of each example's gradient
+with the mean target gradient).
 ``variant="noisy"`` flips a share of the pool's labels and reports how many of them each selector
 kept. Every trained model, score file and accuracy is cached under a key of its settings, so a
 rerun or an interrupted run redoes only what is missing (two selectors that pick the same rows
