@@ -20,8 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from hyperinf.experiments.select import load_pool_split
-from hyperinf.experiments.select_study import StudyArgs
+from hyperinf.experiments.select_study import StudyArgs, study_split
 from hyperinf.tasks.causal_lm import default_template, load_smollm2, option_log_likelihoods
 
 NAMES = ["negative", "positive"]
@@ -37,7 +36,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     ns = parser.parse_args()
-    texts = list(load_pool_split(StudyArgs(), n_test=ns.n, flip_fraction=0.0).test.texts)
+    texts = list(study_split(StudyArgs(n_test=ns.n)).test.texts)
     model, tokenizer = load_smollm2()
     template = default_template(NAMES, "tweet")
     b = ns.batch_size

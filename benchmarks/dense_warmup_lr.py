@@ -13,15 +13,15 @@ from __future__ import annotations
 import sys
 import time
 
-from hyperinf.experiments.select import load_pool_split, make_learner, warm_up
-from hyperinf.experiments.select_study import Evaluation, StudyArgs
+from hyperinf.experiments.select import make_learner, warm_up
+from hyperinf.experiments.select_study import Evaluation, StudyArgs, study_split
 from hyperinf.finetune import trainable_state
 
 
 def main() -> None:
     for lr in [float(x) for x in sys.argv[1:]]:
         args = StudyArgs(model="smollm2", dense=True, lr=lr, damping_mode="gfim", progress=False)
-        split = load_pool_split(args, n_test=args.n_test, flip_fraction=0.0)
+        split = study_split(args)
         learner = make_learner(args, split.pool.label_names)
         start = time.perf_counter()
         warm = warm_up(args, learner, split.pairs("pool"))

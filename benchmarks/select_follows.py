@@ -28,27 +28,27 @@ import pandas as pd
 from safetensors.torch import load_file
 
 from hyperinf.errors import DataError
-from hyperinf.experiments.select import load_pool_split, scores_path
-from hyperinf.experiments.select_study import StudyArgs
+from hyperinf.experiments.select import scores_path
+from hyperinf.experiments.select_study import StudyArgs, study_split
 
 SKIPPED = ("random", "exact")  # random has no direction; exact repeats hyperinf's selections
 MEASURES = ("target loss", "pool |g|^2")
 
 
-def study_args(run: Path) -> StudyArgs:
-    """The run's settings as it recorded them."""
-    recorded = json.loads((run / "arguments.json").read_text())["args"]
+def study_args(recorded: dict) -> StudyArgs:
+    """A run's settings from the ``args`` it recorded in arguments.json."""
     paths = {"out": Path(recorded["out"]), "cache_dir": Path(recorded["cache_dir"]), "target": recorded["target"] and Path(recorded["target"])}
     return StudyArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()} | paths)
 
 
 def label_measures(run: Path) -> dict[int, dict[str, dict[str, float]]]:
     """``seed -> measure -> label -> share``, the pool's gradient norms read from the run's cached scores."""
-    args = study_args(run)
+    recorded = json.loads((run / "arguments.json").read_text())
+    args = study_args(recorded["args"])
     out = {}
-    for record in json.loads((run / "arguments.json").read_text())["seeds"]:
+    for record in recorded["seeds"]:
         seeded = replace(args, seed=record["seed"])
-        split = load_pool_split(seeded, n_test=seeded.n_test, flip_fraction=seeded.flip_fraction if seeded.variant == "noisy" else 0.0)
+        split = study_split(seeded)
         path = scores_path(seeded, split, list(seeded.methods), record["warm_up"]["key"])
         if not path.exists():
             raise DataError(f"{run}: seed {record['seed']}'s scores are not in the cache ({path}): rerun the study's command to make them")

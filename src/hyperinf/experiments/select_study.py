@@ -74,9 +74,14 @@ def run_study(args: StudyArgs) -> list[dict[str, Any]]:
     return summary
 
 
+def study_split(args: StudyArgs) -> PoolSplit:
+    """The pool (its labels flipped in the noisy variant), target and test set of one seed of the protocol."""
+    return load_pool_split(args, n_test=args.n_test, flip_fraction=args.flip_fraction if args.variant == "noisy" else 0.0)
+
+
 def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One seed: split, warm up, score, then train and test on every selection."""
-    split = load_pool_split(args, n_test=args.n_test, flip_fraction=args.flip_fraction if args.variant == "noisy" else 0.0)
+    split = study_split(args)
     if split.test.labels.numel() == 0:
         raise DataError("the protocol needs a test set: raise --n-test (and leave --target unset: the test set is held out of --task)")
     learner = make_learner(args, split.pool.label_names)
