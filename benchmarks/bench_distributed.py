@@ -28,12 +28,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from bench_engine import random_batches  # noqa: E402  (benchmarks/ is on sys.path for its scripts)
 from torch.utils.data import DataLoader  # noqa: E402
 
-from bench_engine import random_batches  # noqa: E402  (benchmarks/ is on sys.path for its scripts)
 from hyperinf import InfluenceEngine  # noqa: E402
+from hyperinf.app.minilm import load_minilm_lora, sequence_classification_loss  # noqa: E402
 from hyperinf.distributed import shard  # noqa: E402
-from hyperinf.tasks.minilm import load_minilm_lora, sequence_classification_loss  # noqa: E402
 
 
 def stack(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

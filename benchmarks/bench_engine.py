@@ -42,11 +42,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from hyperinf.app.minilm import load_minilm_lora, sequence_classification_loss
 from hyperinf.blocks import select_blocks
 from hyperinf.engine import InfluenceEngine
-from hyperinf.metrics import spearman
 from hyperinf.gradients import PerSampleGradients
-from hyperinf.tasks.minilm import load_minilm_lora, sequence_classification_loss
+from hyperinf.metrics import spearman
 
 
 def peak_rss_mib() -> float:

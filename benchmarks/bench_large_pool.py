@@ -35,9 +35,10 @@ def rss_mib() -> float:
 
 def one_size(n: int, jvp: bool) -> dict:
     from bench_engine import as_trained_lora, peak_rss_mib
+
     from hyperinf import InfluenceEngine
-    from hyperinf.tasks.learners import build_learner
-    from hyperinf.tasks.textdata import load_task
+    from hyperinf.app.learners import build_learner
+    from hyperinf.app.textdata import load_task
 
     data = load_task("tweets", min_confidence=0.0)
     n = n or data.labels.numel() - 100

@@ -6,7 +6,7 @@ SmolLM2-135M-Instruct + rsLoRA r = 8 (q_proj, v_proj), the first ``--n`` tweets 
 examples. Two ways to get the answer loss of a batch, alternating batch by batch (each batch's best
 time over the rounds): ``all positions`` runs the LM head (576 -> 49,152, tied to the embedding) on
 every token and then picks the answer-predicting rows; ``answer positions`` is
-:func:`hyperinf.tasks.causal_lm.answer_loss`, which hands the model a position mask
+:func:`hyperinf.app.causal_lm.answer_loss`, which hands the model a position mask
 (``logits_to_keep``) so the head sees one row per answer token. Timed as a training step (forward,
 backward of the mean loss) and as a forward alone (what option scoring costs), with the losses'
 largest difference.
@@ -22,11 +22,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
-
 from bench_engine import best_per_batch
-from hyperinf.tasks.causal_lm import IGNORE_INDEX, answer_loss
-from hyperinf.tasks.learners import build_learner
-from hyperinf.tasks.textdata import load_tweets
+
+from hyperinf.app.causal_lm import IGNORE_INDEX, answer_loss
+from hyperinf.app.learners import build_learner
+from hyperinf.app.textdata import load_tweets
 
 
 def all_positions_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -3,7 +3,7 @@
     python benchmarks/bench_option_scoring.py [--n 200] [--batch-size 16] [--repeats 2]
 
 The selection study's test set (``--n`` tweets held out by ``hyperinf experiment select``'s split,
-seed 0) scored by :func:`hyperinf.tasks.causal_lm.option_log_likelihoods` on SmolLM2-135M-Instruct:
+seed 0) scored by :func:`hyperinf.app.causal_lm.option_log_likelihoods` on SmolLM2-135M-Instruct:
 ``in given order`` calls it one batch at a time (each batch padded to its longest text, as before
 the texts were sorted); ``by length`` is one call, which batches the texts in order of length.
 Alternating rounds, best time of each; prints seconds, padded tokens and the largest difference
@@ -20,8 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from hyperinf.experiments.select_study import StudyArgs, study_split
-from hyperinf.tasks.causal_lm import default_template, load_smollm2, option_log_likelihoods
+from hyperinf.app.causal_lm import (
+    default_template,
+    load_smollm2,
+    option_log_likelihoods,
+)
+from hyperinf.paper.select_study import StudyArgs, study_split
 
 NAMES = ["negative", "positive"]
 

@@ -32,13 +32,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from bench_engine import as_trained_lora, best_per_batch, random_batches
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_engine import as_trained_lora, best_per_batch, random_batches
+from hyperinf.app.minilm import load_minilm_lora, sequence_classification_loss
 from hyperinf.blocks import select_blocks
 from hyperinf.forward import DirectionalDerivatives
 from hyperinf.gradients import PerSampleGradients
-from hyperinf.tasks.minilm import load_minilm_lora, sequence_classification_loss
 
 
 def model_and_batches(args: argparse.Namespace) -> tuple[torch.nn.Module, object, list]:
@@ -46,8 +46,8 @@ def model_and_batches(args: argparse.Namespace) -> tuple[torch.nn.Module, object
     if args.model == "minilm":
         model, tokenizer = load_minilm_lora(num_labels=2, r=args.rank, seed=0, lora_b_std=0.02)
         return model, sequence_classification_loss, random_batches(tokenizer, args.n, args.seq_len, args.batch_size, seed=1)
-    from hyperinf.tasks.learners import build_learner
-    from hyperinf.tasks.textdata import load_task
+    from hyperinf.app.learners import build_learner
+    from hyperinf.app.textdata import load_task
 
     data = load_task("tweets")
     learner = build_learner(args.model, data.label_names, rank=args.rank, max_length=args.seq_len)

@@ -115,8 +115,8 @@ def prepare_mnist(args: argparse.Namespace, folder: Path) -> None:
 
 def prepare_minilm(args: argparse.Namespace, folder: Path) -> None:
     """Tokenize a seeded sample of the tweets, every text padded to one width (at most ``MAX_LENGTH`` tokens)."""
-    from hyperinf.tasks.minilm import load_minilm_lora
-    from hyperinf.tasks.textdata import load_tweets
+    from hyperinf.app.minilm import load_minilm_lora
+    from hyperinf.app.textdata import load_tweets
 
     data = load_tweets()
     n_train = 2000 if args.large else args.n_train
@@ -158,7 +158,7 @@ def load_problem(setting: str, folder: Path) -> Problem:
         model.load_state_dict(data["state"])
         train, val = TensorDataset(data["x_train"], data["y_train"]), TensorDataset(data["x_val"], data["y_val"])
         return Problem(model.eval(), mnist_loss, ["0", "2"], train, val, masked=False)
-    from hyperinf.tasks.minilm import load_minilm_lora
+    from hyperinf.app.minilm import load_minilm_lora
 
     model, _ = load_minilm_lora(num_labels=2, r=8, seed=0, lora_b_std=0.02)
     modules = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (".lora_A." in n or ".lora_B." in n)]
@@ -243,7 +243,10 @@ def parameter_names(problem: Problem) -> list[str]:
 
 def run_dattri(problem: Problem, method: str, damping: float) -> torch.Tensor:
     """dattri 0.3.0's attributors on the same parameters; its scores are positive = helpful, ``[n_train, n_val]``."""
-    from dattri.algorithm.influence_function import IFAttributorDataInf, IFAttributorLiSSA
+    from dattri.algorithm.influence_function import (
+        IFAttributorDataInf,
+        IFAttributorLiSSA,
+    )
     from dattri.algorithm.tracin import TracInAttributor
     from dattri.task import AttributionTask
 

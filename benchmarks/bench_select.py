@@ -23,13 +23,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-
 from bench_engine import best_per_batch, timed
+
+from hyperinf.app.learners import build_learner
+from hyperinf.app.textdata import load_tweets
 from hyperinf.blocks import select_blocks
 from hyperinf.engine import InfluenceEngine
 from hyperinf.gradients import PerSampleGradients
-from hyperinf.tasks.learners import build_learner
-from hyperinf.tasks.textdata import load_tweets
 
 METHODS = {"lora": ("hyperinf", "exact", "datainf", "lissa", "tracin"), "dense": ("hyperinf", "exact", "datainf", "lissa", "tracin", "ekfac")}
 

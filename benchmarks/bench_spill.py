@@ -24,11 +24,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-
 from bench_engine import as_trained_lora
+
 from hyperinf import InfluenceEngine
-from hyperinf.tasks.learners import build_learner
-from hyperinf.tasks.textdata import load_task
+from hyperinf.app.learners import build_learner
+from hyperinf.app.textdata import load_task
 
 DTYPES = {"minilm": "float32", "smollm2": "float64"}
 

@@ -13,12 +13,16 @@ import sys
 
 import torch
 import torch.distributed as dist
+from distributed_problem import (  # this script's folder is on sys.path
+    METHODS,
+    OPTIONS,
+    loss_fn,
+    problem,
+)
 from torch.utils.data import DataLoader
 
 from hyperinf import InfluenceEngine
 from hyperinf.distributed import gather, shard
-
-from distributed_problem import METHODS, OPTIONS, loss_fn, problem  # this script's folder is on sys.path
 
 
 def main(out: str) -> None:

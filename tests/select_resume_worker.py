@@ -14,9 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from hyperinf import finetune
-from hyperinf.experiments import select
-from hyperinf.experiments.select import SelectArgs, run_select
+from hyperinf.app import finetune, select
+from hyperinf.app.select import SelectArgs, run_select
 from hyperinf.spill import GradientSpill
 
 

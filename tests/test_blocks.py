@@ -6,12 +6,24 @@ import re
 
 import pytest
 import torch
+from models import (
+    mlp,
+    mlp_batch,
+    mlp_loss,
+    random_padded_batch,
+    tiny_bert,
+    tiny_bert_lora,
+)
 from torch import nn
 
 from hyperinf.blocks import Block, select_blocks
-from hyperinf.errors import BlockSelectionError, HyperinfError, LossShapeError, NonFiniteGradientError
+from hyperinf.errors import (
+    BlockSelectionError,
+    HyperinfError,
+    LossShapeError,
+    NonFiniteGradientError,
+)
 from hyperinf.gradients import PerSampleGradients
-from models import mlp, mlp_batch, mlp_loss, random_padded_batch, tiny_bert, tiny_bert_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

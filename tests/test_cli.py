@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-import hyperinf.experiments.mislabel
+import hyperinf.app.mislabel
+from hyperinf.app.demo import DemoArgs, load_digits_split, train_mlp
 from hyperinf.cli import build_parser, main
-from hyperinf.experiments.demo import DemoArgs, load_digits_split, train_mlp
 from hyperinf.results import load_scores
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -117,7 +117,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     def broken(ns):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(hyperinf.experiments.mislabel, "main", broken)
+    monkeypatch.setattr(hyperinf.app.mislabel, "main", broken)
     with pytest.raises(ZeroDivisionError, match="a bug"):
         main(["mislabel"])
 

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_problem import METHODS, OPTIONS, loss_fn, problem
 from torch.utils.data import DataLoader, TensorDataset
 
 from hyperinf import InfluenceEngine
 from hyperinf.distributed import shard
 from hyperinf.errors import EmptyDataError
-
-from distributed_problem import METHODS, OPTIONS, loss_fn, problem
 
 HERE = Path(__file__).parent
 

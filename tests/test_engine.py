@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hyperinf import DeadBlockWarning, EmptyDataError, LossShapeError, NonFiniteGradientError, NotFittedError
+from hyperinf import (
+    DeadBlockWarning,
+    EmptyDataError,
+    LossShapeError,
+    NonFiniteGradientError,
+    NotFittedError,
+)
 from hyperinf.engine import InfluenceEngine
 from hyperinf.results import load_scores
 

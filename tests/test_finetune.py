@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from hyperinf import finetune
+from hyperinf.app import finetune
+from hyperinf.app.finetune import Schedule, load_trainable, train_or_load
 from hyperinf.checkpoints import ResumedWarning
 from hyperinf.errors import ConfigurationError, EmptyDataError
-from hyperinf.finetune import Schedule, load_trainable, train_or_load
 
 FEATURES = torch.randn(20, 4, generator=torch.Generator().manual_seed(1))
 EXAMPLES = [(str(i), i % 2) for i in range(20)]  # the text is the row of FEATURES

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import bert_loss, mlp, mlp_loss, random_padded_batch, tiny_bert_lora
 from torch.utils.data import DataLoader, TensorDataset
 
 from hyperinf import InfluenceEngine
 from hyperinf.errors import ConfigurationError
-from models import bert_loss, mlp, mlp_loss, random_padded_batch, tiny_bert_lora
 
 METHODS = ["hyperinf", "exact", "exact-fim", "datainf", "lissa", "tracin", "kfac", "ekfac"]
 
@@ -102,7 +102,7 @@ def test_forward_mode_on_a_peft_lora_llama_with_padding(dtype, tolerance):
     length padded in a batch, the loss on the answer tokens only."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    from hyperinf.tasks.learners import build_learner
+    from hyperinf.app.learners import build_learner
 
     learner = build_learner("tiny-llama", ["negative", "positive"], rank=2, max_length=24)
     learner.model.to(torch.float64 if dtype == "float64" else torch.float32)

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-from hyperinf.blocks import select_blocks
-from hyperinf.errors import LossShapeError
-from hyperinf.gradients import BatchGradients, PerSampleGradients
 from models import (
     bert_loss,
     max_relative_error,
@@ -22,6 +17,11 @@ from models import (
     tiny_bert_lora,
     unpadded_examples,
 )
+from torch import nn
+
+from hyperinf.blocks import select_blocks
+from hyperinf.errors import LossShapeError
+from hyperinf.gradients import BatchGradients, PerSampleGradients
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

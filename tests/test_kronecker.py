@@ -11,12 +11,24 @@ import functools
 
 import pytest
 import torch
+from models import (
+    bert_loss,
+    fitted_kronecker,
+    mlp,
+    mlp_batch,
+    mlp_loss,
+    pad_batch,
+    random_padded_batch,
+    reference_gradients,
+    reference_kronecker,
+    split_examples,
+    tiny_bert_lora,
+    unpadded_examples,
+)
 from torch.utils.data import DataLoader, TensorDataset
 
 from hyperinf import InfluenceEngine
 from hyperinf.errors import ConfigurationError
-from models import bert_loss, fitted_kronecker, mlp, mlp_batch, mlp_loss, pad_batch, random_padded_batch
-from models import reference_gradients, reference_kronecker, split_examples, tiny_bert_lora, unpadded_examples
 
 KRONECKER = ["kfac", "ekfac"]
 

@@ -40,15 +40,21 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.task import Task
+from models import (
+    bert_loss,
+    mlp,
+    mlp_batch,
+    mlp_loss,
+    random_padded_batch,
+    tiny_bert_lora,
+)
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from hyperinf import InfluenceEngine
-from models import bert_loss, mlp, mlp_batch, mlp_loss, random_padded_batch, tiny_bert_lora
 
 F64 = torch.float64
 BATCH = 16

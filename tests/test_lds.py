@@ -11,15 +11,30 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from plots import assert_plot
+from test_leave_one_out import (
+    L2,
+    N_TRAIN,
+    SPECS,
+    full_logits,
+    loss_fn,
+    problem,
+    train_newton,
+    with_ones,
+)
 from torch import nn
 
 from hyperinf import InfluenceEngine
 from hyperinf.cli import main
 from hyperinf.errors import DataError
-from hyperinf.experiments.lds import LdsArgs, mnist_setting, run_lds, subset_masks, subset_seed
 from hyperinf.metrics import bootstrap_interval, linear_datamodeling_score, spearman
-from plots import assert_plot
-from test_leave_one_out import L2, N_TRAIN, SPECS, full_logits, loss_fn, problem, train_newton, with_ones
+from hyperinf.paper.lds import (
+    LdsArgs,
+    mnist_setting,
+    run_lds,
+    subset_masks,
+    subset_seed,
+)
 
 
 def test_spearman_of_monotone_reversed_tied_and_constant_rows():

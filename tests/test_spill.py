@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hyperinf import SpillWarning
 from hyperinf import spill as spill_module
 from hyperinf.engine import InfluenceEngine
 from hyperinf.gradients import BatchGradients
-from hyperinf import SpillWarning
 from hyperinf.spill import GradientSpill
 
 

@@ -22,11 +22,21 @@ from hyperinf.blocks import Block, fingerprint
 from hyperinf.checkpoints import PassCheckpoint
 from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import CurvatureAccumulator, KroneckerAccumulator
-from hyperinf.errors import ConfigurationError, EmptyDataError, FitMismatchError, NotFittedError
+from hyperinf.errors import (
+    ConfigurationError,
+    EmptyDataError,
+    FitMismatchError,
+    NotFittedError,
+)
 from hyperinf.gradients import BatchGradients, PerSampleGradients
 from hyperinf.hessian import GGNAccumulator, HessianAccumulator, OutputFunctions
 from hyperinf.methods import FittedInputs, Method, build_preconditioner, get_method
-from hyperinf.preconditioners import BlockDiagnostics, GradientSource, Preconditioner, Reduce
+from hyperinf.preconditioners import (
+    BlockDiagnostics,
+    GradientSource,
+    Preconditioner,
+    Reduce,
+)
 from hyperinf.results import atomic_write, write_json
 
 FORMAT = 1

@@ -1,4 +1,7 @@
-"""Inverses and linear solvers for symmetric positive-definite (SPD) curvature blocks.
+"""Inverses and solves of symmetric positive-definite (SPD) curvature blocks: Schulz, Cholesky, Neumann.
+
+The three the influence methods use; the shared helpers at the end (residuals, stop reasons,
+``on_fail`` handling, the stationary iteration) are public so other solvers keep the same contract.
 
 Every function takes ``A`` of shape ``[..., d, d]`` and works on the whole stack at once, so all
 blocks of one size are handled by batched matrix multiplies. Iterative methods return
@@ -32,6 +35,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -56,6 +60,8 @@ _ADVICE = {
 _DIVERGED = 1e6
 # Schulz: this many checks in a row without a new best residual means the precision floor.
 _PATIENCE = 2
+# Warnings point at the first frame outside this folder: the user's call, not the library's inner ones.
+_PACKAGE = Path(__file__).parent
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ def spectral_bounds(A: Tensor, lower_bound: float | Tensor = 0.0) -> tuple[Tenso
     ``lambda_max``. ``lo`` is the largest of ``lower_bound`` (e.g. the damping), the Gershgorin
     lower bound and 0. Shapes: ``A [..., d, d]`` -> ``lo, hi [...]``.
     """
-    d = _check_square(A)
+    d = check_square(A)
     abs_rows = A.abs().sum(-1)
     hi = torch.minimum(abs_rows.amax(-1), torch.linalg.matrix_norm(A))
     hi = hi * (1 + d * torch.finfo(A.dtype).eps)
@@ -163,8 +169,8 @@ def hyperpower_inverse(
     that is ``<= tol``, or, for a run that stalled, ``<= sqrt(tol)`` (``info.limit``): as good as
     its precision allows, e.g. float32 with condition numbers up to ~1e4.
     """
-    d = _check_square(A)
-    _check_options(on_fail, max_iter)
+    d = check_square(A)
+    check_options(on_fail, max_iter)
     if order < 2:
         raise ValueError(f"order must be >= 2 (2 is Schulz); got {order}")
     tol = default_tol(A.dtype) if tol is None else tol
@@ -174,7 +180,7 @@ def hyperpower_inverse(
     if reason in ("tol", "stalled"):
         X = _symmetric_step(A3, X, order)
         items = _inverse_residuals(A3, X)
-        history.append(_worst(items))
+        history.append(worst(items))
         if callback is not None:
             callback(len(history) - 1, X.reshape(A.shape))
         reason = "tol" if history[-1] <= tol else "stalled"
@@ -182,14 +188,14 @@ def hyperpower_inverse(
     residual = history[-1]
     method = "schulz" if order == 2 else f"hyperpower(order={order})"
     info = InverseInfo(
-        len(history) - 1, residual, residual <= limit, method, tol, reason, tuple(history), _per_item(items), limit
+        len(history) - 1, residual, residual <= limit, method, tol, reason, tuple(history), per_item(items), limit
     )
     hint = (
         "add damping or use float64, or raise max_iter"
         if isinstance(init, str)
         else "use init='auto' (a fixed init c*I diverges when c*lambda_max(A) > 2)"
     )
-    return _finish(X.reshape(A.shape), info, on_fail, lambda: _exact_inverse(A), hint)
+    return finish(X.reshape(A.shape), info, on_fail, lambda: _exact_inverse(A), hint)
 
 
 def schulz_inverse(A: Tensor, *, order: int = 2, **options: Any) -> tuple[Tensor, InverseInfo]:
@@ -237,7 +243,7 @@ def _hyperpower_loop(
     for t in range(max_iter + 1):
         T = _add_identity(A @ N)
         items = torch.linalg.matrix_norm(T)
-        history.append(_worst(items))
+        history.append(worst(items))
         reason = _schulz_stop(history, tol, order, A.shape[-1], at_cap=t == max_iter)
         if reason is not None:
             return N.neg_(), reason, history, items
@@ -317,13 +323,13 @@ def cholesky_inverse(A: Tensor) -> Tensor:
 def cholesky_solve(A: Tensor, B: Tensor) -> Tensor:
     """Exact ``A^{-1} B`` for SPD ``A [..., d, d]``, ``B [..., d]`` or ``[..., d, k]``."""
     L = _cholesky(A)
-    columns, unflatten = _as_columns(A, B)
+    columns, unflatten = as_columns(A, B)
     return unflatten(torch.cholesky_solve(columns, L.reshape(-1, *L.shape[-2:])))
 
 
 def _cholesky(A: Tensor) -> Tensor:
     """Lower Cholesky factor, after checking that every item is finite, symmetric and PD."""
-    _check_square(A)
+    check_square(A)
     _require(torch.isfinite(A).all(-1).all(-1), A, "contain NaN or Inf")
     scale = torch.linalg.matrix_norm(A).clamp_min(torch.finfo(A.dtype).tiny)
     asymmetry = torch.linalg.matrix_norm(A - A.mT) / scale
@@ -369,184 +375,13 @@ def _inverse_residuals(A: Tensor, X: Tensor) -> Tensor:
     return torch.linalg.matrix_norm(torch.bmm(T.mT, T)).sqrt()
 
 
-def _exact_solve(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+def exact_solve(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     """Cholesky solve and its relative residual per column, for the ``on_fail='cholesky'`` fallback."""
     X = cholesky_solve(A, B)
-    columns, _ = _as_columns(A, B)
-    solution, _ = _as_columns(A, X)
+    columns, _ = as_columns(A, B)
+    solution, _ = as_columns(A, X)
     R = torch.baddbmm(columns, A.reshape(-1, *A.shape[-2:]), solution, alpha=-1)
-    return X, _relative(R, columns)
-
-
-# ----------------------------------------------------------------------------- Krylov solvers
-
-
-def conjugate_gradient(
-    A: Tensor,
-    b: Tensor,
-    *,
-    max_iter: int | None = None,
-    tol: float | None = None,
-    x0: Tensor | None = None,
-    on_fail: OnFail = "warn",
-    callback: Callback | None = None,
-) -> tuple[Tensor, InverseInfo]:
-    """Solve SPD ``A x = b`` by conjugate gradients, every right-hand side at once.
-
-    ``A [..., d, d]``, ``b [..., d]`` or ``[..., d, k]``. Stops when every column's recursive
-    residual is ``<= tol`` (default :func:`default_tol`), on NaN/Inf or growth past 1e6
-    (diverged), or after ``max_iter`` steps (default ``10 d``: rounding makes CG need more than
-    the ``d`` steps of exact arithmetic); ``converged`` is judged on the true residual of the
-    result. ``x0`` (same shape as ``b``) is the starting guess, 0 by default.
-    """
-    d = _check_square(A)
-    tol = default_tol(A.dtype) if tol is None else tol
-    max_iter = 10 * d if max_iter is None else max_iter
-    _check_options(on_fail, max_iter)
-    B, unflatten = _as_columns(A, b)
-    A3 = A.reshape(-1, d, d)
-    X = torch.zeros_like(B) if x0 is None else _as_columns(A, x0)[0].clone()
-    R = torch.baddbmm(B, A3, X, alpha=-1)
-    P, rr = R.clone(), (R * R).sum(-2)
-    b_norm = _column_norms(B)
-    history: list[float] = []
-    for t in range(max_iter + 1):
-        history.append(_worst(rr.sqrt() / b_norm))
-        reason = _solver_stop(history[-1], tol, at_cap=t == max_iter)
-        if reason is not None:
-            break
-        AP = A3 @ P
-        alpha = _safe_divide(rr, (P * AP).sum(-2)).unsqueeze(-2)
-        X = X + alpha * P
-        R = R - alpha * AP
-        rr_next = (R * R).sum(-2)
-        P = R + _safe_divide(rr_next, rr).unsqueeze(-2) * P
-        rr = rr_next
-        if callback is not None:
-            callback(t + 1, unflatten(X))
-    return _solver_result(A, b, X, reason, history, tol, "cg", on_fail, unflatten)
-
-
-def gmres(
-    A: Tensor,
-    b: Tensor,
-    *,
-    max_iter: int | None = None,
-    restart: int | None = None,
-    tol: float | None = None,
-    on_fail: OnFail = "warn",
-    callback: Callback | None = None,
-) -> tuple[Tensor, InverseInfo]:
-    """Solve ``A x = b`` by GMRES (Arnoldi with re-orthogonalized Gram-Schmidt, Givens rotations).
-
-    ``max_iter`` (default ``d``) counts Arnoldi steps in total; ``restart`` (default: none) is the
-    Krylov dimension after which the method restarts from the current ``x``. Each right-hand side
-    of ``b [..., d]`` / ``[..., d, k]`` has its own Krylov space; a column whose residual estimate
-    reaches ``tol`` is frozen. ``converged`` is judged on the true residual of the result.
-    """
-    d = _check_square(A)
-    tol = default_tol(A.dtype) if tol is None else tol
-    max_iter = d if max_iter is None else max_iter
-    _check_options(on_fail, max_iter)
-    restart = max_iter if restart is None else restart
-    B, unflatten = _as_columns(A, b)
-    A3 = A.reshape(-1, d, d)
-    X = torch.zeros_like(B)
-    b_norm = _column_norms(B)
-    history = [_worst(_relative(B, B))]
-    done = history[0] <= tol
-    steps = 0
-    while not done and steps < max_iter:
-        cycle = min(restart, max_iter - steps)
-        X, cycle_history = _gmres_cycle(A3, B, X, b_norm, cycle, tol, callback, unflatten, steps)
-        steps += len(cycle_history)
-        history += cycle_history
-        done = history[-1] <= tol or not math.isfinite(history[-1])
-    reason = _solver_stop(history[-1], tol, at_cap=True)
-    return _solver_result(A, b, X, reason, history, tol, "gmres", on_fail, unflatten)
-
-
-def _gmres_cycle(
-    A: Tensor,
-    B: Tensor,
-    X0: Tensor,
-    b_norm: Tensor,
-    m: int,
-    tol: float,
-    callback: Callback | None,
-    unflatten: Callable[[Tensor], Tensor],
-    start: int,
-) -> tuple[Tensor, list[float]]:
-    """Up to ``m`` Arnoldi steps from ``X0 [N, d, k]``; return the new ``X``, residual estimates."""
-    R0 = torch.baddbmm(B, A, X0, alpha=-1)
-    beta = torch.linalg.vector_norm(R0, dim=-2)
-    V = R0.new_zeros(R0.shape[0], m + 1, *R0.shape[1:])  # [N, m+1, d, k]
-    V[:, 0] = R0 / beta.clamp_min(torch.finfo(beta.dtype).tiny).unsqueeze(-2)
-    Rt = R0.new_zeros(*beta.shape, m, m)  # rotated Hessenberg (upper triangular) [N, k, m, m]
-    g = R0.new_zeros(*beta.shape, m + 1)
-    g[..., 0] = beta
-    rotations: list[tuple[Tensor, Tensor]] = []
-    estimate = beta / b_norm
-    active = estimate > tol
-    X, history = X0, []
-    for i in range(m):
-        column = _arnoldi_step(A, V, i)
-        column, rotation = _apply_givens(column, rotations, g, i)
-        rotations.append(rotation)
-        Rt[..., : i + 1, i] = column[..., : i + 1]
-        estimate = torch.where(active, g[..., i + 1].abs() / b_norm, estimate)
-        history.append(_worst(estimate))
-        last = i == m - 1 or history[-1] <= tol or not math.isfinite(history[-1])
-        if callback is not None or last:
-            X = torch.where(active.unsqueeze(-2), _gmres_update(X0, V, Rt, g, i), X)
-            if callback is not None:
-                callback(start + i + 1, unflatten(X))
-        active = active & (estimate > tol)
-        if last:
-            break
-    return X, history
-
-
-def _arnoldi_step(A: Tensor, V: Tensor, i: int) -> Tensor:
-    """Extend the basis ``V`` by ``A V[:, i]``; return the Hessenberg column ``[N, k, i + 2]``."""
-    w = A @ V[:, i]
-    basis = V[:, : i + 1]
-    h = torch.zeros(w.shape[0], w.shape[-1], i + 1, dtype=w.dtype, device=w.device)
-    for _ in range(2):  # classical Gram-Schmidt, twice for orthogonality in finite precision
-        coefficients = torch.einsum("njdk,ndk->nkj", basis, w)
-        w = w - torch.einsum("njdk,nkj->ndk", basis, coefficients)
-        h = h + coefficients
-    norm = _column_norms(w)
-    V[:, i + 1] = w / norm.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-2)
-    return torch.cat([h, norm.unsqueeze(-1)], dim=-1)
-
-
-def _apply_givens(
-    column: Tensor, rotations: list[tuple[Tensor, Tensor]], g: Tensor, i: int
-) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """Rotate the new Hessenberg column by the earlier rotations and a new one zeroing its tail."""
-    column = column.clone()
-    for j, (c, s) in enumerate(rotations):
-        top, bottom = column[..., j].clone(), column[..., j + 1].clone()
-        column[..., j] = c * top + s * bottom
-        column[..., j + 1] = c * bottom - s * top
-    top, bottom = column[..., i], column[..., i + 1]
-    rho = torch.hypot(top, bottom)
-    safe = rho.clamp_min(torch.finfo(rho.dtype).tiny)
-    c = torch.where(rho > 0, top / safe, torch.ones_like(rho))
-    s = torch.where(rho > 0, bottom / safe, torch.zeros_like(rho))
-    column[..., i] = rho
-    g[..., i + 1] = -s * g[..., i]
-    g[..., i] = c * g[..., i]
-    return column, (c, s)
-
-
-def _gmres_update(X0: Tensor, V: Tensor, Rt: Tensor, g: Tensor, i: int) -> Tensor:
-    """``X0 + V y`` with ``y`` minimizing the residual over the first ``i + 1`` Krylov vectors."""
-    y = torch.linalg.solve_triangular(
-        Rt[..., : i + 1, : i + 1], g[..., : i + 1, None], upper=True
-    ).squeeze(-1)
-    return X0 + torch.einsum("njdk,nkj->ndk", V[:, : i + 1], y)
+    return X, relative_residuals(R, columns)
 
 
 # ----------------------------------------------------------------------------- stationary methods
@@ -570,45 +405,16 @@ def neumann_series(
     :func:`spectral_bounds` upper bound, which guarantees it for SPD ``A``; ``scale=1`` is the
     paper's unscaled variant, which diverges once ``lambda_max(A) >= 2``.
     """
-    d = _check_square(A)
+    d = check_square(A)
     if scale is None:
         scale = spectral_bounds(A)[1]
     s = torch.as_tensor(scale, dtype=A.dtype, device=A.device)
     s = s.expand(A.shape[:-2]).reshape(-1, 1, 1)
     hint = "use scale=None (a bound on lambda_max) so the series converges, or raise max_iter"
-    return _stationary(A, b, lambda R: R / s, max_iter, tol, on_fail, callback, "neumann", hint, d)
+    return stationary(A, b, lambda R: R / s, max_iter, tol, on_fail, callback, "neumann", hint, d)
 
 
-def sor(
-    A: Tensor,
-    b: Tensor | None = None,
-    *,
-    omega: float = 1.0,
-    max_iter: int = 100,
-    tol: float | None = None,
-    on_fail: OnFail = "warn",
-    callback: Callback | None = None,
-) -> tuple[Tensor, InverseInfo]:
-    """Successive over-relaxation for ``A x = b`` (the inverse when ``b`` is None).
-
-    ``(D + omega L) x_{t+1} = omega b - (omega U + (omega - 1) D) x_t``, run in the equivalent
-    correction form ``x_{t+1} = x_t + omega (D + omega L)^{-1} (b - A x_t)``: one matmul and one
-    triangular solve per step, the sequential row sweep done by ``solve_triangular``.
-    ``omega = 1`` is Gauss-Seidel; it converges for SPD ``A`` when ``0 < omega < 2``.
-    """
-    d = _check_square(A)
-    lower = torch.tril(A, -1) * omega + torch.diag_embed(A.diagonal(dim1=-2, dim2=-1))
-    lower = lower.reshape(-1, d, d)
-
-    def correct(R: Tensor) -> Tensor:
-        return omega * torch.linalg.solve_triangular(lower, R, upper=False)
-
-    hint = "SOR converges for SPD A only with 0 < omega < 2; try omega=1, raise max_iter, or cg"
-    method = f"sor(omega={omega})"
-    return _stationary(A, b, correct, max_iter, tol, on_fail, callback, method, hint, d)
-
-
-def _stationary(
+def stationary(
     A: Tensor,
     b: Tensor | None,
     correct: Callable[[Tensor], Tensor],
@@ -621,22 +427,22 @@ def _stationary(
     d: int,
 ) -> tuple[Tensor, InverseInfo]:
     """``x_{t+1} = x_t + correct(b - A x_t)`` from 0; ``b=None`` solves for the inverse (b = I)."""
-    _check_options(on_fail, max_iter)
+    check_options(on_fail, max_iter)
     tol = default_tol(A.dtype) if tol is None else tol
     A3 = A.reshape(-1, d, d)
     target = torch.eye(d, dtype=A.dtype, device=A.device).expand(A.shape) if b is None else b
-    B, unflatten = _as_columns(A, target)
+    B, unflatten = as_columns(A, target)
     if b is None:
         measure = torch.linalg.matrix_norm  # ||I - A X||_F >= ||I - A X||_2
     else:
-        measure = lambda R: _relative(R, B)  # noqa: E731
+        measure = lambda R: relative_residuals(R, B)  # noqa: E731
     X = torch.zeros_like(B)
     history: list[float] = []
     for t in range(max_iter + 1):
         R = torch.baddbmm(B, A3, X, alpha=-1)
         items = measure(R)
-        history.append(_worst(items))
-        reason = _solver_stop(history[-1], tol, at_cap=t == max_iter)
+        history.append(worst(items))
+        reason = solver_stop(history[-1], tol, at_cap=t == max_iter)
         if reason is not None:
             break
         X = X + correct(R)
@@ -644,15 +450,15 @@ def _stationary(
             callback(t + 1, unflatten(X))
     converged = reason == "tol"
     iterations = len(history) - 1
-    info = InverseInfo(iterations, history[-1], converged, method, tol, reason, tuple(history), _per_item(items))
-    exact = (lambda: _exact_inverse(A)) if b is None else (lambda: _exact_solve(A, b))
-    return _finish(unflatten(X), info, on_fail, exact, hint)
+    info = InverseInfo(iterations, history[-1], converged, method, tol, reason, tuple(history), per_item(items))
+    exact = (lambda: _exact_inverse(A)) if b is None else (lambda: exact_solve(A, b))
+    return finish(unflatten(X), info, on_fail, exact, hint)
 
 
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def _solver_stop(r: float, tol: float, at_cap: bool) -> str | None:
+def solver_stop(r: float, tol: float, at_cap: bool) -> str | None:
     """Stop reason for solvers, or None to continue."""
     if not math.isfinite(r) or r > _DIVERGED:
         return "diverged"
@@ -661,33 +467,7 @@ def _solver_stop(r: float, tol: float, at_cap: bool) -> str | None:
     return "max_iter" if at_cap else None
 
 
-def _solver_result(
-    A: Tensor,
-    b: Tensor,
-    X: Tensor,
-    reason: str,
-    history: list[float],
-    tol: float,
-    method: str,
-    on_fail: OnFail,
-    unflatten: Callable[[Tensor], Tensor],
-) -> tuple[Tensor, InverseInfo]:
-    """Measure the true residual of a Krylov result and build its info (and failure handling)."""
-    B, _ = _as_columns(A, b)
-    R = torch.baddbmm(B, A.reshape(-1, *A.shape[-2:]), X, alpha=-1)
-    items = _relative(R, B)
-    residual = _worst(items)
-    if reason != "diverged" and residual <= tol:
-        reason = "tol"
-    elif reason == "tol":
-        reason = "stalled"  # the recursive residual reached tol, the true one did not
-    converged = reason == "tol"
-    info = InverseInfo(len(history) - 1, residual, converged, method, tol, reason, tuple(history), _per_item(items))
-    hint = "raise max_iter, or use float64 / more damping when A is ill-conditioned"
-    return _finish(unflatten(X), info, on_fail, lambda: _exact_solve(A, b), hint)
-
-
-def _finish(
+def finish(
     result: Tensor,
     info: InverseInfo,
     on_fail: OnFail,
@@ -715,7 +495,7 @@ def _finish(
     fallback, items = exact()
     method = f"cholesky (fallback from {info.method})"
     info = replace(
-        info, residual=_worst(items), item_residuals=_per_item(items), converged=True, method=method, stop_reason="fallback"
+        info, residual=worst(items), item_residuals=per_item(items), converged=True, method=method, stop_reason="fallback"
     )
     return fallback, info
 
@@ -739,21 +519,21 @@ def _listing(entries: list[str], most: int = 5) -> str:
 
 
 def _caller_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside this module, seen from the function calling this."""
+    """The ``stacklevel`` of the first frame outside the hyperinf package, seen from the function calling this."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename == __file__:
+    while frame is not None and Path(frame.f_code.co_filename).is_relative_to(_PACKAGE):
         frame, level = frame.f_back, level + 1
     return level
 
 
-def _check_square(A: Tensor) -> int:
+def check_square(A: Tensor) -> int:
     """Size ``d`` of ``A [..., d, d]``; ValueError for other shapes."""
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"A must have shape [..., d, d]; got {tuple(A.shape)}")
     return A.shape[-1]
 
 
-def _check_options(on_fail: str, max_iter: int) -> None:
+def check_options(on_fail: str, max_iter: int) -> None:
     """ValueError for an unknown ``on_fail`` or a negative ``max_iter``."""
     if on_fail not in _ON_FAIL:
         raise ValueError(f"on_fail must be one of {_ON_FAIL}; got {on_fail!r}")
@@ -761,7 +541,7 @@ def _check_options(on_fail: str, max_iter: int) -> None:
         raise ValueError(f"max_iter must be >= 0; got {max_iter}")
 
 
-def _as_columns(A: Tensor, b: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+def as_columns(A: Tensor, b: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """View ``b [..., d]`` or ``[..., d, k]`` as ``[N, d, k]`` and return how to undo it."""
     batch, d = A.shape[:-2], A.shape[-1]
     vector = b.dim() == A.dim() - 1
@@ -778,27 +558,21 @@ def _as_columns(A: Tensor, b: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor
     return flat, unflatten
 
 
-def _column_norms(B: Tensor) -> Tensor:
+def column_norms(B: Tensor) -> Tensor:
     """Norm of each column of ``B [N, d, k]``, floored so zero columns do not divide by zero."""
     return torch.linalg.vector_norm(B, dim=-2).clamp_min(torch.finfo(B.dtype).tiny)
 
 
-def _relative(R: Tensor, B: Tensor) -> Tensor:
+def relative_residuals(R: Tensor, B: Tensor) -> Tensor:
     """``||r|| / ||b||`` per column."""
-    return torch.linalg.vector_norm(R, dim=-2) / _column_norms(B)
+    return torch.linalg.vector_norm(R, dim=-2) / column_norms(B)
 
 
-def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` with 0 where ``den`` is 0 (finished columns of CG)."""
-    nonzero = den != 0
-    return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
-
-
-def _per_item(values: Tensor) -> tuple[float, ...]:
+def per_item(values: Tensor) -> tuple[float, ...]:
     """Worst entry of each batch item of ``values [N, ...]`` (the columns of a solve, or one norm)."""
     return tuple(values.reshape(values.shape[0], -1).amax(1).tolist()) if values.numel() else ()
 
 
-def _worst(values: Tensor) -> float:
+def worst(values: Tensor) -> float:
     """Largest entry as a float (NaN if any entry is NaN; 0 for an empty batch)."""
     return float(values.max()) if values.numel() else 0.0

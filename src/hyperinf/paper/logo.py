@@ -10,7 +10,7 @@ should lower the loss the most, so a good method's correlation is positive, the 
 orientation (its scores are helpfulness: positive correlation with the LOGO score itself).
 
 Settings, training and the cache are those of ``hyperinf experiment lds``
-(:mod:`hyperinf.experiments.lds`): every training is cached under a key of the setting, the
+(:mod:`hyperinf.paper.lds`): every training is cached under a key of the setting, the
 schedule, the seed and the kept examples in order, so parts of different methods that hold the same
 examples share one retraining, and a rerun retrains nothing.
 """
@@ -24,12 +24,19 @@ from typing import Any, ClassVar
 
 import torch
 
+from hyperinf.app.report import new_figure, save_figure
 from hyperinf.errors import DataError
-from hyperinf.experiments.lds import (
-    DEFAULTS, SETTINGS, RetrainArgs, Trainer, add_retrain_arguments, check_retrain_args, fitted_engine, retrain_settings,
-)  # fmt: skip
-from hyperinf.experiments.report import new_figure, save_figure
 from hyperinf.metrics import spearman
+from hyperinf.paper.lds import (
+    DEFAULTS,
+    SETTINGS,
+    RetrainArgs,
+    Trainer,
+    add_retrain_arguments,
+    check_retrain_args,
+    fitted_engine,
+    retrain_settings,
+)  # fmt: skip
 from hyperinf.results import atomic_write, write_json
 
 LOGO_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")

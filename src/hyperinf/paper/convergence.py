@@ -34,7 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperinf.experiments.synthetic import (
+from hyperinf.linalg import cholesky_solve, neumann_series, schulz_inverse
+from hyperinf.paper.solvers import sor
+from hyperinf.paper.synthetic import (
     DISTRIBUTIONS,
     dtype_of,
     make_problem,
@@ -43,7 +45,6 @@ from hyperinf.experiments.synthetic import (
     set_threads,
     write_outputs,
 )
-from hyperinf.linalg import cholesky_solve, neumann_series, schulz_inverse, sor
 
 DEFAULT_DIMS = (512, 1024)
 FULL_DIMS = (512, 1024, 2048, 4096)

@@ -1,6 +1,6 @@
 """What do a selection study's selections follow, label by label?
 
-    python benchmarks/select_follows.py RUN_DIR [RUN_DIR ...] [--fraction 0.2]
+    python -m hyperinf.paper.analysis.select_follows RUN_DIR [RUN_DIR ...] [--fraction 0.2]
 
 Reads what ``hyperinf experiment select --out RUN_DIR`` wrote (``results.csv``: each seed's
 selections and their label shares; ``arguments.json``: the settings, and each seed's warm-up key
@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 from safetensors.torch import load_file
 
+from hyperinf.app.select import scores_path
 from hyperinf.errors import DataError
-from hyperinf.experiments.select import scores_path
-from hyperinf.experiments.select_study import StudyArgs, study_split
+from hyperinf.paper.select_study import StudyArgs, study_split
 
 SKIPPED = ("random", "exact")  # random has no direction; exact repeats hyperinf's selections
 MEASURES = ("target loss", "pool |g|^2")

@@ -10,26 +10,40 @@ training loss, and self-influence — are scored beside the methods.
 from __future__ import annotations
 
 import resource
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, get_args
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hyperinf.app import textdata
+from hyperinf.app.finetune import (
+    Schedule,
+    default_cache_dir,
+    train_or_load,
+    training_key,
+)
+from hyperinf.app.learners import classifier
+from hyperinf.app.minilm import (
+    classifier_logits,
+    collate_fn,
+    sequence_classification_loss,
+)
+from hyperinf.app.report import (
+    new_figure,
+    print_detection_table,
+    print_suspects,
+    save_figure,
+)
+from hyperinf.app.textdata import MislabelSplit, TextDataset, flip_count, split_and_flip
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import ConfigurationError, DataError
-from hyperinf.finetune import Schedule, default_cache_dir, train_or_load, training_key
-from hyperinf.experiments.report import new_figure, print_detection_table, print_suspects, save_figure
 from hyperinf.metrics import detection_curve, detection_summary
 from hyperinf.results import atomic_write, remove_if_empty, write_json
-from hyperinf.tasks.learners import classifier
-from hyperinf.tasks.minilm import classifier_logits, collate_fn, sequence_classification_loss
-from hyperinf.tasks import textdata
-from hyperinf.tasks.textdata import MislabelSplit, TextDataset, flip_count, split_and_flip
 
 DEFAULT_METHODS = ("hyperinf", "kfac", "ekfac", "exact", "datainf", "lissa", "tracin")
 FIM_METHODS = ("hyperinf-fim", "exact-fim")
@@ -79,7 +93,7 @@ class MislabelArgs:
 
 
 def load_task(args: MislabelArgs) -> TextDataset:
-    """The run's data (:func:`hyperinf.tasks.textdata.load_task` with the run's options)."""
+    """The run's data (:func:`hyperinf.app.textdata.load_task` with the run's options)."""
     return textdata.load_task(args.task, args.min_confidence, args.text_column, args.label_column)
 
 

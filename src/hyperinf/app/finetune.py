@@ -4,7 +4,7 @@ Every experiment that trains (mislabel detection, data selection, retraining gro
 :func:`train_or_load` with a per-example loss, the examples and a key from :func:`training_key`.
 The same key gives the same trainable weights on the same thread count: data order, dropout and
 the optimizer are seeded (another thread count adds torch's reductions in another order, and the
-weights differ slightly: benchmarks/retrain_threads.py), and the result is cached as safetensors
+weights differ slightly: hyperinf.paper.analysis.retrain_threads), and the result is cached as safetensors
 (written atomically) so a rerun or an interrupted run trains only what is missing. A long
 training also checkpoints itself next to that file every :data:`CHECKPOINT_STEPS` optimizer
 steps (weights, optimizer, data order and random state): a run killed part way resumes there

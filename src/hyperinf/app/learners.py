@@ -4,7 +4,7 @@ A :class:`Learner` works on ``(text, label)`` pairs whatever the model: a sequen
 (MiniLM, or a tiny random BERT for tests) is trained with cross-entropy on its head's logits and
 predicts the argmax; a causal LM (SmolLM2, or a tiny random Llama for tests) sees each pair as a
 prompt and an answer, is trained on the answer tokens only and predicts the answer option with
-the highest log-likelihood (:mod:`hyperinf.tasks.causal_lm`). ``dense=True`` trains and attributes
+the highest log-likelihood (:mod:`hyperinf.app.causal_lm`). ``dense=True`` trains and attributes
 the last transformer block (plus pooler and head for a classifier) instead of LoRA adapters.
 """
 
@@ -20,9 +20,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hyperinf.app import causal_lm
+from hyperinf.app.minilm import (
+    classifier_logits,
+    collate_fn,
+    load_minilm_lora,
+    minilm_folder,
+    sequence_classification_loss,
+)
 from hyperinf.errors import ConfigurationError
-from hyperinf.tasks import causal_lm
-from hyperinf.tasks.minilm import classifier_logits, collate_fn, load_minilm_lora, minilm_folder, sequence_classification_loss
 
 CLASSIFIERS = ("minilm", "tiny-bert")
 CAUSAL_LMS = ("smollm2", "tiny-llama")

@@ -1,6 +1,6 @@
 """Test accuracy of the selection study's warm-up per learning rate, on SmolLM2's dense last block.
 
-    python benchmarks/dense_warmup_lr.py 1e-3 1e-4 [LR ...]
+    python -m hyperinf.paper.analysis.dense_warmup_lr 1e-3 1e-4 [LR ...]
 
 The warm-up of ``hyperinf experiment select --model smollm2 --dense`` (seed 0: one epoch on the
 400-tweet pool, cached like the study's) at each learning rate, and the accuracy of its option
@@ -13,9 +13,9 @@ from __future__ import annotations
 import sys
 import time
 
-from hyperinf.experiments.select import make_learner, warm_up
-from hyperinf.experiments.select_study import Evaluation, StudyArgs, study_split
-from hyperinf.finetune import trainable_state
+from hyperinf.app.finetune import trainable_state
+from hyperinf.app.select import make_learner, warm_up
+from hyperinf.paper.select_study import Evaluation, StudyArgs, study_split
 
 
 def main() -> None:

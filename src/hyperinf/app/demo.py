@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hyperinf.app.report import print_detection_table, print_suspects
+from hyperinf.app.textdata import flip_count
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import DataError
-from hyperinf.experiments.report import print_detection_table, print_suspects
 from hyperinf.metrics import detection_summary
 from hyperinf.results import write_json
-from hyperinf.tasks.textdata import flip_count
 
 DEFAULT_METHODS = ("hyperinf", "hyperinf-fim", "exact", "exact-fim", "datainf", "lissa", "tracin")
 

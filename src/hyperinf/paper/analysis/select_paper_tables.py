@@ -1,6 +1,6 @@
 """The paper's Table 3 (LoRA) / Table 4 (dense) layout from several selection studies.
 
-    python benchmarks/select_paper_tables.py [--dense] "NAME=RUN_DIR" ["NAME=RUN_DIR" ...]
+    python -m hyperinf.paper.analysis.select_paper_tables [--dense] "NAME=RUN_DIR" ["NAME=RUN_DIR" ...]
 
 Each RUN_DIR is the ``--out`` of one ``hyperinf experiment select`` run (its ``summary.csv``).
 Prints one markdown table: per run and fraction k, random's accuracy and each method's, in
