@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from resume_worker import problem, run
 
 from hyperinf import InfluenceEngine
 from hyperinf.checkpoints import ResumedWarning
 from hyperinf.errors import CheckpointMismatchError
-from resume_worker import problem, run
 
 HERE = Path(__file__).parent
 FIT_BATCHES, VAL_BATCHES = 12, 2  # of resume_worker.problem()
@@ -28,6 +28,19 @@ CHUNK1_START = SELF_START + FIT_BATCHES + 1 + FIT_BATCHES + 1
 def worker(folder: Path, kill_at: int) -> subprocess.CompletedProcess:
     command = [sys.executable, str(HERE / "resume_worker.py"), str(folder), str(kill_at)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def loss_failing_at(call: int):
+    """The problem's loss, raising ``RuntimeError("interrupted")`` at its ``call``-th call: a run killed mid-pass."""
+    calls = []
+
+    def loss(m, batch):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("interrupted")
+        return F.cross_entropy(m(batch[0]), batch[1], reduction="none")
+
+    return loss
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +74,7 @@ def test_a_killed_run_resumes_and_gives_the_uninterrupted_scores(tmp_path, unint
 
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     model, train, val = problem()
-    calls = []
-
-    def failing_loss(m, batch):
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("interrupted")
-        return F.cross_entropy(m(batch[0]), batch[1], reduction="none")
-
+    failing_loss = loss_failing_at(5)
     engine = InfluenceEngine(model, failing_loss, blocks="linear", dtype="float64", progress=False)
     with pytest.raises(RuntimeError, match="interrupted"):
         engine.fit(train, checkpoint=tmp_path / "fit.ckpt", checkpoint_every=2)
@@ -89,16 +95,22 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     assert not (tmp_path / "fit.ckpt").exists()
 
 
+def test_a_fit_checkpoint_without_the_gfim_is_refused_by_a_method_that_needs_it(tmp_path):
+    """TracIn sums no GFIM: its checkpoint cannot resume a HyperINF fit (the GFIM is part of the checkpoint's key)."""
+    model, train, _ = problem()
+    failing_loss = loss_failing_at(5)
+    tracin = InfluenceEngine(model, failing_loss, blocks="linear", method="tracin", dtype="float64", progress=False)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        tracin.fit(train, checkpoint=tmp_path / "fit.ckpt", checkpoint_every=2)
+    hyperinf = InfluenceEngine(model, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"), blocks="linear",
+                               method="hyperinf", dtype="float64", progress=False)  # fmt: skip
+    with pytest.raises(CheckpointMismatchError, match="written by a run with other settings"):
+        hyperinf.fit(train, checkpoint=tmp_path / "fit.ckpt")
+
+
 def test_a_self_influence_checkpoint_of_another_damping_is_refused(tmp_path):
     model, train, _ = problem()
-    calls = []
-
-    def failing_loss(m, batch):
-        calls.append(1)
-        if len(calls) == FIT_BATCHES + 5:
-            raise RuntimeError("interrupted")
-        return F.cross_entropy(m(batch[0]), batch[1], reduction="none")
-
+    failing_loss = loss_failing_at(FIT_BATCHES + 5)
     engine = InfluenceEngine(model, failing_loss, blocks="linear", dtype="float64", progress=False, cache_bytes=0, spill=False).fit(train)
     with pytest.raises(RuntimeError, match="interrupted"):
         engine.self_influence(train, checkpoint=tmp_path / "self.ckpt", checkpoint_every=2)

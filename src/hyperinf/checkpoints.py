@@ -23,6 +23,7 @@ from hyperinf.blocks import Block, fingerprint, tensor_digest
 from hyperinf.config import InfluenceConfig
 from hyperinf.distributed import per_process
 from hyperinf.errors import CheckpointMismatchError
+from hyperinf.methods import Method
 from hyperinf.results import atomic_write
 
 
@@ -72,7 +73,7 @@ class PassCheckpoint:
 
 
 def fit_checkpoint(
-    path: str | Path, every: int, blocks: Sequence[Block], config: InfluenceConfig, methods: Sequence[Any], loader: Any
+    path: str | Path, every: int, blocks: Sequence[Block], config: InfluenceConfig, methods: Sequence[Method], loader: Any
 ) -> PassCheckpoint:
     """The checkpoint of pass 1 (one file per process when distributed), valid for the same blocks and
     weights, layout, curvature kinds and loader length."""
@@ -80,7 +81,7 @@ def fit_checkpoint(
         "pass": "fit",
         "blocks": fingerprint(blocks),
         "layout": config.layout(),
-        "needs": sorted({kind for m in methods for kind in ("fim", "hessian", "ggn", "kronecker") if getattr(m, kind)}),
+        "needs": sorted({kind for m in methods for kind in m.needs()}),
         "batches": len(loader) if hasattr(loader, "__len__") else None,
     }
     return PassCheckpoint(per_process(path, config.distributed), settings, every)

@@ -62,6 +62,10 @@ class FittedInputs:
         return {b.name: self.curvature.damping(b, c, mode) for b in self.curvature.blocks}
 
 
+CURVATURE_KINDS = ("gfim", "fim", "hessian", "ggn", "kronecker")
+"""The sums pass 1 can accumulate; a method's flags of these names say which it needs."""
+
+
 @dataclass(frozen=True)
 class Method:
     """One influence method: what it needs from pass 1, and how it builds its preconditioner.
@@ -81,6 +85,10 @@ class Method:
     kronecker: bool = False
     train_pass: bool = False
     check: Callable[[InfluenceConfig], None] | None = None
+
+    def needs(self) -> tuple[str, ...]:
+        """The pass-1 sums this method builds from, by name (a subset of :data:`CURVATURE_KINDS`)."""
+        return tuple(kind for kind in CURVATURE_KINDS if getattr(self, kind))
 
 
 def _damped(matrix: torch.Tensor, damping: float) -> torch.Tensor:
