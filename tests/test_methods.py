@@ -253,6 +253,8 @@ def test_invalid_options_are_refused_at_construction(problem):
         engine_for(model, "hyperinf", schulz_init=-1.0)
     with pytest.raises(ValueError, match="schulz_init"):
         engine_for(model, "hyperinf", schulz_init="paper")
+    with pytest.raises(ValueError, match="schulz_order must be >= 2"):
+        engine_for(model, "hyperinf", schulz_order=1)  # before pass 1, not when the inverse is built
 
 
 def test_gfim_and_fim_share_lambda_but_the_gfim_eigenvalues_are_r_times_larger(problem):

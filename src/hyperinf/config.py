@@ -13,7 +13,7 @@ from hyperinf.curvature import DampingMode
 from hyperinf.linalg import OnFail
 from hyperinf.spill import SpillDtype
 
-Pass2 = Literal["auto", "jvp", "gradients"]  # how pass 2 reads the training set (see hyperinf.forward)
+Pass2 = Literal["gradients", "jvp"]  # how pass 2 reads the training set (see hyperinf.forward)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -39,8 +39,8 @@ class InfluenceConfig:
         ``False``: pass 2 recomputes them.
     spill_dtype: ``"full"`` (the gradients' dtype, read back bit-identical) or ``"bfloat16"`` (half of float32's size).
     pass2: how scoring passes over the training set: ``"gradients"`` (per-sample gradients, from
-        the cache or recomputed), ``"jvp"`` (forward-mode directional derivatives, no gradients:
-        :mod:`hyperinf.forward`) or ``"auto"`` (the cheaper by measured costs: on CPU, the gradients).
+        the cache or recomputed) or ``"jvp"`` (forward-mode directional derivatives, no per-example
+        gradient: :mod:`hyperinf.forward`; not with self-influence).
     distributed: every process passes its own shard of the data (:func:`hyperinf.distributed.shard`);
         the engine's sums over data are all-reduced, and scores cover the process's own shard.
     """
@@ -62,7 +62,7 @@ class InfluenceConfig:
     spill: bool = True
     spill_dir: str | None = None
     spill_dtype: SpillDtype = "full"
-    pass2: Pass2 = "auto"
+    pass2: Pass2 = "gradients"
     dtype: str = "float32"
     distributed: bool = False
     progress: bool = True
@@ -93,6 +93,10 @@ class InfluenceConfig:
             raise ValueError(f"spill_dtype must be one of {get_args(SpillDtype)}, got {self.spill_dtype!r}")
         if self.spill_dir is not None:
             self.spill_dir = str(self.spill_dir)  # a Path is accepted; kept as text so the settings save as JSON
+        if self.schulz_order < 2:
+            raise ValueError(f"schulz_order must be >= 2 (2 is Schulz's iteration), got {self.schulz_order}")
+        if self.schulz_max_iter < 0:
+            raise ValueError(f"schulz_max_iter must be >= 0, got {self.schulz_max_iter}")
         if self.lissa_iters < 1:
             raise ValueError(f"lissa_iters must be >= 1, got {self.lissa_iters}")
 

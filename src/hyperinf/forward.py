@@ -4,9 +4,9 @@ With a preconditioned direction ``h`` known, ``<h, g_k>`` is the derivative of e
 when the selected blocks' weights move along ``h``: one forward pass in forward-mode AD
 (``torch.func.jvp``) gives it for every example of a batch, with no backward pass and no ``r x d``
 gradient per example. One pass per direction. Attention runs on PyTorch's math SDPA kernel during
-the pass: the fused CPU kernel has no forward-mode derivative. On the CPU measured, a
-forward-mode pass costs more than the gradient path (see :func:`choose_pass2`), so it is chosen
-only when asked for (``pass2="jvp"``).
+the pass: the fused CPU kernel has no forward-mode derivative. It runs only when asked for
+(``pass2="jvp"``): it forms no per-example gradient (memory), but on the CPUs measured it costs
+more time than the gradient path (benchmarks/bench_pass2.py).
 """
 
 from __future__ import annotations
@@ -68,32 +68,12 @@ class DirectionalDerivatives:
         return value, torch.stack(columns, dim=1)
 
 
-# Cost of one training pass, in plain forward passes over the same batches, measured by
-# benchmarks/bench_pass2.py on MiniLM + LoRA r=8 (2 CPU threads; docs/results.md): forward-mode
-# AD costs 3.3 per direction, the per-sample gradient path 2.1 for all directions together.
-JVP_PASS_COST = 3.3
-GRADIENT_PASS_COST = 2.1
-
-
-def choose_pass2(setting: Pass2, directions: int, *, per_example: bool, cached: bool) -> str:
-    """``"jvp"`` or ``"gradients"`` for a training pass scoring ``directions`` directions.
-
-    ``per_example``: the pass also needs each example's gradient (self-influence), which only the
-    gradient path gives; ``cached``: the training gradients are in memory, so replaying them is
-    cheaper than any forward pass. Otherwise ``"auto"`` takes the cheaper path by the measured
-    costs above — on the CPU measured, always the gradients: forward-mode is an opt-in that
-    forms no per-example gradient (memory), not a speed-up there.
-    """
-    if setting == "gradients":
-        return "gradients"
-    if setting == "jvp":
-        if per_example:
-            raise ConfigurationError(
-                "self-influence needs each example's gradient, which pass2='jvp' does not form: use pass2='auto'."
-            )
-        return "jvp"
-    cheaper = directions * JVP_PASS_COST < GRADIENT_PASS_COST
-    return "jvp" if cheaper and not (per_example or cached) else "gradients"
+def check_pass2(setting: Pass2, *, per_example: bool) -> None:
+    """Refuse forward mode for a pass that needs each example's gradient (self-influence)."""
+    if setting == "jvp" and per_example:
+        raise ConfigurationError(
+            "self-influence needs each example's gradient, which pass2='jvp' does not form: use pass2='gradients'."
+        )
 
 
 class TrainingScores:
@@ -111,8 +91,8 @@ class TrainingScores:
         self, loader: Iterable[Any], h: Mapping[str, torch.Tensor], *, per_example: bool = False, skip: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, BatchGradients | None]]:
         """Batches after the first ``skip`` (those a resumed run already scored)."""
-        m = next(iter(h.values())).shape[0]
-        self.path = choose_pass2(self.setting, m, per_example=per_example, cached=self.train.holds(loader))
+        check_pass2(self.setting, per_example=per_example)
+        self.path = self.setting
         if self.path == "gradients":
             for batch in self.train(loader, skip=skip):
                 yield batch.losses, -inner(batch.grads, h), batch
