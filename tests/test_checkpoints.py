@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from resume_worker import problem, run
 
 from hyperinf import InfluenceEngine
-from hyperinf.checkpoints import ResumedWarning
+from hyperinf.errors import ResumedWarning
 from hyperinf.errors import CheckpointMismatchError
 
 HERE = Path(__file__).parent

@@ -8,7 +8,7 @@ from torch import nn
 
 from hyperinf.app import finetune
 from hyperinf.app.finetune import Schedule, load_trainable, train_or_load
-from hyperinf.checkpoints import ResumedWarning
+from hyperinf.errors import ResumedWarning
 from hyperinf.errors import ConfigurationError, EmptyDataError
 
 FEATURES = torch.randn(20, 4, generator=torch.Generator().manual_seed(1))

@@ -281,7 +281,8 @@ def test_finished_passes_leave_neither_checkpoints_nor_their_folder(args, monkey
 
 def test_a_rerun_resumes_both_passes_from_their_checkpoints(args, monkeypatch):
     """Checkpoints left as by a killed run (here: never deleted) are resumed, and the scores are unchanged."""
-    from hyperinf.checkpoints import PassCheckpoint, ResumedWarning
+    from hyperinf.checkpoints import PassCheckpoint
+    from hyperinf.errors import ResumedWarning
 
     args = dataclasses.replace(args, fim=False, methods=("hyperinf", "exact", "tracin"), batch_size=8)
     monkeypatch.setattr(PassCheckpoint, "finish", lambda self: None)

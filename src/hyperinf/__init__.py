@@ -4,16 +4,22 @@ from hyperinf.config import InfluenceConfig
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import (
     BlockSelectionError,
+    CheckpointMismatchError,
+    ConfigurationError,
     DataError,
+    DataOrderError,
     DeadBlockWarning,
     EmptyDataError,
+    FitMismatchError,
     HyperinfError,
     LossShapeError,
     MissingPackageError,
     NonFiniteGradientError,
+    NotConvergedError,
     NotConvergedWarning,
     NotFittedError,
     NotSPDError,
+    ResumedWarning,
     SpillWarning,
 )
 
@@ -21,18 +27,24 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockSelectionError",
+    "CheckpointMismatchError",
+    "ConfigurationError",
     "DataError",
+    "DataOrderError",
     "DeadBlockWarning",
     "EmptyDataError",
+    "FitMismatchError",
     "HyperinfError",
     "InfluenceConfig",
     "InfluenceEngine",
     "LossShapeError",
     "MissingPackageError",
     "NonFiniteGradientError",
+    "NotConvergedError",
     "NotConvergedWarning",
     "NotFittedError",
     "NotSPDError",
+    "ResumedWarning",
     "SpillWarning",
     "__version__",
 ]

@@ -22,13 +22,9 @@ from safetensors.torch import save_file
 from hyperinf.blocks import Block, fingerprint, tensor_digest
 from hyperinf.config import InfluenceConfig
 from hyperinf.distributed import per_process
-from hyperinf.errors import CheckpointMismatchError
+from hyperinf.errors import CheckpointMismatchError, ResumedWarning
 from hyperinf.methods import Method
 from hyperinf.results import atomic_write
-
-
-class ResumedWarning(UserWarning):
-    """A pass continued from a checkpoint instead of starting over (the message says from where)."""
 
 
 class PassCheckpoint:

@@ -73,3 +73,7 @@ class NotConvergedError(HyperinfError, RuntimeError):
 
 class SpillWarning(UserWarning):
     """Spilling the training gradients to disk was not possible (no room); pass 2 recomputes them instead."""
+
+
+class ResumedWarning(UserWarning):
+    """A pass continued from a checkpoint instead of starting over (the message says from where)."""

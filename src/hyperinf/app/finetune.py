@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hyperinf.checkpoints import ResumedWarning
+from hyperinf.errors import ResumedWarning
 from hyperinf.errors import ConfigurationError, EmptyDataError
 from hyperinf.results import atomic_write
 
