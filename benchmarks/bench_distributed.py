@@ -65,9 +65,23 @@ def launch(processes: int, args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-            __file__, "--worker", "--result", str(result), "--cores", str(args.cores),
-            "--n-train", str(args.n_train), "--n-val", str(args.n_val), "--seq-len", str(args.seq_len),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+            __file__,
+            "--worker",
+            "--result",
+            str(result),
+            "--cores",
+            str(args.cores),
+            "--n-train",
+            str(args.n_train),
+            "--n-val",
+            str(args.n_val),
+            "--seq-len",
+            str(args.seq_len),
         ]
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         return json.loads(result.read_text())["seconds"]
@@ -96,8 +110,13 @@ def main() -> None:
             print(f"repeat {repeat}: {p} process(es): {times[p][-1]:.1f} s", flush=True)
     best = {p: min(t) for p, t in times.items()}
     report = {
-        "n_train": args.n_train, "n_val": args.n_val, "seq_len": args.seq_len, "cores": args.cores,
-        "seconds": times, "best": best, "speedup_vs_1": {p: best[counts[0]] / best[p] for p in counts},
+        "n_train": args.n_train,
+        "n_val": args.n_val,
+        "seq_len": args.seq_len,
+        "cores": args.cores,
+        "seconds": times,
+        "best": best,
+        "speedup_vs_1": {p: best[counts[0]] / best[p] for p in counts},
         "torch": torch.__version__,
     }
     for p in counts:

@@ -91,7 +91,9 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def best_per_batch(paths: Mapping[str, Callable[[Any], object]], batches: Sequence[Any], repeats: int) -> dict[str, float]:
+def best_per_batch(
+    paths: Mapping[str, Callable[[Any], object]], batches: Sequence[Any], repeats: int
+) -> dict[str, float]:
     """Per path, the sum over batches of its best wall time on each batch over ``repeats`` rounds.
 
     The paths alternate batch by batch, so load from other processes falls on every path alike.
@@ -276,7 +278,10 @@ def report(r: dict) -> str:
         seg, med, best = r["segment_best_s"][key], r["median_s"][key], r["best_s"][key]
         lines.append(f"{label:<28}{seg:>10.2f}{med:>10.2f}{best:>10.2f}{1000 * seg / n:>8.1f}")
     lines += ["", f"{'ratio':<28}{'seg-best':>10}{'median':>10}{'best rnd':>10}{'cpu':>8}{'target':>9}"]
-    for key, label in [("capture_over_plain", "(a) capture / plain"), ("hyperinf_over_tracin", "(b) hyperinf / tracin")]:
+    for key, label in [
+        ("capture_over_plain", "(a) capture / plain"),
+        ("hyperinf_over_tracin", "(b) hyperinf / tracin"),
+    ]:
         q = r[key]
         verdict = "ok" if q["segment_best"] <= r["targets"][key] else "MISSED"
         lines.append(

@@ -44,7 +44,9 @@ def main() -> None:
     best = dict.fromkeys(METHODS, float("inf"))
     for _ in range(args.repeats):
         for method in METHODS:
-            engine = InfluenceEngine(model, loss_fn, blocks="linear", method=method, progress=False, cache_bytes=0, spill=False)
+            engine = InfluenceEngine(
+                model, loss_fn, blocks="linear", method=method, progress=False, cache_bytes=0, spill=False
+            )
             start = time.perf_counter()
             engine.fit(loader)
             best[method] = min(best[method], time.perf_counter() - start)

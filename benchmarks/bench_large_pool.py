@@ -62,7 +62,9 @@ def one_size(n: int, jvp: bool) -> dict:
         if jvp:
             fit = engine.save_fit(Path(folder) / "fit")
             del engine
-            forward = InfluenceEngine(learner.model, learner.loss, blocks=learner.blocks, progress=False, pass2="jvp").load_fit(fit)
+            forward = InfluenceEngine(
+                learner.model, learner.loss, blocks=learner.blocks, progress=False, pass2="jvp"
+            ).load_fit(fit)
             start = time.perf_counter()
             forward_scores = forward.score(train, val)
             result["score_jvp_seconds"] = time.perf_counter() - start
@@ -73,7 +75,9 @@ def one_size(n: int, jvp: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="2000,8000,0", help="pool sizes (0: every tweet but the 100 validation ones)")
+    parser.add_argument(
+        "--sizes", default="2000,8000,0", help="pool sizes (0: every tweet but the 100 validation ones)"
+    )
     parser.add_argument("--jvp-sizes", default="0", help="sizes also scored by forward-mode AD ('' for none)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child process: one size
@@ -89,10 +93,17 @@ def main() -> None:
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         row = rows[-1]
-        jvp = f", jvp {row['score_jvp_seconds']:.0f} s (max rel diff {row['jvp_max_relative_difference']:.1e})" if "score_jvp_seconds" in row else ""
-        print(f"n={row['n']}: gradients {row['gradient_gib']:.2f} GiB ({row['store']}), fit {row['fit_seconds']:.0f} s, "
-              f"score {row['score_seconds']:.0f} s ({row['pass2']}){jvp}; RSS loaded {row['rss_loaded_mib']:.0f} MiB, "
-              f"peak {row['peak_rss_mib']:.0f} MiB", flush=True)
+        jvp = (
+            f", jvp {row['score_jvp_seconds']:.0f} s (max rel diff {row['jvp_max_relative_difference']:.1e})"
+            if "score_jvp_seconds" in row
+            else ""
+        )
+        print(
+            f"n={row['n']}: gradients {row['gradient_gib']:.2f} GiB ({row['store']}), fit {row['fit_seconds']:.0f} s, "
+            f"score {row['score_seconds']:.0f} s ({row['pass2']}){jvp}; RSS loaded {row['rss_loaded_mib']:.0f} MiB, "
+            f"peak {row['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
 

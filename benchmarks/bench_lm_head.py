@@ -70,14 +70,19 @@ def main() -> None:
     steps = best_per_batch({name: step(loss) for name, loss in losses.items()}, batches, args.repeats)
     forwards = best_per_batch({name: forward(loss) for name, loss in losses.items()}, batches, args.repeats)
     result = {
-        "n": args.n, "batch_size": args.batch_size, "threads": torch.get_num_threads(), "max_loss_difference": difference,
+        "n": args.n,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "max_loss_difference": difference,
         "step_ms_per_example": {k: 1e3 * v / args.n for k, v in steps.items()},
         "forward_ms_per_example": {k: 1e3 * v / args.n for k, v in forwards.items()},
-    }  # fmt: skip
+    }
     for kind in ("step", "forward"):
         times = result[f"{kind}_ms_per_example"]
-        print(f"{kind:8}: all positions {times['all positions']:.1f} ms/example, answer positions {times['answer positions']:.1f} "
-              f"({times['answer positions'] / times['all positions']:.2f}x)")
+        print(
+            f"{kind:8}: all positions {times['all positions']:.1f} ms/example, answer positions {times['answer positions']:.1f} "
+            f"({times['answer positions'] / times['all positions']:.2f}x)"
+        )
     print(f"largest loss difference: {difference:.2e}")
     if args.json:
         with open(args.json, "w") as handle:

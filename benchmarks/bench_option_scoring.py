@@ -31,7 +31,9 @@ NAMES = ["negative", "positive"]
 
 
 def padded_tokens(lengths: list[int], batch_size: int) -> int:
-    return sum(max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size))
+    return sum(
+        max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)
+    )
 
 
 def main() -> None:
@@ -46,7 +48,12 @@ def main() -> None:
     b = ns.batch_size
 
     def in_order() -> torch.Tensor:
-        return torch.cat([option_log_likelihoods(model, tokenizer, texts[i : i + b], NAMES, template, batch_size=b) for i in range(0, len(texts), b)])
+        return torch.cat(
+            [
+                option_log_likelihoods(model, tokenizer, texts[i : i + b], NAMES, template, batch_size=b)
+                for i in range(0, len(texts), b)
+            ]
+        )
 
     def by_length() -> torch.Tensor:
         return option_log_likelihoods(model, tokenizer, texts, NAMES, template, batch_size=b)
@@ -58,14 +65,18 @@ def main() -> None:
             start = time.perf_counter()
             scores[name] = run()
             best[name] = min(best[name], time.perf_counter() - start)
-    lengths = [len(ids) for ids in tokenizer([template.prompt(t) for t in texts], add_special_tokens=False)["input_ids"]]
+    lengths = [
+        len(ids) for ids in tokenizer([template.prompt(t) for t in texts], add_special_tokens=False)["input_ids"]
+    ]
     tokens = {"in given order": padded_tokens(lengths, b), "by length": padded_tokens(sorted(lengths), b)}
     print(f"{len(texts)} tweets, batches of {b}, {torch.get_num_threads()} thread(s), best of {ns.repeats}")
     for name in best:
         print(f"  {name:15s} {best[name]:7.1f} s  {tokens[name]:6d} prompt tokens with padding")
-    print(f"  ratio {best['by length'] / best['in given order']:.2f}; "
-          f"largest score difference {float((scores['by length'] - scores['in given order']).abs().max()):.2e}; "
-          f"predictions that differ: {int((scores['by length'].argmax(1) != scores['in given order'].argmax(1)).sum())}")  # fmt: skip
+    print(
+        f"  ratio {best['by length'] / best['in given order']:.2f}; "
+        f"largest score difference {float((scores['by length'] - scores['in given order']).abs().max()):.2e}; "
+        f"predictions that differ: {int((scores['by length'].argmax(1) != scores['in given order'].argmax(1)).sum())}"
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,11 @@ def model_and_batches(args: argparse.Namespace) -> tuple[torch.nn.Module, object
     """The model, its per-example loss and the benchmark's batches."""
     if args.model == "minilm":
         model, tokenizer = load_minilm_lora(num_labels=2, r=args.rank, seed=0, lora_b_std=0.02)
-        return model, sequence_classification_loss, random_batches(tokenizer, args.n, args.seq_len, args.batch_size, seed=1)
+        return (
+            model,
+            sequence_classification_loss,
+            random_batches(tokenizer, args.n, args.seq_len, args.batch_size, seed=1),
+        )
     from hyperinf.app.learners import build_learner
     from hyperinf.app.textdata import load_task
 
@@ -95,8 +99,10 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args)
     tokens = f"{args.seq_len} tokens" if args.model == "minilm" else f"at most {args.seq_len} tokens (tweets)"
-    print(f"{args.model} + LoRA r={args.rank}, {args.n} examples x {tokens}, batch {args.batch_size}, "
-          f"{result['torch_threads']} threads; best of {args.repeats} per batch")
+    print(
+        f"{args.model} + LoRA r={args.rank}, {args.n} examples x {tokens}, batch {args.batch_size}, "
+        f"{result['torch_threads']} threads; best of {args.repeats} per batch"
+    )
     print(f"{'path':>14}{'ms/example':>12}{'x forward':>11}")
     for name, ratio in result["ratio_to_forward"].items():
         print(f"{name:>14}{1000 * result['seconds_per_example'][name]:>12.2f}{ratio:>11.2f}")

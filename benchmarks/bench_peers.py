@@ -109,8 +109,17 @@ def prepare_mnist(args: argparse.Namespace, folder: Path) -> None:
             optimizer.step()
     with torch.no_grad():
         accuracy = float((model(x[val]).argmax(1) == y[val]).float().mean())
-    torch.save({"x_train": x[train], "y_train": y[train], "x_val": x[val], "y_val": y[val],
-                "state": model.state_dict(), "val_accuracy": accuracy}, folder / "data.pt")  # fmt: skip
+    torch.save(
+        {
+            "x_train": x[train],
+            "y_train": y[train],
+            "x_val": x[val],
+            "y_val": y[val],
+            "state": model.state_dict(),
+            "val_accuracy": accuracy,
+        },
+        folder / "data.pt",
+    )
 
 
 def prepare_minilm(args: argparse.Namespace, folder: Path) -> None:
@@ -124,9 +133,15 @@ def prepare_minilm(args: argparse.Namespace, folder: Path) -> None:
     _, tokenizer = load_minilm_lora(num_labels=2, r=8)
     texts = [data.texts[i] for i in order.tolist()]
     encoded = tokenizer(texts, padding="longest", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-    tensors = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": data.labels[order]}
-    torch.save({"train": {k: v[:n_train] for k, v in tensors.items()}, "val": {k: v[n_train:] for k, v in tensors.items()}},
-               folder / "data.pt")  # fmt: skip
+    tensors = {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "labels": data.labels[order],
+    }
+    torch.save(
+        {"train": {k: v[:n_train] for k, v in tensors.items()}, "val": {k: v[n_train:] for k, v in tensors.items()}},
+        folder / "data.pt",
+    )
 
 
 @dataclass
@@ -201,14 +216,25 @@ def run_kronfluence(problem: Problem, method: str, out: Path) -> torch.Tensor:
             return batch["attention_mask"] if problem.masked else None
 
     task = SummedLoss()
-    analyzer = Analyzer("peers", prepare_model(problem.model, task), task, cpu=True, output_dir=str(out), disable_tqdm=True)
-    analyzer.fit_all_factors("factors", problem.train, per_device_batch_size=BATCH,
-                             factor_args=FactorArguments(strategy=method, use_empirical_fisher=True))  # fmt: skip
+    analyzer = Analyzer(
+        "peers", prepare_model(problem.model, task), task, cpu=True, output_dir=str(out), disable_tqdm=True
+    )
+    analyzer.fit_all_factors(
+        "factors",
+        problem.train,
+        per_device_batch_size=BATCH,
+        factor_args=FactorArguments(strategy=method, use_empirical_fisher=True),
+    )
     n_val = len(problem.val)
     analyzer.compute_pairwise_scores(
-        "scores", "factors", problem.val, problem.train, per_device_query_batch_size=n_val,
-        per_device_train_batch_size=BATCH, score_args=ScoreArguments(damping_factor=None, aggregate_query_gradients=True),
-    )  # fmt: skip
+        "scores",
+        "factors",
+        problem.val,
+        problem.train,
+        per_device_query_batch_size=n_val,
+        per_device_train_batch_size=BATCH,
+        score_args=ScoreArguments(damping_factor=None, aggregate_query_gradients=True),
+    )
     return -analyzer.load_pairwise_scores("scores")["all_modules"].sum(0) / n_val
 
 
@@ -250,7 +276,9 @@ def run_dattri(problem: Problem, method: str, damping: float) -> torch.Tensor:
     from dattri.algorithm.tracin import TracInAttributor
     from dattri.task import AttributionTask
 
-    task = AttributionTask(loss_func=functional_loss(problem), model=problem.model, checkpoints=problem.model.state_dict())
+    task = AttributionTask(
+        loss_func=functional_loss(problem), model=problem.model, checkpoints=problem.model.state_dict()
+    )
     layers = parameter_names(problem)
     if method == "tracin":
         attributor = TracInAttributor(task, weight_list=torch.ones(1), normalized_grad=False, layer_name=layers)
@@ -258,7 +286,9 @@ def run_dattri(problem: Problem, method: str, damping: float) -> torch.Tensor:
     elif method == "datainf":
         attributor = IFAttributorDataInf(task, layer_name=layers, regularization=damping)
     else:
-        attributor = IFAttributorLiSSA(task, layer_name=layers, damping=damping, recursion_depth=LISSA_DEPTH, batch_size=BATCH)
+        attributor = IFAttributorLiSSA(
+            task, layer_name=layers, damping=damping, recursion_depth=LISSA_DEPTH, batch_size=BATCH
+        )
     train = tuple_loader(problem, problem.train)
     if method != "tracin":
         attributor.cache(train)
@@ -286,10 +316,15 @@ def run_captum(problem: Problem, folder: Path) -> torch.Tensor:
     checkpoint = folder / "captum-checkpoint.pt"
     torch.save(wrapped.state_dict(), checkpoint)
     tracin = TracInCP(
-        wrapped, tuple_loader(problem, problem.train).dataset, checkpoints=[str(checkpoint)],
-        checkpoints_load_func=lambda model, path: 1.0, layers=["model." + m for m in problem.modules],
-        loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=BATCH, sample_wise_grads_per_batch=True,
-    )  # fmt: skip
+        wrapped,
+        tuple_loader(problem, problem.train).dataset,
+        checkpoints=[str(checkpoint)],
+        checkpoints_load_func=lambda model, path: 1.0,
+        layers=["model." + m for m in problem.modules],
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        batch_size=BATCH,
+        sample_wise_grads_per_batch=True,
+    )
     val = next(iter(DataLoader(tuple_loader(problem, problem.val).dataset, batch_size=len(problem.val))))
     return -tracin.influence(tuple(val), aggregate=True).flatten() / len(problem.val)
 
@@ -357,7 +392,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     parser.add_argument("--out", default="runs/peers")
     parser.add_argument("--resume", action="store_true", help="skip the runs already recorded under --out")
-    parser.add_argument("--table-only", action="store_true", help="rebuild the table from the runs recorded under --out")
+    parser.add_argument(
+        "--table-only", action="store_true", help="rebuild the table from the runs recorded under --out"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--library", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -376,8 +413,21 @@ def main() -> None:
             for method in PLAN[library]:
                 if args.resume and (folder / f"{library}-{method}.json").exists():
                     continue
-                command = [sys.executable, __file__, "--worker", "--settings", setting, "--library", library,
-                           "--method", method, "--out", args.out, "--n-val", str(args.n_val)]  # fmt: skip
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "--settings",
+                    setting,
+                    "--library",
+                    library,
+                    "--method",
+                    method,
+                    "--out",
+                    args.out,
+                    "--n-val",
+                    str(args.n_val),
+                ]
                 try:
                     subprocess.run(command, timeout=args.timeout, check=False)
                 except subprocess.TimeoutExpired as error:
@@ -410,20 +460,35 @@ def summarize(out: Path, settings: list[str]) -> list[dict[str, Any]]:
 
 def write(rows: list[dict[str, Any]], out: Path) -> None:
     """``peers.csv``, ``peers.json`` and a printed table."""
-    fields = ["setting", "library", "method", "ours_method", "seconds", "rss_before_mb", "peak_rss_mb",
-              "spearman_ours", "reference", "spearman_reference", "error"]  # fmt: skip
+    fields = [
+        "setting",
+        "library",
+        "method",
+        "ours_method",
+        "seconds",
+        "rss_before_mb",
+        "peak_rss_mb",
+        "spearman_ours",
+        "reference",
+        "spearman_reference",
+        "error",
+    ]
     (out / "peers.json").write_text(json.dumps(rows, indent=1))
     with open(out / "peers.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\n{'setting':8} {'library':12} {'method':10} {'time s':>8} {'peak MB':>8} {'rho ours':>9} {'rho ref':>8}  ref / error")
+    print(
+        f"\n{'setting':8} {'library':12} {'method':10} {'time s':>8} {'peak MB':>8} {'rho ours':>9} {'rho ref':>8}  ref / error"
+    )
     for r in rows:
         cells = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else "-" for k in ("spearman_ours", "spearman_reference")]
         time_s = f"{r['seconds']:.1f}" if "seconds" in r else "-"
         peak = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
         tail = r.get("error", r["reference"]).splitlines()[-1][:100]
-        print(f"{r['setting']:8} {r['library']:12} {r['method']:10} {time_s:>8} {peak:>8} {cells[0]:>9} {cells[1]:>8}  {tail}")
+        print(
+            f"{r['setting']:8} {r['library']:12} {r['method']:10} {time_s:>8} {peak:>8} {cells[0]:>9} {cells[1]:>8}  {tail}"
+        )
 
 
 if __name__ == "__main__":

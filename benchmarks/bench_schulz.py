@@ -32,9 +32,7 @@ def wall_time(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def best_times(
-    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int
-) -> dict[str, float]:
+def best_times(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
     """Best wall time of each function over ``repeats`` rounds, after a warm-up round.
 
     The functions take turns within each round, so a slow spell of a shared machine hits all of
@@ -49,9 +47,7 @@ def best_times(
     return best
 
 
-def spd_stack(
-    batch: int, d: int, cond: float, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
+def spd_stack(batch: int, d: int, cond: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``Q diag(eigs) Q^T`` with eigenvalues log-spaced in ``[1, cond]`` (built in float64)."""
     g = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(batch, d, d, generator=g, dtype=torch.float64))

@@ -31,7 +31,10 @@ from hyperinf.blocks import select_blocks
 from hyperinf.engine import InfluenceEngine
 from hyperinf.gradients import PerSampleGradients
 
-METHODS = {"lora": ("hyperinf", "exact", "datainf", "lissa", "tracin"), "dense": ("hyperinf", "exact", "datainf", "lissa", "tracin", "ekfac")}
+METHODS = {
+    "lora": ("hyperinf", "exact", "datainf", "lissa", "tracin"),
+    "dense": ("hyperinf", "exact", "datainf", "lissa", "tracin", "ekfac"),
+}
 
 
 def run_variant(variant: str, args: argparse.Namespace, pairs: list[tuple[str, int]]) -> dict:
@@ -43,7 +46,9 @@ def run_variant(variant: str, args: argparse.Namespace, pairs: list[tuple[str, i
                 if "lora_B" in name:
                     param.normal_(std=0.02, generator=torch.Generator().manual_seed(0))
     batches = [learner.collate(pairs[i : i + args.batch_size]) for i in range(0, len(pairs), args.batch_size)]
-    capture = PerSampleGradients(learner.model, learner.loss, select_blocks(learner.model, learner.blocks), dtype=torch.float64)
+    capture = PerSampleGradients(
+        learner.model, learner.loss, select_blocks(learner.model, learner.blocks), dtype=torch.float64
+    )
 
     def step(batch: dict[str, torch.Tensor]) -> None:
         learner.model.zero_grad(set_to_none=True)
@@ -55,9 +60,15 @@ def run_variant(variant: str, args: argparse.Namespace, pairs: list[tuple[str, i
 
     methods = METHODS[variant]
     engine = InfluenceEngine(
-        learner.model, learner.loss, blocks=learner.blocks, method=methods[0], dtype="float64", progress=False,
-        damping_mode="gfim" if dense else "relative", cache_bytes=8 << 30,
-    )  # fmt: skip
+        learner.model,
+        learner.loss,
+        blocks=learner.blocks,
+        method=methods[0],
+        dtype="float64",
+        progress=False,
+        damping_mode="gfim" if dense else "relative",
+        cache_bytes=8 << 30,
+    )
     loader = learner.loader(pairs, args.batch_size)
     fit_seconds = timed(lambda: engine.fit(loader, methods=list(methods)))[0]
     engine.score_methods(loader, learner.loader(pairs[: args.batch_size], args.batch_size), list(methods))
@@ -85,10 +96,14 @@ def main() -> None:
     result = {"args": vars(args), "torch_threads": torch.get_num_threads()}
     for variant in args.variants.split(","):
         r = result[variant] = run_variant(variant, args, pairs)
-        print(f"\nSmolLM2-135M, {variant} ({r['blocks']} blocks, {r['params']:,} parameters), {args.n} tweets, batch "
-              f"{args.batch_size}, {result['torch_threads']} threads; best of {args.repeats} per batch")
+        print(
+            f"\nSmolLM2-135M, {variant} ({r['blocks']} blocks, {r['params']:,} parameters), {args.n} tweets, batch "
+            f"{args.batch_size}, {result['torch_threads']} threads; best of {args.repeats} per batch"
+        )
         for name, ratio in r["ratio_to_forward_backward"].items():
-            print(f"  {name:<22}{1000 * r['seconds_per_example'][name]:>9.1f} ms/example{ratio:>7.2f} x forward+backward")
+            print(
+                f"  {name:<22}{1000 * r['seconds_per_example'][name]:>9.1f} ms/example{ratio:>7.2f} x forward+backward"
+            )
         print(f"  {'fit (pass 1)':<22}{1000 * r['fit_seconds_per_example']:>9.1f} ms/example")
         print("  h = A^-1 v (build included): " + ", ".join(f"{m} {s:.2f} s" for m, s in r["ihvp_seconds"].items()))
     if args.json:

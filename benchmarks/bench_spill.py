@@ -50,6 +50,31 @@ def timed(step) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def measure(learner, train, val, dtype: str, folder: Path, spill_dtype: str | None) -> tuple[dict, object]:
+    """Fit (recomputing, or spilling to ``folder`` in ``spill_dtype``) and time pass 2: the row and the scores."""
+    engine = InfluenceEngine(
+        learner.model,
+        learner.loss,
+        blocks=learner.blocks,
+        method="tracin",
+        dtype=dtype,
+        progress=False,
+        cache_bytes=0,
+        spill=spill_dtype is not None,
+        spill_dir=str(folder),
+        spill_dtype=spill_dtype or "full",
+    )
+    fit_seconds, _ = timed(lambda: engine.fit(train))
+    row = {"store": engine.gradient_store, "gradient_bytes": engine.gradient_bytes, "fit_seconds": fit_seconds}
+    if spill_dtype:
+        row["spill_bytes"] = sum(p.stat().st_size for p in folder.rglob("gradients.bin"))
+        drop_from_page_cache(folder)
+    row["pass2_seconds"], scores = timed(lambda: engine.score(train, val))
+    if spill_dtype:
+        row["pass2_warm_seconds"], _ = timed(lambda: engine.score(train, val))
+    return row, scores
+
+
 def run_model(model: str, n: int, batch_size: int) -> dict:
     data = load_task("tweets")
     learner = build_learner(model, data.label_names, rank=8, max_length=128)
@@ -58,24 +83,12 @@ def run_model(model: str, n: int, batch_size: int) -> dict:
     train, val = learner.loader(pairs, batch_size), learner.loader(pairs[:batch_size], batch_size)
     rows, reference = {}, None
     for setting, spill_dtype in (("recompute", None), ("spill", "full"), ("spill bfloat16", "bfloat16")):
-        with tempfile.TemporaryDirectory() as folder:
-            engine = InfluenceEngine(
-                learner.model, learner.loss, blocks=learner.blocks, method="tracin", dtype=DTYPES[model], progress=False,
-                cache_bytes=0, spill=spill_dtype is not None, spill_dir=folder, spill_dtype=spill_dtype or "full",
-            )  # fmt: skip
-            fit_seconds, _ = timed(lambda: engine.fit(train))
-            row = {"store": engine.gradient_store, "gradient_bytes": engine.gradient_bytes, "fit_seconds": fit_seconds}
-            if spill_dtype:
-                row["spill_bytes"] = sum(p.stat().st_size for p in Path(folder).rglob("gradients.bin"))
-                drop_from_page_cache(Path(folder))
-            row["pass2_seconds"], scores = timed(lambda: engine.score(train, val))
-            if spill_dtype:
-                row["pass2_warm_seconds"], _ = timed(lambda: engine.score(train, val))
-            if reference is None:
-                reference = scores
-            row["max_relative_difference"] = float(((scores - reference).abs().max() / reference.abs().max()))
-            rows[setting] = row
-            del engine
+        with tempfile.TemporaryDirectory() as folder:  # the engine (and its spill file) is gone before it is removed
+            row, scores = measure(learner, train, val, DTYPES[model], Path(folder), spill_dtype)
+        if reference is None:
+            reference = scores
+        row["max_relative_difference"] = float(((scores - reference).abs().max() / reference.abs().max()))
+        rows[setting] = row
     recompute = rows["recompute"]["pass2_seconds"]
     for row in rows.values():
         row["pass2_speedup"] = recompute / row["pass2_seconds"]
@@ -95,13 +108,17 @@ def main() -> None:
     result = {"torch_threads": torch.get_num_threads(), "models": {}}
     for model, n, batch_size in zip(models, sizes, batches):
         result["models"][model] = measured = run_model(model, n, batch_size)
-        print(f"\n{model} + rsLoRA r=8, {n} tweets, batch {batch_size}, {measured['dtype']}, {result['torch_threads']} threads")
+        print(
+            f"\n{model} + rsLoRA r=8, {n} tweets, batch {batch_size}, {measured['dtype']}, {result['torch_threads']} threads"
+        )
         print(f"{'':>16}{'fit s':>8}{'pass 2 s':>10}{'warm s':>8}{'x faster':>10}{'MiB':>8}{'max rel diff':>14}")
         for setting, row in measured["rows"].items():
             size = row.get("spill_bytes", row["gradient_bytes"]) / 2**20
             warm = f"{row['pass2_warm_seconds']:>8.2f}" if "pass2_warm_seconds" in row else f"{'':>8}"
-            print(f"{setting:>16}{row['fit_seconds']:>8.2f}{row['pass2_seconds']:>10.2f}{warm}{row['pass2_speedup']:>10.2f}"
-                  f"{size:>8.0f}{row['max_relative_difference']:>14.2e}")
+            print(
+                f"{setting:>16}{row['fit_seconds']:>8.2f}{row['pass2_seconds']:>10.2f}{warm}{row['pass2_speedup']:>10.2f}"
+                f"{size:>8.0f}{row['max_relative_difference']:>14.2e}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -7,7 +7,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-METHODS = ["hyperinf", "hyperinf-fim", "exact", "exact-fim", "exact-hessian", "exact-ggn", "datainf", "lissa", "tracin", "kfac", "ekfac"]
+METHODS = [
+    "hyperinf",
+    "hyperinf-fim",
+    "exact",
+    "exact-fim",
+    "exact-hessian",
+    "exact-ggn",
+    "datainf",
+    "lissa",
+    "tracin",
+    "kfac",
+    "ekfac",
+]
+
+
 # The untrained MLP's Hessian is indefinite (smallest eigenvalue -0.28); c = 30 (lambda_l = 0.52 and 2.0)
 # makes it positive definite, so exact-hessian runs too.
 def logits(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -22,7 +36,14 @@ def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
     return output_loss(logits(model, batch), batch)
 
 
-OPTIONS = {"blocks": "linear", "damping": 30.0, "dtype": "float64", "progress": False, "output_fn": logits, "output_loss": output_loss}
+OPTIONS = {
+    "blocks": "linear",
+    "damping": 30.0,
+    "dtype": "float64",
+    "progress": False,
+    "output_fn": logits,
+    "output_loss": output_loss,
+}
 
 
 def problem() -> tuple[nn.Module, TensorDataset, TensorDataset]:

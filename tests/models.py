@@ -329,10 +329,15 @@ def reference_kronecker(
         lam = (q_r.T @ grads @ q_d).square().mean(0)
         q = torch.kron(q_r, q_d)
         out[b.name] = {
-            "inputs": entry["inputs"], "outputs": entry["outputs"], "tokens": torch.tensor(entry["tokens"]),
-            "grads": grads, "fisher": flat.T @ flat / n, "kfac": torch.kron(rows, columns),
-            "ekfac": q @ torch.diag(lam.reshape(-1)) @ q.T, "lambda": lam,
-        }  # fmt: skip
+            "inputs": entry["inputs"],
+            "outputs": entry["outputs"],
+            "tokens": torch.tensor(entry["tokens"]),
+            "grads": grads,
+            "fisher": flat.T @ flat / n,
+            "kfac": torch.kron(rows, columns),
+            "ekfac": q @ torch.diag(lam.reshape(-1)) @ q.T,
+            "lambda": lam,
+        }
     return out
 
 

@@ -23,7 +23,11 @@ def problem() -> tuple[torch.nn.Module, DataLoader, DataLoader]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
     x, y = torch.randn(60, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (60,), generator=g)
-    return model, DataLoader(TensorDataset(x[:48], y[:48]), batch_size=4), DataLoader(TensorDataset(x[48:], y[48:]), batch_size=6)
+    return (
+        model,
+        DataLoader(TensorDataset(x[:48], y[:48]), batch_size=4),
+        DataLoader(TensorDataset(x[48:], y[48:]), batch_size=6),
+    )
 
 
 def run(folder: Path, kill_at: int) -> dict[str, torch.Tensor]:
@@ -37,17 +41,29 @@ def run(folder: Path, kill_at: int) -> dict[str, torch.Tensor]:
             os.kill(os.getpid(), signal.SIGKILL)
         return F.cross_entropy(m(batch[0]), batch[1], reduction="none")
 
-    engine = InfluenceEngine(model, loss_fn, blocks="linear", dtype="float64", progress=False, cache_bytes=0, spill=False)
+    engine = InfluenceEngine(
+        model, loss_fn, blocks="linear", dtype="float64", progress=False, cache_bytes=0, spill=False
+    )
     engine.fit(train, methods=["exact", "kfac"], checkpoint=folder / "fit.ckpt", checkpoint_every=2)
     scored = engine.score_methods(
-        train, val, ["exact", "hyperinf", "kfac"], self_influence="exact", checkpoint=folder / "score.ckpt", checkpoint_every=2
+        train,
+        val,
+        ["exact", "hyperinf", "kfac"],
+        self_influence="exact",
+        checkpoint=folder / "score.ckpt",
+        checkpoint_every=2,
     )
     own = engine.self_influence(train, method="hyperinf", checkpoint=folder / "self.ckpt", checkpoint_every=2)
-    pairwise = engine.pairwise(train, val, method="kfac", query_chunk=5, checkpoint=folder / "pairwise.ckpt", checkpoint_every=2)
+    pairwise = engine.pairwise(
+        train, val, method="kfac", query_chunk=5, checkpoint=folder / "pairwise.ckpt", checkpoint_every=2
+    )
     return {
-        **scored.scores, "train_loss": scored.train_loss, "self_influence": scored.self_influence, "self_influence/hyperinf": own,
+        **scored.scores,
+        "train_loss": scored.train_loss,
+        "self_influence": scored.self_influence,
+        "self_influence/hyperinf": own,
         "pairwise": pairwise,
-    }  # fmt: skip
+    }
 
 
 if __name__ == "__main__":

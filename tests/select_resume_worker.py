@@ -21,10 +21,20 @@ from hyperinf.spill import GradientSpill
 
 def args_for(data_file: Path, folder: Path) -> SelectArgs:
     return SelectArgs(
-        task=str(data_file), n_pool=40, n_target=10, model="tiny-bert", rank=2, epochs=1, lr=5e-3, batch_size=1,
-        max_length=32, out=folder / "out", cache_dir=folder / "cache" / "adapters", progress=False,
+        task=str(data_file),
+        n_pool=40,
+        n_target=10,
+        model="tiny-bert",
+        rank=2,
+        epochs=1,
+        lr=5e-3,
+        batch_size=1,
+        max_length=32,
+        out=folder / "out",
+        cache_dir=folder / "cache" / "adapters",
+        progress=False,
         cache_gib=1e-6,  # a few KiB in memory: the pool's gradients spill to disk
-    )  # fmt: skip
+    )
 
 
 def killer(at: int):

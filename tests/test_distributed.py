@@ -28,8 +28,15 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def test_torchrun_shards_give_the_single_process_scores_and_pairwise(tmp_path, processes):
     out = tmp_path / "scores.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               str(HERE / "distributed_worker.py"), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        str(HERE / "distributed_worker.py"),
+        str(out),
+    ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert finished.returncode == 0, finished.stderr[-3000:]
     together = torch.load(out)

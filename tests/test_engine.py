@@ -191,7 +191,9 @@ def test_score_methods_gives_self_influence_and_losses_in_the_same_training_pass
         calls.append(len(batch[1]))
         return loss_fn(m, batch)
 
-    engine = InfluenceEngine(model, counting_loss, blocks="linear", progress=False, cache_bytes=0, spill=False).fit(train)
+    engine = InfluenceEngine(model, counting_loss, blocks="linear", progress=False, cache_bytes=0, spill=False).fit(
+        train
+    )
     calls.clear()
     scored = engine.score_methods(train, val, ["hyperinf", "tracin"], self_influence="exact")
     assert sum(calls) == 30 + 10  # one training pass and one validation pass, nothing recomputed twice
@@ -214,7 +216,9 @@ def test_block_without_gradient_is_named_and_adds_nothing(setup, method):
     with pytest.warns(DeadBlockWarning, match=r"block\(s\) 0 have zero gradient"):
         engine.fit(train)
     scores = engine.score(train, val)
-    live_only = InfluenceEngine(model, loss_fn, blocks=["2"], method=method, progress=False).fit(train).score(train, val)
+    live_only = (
+        InfluenceEngine(model, loss_fn, blocks=["2"], method=method, progress=False).fit(train).score(train, val)
+    )
     torch.testing.assert_close(scores, live_only)
 
 

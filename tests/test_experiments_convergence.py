@@ -20,8 +20,19 @@ DIMS, SIZES, MAX_ITER = (24, 48), (30, 3000), 40
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("convergence")
-    argv = ["experiment", "convergence", "--out", str(out), "--dims", "24,48", "--sizes", "30,3000",
-            "--max-iter", str(MAX_ITER), "--no-progress"]  # fmt: skip
+    argv = [
+        "experiment",
+        "convergence",
+        "--out",
+        str(out),
+        "--dims",
+        "24,48",
+        "--sizes",
+        "30,3000",
+        "--max-iter",
+        str(MAX_ITER),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     return out, pd.read_csv(out / "convergence.csv"), pd.read_csv(out / "summary.csv")
 
@@ -68,8 +79,12 @@ def test_iterations_recorded_equal_the_recursions_written_out(run, distribution)
                 lissa.append(r)
                 X, r = X @ (2 * eye - M @ X), v + r - M @ r
             datainf = torch.linalg.solve(0.01 * eye + problem.S[:, :, None] * problem.S[:, None, :], v).mean(0)
-            expected = {"schulz-fixed": schulz, "lissa-unscaled": lissa, "neumann": [0 * v] + lissa[:-1],
-                        "datainf": [datainf] * (MAX_ITER + 1)}  # fmt: skip
+            expected = {
+                "schulz-fixed": schulz,
+                "lissa-unscaled": lissa,
+                "neumann": [0 * v] + lissa[:-1],
+                "datainf": [datainf] * (MAX_ITER + 1),
+            }
             cell = rows[(rows["d"] == d) & (rows["n"] == n) & (rows["distribution"] == distribution)]
             for method, approx in expected.items():
                 measured = cell[(cell["method"] == method) & cell["state"].isin(["iterating", "closed-form"])]

@@ -21,15 +21,36 @@ from hyperinf.paper.synthetic import make_problem
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("inverse")
-    argv = ["experiment", "inverse", "--out", str(out), "--dims", "16,48", "--n", "2000", "--seeds", "0,1",
-            "--no-progress"]  # fmt: skip
+    argv = [
+        "experiment",
+        "inverse",
+        "--out",
+        str(out),
+        "--dims",
+        "16,48",
+        "--n",
+        "2000",
+        "--seeds",
+        "0,1",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     return out, pd.read_csv(out / "inverse.csv"), pd.read_csv(out / "summary.csv")
 
 
 def test_table_has_the_columns_and_one_row_per_method_size_and_seed(run):
     out, rows, summary = run
-    for column in ("method", "d", "n", "seed", "status", "seconds", "relative_error", "paper_scale_error", "iterations"):
+    for column in (
+        "method",
+        "d",
+        "n",
+        "seed",
+        "status",
+        "seconds",
+        "relative_error",
+        "paper_scale_error",
+        "iterations",
+    ):
         assert column in rows
     assert len(rows) == len(METHODS) * 2 * 2 and not rows.duplicated(["method", "d", "seed"]).any()
     assert (rows["status"] == "ok").all()
@@ -79,8 +100,23 @@ def test_schulz_20_stops_within_20_steps(run):
 
 
 def test_methods_over_the_time_budget_are_skipped_and_marked(tmp_path):
-    argv = ["experiment", "inverse", "--out", str(tmp_path), "--dims", "8,4096", "--n", "64", "--seeds", "0",
-            "--methods", "gaussian-elimination", "--time-budget", "1e-9", "--no-progress"]  # fmt: skip
+    argv = [
+        "experiment",
+        "inverse",
+        "--out",
+        str(tmp_path),
+        "--dims",
+        "8,4096",
+        "--n",
+        "64",
+        "--seeds",
+        "0",
+        "--methods",
+        "gaussian-elimination",
+        "--time-budget",
+        "1e-9",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     rows = pd.read_csv(tmp_path / "inverse.csv").set_index("d")
     assert rows.loc[8, "status"] == "ok" and rows.loc[4096, "status"] == "skipped"

@@ -29,9 +29,22 @@ QUERIES = ["great lovely superb", "awful grim sad poor"]
 @pytest.fixture()
 def args(tmp_path):
     return MislabelArgs(
-        task=str(synthetic_csv(tmp_path / "data.csv")), text_column="sentence", label_column="sentiment",
-        n_train=60, n_val=10, n_test=10, flip_fraction=0.2, model="tiny-bert", rank=2, epochs=2, lr=5e-3,
-        max_length=16, methods=("exact",), out=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False,
+        task=str(synthetic_csv(tmp_path / "data.csv")),
+        text_column="sentence",
+        label_column="sentiment",
+        n_train=60,
+        n_val=10,
+        n_test=10,
+        flip_fraction=0.2,
+        model="tiny-bert",
+        rank=2,
+        epochs=2,
+        lr=5e-3,
+        max_length=16,
+        methods=("exact",),
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
     )
 
 
@@ -58,18 +71,53 @@ def test_proponents_and_opponents_are_the_extremes_of_the_pairwise_scores(args):
 def test_a_given_label_is_used_and_an_unknown_one_named(args):
     records = explain(dataclasses.replace(args), QUERIES[:1], label="negative", k=2)
     assert records[0]["label"] == "negative" and not records[0]["label_is_prediction"]
-    with pytest.raises(DataError, match=r"--query-label 'neutral' is not a class of the task; classes: negative, positive"):
+    with pytest.raises(
+        DataError, match=r"--query-label 'neutral' is not a class of the task; classes: negative, positive"
+    ):
         explain(args, QUERIES[:1], label="neutral", k=2)
 
 
 def test_the_command_prints_and_writes_every_query(args, capsys):
     argv = [
-        "explain", "--task", args.task, "--text-column", "sentence", "--label-column", "sentiment",
-        "--n-train", "60", "--n-val", "10", "--n-test", "10", "--flip-fraction", "0.2", "--model", "tiny-bert",
-        "--rank", "2", "--epochs", "2", "--lr", "5e-3", "--max-length", "16", "--method", "exact", "-k", "3",
-        "--out", str(args.out), "--cache-dir", str(args.cache_dir), "--no-progress",
-        "--query", QUERIES[0], "--query", QUERIES[1],
-    ]  # fmt: skip
+        "explain",
+        "--task",
+        args.task,
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "sentiment",
+        "--n-train",
+        "60",
+        "--n-val",
+        "10",
+        "--n-test",
+        "10",
+        "--flip-fraction",
+        "0.2",
+        "--model",
+        "tiny-bert",
+        "--rank",
+        "2",
+        "--epochs",
+        "2",
+        "--lr",
+        "5e-3",
+        "--max-length",
+        "16",
+        "--method",
+        "exact",
+        "-k",
+        "3",
+        "--out",
+        str(args.out),
+        "--cache-dir",
+        str(args.cache_dir),
+        "--no-progress",
+        "--query",
+        QUERIES[0],
+        "--query",
+        QUERIES[1],
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     written = [json.loads(line) for line in (args.out / "explanations.jsonl").read_text().splitlines()]

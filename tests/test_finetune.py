@@ -8,8 +8,7 @@ from torch import nn
 
 from hyperinf.app import finetune
 from hyperinf.app.finetune import Schedule, load_trainable, train_or_load
-from hyperinf.errors import ResumedWarning
-from hyperinf.errors import ConfigurationError, EmptyDataError
+from hyperinf.errors import ConfigurationError, EmptyDataError, ResumedWarning
 
 FEATURES = torch.randn(20, 4, generator=torch.Generator().manual_seed(1))
 EXAMPLES = [(str(i), i % 2) for i in range(20)]  # the text is the row of FEATURES

@@ -13,7 +13,19 @@ from torch.utils.data import DataLoader, TensorDataset
 from hyperinf import InfluenceEngine
 from hyperinf.errors import FitMismatchError, NotFittedError
 
-METHODS = ["hyperinf", "exact", "exact-fim", "hyperinf-fim", "exact-hessian", "exact-ggn", "lissa", "tracin", "datainf", "kfac", "ekfac"]
+METHODS = [
+    "hyperinf",
+    "exact",
+    "exact-fim",
+    "hyperinf-fim",
+    "exact-hessian",
+    "exact-ggn",
+    "lissa",
+    "tracin",
+    "datainf",
+    "kfac",
+    "ekfac",
+]
 TRAIN_PASS_AT_BUILD = ("datainf", "ekfac")  # a loaded fit recomputes the training gradients for these
 
 
@@ -38,7 +50,9 @@ def make_model(seed: int = 0) -> nn.Module:
 def data():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
-    return DataLoader(TensorDataset(x[:30], y[:30]), batch_size=8), DataLoader(TensorDataset(x[30:], y[30:]), batch_size=4)
+    return DataLoader(TensorDataset(x[:30], y[:30]), batch_size=8), DataLoader(
+        TensorDataset(x[30:], y[30:]), batch_size=4
+    )
 
 
 def engine_of(model, **options):
@@ -67,7 +81,14 @@ def test_a_loaded_fit_scores_without_pass_one(saved, data, method):
         return loss_fn(model, batch)
 
     engine = InfluenceEngine(
-        make_model(), counting_loss, blocks="linear", method=method, dtype="float64", progress=False, damping=0.5, damping_mode="absolute"
+        make_model(),
+        counting_loss,
+        blocks="linear",
+        method=method,
+        dtype="float64",
+        progress=False,
+        damping=0.5,
+        damping_mode="absolute",
     )
     engine.load_fit(folder, train_loader=train)
     scores = engine.score(train, val)
@@ -107,14 +128,20 @@ def test_other_weights_blocks_or_options_are_refused(saved):
 def test_a_fit_without_what_the_method_needs_is_refused(tmp_path, data, saved):
     train, _ = data
     folder = engine_of(make_model()).fit(train).save_fit(tmp_path / "plain")
-    with pytest.raises(NotFittedError, match=r"needs the flattened FIM: call fit\(train_loader, methods=\['exact-fim'\]\)"):
+    with pytest.raises(
+        NotFittedError, match=r"needs the flattened FIM: call fit\(train_loader, methods=\['exact-fim'\]\)"
+    ):
         engine_of(make_model(), method="exact-fim").load_fit(folder)
-    with pytest.raises(NotFittedError, match=r"needs the Kronecker factors: call fit\(train_loader, methods=\['kfac'\]\)"):
+    with pytest.raises(
+        NotFittedError, match=r"needs the Kronecker factors: call fit\(train_loader, methods=\['kfac'\]\)"
+    ):
         engine_of(make_model(), method="kfac").load_fit(folder)
     with pytest.raises(NotFittedError, match=r"needs the exact GGN: call fit\(train_loader, methods=\['exact-ggn'\]\)"):
         engine_of(make_model(), method="exact-ggn").load_fit(folder)
     for method in TRAIN_PASS_AT_BUILD:  # a fit with every sum, loaded without its training data
-        with pytest.raises(NotFittedError, match=f"method '{method}' sums over the training gradients.*pass train_loader= to load_fit"):
+        with pytest.raises(
+            NotFittedError, match=f"method '{method}' sums over the training gradients.*pass train_loader= to load_fit"
+        ):
             engine_of(make_model(), method=method).load_fit(saved[0]).score(train, train)
 
 

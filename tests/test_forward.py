@@ -22,7 +22,9 @@ def mlp_data(n: int, seed: int) -> DataLoader:
 def both_paths(model, loss_fn, blocks, **options):
     """Two engines on the same model, one per pass-2 path, fitted on the same data."""
     return [
-        InfluenceEngine(model, loss_fn, blocks=blocks, progress=False, cache_bytes=0, spill=False, pass2=path, **options)
+        InfluenceEngine(
+            model, loss_fn, blocks=blocks, progress=False, cache_bytes=0, spill=False, pass2=path, **options
+        )
         for path in ("jvp", "gradients")
     ]
 
@@ -43,7 +45,9 @@ def test_forward_mode_scores_equal_the_gradient_path_for_every_method(side):
     top_jvp, top_grads = jvp.top_k(train, queries, k=3), grads.top_k(train, queries, k=3)
     assert torch.equal(top_jvp.helpful, top_grads.helpful) and torch.equal(top_jvp.harmful, top_grads.harmful)
     losses = jvp.score_methods(train, val, ["exact"]).train_loss
-    torch.testing.assert_close(losses, torch.cat([mlp_loss(model, batch) for batch in train]).detach(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        losses, torch.cat([mlp_loss(model, batch) for batch in train]).detach(), rtol=1e-14, atol=0
+    )
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-5), (torch.float32, 1e-3)])
@@ -76,7 +80,9 @@ def test_forward_mode_computes_no_per_sample_gradient(monkeypatch):
 def test_pass2_runs_the_path_asked_for():
     model = mlp(dtype=torch.float64)
     train, val = mlp_data(20, 1), mlp_data(6, 2)
-    uncached = InfluenceEngine(model, mlp_loss, blocks="linear", progress=False, cache_bytes=0, spill=False, dtype="float64").fit(train)
+    uncached = InfluenceEngine(
+        model, mlp_loss, blocks="linear", progress=False, cache_bytes=0, spill=False, dtype="float64"
+    ).fit(train)
     uncached.score(train, val)
     assert uncached.pass2_path == "gradients"  # the default, even with nothing cached
     forced = InfluenceEngine(model, mlp_loss, blocks="linear", progress=False, pass2="jvp", dtype="float64").fit(train)

@@ -54,16 +54,27 @@ def make_model(hidden: int | None, seed: int = 0) -> nn.Module:
 def make_data(loss: str, n: int, seed: int) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, K, (n,), generator=g) if loss == "cross-entropy" else torch.randn(n, K, generator=g, dtype=torch.float64)
+    y = (
+        torch.randint(0, K, (n,), generator=g)
+        if loss == "cross-entropy"
+        else torch.randn(n, K, generator=g, dtype=torch.float64)
+    )
     return TensorDataset(x, y)
 
 
 def engine_for(model: nn.Module, loss: str, **options) -> InfluenceEngine:
     output_loss = LOSSES[loss][0]
     return InfluenceEngine(
-        model, lambda m, b: output_loss(logits(m, b), b), blocks="linear", method="exact-ggn", output_fn=logits,
-        output_loss=output_loss, dtype="float64", progress=False, **options,
-    )  # fmt: skip
+        model,
+        lambda m, b: output_loss(logits(m, b), b),
+        blocks="linear",
+        method="exact-ggn",
+        output_fn=logits,
+        output_loss=output_loss,
+        dtype="float64",
+        progress=False,
+        **options,
+    )
 
 
 class Reference:
@@ -92,7 +103,9 @@ class Reference:
 
     def hessian(self, data: TensorDataset, output_loss: Callable[..., torch.Tensor]) -> torch.Tensor:
         x = data.tensors[0]
-        return torch.autograd.functional.hessian(lambda theta: output_loss(self.outputs(theta, x), data.tensors).mean(), self.theta)
+        return torch.autograd.functional.hessian(
+            lambda theta: output_loss(self.outputs(theta, x), data.tensors).mean(), self.theta
+        )
 
 
 def test_the_ggn_of_softmax_regression_is_its_hessian():
@@ -112,16 +125,22 @@ def test_the_ggn_of_a_tanh_mlp_is_jt_h_j_and_psd_where_the_hessian_is_indefinite
     reference = Reference(engine)
     ggn = engine.fitted.ggn
     assert ggn.shape == (reference.theta.numel(),) * 2
-    assert float((ggn - reference.ggn(train, output_hessian)).abs().max()) < 1e-12  # measured 5.6e-17 (CE), 1.4e-16 (squared)
+    assert (
+        float((ggn - reference.ggn(train, output_hessian)).abs().max()) < 1e-12
+    )  # measured 5.6e-17 (CE), 1.4e-16 (squared)
     assert float(torch.linalg.eigvalsh(ggn)[0]) > -1e-12  # PSD up to rounding: lowest -2.5e-17 (CE), 7.4e-8 (squared)
-    assert float(torch.linalg.eigvalsh(reference.hessian(train, output_loss))[0]) < -1e-3  # measured -0.44 (CE), -1.84 (squared)
+    assert (
+        float(torch.linalg.eigvalsh(reference.hessian(train, output_loss))[0]) < -1e-3
+    )  # measured -0.44 (CE), -1.84 (squared)
 
 
 def test_exact_ggn_scores_equal_an_explicit_solve():
     """``score_k = -g_k^T (G + lambda I)^{-1} v``, with ``g_k = J_k^T (p_k - e_{y_k})`` and ``G`` from autograd."""
     train, val = make_data("cross-entropy", N_TRAIN, seed=1), make_data("cross-entropy", N_VAL, seed=2)
     engine = engine_for(make_model(hidden=5), "cross-entropy", damping=0.1, damping_mode="absolute")
-    scores = engine.fit(DataLoader(train, batch_size=7)).score(DataLoader(train, batch_size=7), DataLoader(val, batch_size=4))
+    scores = engine.fit(DataLoader(train, batch_size=7)).score(
+        DataLoader(train, batch_size=7), DataLoader(val, batch_size=4)
+    )
     reference = Reference(engine)
 
     def gradients(data: TensorDataset) -> torch.Tensor:
@@ -137,7 +156,9 @@ def test_exact_ggn_scores_equal_an_explicit_solve():
 def test_exact_ggn_without_output_functions_is_a_configuration_error():
     train = DataLoader(make_data("cross-entropy", N_TRAIN, seed=1), batch_size=7)
     model = make_model(hidden=5)
-    engine = InfluenceEngine(model, lambda m, b: cross_entropy(logits(m, b), b), blocks="linear", method="exact-ggn", progress=False)
+    engine = InfluenceEngine(
+        model, lambda m, b: cross_entropy(logits(m, b), b), blocks="linear", method="exact-ggn", progress=False
+    )
     with pytest.raises(ConfigurationError, match=r"output_fn=.*output_loss=.*F\.cross_entropy"):
         engine.fit(train)
     with pytest.raises(ConfigurationError, match="output_fn was given without output_loss"):
@@ -147,10 +168,18 @@ def test_exact_ggn_without_output_functions_is_a_configuration_error():
 def test_an_output_loss_that_averages_the_batch_is_a_loss_shape_error():
     train = DataLoader(make_data("cross-entropy", N_TRAIN, seed=1), batch_size=7)
     engine = InfluenceEngine(
-        make_model(hidden=5), lambda m, b: cross_entropy(logits(m, b), b), blocks="linear", method="exact-ggn",
-        output_fn=logits, output_loss=lambda f, b: F.cross_entropy(f, b[1]), dtype="float64", progress=False,
-    )  # fmt: skip
-    with pytest.raises(LossShapeError, match=r"output_loss must return one loss per example, shape \[7\], got shape \(\)"):
+        make_model(hidden=5),
+        lambda m, b: cross_entropy(logits(m, b), b),
+        blocks="linear",
+        method="exact-ggn",
+        output_fn=logits,
+        output_loss=lambda f, b: F.cross_entropy(f, b[1]),
+        dtype="float64",
+        progress=False,
+    )
+    with pytest.raises(
+        LossShapeError, match=r"output_loss must return one loss per example, shape \[7\], got shape \(\)"
+    ):
         engine.fit(train)
 
 

@@ -238,7 +238,9 @@ def test_padding_positions_are_masked_even_if_the_model_leaks_into_them():
     ref = reference_gradients(model, _leaky_loss, unpadded_examples(batch), blocks)
     assert max_relative_error(out.grads["lin"], ref["lin"]) <= 1e-5
     # sanity: with padding counted, the gradient would differ (the padding embedding is not zero)
-    full = reference_gradients(model, _leaky_loss, [{"input_ids": batch["input_ids"][i : i + 1]} for i in range(4)], blocks)
+    full = reference_gradients(
+        model, _leaky_loss, [{"input_ids": batch["input_ids"][i : i + 1]} for i in range(4)], blocks
+    )
     assert max_relative_error(full["lin"][1:], ref["lin"][1:]) > 1e-2
 
 
@@ -291,7 +293,9 @@ def test_mask_that_does_not_match_the_token_axis_is_an_error():
     model = _PairsAndHead(drop_first=True)
     batch = random_padded_batch(4, max_len=6, min_len=2, vocab_size=20, seed=2)
     psg = PerSampleGradients(model, _pairs_loss, select_blocks(model, ["pairs"]))
-    expected = r"'pairs' in batch 3: .* attention_mask has shape \(4, 6\), but the layer's input has shape \(4, 5, 2, 2\)"
+    expected = (
+        r"'pairs' in batch 3: .* attention_mask has shape \(4, 6\), but the layer's input has shape \(4, 5, 2, 2\)"
+    )
     with pytest.raises(LossShapeError, match=expected + ".*Fix:"):
         psg(batch, batch_index=3)
 

@@ -67,7 +67,9 @@ def token_model() -> tuple[torch.nn.Module, callable]:
     def loss_fn(m, batch):
         x, y = batch
         logits = m(x)
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).sum(1)
+        return (
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).sum(1)
+        )
 
     return model, loss_fn
 
@@ -192,7 +194,10 @@ def test_lora_blocks_of_a_tiny_bert_match_a_loop_over_examples():
     for block in engine.blocks:
         ref = reference[block.name]
         for method in KRONECKER:  # measured <= 6e-15
-            assert relative(fitted_kronecker(engine.preconditioner(method), block.name), ref[method]) < 1e-12, (block.name, method)
+            assert relative(fitted_kronecker(engine.preconditioner(method), block.name), ref[method]) < 1e-12, (
+                block.name,
+                method,
+            )
 
 
 @pytest.mark.parametrize("method", KRONECKER)

@@ -103,22 +103,40 @@ class LoraTask(Task):
         return batch["attention_mask"]
 
 
-def theirs(model: nn.Module, task: Task, train: Dataset, query: Dataset, strategy: str, damping: float | None, out: Path) -> torch.Tensor:
+def theirs(
+    model: nn.Module, task: Task, train: Dataset, query: Dataset, strategy: str, damping: float | None, out: Path
+) -> torch.Tensor:
     """kronfluence's pairwise scores in our convention: ``[n_train, n_query]``, positive = harmful."""
-    analyzer = Analyzer("agreement", prepare_model(copy.deepcopy(model), task), task, cpu=True, output_dir=str(out), disable_tqdm=True)
+    analyzer = Analyzer(
+        "agreement", prepare_model(copy.deepcopy(model), task), task, cpu=True, output_dir=str(out), disable_tqdm=True
+    )
     factor_args = FactorArguments(
-        strategy=strategy, use_empirical_fisher=True, activation_covariance_dtype=F64, gradient_covariance_dtype=F64,
-        per_sample_gradient_dtype=F64, lambda_dtype=F64,
-    )  # fmt: skip
+        strategy=strategy,
+        use_empirical_fisher=True,
+        activation_covariance_dtype=F64,
+        gradient_covariance_dtype=F64,
+        per_sample_gradient_dtype=F64,
+        lambda_dtype=F64,
+    )
     analyzer.fit_all_factors("factors", train, per_device_batch_size=BATCH, factor_args=factor_args)
-    score_args = ScoreArguments(damping_factor=damping, per_sample_gradient_dtype=F64, precondition_dtype=F64, score_dtype=F64)
+    score_args = ScoreArguments(
+        damping_factor=damping, per_sample_gradient_dtype=F64, precondition_dtype=F64, score_dtype=F64
+    )
     analyzer.compute_pairwise_scores(
-        "scores", "factors", query, train, per_device_query_batch_size=BATCH, per_device_train_batch_size=BATCH, score_args=score_args
+        "scores",
+        "factors",
+        query,
+        train,
+        per_device_query_batch_size=BATCH,
+        per_device_train_batch_size=BATCH,
+        score_args=score_args,
     )
     return -analyzer.load_pairwise_scores("scores")["all_modules"].T
 
 
-def ours(model: nn.Module, loss_fn: Any, blocks: str, train: Dataset, query: Dataset, method: str, **options: Any) -> torch.Tensor:
+def ours(
+    model: nn.Module, loss_fn: Any, blocks: str, train: Dataset, query: Dataset, method: str, **options: Any
+) -> torch.Tensor:
     """Our pairwise scores ``[n_train, n_query]`` in float64 (positive = harmful)."""
     engine = InfluenceEngine(model, loss_fn, blocks=blocks, method=method, dtype="float64", progress=False, **options)
     train_loader = DataLoader(train, batch_size=BATCH)

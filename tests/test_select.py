@@ -41,9 +41,19 @@ def data_file(tmp_path_factory):
 
 def select_args(data_file, tmp_path, **changes):
     settings = dict(
-        task=str(data_file), n_pool=40, n_target=10, model="tiny-bert", rank=2, epochs=1, lr=5e-3, batch_size=8,
-        max_length=32, out=tmp_path / "out", cache_dir=tmp_path / "cache" / "adapters", progress=False,
-    )  # fmt: skip
+        task=str(data_file),
+        n_pool=40,
+        n_target=10,
+        model="tiny-bert",
+        rank=2,
+        epochs=1,
+        lr=5e-3,
+        batch_size=8,
+        max_length=32,
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache" / "adapters",
+        progress=False,
+    )
     settings.update(changes)
     return SelectArgs(**settings)
 
@@ -90,7 +100,9 @@ def test_normalize_equals_the_cosine_computed_by_hand(data_file, tmp_path):
     learner = make_learner(args, split.pool.label_names)
     warm = next(args.cache_dir.glob("*.safetensors"))
     load_trainable(learner.model, load_file(str(warm)))
-    params = [p for n, p in learner.model.named_parameters() if "lora_" in n]  # blocks="lora": the head is trained, not attributed
+    params = [
+        p for n, p in learner.model.named_parameters() if "lora_" in n
+    ]  # blocks="lora": the head is trained, not attributed
 
     def gradient(pair):
         loss = learner.loss(learner.model, learner.collate([pair])).sum()
@@ -116,7 +128,9 @@ def test_target_loss_by_label_equals_a_loop_of_single_examples(data_file, tmp_pa
     learner = make_learner(args, split.pool.label_names)
     load_trainable(learner.model, load_file(str(next(args.cache_dir.glob("*.safetensors")))))
     with torch.no_grad():
-        losses = torch.stack([learner.loss(learner.model, learner.collate([pair])).sum() for pair in split.pairs("target")]).double()
+        losses = torch.stack(
+            [learner.loss(learner.model, learner.collate([pair])).sum() for pair in split.pairs("target")]
+        ).double()
     for i, name in enumerate(split.target.label_names):
         mine = split.target.labels == i
         assert written[name]["n"] == int(mine.sum())
@@ -145,7 +159,9 @@ def test_balance_keeps_the_pools_label_shares(data_file, tmp_path):
     ids=["fraction above 1", "fewer than one", "unknown target label", "single class", "missing column", "empty pool"],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(data_file, tmp_path, capsys, options, message):
-    pd.DataFrame({"text": ["a b", "c d"], "label": ["neutral", "positive"]}).to_csv(tmp_path / "target.csv", index=False)
+    pd.DataFrame({"text": ["a b", "c d"], "label": ["neutral", "positive"]}).to_csv(
+        tmp_path / "target.csv", index=False
+    )
     pd.DataFrame({"text": ["a", "b", "c"], "label": ["pos"] * 3}).to_csv(tmp_path / "one.csv", index=False)
     (tmp_path / "empty.csv").write_text("")
     out = tmp_path / "out"
@@ -161,9 +177,15 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(data_file, tmp_path, cap
 def test_experiment_select_runs_the_protocol_and_a_second_run_trains_nothing(data_file, tmp_path):
     args = StudyArgs(
         **{k: v for k, v in vars(select_args(data_file, tmp_path)).items() if k not in ("n_pool", "n_target", "out")},
-        n_pool=30, n_target=10, n_test=16, variant="noisy", methods=("hyperinf", "tracin"), continue_epochs=1,
-        random_draws=2, out=tmp_path / "study",
-    )  # fmt: skip
+        n_pool=30,
+        n_target=10,
+        n_test=16,
+        variant="noisy",
+        methods=("hyperinf", "tracin"),
+        continue_epochs=1,
+        random_draws=2,
+        out=tmp_path / "study",
+    )
     run_study(args)
     rows = pd.read_csv(args.out / "results.csv")
     selectors = {"hyperinf", "tracin", "less", "training loss"}
@@ -176,7 +198,10 @@ def test_experiment_select_runs_the_protocol_and_a_second_run_trains_nothing(dat
     assert (args.out / "selection.png").stat().st_size > 0
     record = json.loads((args.out / "arguments.json").read_text())["seeds"][0]
     shares = record["target_loss_by_label"]
-    assert sum(v["loss_share"] for v in shares.values()) == pytest.approx(1.0) and sum(v["n"] for v in shares.values()) == 10
+    assert (
+        sum(v["loss_share"] for v in shares.values()) == pytest.approx(1.0)
+        and sum(v["n"] for v in shares.values()) == 10
+    )
     from hyperinf.app.select import load_pool_split
 
     test_labels = load_pool_split(args, n_test=16, flip_fraction=0.2).test.labels
@@ -196,10 +221,20 @@ def test_experiment_select_runs_the_protocol_and_a_second_run_trains_nothing(dat
 def test_balanced_study_draws_random_per_label(data_file, tmp_path):
     """Under --balance the random baseline has the selections' label make-up, not a free draw's."""
     args = StudyArgs(
-        **{k: v for k, v in vars(select_args(data_file, tmp_path, balance=True)).items() if k not in ("n_pool", "n_target", "out", "fractions")},
-        n_pool=30, n_target=10, n_test=10, fractions=(0.4,), methods=("tracin",), continue_epochs=1, random_draws=3,
+        **{
+            k: v
+            for k, v in vars(select_args(data_file, tmp_path, balance=True)).items()
+            if k not in ("n_pool", "n_target", "out", "fractions")
+        },
+        n_pool=30,
+        n_target=10,
+        n_test=10,
+        fractions=(0.4,),
+        methods=("tracin",),
+        continue_epochs=1,
+        random_draws=3,
         out=tmp_path / "study",
-    )  # fmt: skip
+    )
     run_study(args)
     rows = pd.read_csv(args.out / "results.csv")
     from hyperinf.app.select import load_pool_split
@@ -214,20 +249,32 @@ def test_balanced_study_draws_random_per_label(data_file, tmp_path):
 @pytest.mark.parametrize("dense", [False, True], ids=["lora", "dense last block"])
 def test_select_on_a_tiny_causal_lm(data_file, tmp_path, dense):
     """The causal-LM path: answer-only loss, LoRA on q/v or the last block, option scoring in the protocol."""
-    args = select_args(data_file, tmp_path, model="tiny-llama", dense=dense, method="ekfac" if dense else "hyperinf", fractions=(0.2,))
+    args = select_args(
+        data_file, tmp_path, model="tiny-llama", dense=dense, method="ekfac" if dense else "hyperinf", fractions=(0.2,)
+    )
     run_select(args)
     frame = pd.read_parquet(args.out / "scores.parquet")
     assert frame["score"].notna().all() and frame["score"].std() > 0
     learner = make_learner(args, ["negative", "positive"])
     trainable = {n for n, p in learner.model.named_parameters() if p.requires_grad}
     if dense:
-        assert learner.blocks and all(b.startswith("model.layers.1.") for b in learner.blocks) and all(".layers.1." in n for n in trainable)
+        assert (
+            learner.blocks
+            and all(b.startswith("model.layers.1.") for b in learner.blocks)
+            and all(".layers.1." in n for n in trainable)
+        )
     else:
         assert learner.blocks == "lora" and trainable and all("lora_" in n for n in trainable)
     study = StudyArgs(
         **{k: v for k, v in vars(args).items() if k not in ("n_pool", "n_target", "out", "fractions")},
-        n_pool=30, n_target=10, n_test=10, fractions=(0.2,), methods=("tracin",), continue_epochs=1, random_draws=1,
+        n_pool=30,
+        n_target=10,
+        n_test=10,
+        fractions=(0.2,),
+        methods=("tracin",),
+        continue_epochs=1,
+        random_draws=1,
         out=tmp_path / "study",
-    )  # fmt: skip
+    )
     run_study(study)
     assert pd.read_csv(study.out / "results.csv")["accuracy"].between(0, 1).all()

@@ -49,7 +49,9 @@ def uninterrupted(data_file, tmp_path_factory):
         ("warmup:25", "warm-up: resuming from .* after epoch 1, batch 20"),  # the warm-up training
     ],
 )
-def test_a_killed_select_resumes_with_the_uninterrupted_scores(data_file, tmp_path, uninterrupted, kill_at, resumed_after):
+def test_a_killed_select_resumes_with_the_uninterrupted_scores(
+    data_file, tmp_path, uninterrupted, kill_at, resumed_after
+):
     killed = worker(data_file, tmp_path, kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     out = tmp_path / "out"

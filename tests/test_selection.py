@@ -69,5 +69,7 @@ def test_cosine_scores_refuse_zero_norms():
 def test_a_selection_that_under_represents_a_label_is_named():
     labels = torch.tensor([0] * 50 + [1] * 50)
     assert skewed_labels(labels, torch.arange(40, 60), ["neg", "pos"]) == []  # 50 / 50
-    assert skewed_labels(labels, torch.cat([torch.arange(5), torch.arange(50, 65)]), ["neg", "pos"]) == []  # 25%: half its share
+    assert (
+        skewed_labels(labels, torch.cat([torch.arange(5), torch.arange(50, 65)]), ["neg", "pos"]) == []
+    )  # 25%: half its share
     assert skewed_labels(labels, torch.cat([torch.arange(4), torch.arange(50, 66)]), ["neg", "pos"]) == ["neg"]  # 20%

@@ -22,7 +22,10 @@ from hyperinf.spill import GradientSpill
 def batches(dtype: torch.dtype) -> list[BatchGradients]:
     torch.manual_seed(0)
     return [
-        BatchGradients(torch.randn(b), {"a.weight": torch.randn(b, 3, 5, dtype=dtype), "b.weight": torch.randn(b, 1, 7, dtype=dtype)})
+        BatchGradients(
+            torch.randn(b),
+            {"a.weight": torch.randn(b, 3, 5, dtype=dtype), "b.weight": torch.randn(b, 1, 7, dtype=dtype)},
+        )
         for b in (4, 4, 3)
     ]
 
@@ -92,7 +95,9 @@ def test_engine_spills_past_the_budget_and_scores_as_in_memory(setup, tmp_path):
 
     options = {"blocks": "linear", "progress": False, "dtype": "float64"}
     in_memory = InfluenceEngine(model, loss_fn, **options).fit(train, methods=["datainf"])
-    spilled = InfluenceEngine(model, counting_loss, cache_bytes=1000, spill_dir=tmp_path, **options).fit(train, methods=["datainf"])
+    spilled = InfluenceEngine(model, counting_loss, cache_bytes=1000, spill_dir=tmp_path, **options).fit(
+        train, methods=["datainf"]
+    )
     assert in_memory.gradient_store == "memory" and spilled.gradient_store == "disk"
     folders = list(tmp_path.iterdir())
     assert len(folders) == 1 and (folders[0] / "gradients.bin").stat().st_size >= spilled.gradient_bytes
@@ -114,7 +119,9 @@ def test_no_disk_room_warns_and_recomputes(setup, tmp_path, monkeypatch):
     model, train, val = setup
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(spill_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
-    engine = InfluenceEngine(model, loss_fn, blocks="linear", progress=False, dtype="float64", cache_bytes=1000, spill_dir=tmp_path)
+    engine = InfluenceEngine(
+        model, loss_fn, blocks="linear", progress=False, dtype="float64", cache_bytes=1000, spill_dir=tmp_path
+    )
     with pytest.warns(SpillWarning, match=r"not enough disk space .* GiB needed"):
         engine.fit(train)
     assert engine.gradient_store is None and list(tmp_path.iterdir()) == []
@@ -134,7 +141,9 @@ def test_a_write_that_fails_deletes_the_spill_and_recomputes(setup, tmp_path, mo
         append(self, batch)
 
     monkeypatch.setattr(GradientSpill, "append", full_disk)
-    engine = InfluenceEngine(model, loss_fn, blocks="linear", progress=False, dtype="float64", cache_bytes=0, spill_dir=tmp_path)
+    engine = InfluenceEngine(
+        model, loss_fn, blocks="linear", progress=False, dtype="float64", cache_bytes=0, spill_dir=tmp_path
+    )
     with pytest.warns(SpillWarning, match="No space left on device"):
         engine.fit(train)
     assert engine.gradient_store is None and list(tmp_path.iterdir()) == []

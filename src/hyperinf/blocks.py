@@ -54,7 +54,7 @@ class Block:
         r, d = self.shape
         return r * d
 
-    def parameters(self) -> list[nn.Parameter]:
+    def parameters(self) -> list[torch.Tensor]:
         """The parameters this block attributes, in the order :meth:`layout` takes them."""
         params = [self.module.weight]
         if self.has_bias:
@@ -160,11 +160,7 @@ def _select_by_name(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Li
         if isinstance(module, nn.Linear):
             selected[name] = module
             continue
-        linears = {
-            f"{name}.{sub}" if sub else name: m
-            for sub, m in module.named_modules()
-            if isinstance(m, nn.Linear)
-        }
+        linears = {f"{name}.{sub}" if sub else name: m for sub, m in module.named_modules() if isinstance(m, nn.Linear)}
         if not linears:
             raise BlockSelectionError(
                 f"module {name!r} is a {type(module).__name__}, not nn.Linear, and contains no "
@@ -194,7 +190,9 @@ def fingerprint(blocks: Sequence[Block]) -> list[dict[str, Any]]:
     for block in blocks:
         r, d = block.shape
         weights = tensor_digest(block.parameters())
-        rows.append({"name": block.name, "r": r, "d": d, "side": block.side, "bias": block.has_bias, "weights": weights})
+        rows.append(
+            {"name": block.name, "r": r, "d": d, "side": block.side, "bias": block.has_bias, "weights": weights}
+        )
     return rows
 
 

@@ -69,7 +69,12 @@ class PassCheckpoint:
 
 
 def fit_checkpoint(
-    path: str | Path, every: int, blocks: Sequence[Block], config: InfluenceConfig, methods: Sequence[Method], loader: Any
+    path: str | Path,
+    every: int,
+    blocks: Sequence[Block],
+    config: InfluenceConfig,
+    methods: Sequence[Method],
+    loader: Any,
 ) -> PassCheckpoint:
     """The checkpoint of pass 1 (one file per process when distributed), valid for the same blocks and
     weights, layout, curvature kinds and loader length."""
@@ -84,8 +89,14 @@ def fit_checkpoint(
 
 
 def score_checkpoint(
-    path: str | Path, every: int, blocks: Sequence[Block], config: InfluenceConfig, directions: Mapping[str, torch.Tensor],
-    columns: Sequence[str], self_influence: str | None, loader: Any,
+    path: str | Path,
+    every: int,
+    blocks: Sequence[Block],
+    config: InfluenceConfig,
+    directions: Mapping[str, torch.Tensor],
+    columns: Sequence[str],
+    self_influence: str | None,
+    loader: Any,
 ) -> PassCheckpoint:
     """The checkpoint of a scoring pass: valid for the same weights, directions ``h`` (so the same curvature,
     damping and validation set), score columns, self-influence method and loader length."""

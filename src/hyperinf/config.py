@@ -77,7 +77,9 @@ class InfluenceConfig:
         if self.on_nonconvergence not in ("warn", "raise", "cholesky"):
             raise ValueError(f"on_nonconvergence must be 'warn', 'raise' or 'cholesky', got {self.on_nonconvergence!r}")
         if self.schulz_init != "auto" and not (
-            isinstance(self.schulz_init, (int, float)) and not isinstance(self.schulz_init, bool) and self.schulz_init > 0
+            isinstance(self.schulz_init, (int, float))
+            and not isinstance(self.schulz_init, bool)
+            and self.schulz_init > 0
         ):
             raise ValueError(
                 f"schulz_init must be 'auto' or a positive float c (the start X_0 = c I), got {self.schulz_init!r}"

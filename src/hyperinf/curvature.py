@@ -103,7 +103,9 @@ class CurvatureAccumulator(_Sums):
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Every running sum by name (``gram/<block>``, ``sq_norm/<block>``, ``fim/<block>``), in a fixed order."""
         sums = {"gram": self.gram, "sq_norm": self.sq_norm, "fim": self.fim}
-        return {f"{kind}/{b.name}": table[b.name] for kind, table in sums.items() if table is not None for b in self.blocks}
+        return {
+            f"{kind}/{b.name}": table[b.name] for kind, table in sums.items() if table is not None for b in self.blocks
+        }
 
     def gfim(self, name: str) -> torch.Tensor:
         """``G_l = (1/n) sum_i g_i^T g_i``; only when accumulated with ``gfim=True``."""
@@ -136,8 +138,13 @@ class CurvatureAccumulator(_Sums):
             eigs = torch.linalg.eigvalsh(gfim).clamp_min(0.0)
             lam = self.damping(block, c, mode)
             row: dict[str, float | int | str] = {
-                "block": block.name, "r": block.shape[0], "d": block.shape[1], "damping": lam,
-                "eig_min": float(eigs[0]), "eig_mean": float(eigs.mean()), "eig_max": float(eigs[-1]),
+                "block": block.name,
+                "r": block.shape[0],
+                "d": block.shape[1],
+                "damping": lam,
+                "eig_min": float(eigs[0]),
+                "eig_mean": float(eigs.mean()),
+                "eig_max": float(eigs[-1]),
                 "condition": float((eigs[-1] + lam) / (eigs[0] + lam)) if lam > 0 or eigs[0] > 0 else float("inf"),
             }
             if self.fim is not None:

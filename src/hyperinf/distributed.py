@@ -40,7 +40,9 @@ def shard(dataset: Dataset[Any], *, rank: int | None = None, world_size: int | N
     world_size = dist.get_world_size() if world_size is None else world_size
     n = len(dataset)  # type: ignore[arg-type]
     if n < world_size:
-        raise EmptyDataError(f"{n} examples cannot be shared by {world_size} processes: every process needs at least one.")
+        raise EmptyDataError(
+            f"{n} examples cannot be shared by {world_size} processes: every process needs at least one."
+        )
     start, stop = rank * n // world_size, (rank + 1) * n // world_size
     return Subset(dataset, range(start, stop))
 

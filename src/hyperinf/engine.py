@@ -46,9 +46,16 @@ class InfluenceEngine:
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, *, blocks: BlockSpec = "lora", method: str = "hyperinf",
-        output_fn: OutputFn | None = None, output_loss: OutputLossFn | None = None, **options: Any,
-    ) -> None:  # fmt: skip
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        blocks: BlockSpec = "lora",
+        method: str = "hyperinf",
+        output_fn: OutputFn | None = None,
+        output_loss: OutputLossFn | None = None,
+        **options: Any,
+    ) -> None:
         self.config = InfluenceConfig(**options)
         self._check_method(method)
         self.outputs = output_functions(output_fn, output_loss)
@@ -60,22 +67,37 @@ class InfluenceEngine:
         self.device = next(model.parameters()).device  # where batches go: the model's input side
         self._reduce = distributed.reducer(self.config.distributed)
         self._stream = GradientStream(self.gradients, self.device, progress=self.config.progress)
-        self._train = TrainingGradients(self._stream, self.config.cache_bytes, self.config.spill_folder, self.config.spill_dtype)
-        self._pass2 = TrainingScores(self._train, DirectionalDerivatives(model, loss_fn, self.blocks), self.config.pass2)
+        self._train = TrainingGradients(
+            self._stream, self.config.cache_bytes, self.config.spill_folder, self.config.spill_dtype
+        )
+        self._pass2 = TrainingScores(
+            self._train, DirectionalDerivatives(model, loss_fn, self.blocks), self.config.pass2
+        )
         self._fit: FittedCurvature | None = None
         self._results: dict[str, torch.Tensor] = {}
         self.ihvp_seconds: dict[str, float] = {}
 
     def fit(
-        self, train_loader: Iterable[Any], *, methods: Sequence[str] = (), checkpoint: str | Path | None = None, checkpoint_every: int = 50
+        self,
+        train_loader: Iterable[Any],
+        *,
+        methods: Sequence[str] = (),
+        checkpoint: str | Path | None = None,
+        checkpoint_every: int = 50,
     ) -> InfluenceEngine:
         """Accumulate the curvature every method in ``{method} | methods`` needs, in one pass; ``checkpoint``
         (a file) makes it resumable after a crash, with the same result (:mod:`hyperinf.checkpoints`)."""
         wanted = [self._check_method(m) for m in dict.fromkeys([self.method, *methods])]
-        saver = fit_checkpoint(checkpoint, checkpoint_every, self.blocks, self.config, wanted, train_loader) if checkpoint else None
+        saver = (
+            fit_checkpoint(checkpoint, checkpoint_every, self.blocks, self.config, wanted, train_loader)
+            if checkpoint
+            else None
+        )
         resumed = saver.resume("fit") if saver is not None else (0, {})
         batches = self._train.record(train_loader, allow_empty=True, skip=resumed[0])
-        self._fit = FittedCurvature.accumulate(batches, wanted, self.config, self.gradients, self._reduce, saver, resumed, self.outputs)
+        self._fit = FittedCurvature.accumulate(
+            batches, wanted, self.config, self.gradients, self._reduce, saver, resumed, self.outputs
+        )
         return self
 
     def save_fit(self, directory: str | Path) -> Path:
@@ -93,15 +115,23 @@ class InfluenceEngine:
         self._train.forget(train_loader)
         return self
 
-    def score(self, train_loader: Iterable[Any], val_loader: Iterable[Any], *, method: str | None = None) -> torch.Tensor:
+    def score(
+        self, train_loader: Iterable[Any], val_loader: Iterable[Any], *, method: str | None = None
+    ) -> torch.Tensor:
         """Influence of each training example on the mean validation loss, ``[n_train]``."""
         method = method or self.method
         return self.score_methods(train_loader, val_loader, [method])[method]
 
     def score_methods(
-        self, train_loader: Iterable[Any], val_loader: Iterable[Any], methods: Sequence[str], *, self_influence: str | None = None,
-        checkpoint: str | Path | None = None, checkpoint_every: int = 50,
-    ) -> TrainingPass:  # fmt: skip
+        self,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any],
+        methods: Sequence[str],
+        *,
+        self_influence: str | None = None,
+        checkpoint: str | Path | None = None,
+        checkpoint_every: int = 50,
+    ) -> TrainingPass:
         """:meth:`score` for several methods with one validation pass and one training pass.
 
         The same training pass keeps each example's training loss and, with ``self_influence=method``,
@@ -114,7 +144,13 @@ class InfluenceEngine:
         v = self.mean_gradient(val_loader, "val_loader")
         directions = [self._precondition(m, {name: g.unsqueeze(0) for name, g in v.items()}) for m in methods]
         stacked = {name: torch.cat([h[name] for h in directions]) for name in directions[0]}
-        saver = score_checkpoint(checkpoint, checkpoint_every, self.blocks, self.config, stacked, methods, self_influence, train_loader) if checkpoint else None
+        saver = (
+            score_checkpoint(
+                checkpoint, checkpoint_every, self.blocks, self.config, stacked, methods, self_influence, train_loader
+            )
+            if checkpoint
+            else None
+        )
         done, state = saver.resume("score") if saver is not None else (0, {})
         passes = self._pass2(train_loader, stacked, per_example=own is not None, skip=done)
         result = scoring.collect(passes, methods, own, saver, done, state)
@@ -125,7 +161,12 @@ class InfluenceEngine:
         return result
 
     def self_influence(
-        self, train_loader: Iterable[Any], *, method: str | None = None, checkpoint: str | Path | None = None, checkpoint_every: int = 50
+        self,
+        train_loader: Iterable[Any],
+        *,
+        method: str | None = None,
+        checkpoint: str | Path | None = None,
+        checkpoint_every: int = 50,
     ) -> torch.Tensor:
         """``- sum_l <A_l^{-1} g_k, g_k>`` per training example (<= 0; most negative = most unusual);
         ``checkpoint`` makes the pass resumable, as for :meth:`fit`."""
@@ -133,18 +174,32 @@ class InfluenceEngine:
         pre = self._per_example_preconditioner(method)
         saver = None
         if checkpoint:  # the preconditioner applied to a fixed vector stands for its curvature and damping
-            probe = pre.apply({b.name: torch.ones(1, *b.shape, dtype=self.config.torch_dtype, device=b.module.weight.device) for b in self.blocks})
-            saver = score_checkpoint(checkpoint, checkpoint_every, self.blocks, self.config, probe, [], method, train_loader)
+            probe = pre.apply(
+                {
+                    b.name: torch.ones(1, *b.shape, dtype=self.config.torch_dtype, device=b.module.weight.device)
+                    for b in self.blocks
+                }
+            )
+            saver = score_checkpoint(
+                checkpoint, checkpoint_every, self.blocks, self.config, probe, [], method, train_loader
+            )
         done, state = saver.resume("self_influence") if saver is not None else (0, {})
         passes = ((b.losses, b.losses.new_zeros(b.batch_size, 0), b) for b in self._train(train_loader, skip=done))
         result = scoring.collect(passes, [], pre, saver, done, state).self_influence
+        assert result is not None  # collected with a preconditioner for self-influence
         self._keep({f"self_influence/{method}": result})
         return result
 
     def pairwise(
-        self, train_loader: Iterable[Any], query_loader: Iterable[Any], *, method: str | None = None, query_chunk: int = 256,
-        checkpoint: str | Path | None = None, checkpoint_every: int = 50,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        train_loader: Iterable[Any],
+        query_loader: Iterable[Any],
+        *,
+        method: str | None = None,
+        query_chunk: int = 256,
+        checkpoint: str | Path | None = None,
+        checkpoint_every: int = 50,
+    ) -> torch.Tensor:
         """Influence of each training example on each query's loss, ``[n_train, n_query]``.
 
         Queries are preconditioned ``query_chunk`` rows at a time, so memory holds one chunk of query
@@ -156,9 +211,17 @@ class InfluenceEngine:
         columns, savers = [], []
         for i, h in enumerate(self._query_directions(query_loader, method, query_chunk)):
             names = [f"query{j}" for j in range(next(iter(h.values())).shape[0])]
-            saver = score_checkpoint(f"{checkpoint}.chunk{i}", checkpoint_every, self.blocks, self.config, h, names, None, train_loader) if checkpoint else None
+            saver = (
+                score_checkpoint(
+                    f"{checkpoint}.chunk{i}", checkpoint_every, self.blocks, self.config, h, names, None, train_loader
+                )
+                if checkpoint
+                else None
+            )
             done, state = saver.resume(f"pairwise, query chunk {i}") if saver is not None else (0, {})
-            scored = scoring.collect(self._pass2(train_loader, h, skip=done), names, None, saver, done, state, keep=True)
+            scored = scoring.collect(
+                self._pass2(train_loader, h, skip=done), names, None, saver, done, state, keep=True
+            )
             columns.append(torch.stack([scored[name] for name in names], dim=1))
             savers.append(saver)
         for saver in filter(None, savers):
@@ -168,7 +231,13 @@ class InfluenceEngine:
         return result
 
     def top_k(
-        self, train_loader: Iterable[Any], query_loader: Iterable[Any], *, k: int = 10, method: str | None = None, query_chunk: int = 256
+        self,
+        train_loader: Iterable[Any],
+        query_loader: Iterable[Any],
+        *,
+        k: int = 10,
+        method: str | None = None,
+        query_chunk: int = 256,
     ) -> TopK:
         """Per query, the ``k`` most helpful and ``k`` most harmful training examples, streamed: no ``n x m`` matrix."""
         method = method or self.method
@@ -197,7 +266,14 @@ class InfluenceEngine:
 
     def mean_gradient(self, loader: Iterable[Any], what: str = "loader") -> dict[str, torch.Tensor]:
         """The mean per-block gradient ``v_l`` over a loader (over every process's shard when distributed)."""
-        return mean_gradient(self._stream, loader, what, dtype=self.config.torch_dtype, reduce=self._reduce, allow_empty=self.config.distributed)
+        return mean_gradient(
+            self._stream,
+            loader,
+            what,
+            dtype=self.config.torch_dtype,
+            reduce=self._reduce,
+            allow_empty=self.config.distributed,
+        )
 
     @property
     def results(self) -> Mapping[str, torch.Tensor]:
@@ -229,11 +305,15 @@ class InfluenceEngine:
         arguments = {
             "method": self.method,
             "blocks": self.block_spec if isinstance(self.block_spec, str) else list(self.block_spec),
-            "selected_blocks": [{"name": b.name, "r": b.shape[0], "d": b.shape[1], "side": b.side} for b in self.blocks],
+            "selected_blocks": [
+                {"name": b.name, "r": b.shape[0], "d": b.shape[1], "side": b.side} for b in self.blocks
+            ],
             "n_train": self._fit.count if self._fit is not None else None,
             "config": self.config.to_dict(),
         }
-        return save_results(directory, {**self._results, **(extra or {})}, arguments, [d.to_dict() for d in self.diagnostics()])
+        return save_results(
+            directory, {**self._results, **(extra or {})}, arguments, [d.to_dict() for d in self.diagnostics()]
+        )
 
     def _check_method(self, name: str) -> Method:
         method = get_method(name)
@@ -263,7 +343,9 @@ class InfluenceEngine:
         self.ihvp_seconds[method] = self.fitted.take_build_seconds(method) + time.perf_counter() - start
         return h
 
-    def _query_directions(self, query_loader: Iterable[Any], method: str, chunk: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _query_directions(
+        self, query_loader: Iterable[Any], method: str, chunk: int
+    ) -> Iterator[dict[str, torch.Tensor]]:
         pre = self.preconditioner(method)
         queries = (grads for _, grads in self._stream(query_loader, "query_loader"))
         for stacked in scoring.query_chunks(queries, chunk):

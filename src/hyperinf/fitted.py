@@ -80,20 +80,29 @@ class FittedCurvature:
         ``outputs`` (the model's outputs and the loss of them) is needed by the exact GGN only.
         """
         curvature = CurvatureAccumulator(
-            gradients.blocks, fim=any(m.fim for m in methods), gfim=any(m.gfim for m in methods), dtype=config.torch_dtype,
+            gradients.blocks,
+            fim=any(m.fim for m in methods),
+            gfim=any(m.gfim for m in methods),
+            dtype=config.torch_dtype,
             fim_max_params=config.fim_max_params,
-        )  # fmt: skip
+        )
         hessian = None
         if any(m.hessian for m in methods):
-            hessian = HessianAccumulator(gradients.blocks, max_params=config.hessian_max_params, dtype=config.torch_dtype)
+            hessian = HessianAccumulator(
+                gradients.blocks, max_params=config.hessian_max_params, dtype=config.torch_dtype
+            )
         ggn = None
         if any(m.ggn for m in methods):
             if outputs is None:
                 raise ConfigurationError(MISSING_OUTPUTS)
             ggn = GGNAccumulator(gradients.blocks, max_params=config.hessian_max_params, dtype=config.torch_dtype)
-        kronecker = KroneckerAccumulator(gradients.blocks, dtype=config.torch_dtype) if any(m.kronecker for m in methods) else None
-        sums = {"curvature": curvature, "hessian": hessian, "ggn": ggn, "kronecker": kronecker}
-        sums = {key: acc for key, acc in sums.items() if acc is not None}
+        kronecker = (
+            KroneckerAccumulator(gradients.blocks, dtype=config.torch_dtype)
+            if any(m.kronecker for m in methods)
+            else None
+        )
+        every = {"curvature": curvature, "hessian": hessian, "ggn": ggn, "kronecker": kronecker}
+        sums = {key: acc for key, acc in every.items() if acc is not None}
         done, state = resumed
         if state:
             _restore(sums, state)
@@ -103,10 +112,13 @@ class FittedCurvature:
                 if hessian is not None:
                     hessian.update(gradients.model, gradients.loss_fn, batch)
                 if ggn is not None:
+                    assert outputs is not None  # checked when ggn was made
                     ggn.update(gradients.model, outputs, batch)
                 if kronecker is not None:
                     if grads.factors is None:
-                        raise ValueError("batches were computed before accumulate: pass the lazy stream of fit's batches")
+                        raise ValueError(
+                            "batches were computed before accumulate: pass the lazy stream of fit's batches"
+                        )
                     kronecker.update(grads.factors, grads.batch_size)
                 done += 1
                 if checkpoint is not None:
@@ -118,7 +130,12 @@ class FittedCurvature:
         curvature.warn_dead_blocks(stacklevel=3)
         if checkpoint is not None:
             checkpoint.finish()
-        return cls(curvature, hessian.matrix() if hessian is not None else None, kronecker, ggn.matrix() if ggn is not None else None)
+        return cls(
+            curvature,
+            hessian.matrix() if hessian is not None else None,
+            kronecker,
+            ggn.matrix() if ggn is not None else None,
+        )
 
     @property
     def count(self) -> int:
@@ -130,13 +147,19 @@ class FittedCurvature:
         if method.gfim and self.curvature.gram is None:
             raise NotFittedError(f"method {name!r} needs the GFIM: call fit(train_loader, methods=[{name!r}]).")
         if method.fim and self.curvature.fim is None:
-            raise NotFittedError(f"method {name!r} needs the flattened FIM: call fit(train_loader, methods=[{name!r}]).")
+            raise NotFittedError(
+                f"method {name!r} needs the flattened FIM: call fit(train_loader, methods=[{name!r}])."
+            )
         if method.hessian and self.hessian is None:
-            raise NotFittedError(f"method {name!r} needs the exact Hessian: call fit(train_loader, methods=[{name!r}]).")
+            raise NotFittedError(
+                f"method {name!r} needs the exact Hessian: call fit(train_loader, methods=[{name!r}])."
+            )
         if method.ggn and self.ggn is None:
             raise NotFittedError(f"method {name!r} needs the exact GGN: call fit(train_loader, methods=[{name!r}]).")
         if method.kronecker and self.kronecker is None:
-            raise NotFittedError(f"method {name!r} needs the Kronecker factors: call fit(train_loader, methods=[{name!r}]).")
+            raise NotFittedError(
+                f"method {name!r} needs the Kronecker factors: call fit(train_loader, methods=[{name!r}])."
+            )
 
     def preconditioner(
         self, name: str, config: InfluenceConfig, train_gradients: GradientSource | None, reduce: Reduce | None
@@ -145,7 +168,9 @@ class FittedCurvature:
         self.require(name)
         if name not in self._built:
             start = time.perf_counter()
-            inputs = FittedInputs(self.curvature, config, self.hessian, train_gradients, reduce, self.kronecker, self.ggn)
+            inputs = FittedInputs(
+                self.curvature, config, self.hessian, train_gradients, reduce, self.kronecker, self.ggn
+            )
             self._built[name] = build_preconditioner(name, inputs)
             self._unreported_seconds[name] = time.perf_counter() - start
         return self._built[name]
@@ -161,7 +186,10 @@ class FittedCurvature:
     def save(self, directory: str | Path, config: InfluenceConfig) -> Path:
         """Write the fit into ``directory`` (``fit.json`` last, so a folder without it is an unfinished save)."""
         directory = Path(directory)
-        sums = {**self.curvature.named_tensors(), **(self.kronecker.named_tensors() if self.kronecker is not None else {})}
+        sums = {
+            **self.curvature.named_tensors(),
+            **(self.kronecker.named_tensors() if self.kronecker is not None else {}),
+        }
         tensors = {name: t.detach().cpu().contiguous() for name, t in sums.items()}
         for name, matrix in (("hessian", self.hessian), ("ggn", self.ggn)):
             if matrix is not None:
@@ -192,15 +220,21 @@ class FittedCurvature:
             )
         meta = json.loads((directory / _META).read_text())
         if meta.get("format") != FORMAT:
-            raise FitMismatchError(f"{directory}/{_META} has format {meta.get('format')!r}; this hyperinf reads format {FORMAT}.")
+            raise FitMismatchError(
+                f"{directory}/{_META} has format {meta.get('format')!r}; this hyperinf reads format {FORMAT}."
+            )
         _check_layout(meta["layout"], config.layout(), directory)
         _check_blocks(meta["blocks"], fingerprint(blocks), directory)
-        curvature = CurvatureAccumulator(blocks, fim=meta["fim"], gfim=meta.get("gfim", True), dtype=config.torch_dtype)  # older fits always hold it
+        curvature = CurvatureAccumulator(
+            blocks, fim=meta["fim"], gfim=meta.get("gfim", True), dtype=config.torch_dtype
+        )  # older fits always hold it
         tensors = load_file(str(directory / _TENSORS))
         curvature.load(tensors, meta["count"])
         device = blocks[0].module.weight.device
         hessian = tensors["hessian"].to(device) if meta["hessian"] else None
-        ggn = tensors["ggn"].to(device) if meta.get("ggn", False) else None  # fits saved before the GGN have no such key
+        ggn = (
+            tensors["ggn"].to(device) if meta.get("ggn", False) else None
+        )  # fits saved before the GGN have no such key
         kronecker = None
         if meta.get("kronecker", False):  # fits saved before K-FAC have no such key
             kronecker = KroneckerAccumulator(blocks, dtype=config.torch_dtype)
@@ -218,7 +252,9 @@ MISSING_OUTPUTS = (
 
 
 def _check_layout(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
-    differ = [f"{key}={saved[key]!r} (this engine: {current[key]!r})" for key in saved if saved[key] != current.get(key)]
+    differ = [
+        f"{key}={saved[key]!r} (this engine: {current[key]!r})" for key in saved if saved[key] != current.get(key)
+    ]
     if differ:
         raise FitMismatchError(
             f"the fit in {directory} was computed with {', '.join(differ)}: construct the engine with the fit's options."
@@ -258,4 +294,4 @@ def _restore(sums: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None
     """Load a checkpoint's :func:`_partial` state into the accumulators."""
     for key, acc in sums.items():
         prefix = f"{key}/"
-        acc.load({n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}, int(state[f"count/{key}"]))
+        acc.load({n[len(prefix) :]: t for n, t in state.items() if n.startswith(prefix)}, int(state[f"count/{key}"]))

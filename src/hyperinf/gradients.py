@@ -117,6 +117,7 @@ class PerSampleGradients:
             position += len(calls)
             if factors is not None and block_factors is not None:
                 factors[block.name] = block_factors
+            assert g is not None  # every block was called at least once (checked above)
             if not torch.isfinite(g).all():
                 raise NonFiniteGradientError(
                     f"NaN/Inf in the per-sample gradients of block {block.name!r} in batch {batch_index}: "
@@ -155,7 +156,9 @@ class PerSampleGradients:
         return gradient, (self._token_factors(block, a, delta, positions) if self.kronecker else None)
 
     @staticmethod
-    def _token_factors(block: Block, a: torch.Tensor, delta: torch.Tensor, positions: torch.Tensor | None) -> TokenFactors:
+    def _token_factors(
+        block: Block, a: torch.Tensor, delta: torch.Tensor, positions: torch.Tensor | None
+    ) -> TokenFactors:
         """Sums over the non-padding tokens of ``a a^T`` (bias: a 1 appended) and ``delta delta^T`` (delta is masked already)."""
         a = a.reshape(-1, a.shape[-1])
         if block.has_bias:
@@ -190,9 +193,7 @@ class PerSampleGradients:
                 handle.remove()
 
 
-def _token_mask(
-    block: Block, shape: torch.Size, mask: torch.Tensor | None, batch_index: int
-) -> torch.Tensor | None:
+def _token_mask(block: Block, shape: torch.Size, mask: torch.Tensor | None, batch_index: int) -> torch.Tensor | None:
     """The padding mask ``[B, positions]`` for a block whose input has ``shape``, or None.
 
     The mask ``[B, T]`` applies to an input ``[B, T, ..., d]``: axis 1 is the token axis, and any

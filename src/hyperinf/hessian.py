@@ -45,7 +45,9 @@ def output_functions(output_fn: OutputFn | None, output_loss: OutputLossFn | Non
     """Both functions, or neither (only the exact GGN needs them); one without the other is an error."""
     if (output_fn is None) != (output_loss is None):
         given, missing = ("output_fn", "output_loss") if output_loss is None else ("output_loss", "output_fn")
-        raise ConfigurationError(f"{given} was given without {missing}: the exact GGN needs both (or neither for other methods).")
+        raise ConfigurationError(
+            f"{given} was given without {missing}: the exact GGN needs both (or neither for other methods)."
+        )
     return OutputFunctions(output_fn, output_loss) if output_fn is not None and output_loss is not None else None
 
 
@@ -136,13 +138,17 @@ class GGNAccumulator(_ExactAccumulator):
             f = outputs.output_fn(model, batch)
         if not isinstance(f, torch.Tensor) or f.dim() != 2:
             raise LossShapeError(f"output_fn must return the model's outputs as a [B, K] tensor, got {_shape_of(f)}.")
-        jacobian = torch.stack([self._output_gradients(model, outputs.output_fn, k, batch) for k in range(f.shape[1])], dim=1)
+        jacobian = torch.stack(
+            [self._output_gradients(model, outputs.output_fn, k, batch) for k in range(f.shape[1])], dim=1
+        )
         hessian = self._output_hessian(outputs.output_loss, f.detach(), batch).to(jacobian)
         self._add(torch.einsum("bkp,bkq->pq", jacobian, hessian @ jacobian), f.shape[0])
 
     def _output_gradients(self, model: nn.Module, output_fn: OutputFn, k: int, batch: Any) -> torch.Tensor:
         """``d f_ik / d theta`` of every example ``i``, flattened in layout order: ``[B, P]``."""
-        grads = PerSampleGradients(model, lambda m, b: output_fn(m, b)[:, k], self.blocks, dtype=self.dtype)(batch).grads
+        grads = PerSampleGradients(model, lambda m, b: output_fn(m, b)[:, k], self.blocks, dtype=self.dtype)(
+            batch
+        ).grads
         return torch.cat([grads[b.name].flatten(1) for b in self.blocks], dim=1)
 
     @staticmethod

@@ -36,6 +36,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal, get_args
 
 import torch
@@ -97,7 +98,8 @@ class InverseInfo:
 
     def item_converged(self) -> tuple[bool, ...]:
         """Per matrix of the batch: its residual is within ``limit`` (all True after a fallback)."""
-        return tuple(self.converged or r <= self.limit for r in self.item_residuals)
+        limit = self.tol if self.limit is None else self.limit
+        return tuple(self.converged or r <= limit for r in self.item_residuals)
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -448,6 +450,7 @@ def stationary(
         X = X + correct(R)
         if callback is not None:
             callback(t + 1, unflatten(X))
+    assert reason is not None  # the step at max_iter always stops
     converged = reason == "tol"
     iterations = len(history) - 1
     info = InverseInfo(iterations, history[-1], converged, method, tol, reason, tuple(history), per_item(items))
@@ -495,7 +498,12 @@ def finish(
     fallback, items = exact()
     method = f"cholesky (fallback from {info.method})"
     info = replace(
-        info, residual=worst(items), item_residuals=per_item(items), converged=True, method=method, stop_reason="fallback"
+        info,
+        residual=worst(items),
+        item_residuals=per_item(items),
+        converged=True,
+        method=method,
+        stop_reason="fallback",
     )
     return fallback, info
 
@@ -520,7 +528,8 @@ def _listing(entries: list[str], most: int = 5) -> str:
 
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` of the first frame outside the hyperinf package, seen from the function calling this."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and Path(frame.f_code.co_filename).is_relative_to(_PACKAGE):
         frame, level = frame.f_back, level + 1
     return level

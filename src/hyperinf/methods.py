@@ -115,9 +115,14 @@ def _invert_grouped(
             continue
         lower = torch.tensor([damping[n] for n in names], dtype=stack.dtype, device=stack.device)
         result, info = linalg.schulz_inverse(
-            stack, max_iter=config.schulz_max_iter, tol=config.schulz_tol, init=config.schulz_init,
-            order=config.schulz_order, lower_bound=lower, on_fail=config.on_nonconvergence,
-        )  # fmt: skip
+            stack,
+            max_iter=config.schulz_max_iter,
+            tol=config.schulz_tol,
+            init=config.schulz_init,
+            order=config.schulz_order,
+            lower_bound=lower,
+            on_fail=config.on_nonconvergence,
+        )
         for n, residual, converged in zip(names, info.item_residuals, info.item_converged()):
             diag_of[n].iterations, diag_of[n].residual, diag_of[n].converged = info.iterations, residual, converged
         inverses.update(zip(names, result.unbind(0)))
@@ -134,7 +139,9 @@ def _block_inverse(fim: bool, iterative: bool) -> Callable[[FittedInputs, list[B
         inverses = _invert_grouped(iterative, matrices, damping, diagnostics, fitted.config)
         name = diagnostics[0].method
         if fim:
-            return InversePreconditioner(name, blocks, diagnostics, right={}, flat_groups=[((n,), x) for n, x in inverses.items()])
+            return InversePreconditioner(
+                name, blocks, diagnostics, right={}, flat_groups=[((n,), x) for n, x in inverses.items()]
+            )
         return InversePreconditioner(name, blocks, diagnostics, right=inverses)
 
     return build
@@ -164,7 +171,9 @@ def _exact_curvature(ggn: bool) -> Callable[[FittedInputs, list[BlockDiagnostics
                 "derivatives, positive semi-definite) or a Fisher method ('exact', 'hyperinf'), "
                 f"or a damping above {-lowest:.4g} (damping_mode='absolute')."
             ) from None
-        return InversePreconditioner(name, blocks, diagnostics, right={}, flat_groups=[([b.name for b in blocks], inverse)])
+        return InversePreconditioner(
+            name, blocks, diagnostics, right={}, flat_groups=[([b.name for b in blocks], inverse)]
+        )
 
     return build
 
@@ -224,7 +233,9 @@ Eigen = tuple[torch.Tensor, torch.Tensor]
 def _kronecker_eigen(fitted: FittedInputs, method: str) -> dict[str, tuple[Eigen, Eigen]]:
     """Per block, float64 ``eigh`` of the Kronecker factors in layout order: ``((e_r, Q_r), (e_d, Q_d))``."""
     if fitted.kronecker is None:
-        raise NotFittedError(f"method {method!r} needs the Kronecker factors: call fit(train_loader, methods=[{method!r}]).")
+        raise NotFittedError(
+            f"method {method!r} needs the Kronecker factors: call fit(train_loader, methods=[{method!r}])."
+        )
     return {b.name: tuple(torch.linalg.eigh(f) for f in fitted.kronecker.factors(b)) for b in fitted.curvature.blocks}
 
 
@@ -247,8 +258,13 @@ def _ekfac(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Precond
     """
     source, reduce = _training_pass(fitted, "ekfac")
     dtype = fitted.config.torch_dtype
-    bases = {name: (q_r.to(dtype), q_d.to(dtype)) for name, ((_, q_r), (_, q_d)) in _kronecker_eigen(fitted, "ekfac").items()}
-    sums = {name: torch.zeros(q_r.shape[0], q_d.shape[0], dtype=dtype, device=q_r.device) for name, (q_r, q_d) in bases.items()}
+    bases = {
+        name: (q_r.to(dtype), q_d.to(dtype)) for name, ((_, q_r), (_, q_d)) in _kronecker_eigen(fitted, "ekfac").items()
+    }
+    sums = {
+        name: torch.zeros(q_r.shape[0], q_d.shape[0], dtype=dtype, device=q_r.device)
+        for name, (q_r, q_d) in bases.items()
+    }
     count = 0
     for batch in source():
         count += batch.batch_size
@@ -304,6 +320,7 @@ def build_preconditioner(name: str, fitted: FittedInputs) -> Preconditioner:
     if method.check is not None:
         method.check(fitted.config)
     diagnostics = [
-        BlockDiagnostics(b.name, name, *b.shape, damping) for b, damping in zip(fitted.curvature.blocks, fitted.damping().values())
+        BlockDiagnostics(b.name, name, *b.shape, damping)
+        for b, damping in zip(fitted.curvature.blocks, fitted.damping().values())
     ]
     return method.build(fitted, diagnostics)

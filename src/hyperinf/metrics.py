@@ -11,7 +11,9 @@ INSPECTED = (0.1, 0.2, 0.3, 0.4, 0.5)
 """The inspection rates of the paper's detection tables (Table 2)."""
 
 
-def detection_summary(scores: torch.Tensor, is_bad: torch.Tensor, inspected: tuple[float, ...] = INSPECTED) -> dict[str, float]:
+def detection_summary(
+    scores: torch.Tensor, is_bad: torch.Tensor, inspected: tuple[float, ...] = INSPECTED
+) -> dict[str, float]:
     """``{"detected@10%": ..., ..., "roc_auc": ...}``: the detection rates at ``inspected`` and ROC-AUC."""
     rates = {f"detected@{round(f * 100)}%": detection_rate(scores, is_bad, f) for f in inspected}
     return {**rates, "roc_auc": roc_auc(scores, is_bad)}
@@ -65,7 +67,9 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Both have the same shape ``[..., n]``; the result has shape ``[...]`` and is NaN where either row is constant.
     """
     if x.shape != y.shape or x.dim() == 0 or x.shape[-1] < 2:
-        raise DataError(f"spearman needs two tensors of one shape [..., n] with n >= 2, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise DataError(
+            f"spearman needs two tensors of one shape [..., n] with n >= 2, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     n = x.shape[-1]
     ranks = [torch.stack([_average_ranks(row) for row in t.reshape(-1, n).double()]) for t in (x, y)]
     rx, ry = (r - r.mean(-1, keepdim=True) for r in ranks)
@@ -97,10 +101,14 @@ def linear_datamodeling_score(scores: torch.Tensor, masks: torch.Tensor, losses:
     return spearman(predicted.T, losses.to(torch.float64).T)
 
 
-def bootstrap_interval(values: torch.Tensor, level: float = 0.95, draws: int = 1000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    values: torch.Tensor, level: float = 0.95, draws: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values`` (1-D), resampling them with replacement (seeded)."""
     if values.dim() != 1 or values.numel() == 0 or not bool(torch.isfinite(values).all()):
-        raise DataError(f"bootstrap_interval needs a non-empty 1-D tensor of finite values, got shape {tuple(values.shape)}")
+        raise DataError(
+            f"bootstrap_interval needs a non-empty 1-D tensor of finite values, got shape {tuple(values.shape)}"
+        )
     if not 0.0 < level < 1.0 or draws < 1:
         raise DataError(f"bootstrap_interval needs 0 < level < 1 and draws >= 1, got level={level}, draws={draws}")
     picks = torch.randint(values.numel(), (draws, values.numel()), generator=torch.Generator().manual_seed(seed))

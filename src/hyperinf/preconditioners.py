@@ -113,9 +113,12 @@ class LissaPreconditioner(Preconditioner):
             v = vectors[diag.block]
             columns = v.reshape(-1, v.shape[-1]).T  # solve A x = v_row for every row of every vector
             x, info = linalg.neumann_series(
-                self.matrices[diag.block], columns.to(self.matrices[diag.block].dtype),
-                max_iter=self.iterations, scale=self.scale[diag.block], on_fail="ignore",
-            )  # fmt: skip
+                self.matrices[diag.block],
+                columns.to(self.matrices[diag.block].dtype),
+                max_iter=self.iterations,
+                scale=self.scale[diag.block],
+                on_fail="ignore",
+            )
             out[diag.block] = x.T.reshape(v.shape).to(v.dtype)
             diag.iterations, diag.residual, diag.converged = info.iterations, info.residual, info.converged
         self._warn_if_far()

@@ -158,6 +158,7 @@ def collect(
         losses.append(batch_losses.detach())
         scores.append(batch_scores)
         if own is not None:
+            assert batch is not None  # forward mode yields no gradients and is refused with self-influence
             self_scores.append(self_influence(own, batch.grads))
         if saver is not None:
             saver.save(done, gathered)

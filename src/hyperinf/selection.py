@@ -60,7 +60,9 @@ def select_top(
         raise DataError("balance=True / --balance needs the pool's labels: pass labels")
     labels = labels.detach().cpu()
     if labels.shape != scores.shape:
-        raise DataError(f"labels {tuple(labels.shape)} and scores {tuple(scores.shape)} differ in shape: one label per scored example")
+        raise DataError(
+            f"labels {tuple(labels.shape)} and scores {tuple(scores.shape)} differ in shape: one label per scored example"
+        )
     keep = torch.zeros(n, dtype=torch.bool)
     for label in labels.unique().tolist():
         in_class = order[labels[order] == label]  # this class's rows, most helpful first
@@ -71,17 +73,25 @@ def select_top(
 def cosine_scores(scores: torch.Tensor, direction_norm: float, gradient_norms: torch.Tensor) -> torch.Tensor:
     """Scores ``-<h, g_k>`` turned into ``-cos(h, g_k)`` (LESS's normalisation against long-gradient bias)."""
     if direction_norm <= 0 or not math.isfinite(direction_norm):
-        raise DataError(f"the preconditioned target gradient has norm {direction_norm}: the target set gives no direction to compare with")
+        raise DataError(
+            f"the preconditioned target gradient has norm {direction_norm}: the target set gives no direction to compare with"
+        )
     norms = gradient_norms.to(scores.dtype)
     zero = int((norms <= 0).sum())
     if zero:
-        raise DataError(f"{zero} pool examples have a zero gradient (e.g. an answer truncated away): their cosine is undefined; drop them")
+        raise DataError(
+            f"{zero} pool examples have a zero gradient (e.g. an answer truncated away): their cosine is undefined; drop them"
+        )
     return scores / (direction_norm * norms)
 
 
 def _check_scores(scores: torch.Tensor) -> None:
     if scores.dim() != 1 or scores.numel() == 0:
-        raise DataError(f"scores must be one value per pool example (a non-empty 1-D tensor), got shape {tuple(scores.shape)}")
+        raise DataError(
+            f"scores must be one value per pool example (a non-empty 1-D tensor), got shape {tuple(scores.shape)}"
+        )
     bad = int((~torch.isfinite(scores)).sum())
     if bad:
-        raise DataError(f"{bad} of {scores.numel()} scores are NaN or infinite: check the method's diagnostics (damping, convergence)")
+        raise DataError(
+            f"{bad} of {scores.numel()} scores are NaN or infinite: check the method's diagnostics (damping, convergence)"
+        )

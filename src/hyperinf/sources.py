@@ -10,7 +10,7 @@ budget and replays them in pass 2; past the budget they go to disk when a spill 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,12 @@ class TrainingGradients:
     ``spill_dir`` if one is given); pass 2 replays them, or recomputes them when neither held them."""
 
     def __init__(
-        self, stream: GradientStream, budget_bytes: int, spill_dir: str | Path | None = None, spill_dtype: SpillDtype = "full"
-    ) -> None:  # fmt: skip
+        self,
+        stream: GradientStream,
+        budget_bytes: int,
+        spill_dir: str | Path | None = None,
+        spill_dtype: SpillDtype = "full",
+    ) -> None:
         self.stream = stream
         self.budget_bytes = budget_bytes
         self.spill_dir, self.spill_dtype = spill_dir, spill_dtype
@@ -80,7 +84,9 @@ class TrainingGradients:
         """Where the fit's gradients are kept: ``"memory"``, ``"disk"`` or ``None`` (recomputed)."""
         return None if self._cache is None else "disk" if isinstance(self._cache, GradientSpill) else "memory"
 
-    def record(self, loader: Iterable[Any], *, allow_empty: bool = False, skip: int = 0) -> Iterator[tuple[Any, BatchGradients]]:
+    def record(
+        self, loader: Iterable[Any], *, allow_empty: bool = False, skip: int = 0
+    ) -> Iterator[tuple[Any, BatchGradients]]:
         """Pass 1 over ``loader`` (after ``skip`` batches): yield every batch with its gradients and keep them
         (not on a resumed pass, whose first batches are not in memory)."""
         check_order(loader, "train_loader")
@@ -107,13 +113,14 @@ class TrainingGradients:
         spill directory or the disk room the whole pass will take (estimated from these batches)."""
         if self.spill_dir is None:
             return None
-        expected = total / len(kept) * len(loader) if hasattr(loader, "__len__") else total
+        expected = total / len(kept) * len(loader) if isinstance(loader, Sized) else total
         element = next(iter(kept[0].grads.values())).element_size()
         if not room_for(self.spill_dir, int(expected * (2 / element if self.spill_dtype == "bfloat16" else 1))):
             return None
-        spill: GradientSpill | None = GradientSpill(self.spill_dir, self.spill_dtype)
+        spill = GradientSpill(self.spill_dir, self.spill_dtype)
         for batch in kept:
-            spill = _keep(spill, batch)
+            if _keep(spill, batch) is None:
+                return None
         return spill
 
     def forget(self, loader: Iterable[Any] | None = None) -> None:
@@ -128,15 +135,18 @@ class TrainingGradients:
 
     def __call__(self, loader: Iterable[Any], *, skip: int = 0) -> Iterator[BatchGradients]:
         """The per-sample gradients of ``loader`` after ``skip`` batches: kept ones when they are this loader's, else recomputed."""
-        if self.holds(loader):
-            yield from self._cache.read(skip) if isinstance(self._cache, GradientSpill) else self._cache[skip:]
+        cache = self._cache if self.holds(loader) else None
+        if cache is not None:
+            yield from cache.read(skip) if isinstance(cache, GradientSpill) else cache[skip:]
             return
         check_order(loader, "train_loader")
         for _, grads in self.stream(loader, "train_loader", skip=skip):
             yield grads
 
 
-def _keep(cache: list[BatchGradients] | GradientSpill | None, batch: BatchGradients) -> list[BatchGradients] | GradientSpill | None:
+def _keep(
+    cache: list[BatchGradients] | GradientSpill | None, batch: BatchGradients
+) -> list[BatchGradients] | GradientSpill | None:
     """Add ``batch`` to the cache; a spill that fails to write (a full disk) is deleted and becomes ``None``."""
     if isinstance(cache, list):
         cache.append(batch)
@@ -145,13 +155,23 @@ def _keep(cache: list[BatchGradients] | GradientSpill | None, batch: BatchGradie
             cache.append(batch)
         except OSError as error:
             cache.close()
-            warnings.warn(f"spilling the training gradients to {cache.folder} failed ({error}): pass 2 recomputes them instead.", SpillWarning, stacklevel=3)
+            warnings.warn(
+                f"spilling the training gradients to {cache.folder} failed ({error}): pass 2 recomputes them instead.",
+                SpillWarning,
+                stacklevel=3,
+            )
             return None
     return cache
 
 
 def mean_gradient(
-    stream: GradientStream, loader: Iterable[Any], what: str, *, dtype: torch.dtype, reduce: Reduce, allow_empty: bool = False
+    stream: GradientStream,
+    loader: Iterable[Any],
+    what: str,
+    *,
+    dtype: torch.dtype,
+    reduce: Reduce,
+    allow_empty: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The mean per-block gradient ``v_l`` over a loader; ``reduce`` sums over processes (distributed runs)."""
     blocks = stream.gradients.blocks

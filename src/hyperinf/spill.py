@@ -61,20 +61,24 @@ class GradientSpill:
 
     def append(self, batch: BatchGradients) -> None:
         """Write one batch's gradients at the end of the file (its losses stay in memory)."""
+        file = self._file
+        if file is None:
+            raise RuntimeError("the spill file is closed for writing: append every batch before finish()")
         entries = {}
         for name, g in batch.grads.items():
             stored = g.detach().to("cpu", torch.bfloat16 if self.dtype == "bfloat16" else g.dtype).contiguous()
             raw = stored.view(torch.uint8).numpy() if stored.numel() else np.empty(0, np.uint8)
             entries[name] = _Entry(self.bytes, tuple(stored.shape), stored.dtype, g.dtype, g.device)
-            self._file.write(raw)  # the array's buffer, without a bytes copy
+            file.write(raw.data)  # the array's buffer, without a bytes copy
             padding = -raw.nbytes % _ALIGN
-            self._file.write(bytes(padding))
+            file.write(bytes(padding))
             self.bytes += raw.nbytes + padding
         self._batches.append((batch.losses.detach(), entries))
 
     def finish(self) -> None:
         """Close the file for writing; the batches can then be read back."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         self._file = None
 
     def read(self, skip: int = 0) -> Iterator[BatchGradients]:
@@ -92,7 +96,9 @@ class GradientSpill:
         size = int(np.prod(entry.shape)) * entry.stored.itemsize
         if size == 0:
             return torch.empty(entry.shape, dtype=entry.stored)
-        mapped = np.memmap(self.path, dtype=np.uint8, mode="c", offset=entry.offset, shape=(size,))  # copy-on-write: file untouched
+        mapped = np.memmap(
+            self.path, dtype=np.uint8, mode="c", offset=entry.offset, shape=(size,)
+        )  # copy-on-write: file untouched
         return torch.from_numpy(mapped).view(entry.stored).view(entry.shape)
 
     def close(self) -> None:

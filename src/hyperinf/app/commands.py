@@ -77,7 +77,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     demo.add_argument("--n-train", type=int, default=1000, help="training examples (default: 1000)")
     demo.add_argument("--n-val", type=int, default=200, help="clean validation examples (default: 200)")
-    demo.add_argument("--flip-fraction", type=float, default=0.2, help="share of flipped training labels (default: 0.2)")
+    demo.add_argument(
+        "--flip-fraction", type=float, default=0.2, help="share of flipped training labels (default: 0.2)"
+    )
     demo.add_argument("--epochs", type=int, default=200, help="full-batch training steps (default: 200)")
     demo.add_argument("--seed", type=int, default=0, help="seed of split, flips and training (default: 0)")
     demo.add_argument(
@@ -120,5 +122,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     add_select_arguments(select)
     select.set_defaults(run=_select)
 
-    methods = commands.add_parser("methods", help="list the influence methods", description="List the influence methods.")
+    methods = commands.add_parser(
+        "methods", help="list the influence methods", description="List the influence methods."
+    )
     methods.set_defaults(run=_methods)

@@ -59,7 +59,11 @@ def load_digits_split(args: DemoArgs) -> dict[str, torch.Tensor]:
             "lower --n-train / --n-val (n_train / n_val)"
         )
     n_flipped = flip_count(args.flip_fraction, args.n_train)
-    train, val, test = order[: args.n_train], order[args.n_train : args.n_train + args.n_val], order[args.n_train + args.n_val :]
+    train, val, test = (
+        order[: args.n_train],
+        order[args.n_train : args.n_train + args.n_val],
+        order[args.n_train + args.n_val :],
+    )
     mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
     x = (x - mean) / std
     flipped = torch.zeros(args.n_train, dtype=torch.bool)
@@ -68,8 +72,14 @@ def load_digits_split(args: DemoArgs) -> dict[str, torch.Tensor]:
     shift = torch.randint(1, 10, (int(flipped.sum()),), generator=generator)
     noisy[flipped] = (noisy[flipped] + shift) % 10
     return {
-        "x_train": x[train], "y_train": noisy, "y_true": y[train], "flipped": flipped,
-        "x_val": x[val], "y_val": y[val], "x_test": x[test], "y_test": y[test],
+        "x_train": x[train],
+        "y_train": noisy,
+        "y_true": y[train],
+        "flipped": flipped,
+        "x_val": x[val],
+        "y_val": y[val],
+        "x_test": x[test],
+        "y_test": y[test],
     }
 
 
@@ -108,7 +118,9 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
         }
         for name, s in scores.items()
     ]
-    print_detection_table(rows, "share of flipped labels found after inspecting the top-ranked fraction of the training set")
+    print_detection_table(
+        rows, "share of flipped labels found after inspecting the top-ranked fraction of the training set"
+    )
     with torch.no_grad():
         predicted = model(data["x_train"]).argmax(1)
     print_suspects(scores, args.methods, data["y_train"], predicted, data["flipped"], [str(d) for d in range(10)])
@@ -117,4 +129,3 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
     write_json(args.out / "detection.json", {"args": asdict(args), "test_accuracy": accuracy, "rows": rows})
     print(f"results written to {args.out}/")
     return rows
-

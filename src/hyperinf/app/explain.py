@@ -80,11 +80,14 @@ def _record(i: int, query: Query, top: TopK, split: Any, names: list[str]) -> di
     def rows(indices: torch.Tensor, scores: torch.Tensor) -> list[dict[str, Any]]:
         return [
             {
-                "train_index": int(j), "score": float(s), "text": split.train.texts[j],
-                "label": names[int(split.train.labels[j])], "flipped": bool(split.flipped[j]),
+                "train_index": int(j),
+                "score": float(s),
+                "text": split.train.texts[j],
+                "label": names[int(split.train.labels[j])],
+                "flipped": bool(split.flipped[j]),
             }
             for j, s in zip(indices[i].tolist(), scores[i].tolist())
-        ]  # fmt: skip
+        ]
 
     return {
         "query": query.text,
@@ -100,8 +103,10 @@ def print_records(records: list[dict[str, Any]], width: int = 90) -> None:
     for record in records:
         source = "the model's prediction" if record["label_is_prediction"] else "given"
         print(f"\nquery: {_one_line(record['query'], width)}\n  label: {record['label']} ({source})")
-        for title, key in (("proponents (helpful: up-weighting lowers the query's loss)", "proponents"),
-                           ("opponents (harmful: up-weighting raises the query's loss)", "opponents")):  # fmt: skip
+        for title, key in (
+            ("proponents (helpful: up-weighting lowers the query's loss)", "proponents"),
+            ("opponents (harmful: up-weighting raises the query's loss)", "opponents"),
+        ):
             print(f"  {title}")
             for row in record[key]:
                 mark = "*" if row["flipped"] else " "
@@ -119,9 +124,13 @@ def add_arguments(parser: Any) -> None:
 
     parser.add_argument("--query", action="append", default=[], help="a text to explain (repeatable)")
     parser.add_argument("--query-file", type=Path, default=None, help="a text file with one query per line")
-    parser.add_argument("--query-label", default=None, help="score every query under this class (default: the model's prediction)")
+    parser.add_argument(
+        "--query-label", default=None, help="score every query under this class (default: the model's prediction)"
+    )
     parser.add_argument("-k", "--k", type=int, default=5, help="proponents and opponents per query (default: 5)")
-    parser.add_argument("--method", default="hyperinf", help="influence method (default: hyperinf; see `hyperinf methods`)")
+    parser.add_argument(
+        "--method", default="hyperinf", help="influence method (default: hyperinf; see `hyperinf methods`)"
+    )
     add_training_arguments(parser, MislabelArgs(flip_fraction=0.0))
     parser.add_argument("--out", type=Path, default=Path("runs/explain"), help="output folder (default: runs/explain)")
     parser.set_defaults(methods=[], fim=False)

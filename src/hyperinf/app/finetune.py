@@ -30,8 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hyperinf.errors import ResumedWarning
-from hyperinf.errors import ConfigurationError, EmptyDataError
+from hyperinf.errors import ConfigurationError, EmptyDataError, ResumedWarning
 from hyperinf.results import atomic_write
 
 TRAINING_REVISION = 2  # part of every cache key: bump when train_or_load trains differently (2: seeded dropout)
@@ -47,7 +46,9 @@ def default_cache_dir() -> Path:
 
 def training_key(settings: Mapping[str, Any], examples: Iterable[tuple[str, int]]) -> str:
     """Hash of everything that determines the trained weights: the settings and the (text, label) examples in order."""
-    digest = hashlib.sha256(json.dumps({**settings, "training_revision": TRAINING_REVISION}, sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(
+        json.dumps({**settings, "training_revision": TRAINING_REVISION}, sort_keys=True, default=str).encode()
+    )
     for text, label in examples:
         digest.update(f"{label}\t{text}\n".encode())
     return digest.hexdigest()[:20]
@@ -82,9 +83,16 @@ def load_trainable(model: nn.Module, state: Mapping[str, torch.Tensor], source: 
 
 
 def train_or_load(
-    model: nn.Module, loss_fn: LossFn, examples: Sequence[tuple[str, int]], collate: Callable[[Sequence[Any]], Any],
-    schedule: Schedule, path: Path, *, progress: bool = True, desc: str = "train",
-) -> dict[str, Any]:  # fmt: skip
+    model: nn.Module,
+    loss_fn: LossFn,
+    examples: Sequence[tuple[str, int]],
+    collate: Callable[[Sequence[Any]], Any],
+    schedule: Schedule,
+    path: Path,
+    *,
+    progress: bool = True,
+    desc: str = "train",
+) -> dict[str, Any]:
     """Fine-tune the model's trainable parameters on ``examples`` (mean of ``loss_fn``), or load them from ``path``.
 
     Returns ``{"cached", "path", "seconds", "final_loss"}``; the model is left in eval mode. An
@@ -99,7 +107,9 @@ def train_or_load(
         raise EmptyDataError("nothing to train on: the training set is empty")
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(schedule.seed)
-    loader = DataLoader(list(examples), batch_size=schedule.batch_size, shuffle=True, generator=generator, collate_fn=collate)
+    loader = DataLoader(
+        list(examples), batch_size=schedule.batch_size, shuffle=True, generator=generator, collate_fn=collate
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0)
     partial = path.with_name(f"{path.stem}.partial.pt")
@@ -107,12 +117,17 @@ def train_or_load(
     model.train()
     # Dropout draws from the global generator: seed it (and leave the caller's state alone) so
     # the same settings give the same weights, as the cache key promises.
-    with torch.random.fork_rng(devices=[]), tqdm(total=schedule.epochs * len(loader), desc=desc, disable=not progress, leave=False) as bar:
+    with (
+        torch.random.fork_rng(devices=[]),
+        tqdm(total=schedule.epochs * len(loader), desc=desc, disable=not progress, leave=False) as bar,
+    ):
         torch.manual_seed(schedule.seed)
         first_epoch, skip = _resume(partial, model, optimizer, generator, desc)
         bar.update(first_epoch * len(loader) + skip)
         for epoch in range(first_epoch, schedule.epochs):
-            order = generator.get_state()  # the epoch's shuffle (and loader seed) are drawn from here when iteration starts
+            order = (
+                generator.get_state()
+            )  # the epoch's shuffle (and loader seed) are drawn from here when iteration starts
             for step, batch in enumerate(loader, start=1):
                 if step <= skip:
                     continue
@@ -132,19 +147,32 @@ def train_or_load(
     state = {n: t.contiguous() for n, t in trainable_state(model).items()}
     atomic_write(path, lambda tmp: save_file(state, str(tmp)))
     partial.unlink(missing_ok=True)
-    return {"cached": False, "path": str(path), "seconds": time.perf_counter() - start, "final_loss": float(loss.detach())}
+    return {
+        "cached": False,
+        "path": str(path),
+        "seconds": time.perf_counter() - start,
+        "final_loss": float(loss.detach()),
+    }
 
 
-def _checkpoint(partial: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int, order: torch.Tensor) -> None:
+def _checkpoint(
+    partial: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int, order: torch.Tensor
+) -> None:
     """Write what resuming after ``step`` batches of ``epoch`` needs: weights, optimizer, the epoch's data order, the random state."""
     payload = {
-        "trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-        "order": order, "rng": torch.get_rng_state(),
-    }  # fmt: skip
+        "trainable": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "order": order,
+        "rng": torch.get_rng_state(),
+    }
     atomic_write(partial, lambda tmp: torch.save(payload, tmp))
 
 
-def _resume(partial: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, desc: str) -> tuple[int, int]:
+def _resume(
+    partial: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, desc: str
+) -> tuple[int, int]:
     """Restore an interrupted training from ``partial``: ``(epoch, batches of it done)``, ``(0, 0)`` without one.
     (The file sits beside the cache file named by the key of every setting, so it cannot belong to another run.)"""
     if not partial.exists():
@@ -155,5 +183,7 @@ def _resume(partial: Path, model: nn.Module, optimizer: torch.optim.Optimizer, g
     torch.set_rng_state(payload["rng"])
     epoch, step = payload["epoch"], payload["step"]
     generator.set_state(payload["order"])
-    warnings.warn(f"{desc}: resuming from {partial} after epoch {epoch + 1}, batch {step}", ResumedWarning, stacklevel=3)
+    warnings.warn(
+        f"{desc}: resuming from {partial} after epoch {epoch + 1}, batch {step}", ResumedWarning, stacklevel=3
+    )
     return epoch, step

@@ -63,24 +63,40 @@ class Learner:
 
 
 def build_learner(
-    model: str, label_names: Sequence[str], *, rank: int = 8, seed: int = 0, dense: bool = False, max_length: int = 128,
+    model: str,
+    label_names: Sequence[str],
+    *,
+    rank: int = 8,
+    seed: int = 0,
+    dense: bool = False,
+    max_length: int = 128,
     template: causal_lm.PromptTemplate | None = None,
-) -> Learner:  # fmt: skip
+) -> Learner:
     """The learner for ``model`` (one of :data:`MODELS`) on a task with ``label_names``."""
     if model in CLASSIFIERS:
         net, tokenizer, blocks = classifier(model, len(label_names), rank=rank, seed=seed, dense=dense)
 
         def predict_class(texts: Sequence[str], batch_size: int) -> torch.Tensor:
-            batches = DataLoader([(t, 0) for t in texts], batch_size=batch_size, collate_fn=collate_fn(tokenizer, max_length))
-            return torch.cat([classifier_logits(net, b).argmax(-1) for b in batches]) if texts else torch.zeros(0, dtype=torch.long)
+            batches = DataLoader(
+                [(t, 0) for t in texts], batch_size=batch_size, collate_fn=collate_fn(tokenizer, max_length)
+            )
+            return (
+                torch.cat([classifier_logits(net, b).argmax(-1) for b in batches])
+                if texts
+                else torch.zeros(0, dtype=torch.long)
+            )
 
-        return Learner(net, tokenizer, blocks, sequence_classification_loss, collate_fn(tokenizer, max_length), predict_class)
+        return Learner(
+            net, tokenizer, blocks, sequence_classification_loss, collate_fn(tokenizer, max_length), predict_class
+        )
     if model in CAUSAL_LMS:
         net, tokenizer, blocks = causal(model, rank=rank, seed=seed, dense=dense)
         template = template or causal_lm.default_template(label_names)
 
         def predict_option(texts: Sequence[str], batch_size: int) -> torch.Tensor:
-            return causal_lm.predict_options(net, tokenizer, texts, label_names, template, max_length=max_length, batch_size=batch_size)
+            return causal_lm.predict_options(
+                net, tokenizer, texts, label_names, template, max_length=max_length, batch_size=batch_size
+            )
 
         collate = causal_lm.instruction_collate(tokenizer, label_names, template, max_length)
         return Learner(net, tokenizer, blocks, causal_lm.answer_loss, collate, predict_option)
@@ -103,14 +119,20 @@ def causal(model: str, *, rank: int, seed: int, dense: bool) -> tuple[nn.Module,
     return causal_lm.add_lora(net, r=rank, seed=seed), tokenizer, "lora"
 
 
-def classifier(model: str, num_labels: int, *, rank: int, seed: int, dense: bool) -> tuple[nn.Module, Any, list[str] | str]:
+def classifier(
+    model: str, num_labels: int, *, rank: int, seed: int, dense: bool
+) -> tuple[nn.Module, Any, list[str] | str]:
     """A sequence classifier, its tokenizer and the blocks to attribute (LoRA, or the last layer + head)."""
     if model == "tiny-bert":
         net, tokenizer = tiny_bert(num_labels, rank=rank, seed=seed, lora=not dense)
     elif model == "minilm":
-        net, tokenizer = load_minilm_lora(num_labels, r=rank, seed=seed) if not dense else _minilm_dense(num_labels, seed)
+        net, tokenizer = (
+            load_minilm_lora(num_labels, r=rank, seed=seed) if not dense else _minilm_dense(num_labels, seed)
+        )
     else:
-        raise ConfigurationError(f"unknown --model / model {model!r}: use one of {', '.join(CLASSIFIERS)} for a classifier")
+        raise ConfigurationError(
+            f"unknown --model / model {model!r}: use one of {', '.join(CLASSIFIERS)} for a classifier"
+        )
     if not dense:
         return net, tokenizer, "lora"
     tuned = last_layer_and_head(net)
@@ -146,14 +168,21 @@ def tiny_bert(num_labels: int, *, rank: int = 2, seed: int = 0, lora: bool = Tru
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_folder()))
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BertForSequenceClassification(config)
         if lora:
-            config = LoraConfig(r=rank, lora_alpha=16, target_modules=["query", "value"], use_rslora=True, task_type="SEQ_CLS")
+            config = LoraConfig(
+                r=rank, lora_alpha=16, target_modules=["query", "value"], use_rslora=True, task_type="SEQ_CLS"
+            )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 model = get_peft_model(model, config)

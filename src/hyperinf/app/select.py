@@ -84,7 +84,14 @@ class SelectArgs:
 
     def learner_settings(self) -> dict[str, Any]:
         """What builds the model (before training): part of every cache key."""
-        return {"model": self.model, "dense": self.dense, "rank": self.rank, "max_length": self.max_length, "task": self.task, "seed": self.seed}
+        return {
+            "model": self.model,
+            "dense": self.dense,
+            "rank": self.rank,
+            "max_length": self.max_length,
+            "task": self.task,
+            "seed": self.seed,
+        }
 
     def influence_settings(self) -> dict[str, Any]:
         return {"damping": self.damping, "damping_mode": self.damping_mode, "dtype": self.dtype}
@@ -110,14 +117,30 @@ def load_pool_split(args: SelectArgs, *, n_test: int = 0, flip_fraction: float =
     if args.target is None:
         # Built-in tasks are drawn equally per class (a classifier cannot win by the majority class); a user's data as it is.
         split = split_and_flip(
-            data, n_train=args.n_pool or data.labels.numel() - args.n_target - n_test, n_val=args.n_target, n_test=n_test,
-            flip_fraction=flip_fraction, balanced=args.n_pool > 0 and args.task in BUILT_IN_TASKS, seed=args.seed,
-        )  # fmt: skip
+            data,
+            n_train=args.n_pool or data.labels.numel() - args.n_target - n_test,
+            n_val=args.n_target,
+            n_test=n_test,
+            flip_fraction=flip_fraction,
+            balanced=args.n_pool > 0 and args.task in BUILT_IN_TASKS,
+            seed=args.seed,
+        )
         result = PoolSplit(split.train, split.val, split.test, split.flipped)
     else:
         target = aligned(load_table(args.target, args.text_column, args.label_column, min_classes=1), data.label_names)
-        pool = data if not args.n_pool or args.n_pool >= data.labels.numel() else data.subset(torch.randperm(data.labels.numel(), generator=torch.Generator().manual_seed(args.seed))[: args.n_pool])
-        result = PoolSplit(pool, target, pool.subset(torch.zeros(0, dtype=torch.long)), torch.zeros(pool.labels.numel(), dtype=torch.bool))
+        pool = (
+            data
+            if not args.n_pool or args.n_pool >= data.labels.numel()
+            else data.subset(
+                torch.randperm(data.labels.numel(), generator=torch.Generator().manual_seed(args.seed))[: args.n_pool]
+            )
+        )
+        result = PoolSplit(
+            pool,
+            target,
+            pool.subset(torch.zeros(0, dtype=torch.long)),
+            torch.zeros(pool.labels.numel(), dtype=torch.bool),
+        )
     check_selectable(result.pool, args.fractions, args.balance)
     return result
 
@@ -148,21 +171,40 @@ def check_selectable(pool: TextDataset, fractions: tuple[float, ...], balance: b
     for fraction in fractions:
         if balance:
             for label in pool.labels.unique().tolist():
-                selection_size(fraction, int((pool.labels == label).sum()), f"label {pool.label_names[label]!r} of the pool")
+                selection_size(
+                    fraction, int((pool.labels == label).sum()), f"label {pool.label_names[label]!r} of the pool"
+                )
         else:
             selection_size(fraction, pool.labels.numel())
 
 
 def make_learner(args: SelectArgs, label_names: list[str]) -> Learner:
     template = default_template(label_names, KINDS.get(args.task, "text"))
-    return build_learner(args.model, label_names, rank=args.rank, seed=args.seed, dense=args.dense, max_length=args.max_length, template=template)
+    return build_learner(
+        args.model,
+        label_names,
+        rank=args.rank,
+        seed=args.seed,
+        dense=args.dense,
+        max_length=args.max_length,
+        template=template,
+    )
 
 
 def warm_up(args: SelectArgs, learner: Learner, pairs: list[tuple[str, int]]) -> dict[str, Any]:
     """Train on the whole pool (``args.epochs``), or load that from the cache; returns the record with its key."""
     schedule = Schedule(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     key = training_key({"stage": "warm-up", **args.learner_settings(), **asdict(schedule)}, pairs)
-    record = train_or_load(learner.model, learner.loss, pairs, learner.collate, schedule, args.cache_dir / f"{key}.safetensors", progress=args.progress, desc="warm-up")
+    record = train_or_load(
+        learner.model,
+        learner.loss,
+        pairs,
+        learner.collate,
+        schedule,
+        args.cache_dir / f"{key}.safetensors",
+        progress=args.progress,
+        desc="warm-up",
+    )
     return {**record, "key": key}
 
 
@@ -173,18 +215,31 @@ def target_loss_by_label(learner: Learner, split: PoolSplit, batch_size: int) ->
     The target's mean gradient leans toward the labels that carry most of that loss, and so do the
     selections of every influence method (docs/results.md): a share far from the label's share of
     the target set says a selection will lean the same way."""
-    losses = torch.cat([learner.loss(learner.model, batch) for batch in learner.loader(split.pairs("target"), batch_size)]).double()
+    losses = torch.cat(
+        [learner.loss(learner.model, batch) for batch in learner.loader(split.pairs("target"), batch_size)]
+    ).double()
     labels = split.target.labels
     return {
-        name: {"n": int((labels == i).sum()), "mean_loss": float(losses[labels == i].mean()), "loss_share": float(losses[labels == i].sum() / losses.sum())}
-        for i, name in enumerate(split.target.label_names) if (labels == i).any()
-    }  # fmt: skip
+        name: {
+            "n": int((labels == i).sum()),
+            "mean_loss": float(losses[labels == i].mean()),
+            "loss_share": float(losses[labels == i].sum() / losses.sum()),
+        }
+        for i, name in enumerate(split.target.label_names)
+        if (labels == i).any()
+    }
 
 
 def scores_path(args: SelectArgs, split: PoolSplit, methods: list[str], warm_key: str) -> Path:
     """Where :func:`score_pool` caches the scores of ``methods`` on this pool, target and warm-up."""
     key = training_key(
-        {"stage": "scores", "warm_up": warm_key, "methods": methods, **args.influence_settings(), "pool": training_key({}, split.pairs("pool"))},
+        {
+            "stage": "scores",
+            "warm_up": warm_key,
+            "methods": methods,
+            **args.influence_settings(),
+            "pool": training_key({}, split.pairs("pool")),
+        },
         split.pairs("target"),
     )
     return args.cache_dir.parent / "scores" / f"{key}.safetensors"
@@ -201,15 +256,33 @@ def score_pool(
     if path.exists():
         return load_file(str(path))
     engine = InfluenceEngine(
-        learner.model, learner.loss, blocks=learner.blocks, method=methods[0], damping=args.damping, damping_mode=args.damping_mode,
-        dtype=args.dtype, progress=args.progress, cache_bytes=int(args.cache_gib * 2**30), spill_dir=args.out / "spill",
-    )  # fmt: skip
-    pool, target = learner.loader(split.pairs("pool"), args.batch_size), learner.loader(split.pairs("target"), args.batch_size)
+        learner.model,
+        learner.loss,
+        blocks=learner.blocks,
+        method=methods[0],
+        damping=args.damping,
+        damping_mode=args.damping_mode,
+        dtype=args.dtype,
+        progress=args.progress,
+        cache_bytes=int(args.cache_gib * 2**30),
+        spill_dir=args.out / "spill",
+    )
+    pool, target = (
+        learner.loader(split.pairs("pool"), args.batch_size),
+        learner.loader(split.pairs("target"), args.batch_size),
+    )
     # A killed run resumes both passes from these files (the warm-up comes back from its cache).
     checkpoints = args.out / "checkpoints" / path.stem
-    engine.fit(pool, methods=methods, checkpoint=checkpoints.with_suffix(".fit.ckpt"), checkpoint_every=CHECKPOINT_EVERY)
+    engine.fit(
+        pool, methods=methods, checkpoint=checkpoints.with_suffix(".fit.ckpt"), checkpoint_every=CHECKPOINT_EVERY
+    )
     scored = engine.score_methods(
-        pool, target, methods, self_influence="tracin", checkpoint=checkpoints.with_suffix(".score.ckpt"), checkpoint_every=CHECKPOINT_EVERY
+        pool,
+        target,
+        methods,
+        self_influence="tracin",
+        checkpoint=checkpoints.with_suffix(".score.ckpt"),
+        checkpoint_every=CHECKPOINT_EVERY,
     )
     remove_if_empty(checkpoints.parent)
     result = {f"score/{m}": scored[m] for m in methods}
@@ -239,10 +312,13 @@ def composition(pool: TextDataset, picked: torch.Tensor, lengths: torch.Tensor) 
         "size": int(picked.numel()),
         "labels": {name: int((labels == i).sum()) for i, name in enumerate(pool.label_names)},
         "tokens": {
-            "mean": float(picked_lengths.mean()), "min": int(picked_lengths.min()), "median": float(picked_lengths.median()),
-            "max": int(picked_lengths.max()), "histogram": _histogram(picked_lengths, lengths.double()),
+            "mean": float(picked_lengths.mean()),
+            "min": int(picked_lengths.min()),
+            "median": float(picked_lengths.median()),
+            "max": int(picked_lengths.max()),
+            "histogram": _histogram(picked_lengths, lengths.double()),
         },
-    }  # fmt: skip
+    }
 
 
 def _histogram(values: torch.Tensor, reference: torch.Tensor, bins: int = 8) -> dict[str, int]:
@@ -263,13 +339,19 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
     scores = method_scores(scored, args.method, args.normalize)
     lengths = torch.tensor(learner.token_lengths(split.pool.texts))
     selections = {f: select_top(scores, f, split.pool.labels, balance=args.balance) for f in args.fractions}
-    write_selection(args, split.pool, scores, lengths, selections, {"warm_up": warm, "target_loss_by_label": target_loss})
-    print(f"scored {split.pool.labels.numel()} pool examples against {split.target.labels.numel()} target examples with {args.method}")
+    write_selection(
+        args, split.pool, scores, lengths, selections, {"warm_up": warm, "target_loss_by_label": target_loss}
+    )
+    print(
+        f"scored {split.pool.labels.numel()} pool examples against {split.target.labels.numel()} target examples with {args.method}"
+    )
     shares = ", ".join(f"{name} {v['loss_share']:.0%} ({v['n']} examples)" for name, v in target_loss.items())
     print(f"  the warm-up model's target loss by label: {shares} (selections lean toward the labels that carry it)")
     for fraction, picked in selections.items():
         made = composition(split.pool, picked, lengths)
-        print(f"  {fraction:.0%}: {made['size']} examples, labels {made['labels']}, mean {made['tokens']['mean']:.1f} tokens")
+        print(
+            f"  {fraction:.0%}: {made['size']} examples, labels {made['labels']}, mean {made['tokens']['mean']:.1f} tokens"
+        )
         for label in skewed_labels(split.pool.labels, picked, split.pool.label_names):
             print(
                 f"  warning: the {fraction:.0%} selection under-represents label {label!r} (less than half its share of the pool): "
@@ -288,9 +370,13 @@ def skewed_labels(labels: torch.Tensor, picked: torch.Tensor, label_names: list[
 
 
 def write_selection(
-    args: SelectArgs, pool: TextDataset, scores: torch.Tensor, lengths: torch.Tensor, selections: dict[float, torch.Tensor],
+    args: SelectArgs,
+    pool: TextDataset,
+    scores: torch.Tensor,
+    lengths: torch.Tensor,
+    selections: dict[float, torch.Tensor],
     records: dict[str, Any],
-) -> None:  # fmt: skip
+) -> None:
     """scores.parquet, selected_<pct>.jsonl per fraction and arguments.json, each written atomically."""
     import pandas as pd
 
@@ -298,26 +384,42 @@ def write_selection(
     row_ids = pool.ids if pool.ids is not None else torch.arange(pool.labels.numel())
     frame = pd.DataFrame(
         {
-            "row_id": row_ids.numpy(), "text": pool.texts, "label": [pool.label_names[i] for i in pool.labels.tolist()],
-            "score": scores.double().numpy(), "rank": rank.numpy(), "token_length": lengths.numpy(),
+            "row_id": row_ids.numpy(),
+            "text": pool.texts,
+            "label": [pool.label_names[i] for i in pool.labels.tolist()],
+            "score": scores.double().numpy(),
+            "rank": rank.numpy(),
+            "token_length": lengths.numpy(),
         }
-    )  # fmt: skip
+    )
     atomic_write(args.out / "scores.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
     for fraction, picked in selections.items():
         rows = [
-            {"row_id": int(row_ids[i]), args.text_column: pool.texts[i], args.label_column: pool.label_names[int(pool.labels[i])],
-             "score": float(scores[i]), "rank": int(rank[i])}
+            {
+                "row_id": int(row_ids[i]),
+                args.text_column: pool.texts[i],
+                args.label_column: pool.label_names[int(pool.labels[i])],
+                "score": float(scores[i]),
+                "rank": int(rank[i]),
+            }
             for i in picked.tolist()
-        ]  # fmt: skip
+        ]
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        atomic_write(args.out / f"selected_{fraction_label(fraction)}.jsonl", lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(
+            args.out / f"selected_{fraction_label(fraction)}.jsonl",
+            lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"),
+        )
     write_json(
         args.out / "arguments.json",
         {
-            "args": asdict(args), "sign": SIGN, "tie_break": TIE_BREAK, "label_names": pool.label_names,
-            "selections": {fraction_label(f): composition(pool, p, lengths) for f, p in selections.items()}, **records,
+            "args": asdict(args),
+            "sign": SIGN,
+            "tie_break": TIE_BREAK,
+            "label_names": pool.label_names,
+            "selections": {fraction_label(f): composition(pool, p, lengths) for f, p in selections.items()},
+            **records,
         },
-    )  # fmt: skip
+    )
 
 
 def fraction_label(fraction: float) -> str:
@@ -329,35 +431,106 @@ def add_arguments(parser: Any) -> None:
     """The ``hyperinf select`` options (argparse)."""
     d = SelectArgs()
     add_pool_arguments(parser, d)
-    parser.add_argument("--method", default=d.method, choices=method_names(), help=f"influence method (default: {d.method})")
-    parser.add_argument("--normalize", action="store_true", help="rank by -cos(H^-1 v, g_k) instead of the inner product (LESS: against the bias toward short texts with large gradients)")
+    parser.add_argument(
+        "--method", default=d.method, choices=method_names(), help=f"influence method (default: {d.method})"
+    )
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="rank by -cos(H^-1 v, g_k) instead of the inner product (LESS: against the bias toward short texts with large gradients)",
+    )
     parser.add_argument("--balance", action="store_true", help="keep the same fraction of every label")
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
 
 
 def add_pool_arguments(parser: Any, d: SelectArgs) -> None:
     """Options of the data, the model, its warm-up and the influence engine, shared with ``experiment select``."""
-    parser.add_argument("--task", default=d.task, help="'tweets' (default), 'bbc-titles' (BBC News headlines, 5 topics), 'bbc', or a .csv/.tsv/.parquet file or datasets folder: the candidate pool")
-    parser.add_argument("--target", type=Path, default=None, help="target examples (same formats and columns); default: --n-target rows held out of --task")
-    parser.add_argument("--min-confidence", type=float, default=d.min_confidence, help=f"tweets only: least annotator confidence (default: {d.min_confidence})")
+    parser.add_argument(
+        "--task",
+        default=d.task,
+        help="'tweets' (default), 'bbc-titles' (BBC News headlines, 5 topics), 'bbc', or a .csv/.tsv/.parquet file or datasets folder: the candidate pool",
+    )
+    parser.add_argument(
+        "--target",
+        type=Path,
+        default=None,
+        help="target examples (same formats and columns); default: --n-target rows held out of --task",
+    )
+    parser.add_argument(
+        "--min-confidence",
+        type=float,
+        default=d.min_confidence,
+        help=f"tweets only: least annotator confidence (default: {d.min_confidence})",
+    )
     parser.add_argument("--text-column", default=d.text_column, help="text column of a data file (default: text)")
     parser.add_argument("--label-column", default=d.label_column, help="label column of a data file (default: label)")
-    parser.add_argument("--n-pool", type=int, default=d.n_pool, help=f"pool examples drawn from --task (default: {d.n_pool}; 0: all)")
-    parser.add_argument("--n-target", type=int, default=d.n_target, help=f"target examples held out when no --target is given (default: {d.n_target})")
-    parser.add_argument("--fraction", default=",".join(f"{f:g}" for f in d.fractions), help="comma-separated shares of the pool to keep (default: 0.05,0.2,0.4)")
-    parser.add_argument("--model", default=d.model, choices=MODELS, help=f"the shipped SmolLM2-135M-Instruct (default), MiniLM, or a tiny random Llama / BERT (tests)")
-    parser.add_argument("--dense", action="store_true", help="train and attribute the last transformer block instead of LoRA (paper Table 4)")
+    parser.add_argument(
+        "--n-pool", type=int, default=d.n_pool, help=f"pool examples drawn from --task (default: {d.n_pool}; 0: all)"
+    )
+    parser.add_argument(
+        "--n-target",
+        type=int,
+        default=d.n_target,
+        help=f"target examples held out when no --target is given (default: {d.n_target})",
+    )
+    parser.add_argument(
+        "--fraction",
+        default=",".join(f"{f:g}" for f in d.fractions),
+        help="comma-separated shares of the pool to keep (default: 0.05,0.2,0.4)",
+    )
+    parser.add_argument(
+        "--model",
+        default=d.model,
+        choices=MODELS,
+        help="the shipped SmolLM2-135M-Instruct (default), MiniLM, or a tiny random Llama / BERT (tests)",
+    )
+    parser.add_argument(
+        "--dense",
+        action="store_true",
+        help="train and attribute the last transformer block instead of LoRA (paper Table 4)",
+    )
     parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default: {d.rank})")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"warm-up epochs on the pool (default: {d.epochs})")
+    parser.add_argument(
+        "--epochs", type=int, default=d.epochs, help=f"warm-up epochs on the pool (default: {d.epochs})"
+    )
     parser.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
-    parser.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per example, prompt and answer (default: {d.max_length})")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split, the model and the training (default: 0)")
-    parser.add_argument("--damping", type=float, default=d.damping, help=f"damping factor of every method (default: {d.damping})")
-    parser.add_argument("--damping-mode", default=None, choices=get_args(DampingMode), help="as for hyperinf mislabel (default: relative; gfim with --dense)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float64"], help="precision of gradients and curvature (default: float64 for SmolLM2, whose GFIMs are too ill-conditioned for float32; float32 for MiniLM)")
-    parser.add_argument("--cache-gib", type=float, default=d.cache_gib, help=f"GiB of per-sample gradients kept in memory between passes; past it they go to --out/spill/ on disk, deleted when scoring ends (default: {d.cache_gib:g})")
-    parser.add_argument("--cache-dir", type=Path, default=d.cache_dir, help="trained-weights cache (default: $HYPERINF_CACHE/adapters); scores go beside it in scores/")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=d.max_length,
+        help=f"tokens per example, prompt and answer (default: {d.max_length})",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=d.seed, help="seed of the split, the model and the training (default: 0)"
+    )
+    parser.add_argument(
+        "--damping", type=float, default=d.damping, help=f"damping factor of every method (default: {d.damping})"
+    )
+    parser.add_argument(
+        "--damping-mode",
+        default=None,
+        choices=get_args(DampingMode),
+        help="as for hyperinf mislabel (default: relative; gfim with --dense)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float64"],
+        help="precision of gradients and curvature (default: float64 for SmolLM2, whose GFIMs are too ill-conditioned for float32; float32 for MiniLM)",
+    )
+    parser.add_argument(
+        "--cache-gib",
+        type=float,
+        default=d.cache_gib,
+        help=f"GiB of per-sample gradients kept in memory between passes; past it they go to --out/spill/ on disk, deleted when scoring ends (default: {d.cache_gib:g})",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=d.cache_dir,
+        help="trained-weights cache (default: $HYPERINF_CACHE/adapters); scores go beside it in scores/",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -371,15 +544,34 @@ def parse_fractions(text: str) -> tuple[float, ...]:
 def pool_settings(ns: Any) -> dict[str, Any]:
     """The :class:`SelectArgs` fields given by :func:`add_pool_arguments`' options."""
     return dict(
-        task=ns.task, target=ns.target, min_confidence=ns.min_confidence, text_column=ns.text_column, label_column=ns.label_column,
-        n_pool=ns.n_pool, n_target=ns.n_target, fractions=parse_fractions(ns.fraction), model=ns.model, dense=ns.dense,
-        rank=ns.rank, epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, max_length=ns.max_length, seed=ns.seed,
-        damping=ns.damping, damping_mode=ns.damping_mode or ("gfim" if ns.dense else "relative"), dtype=ns.dtype,
-        cache_gib=ns.cache_gib, cache_dir=ns.cache_dir, progress=not ns.no_progress,
-    )  # fmt: skip
+        task=ns.task,
+        target=ns.target,
+        min_confidence=ns.min_confidence,
+        text_column=ns.text_column,
+        label_column=ns.label_column,
+        n_pool=ns.n_pool,
+        n_target=ns.n_target,
+        fractions=parse_fractions(ns.fraction),
+        model=ns.model,
+        dense=ns.dense,
+        rank=ns.rank,
+        epochs=ns.epochs,
+        lr=ns.lr,
+        batch_size=ns.batch_size,
+        max_length=ns.max_length,
+        seed=ns.seed,
+        damping=ns.damping,
+        damping_mode=ns.damping_mode or ("gfim" if ns.dense else "relative"),
+        dtype=ns.dtype,
+        cache_gib=ns.cache_gib,
+        cache_dir=ns.cache_dir,
+        progress=not ns.no_progress,
+    )
 
 
 def main(ns: Any) -> int:
     """Run ``hyperinf select`` from parsed arguments."""
-    run_select(SelectArgs(**pool_settings(ns), method=ns.method, normalize=ns.normalize, balance=ns.balance, out=ns.out))
+    run_select(
+        SelectArgs(**pool_settings(ns), method=ns.method, normalize=ns.normalize, balance=ns.balance, out=ns.out)
+    )
     return 0

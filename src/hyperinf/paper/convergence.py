@@ -209,18 +209,29 @@ def run_cell(
         seconds = time.perf_counter() - start
         filled = _trace_rows(trace, args.max_iter, closed_form=trace.stop == "closed-form")
         for t, (error, state) in enumerate(filled):
-            rows.append({"method": name, **key, "iteration": t, "error": error,
-                         "relative_error": error / target_norm, "state": state})
+            rows.append(
+                {
+                    "method": name,
+                    **key,
+                    "iteration": t,
+                    "error": error,
+                    "relative_error": error / target_norm,
+                    "state": state,
+                }
+            )
         finite = [e for e in trace.errors if math.isfinite(e)]
-        summary.append({
-            "method": name, **key,
-            "final_relative_error": filled[-1][0] / target_norm,
-            "best_relative_error": min(finite) / target_norm if finite else math.inf,
-            "iterations_run": len(trace.errors) - 1,
-            "stop": trace.stop,
-            "diverged": filled[-1][1] == "diverged",
-            "seconds": seconds,
-        })  # fmt: skip
+        summary.append(
+            {
+                "method": name,
+                **key,
+                "final_relative_error": filled[-1][0] / target_norm,
+                "best_relative_error": min(finite) / target_norm if finite else math.inf,
+                "iterations_run": len(trace.errors) - 1,
+                "stop": trace.stop,
+                "diverged": filled[-1][1] == "diverged",
+                "seconds": seconds,
+            }
+        )
     return rows, summary
 
 

@@ -52,12 +52,16 @@ class EpochsArgs:
 def check_args(args: EpochsArgs) -> None:
     """Refuse settings the study cannot run with, before any data is read or model trained."""
     if not args.epochs_list or min(args.epochs_list) < 1 or len(set(args.epochs_list)) != len(args.epochs_list):
-        raise DataError(f"--epochs-list must be distinct epoch counts of at least 1, e.g. 1,3,10,30; got {','.join(map(str, args.epochs_list)) or '(none)'}")
+        raise DataError(
+            f"--epochs-list must be distinct epoch counts of at least 1, e.g. 1,3,10,30; got {','.join(map(str, args.epochs_list)) or '(none)'}"
+        )
     if args.seeds < 1:
         raise DataError(f"--seeds must be at least 1, got {args.seeds}")
     unknown = [m for m in args.mislabel.methods if m not in method_names()]
     if unknown or not args.mislabel.methods:
-        raise DataError(f"unknown --methods {', '.join(unknown) or '(none)'}: use names from {', '.join(method_names())}")
+        raise DataError(
+            f"unknown --methods {', '.join(unknown) or '(none)'}: use names from {', '.join(method_names())}"
+        )
 
 
 def run_epochs(args: EpochsArgs) -> list[dict[str, Any]]:
@@ -67,9 +71,16 @@ def run_epochs(args: EpochsArgs) -> list[dict[str, Any]]:
     for epochs in sorted(args.epochs_list):
         summary = run_mislabel(args.run_args(epochs), seeds=args.seeds)
         rows += [
-            {"epochs": epochs, "method": e["method"], "roc_auc": e["roc_auc"], "roc_auc_std": e["roc_auc_std"], "seeds": e["seeds"]}
-            for e in summary if e["method"] not in LEFT_OUT
-        ]  # fmt: skip
+            {
+                "epochs": epochs,
+                "method": e["method"],
+                "roc_auc": e["roc_auc"],
+                "roc_auc_std": e["roc_auc_std"],
+                "seeds": e["seeds"],
+            }
+            for e in summary
+            if e["method"] not in LEFT_OUT
+        ]
     write_epochs(args, rows)
     print_epochs(args, rows)
     return rows
@@ -90,7 +101,15 @@ def plot_epochs(args: EpochsArgs, rows: list[dict[str, Any]], path: Path) -> Non
     for method in dict.fromkeys(r["method"] for r in rows):
         own = [r for r in rows if r["method"] == method]
         style = {"linestyle": "--"} if method not in args.mislabel.methods else {}
-        ax.errorbar([r["epochs"] for r in own], [r["roc_auc"] for r in own], yerr=[r["roc_auc_std"] for r in own], marker="o", capsize=3, label=method, **style)
+        ax.errorbar(
+            [r["epochs"] for r in own],
+            [r["roc_auc"] for r in own],
+            yerr=[r["roc_auc_std"] for r in own],
+            marker="o",
+            capsize=3,
+            label=method,
+            **style,
+        )
     ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":", label="chance")
     ax.set_xscale("log")
     ax.set_xticks(sorted(args.epochs_list), [str(e) for e in sorted(args.epochs_list)])
@@ -106,7 +125,9 @@ def print_epochs(args: EpochsArgs, rows: list[dict[str, Any]]) -> None:
     epochs = sorted(args.epochs_list)
     spread = args.seeds > 1
     width = 16 if spread else 9
-    print(f"\nROC-AUC of finding the flipped labels per training epochs ({args.seeds} seed(s){', mean ± std' if spread else ''})")
+    print(
+        f"\nROC-AUC of finding the flipped labels per training epochs ({args.seeds} seed(s){', mean ± std' if spread else ''})"
+    )
     print(f"{'method':<16}" + "".join(f"{f'{e} ep':>{width}}" for e in epochs))
     for method in dict.fromkeys(r["method"] for r in rows):
         cells = {r["epochs"]: r for r in rows if r["method"] == method}
@@ -119,10 +140,23 @@ def add_arguments(parser: Any) -> None:
     """The ``hyperinf experiment epochs`` options (argparse)."""
     d = EpochsArgs()
     add_training_arguments(parser, d.mislabel, epochs=False)
-    parser.add_argument("--epochs-list", default=",".join(map(str, d.epochs_list)), help="comma-separated epoch counts, one trained adapter each (default: %(default)s)")
-    parser.add_argument("--seeds", type=int, default=d.seeds, help="number of seeds per epoch count; the table reports mean ± std (default: 1)")
-    parser.add_argument("--methods", default=",".join(d.mislabel.methods), help="comma-separated methods (default: %(default)s)")
-    parser.add_argument("--fim", action="store_true", help="add hyperinf-fim and exact-fim when the blocks are small enough")
+    parser.add_argument(
+        "--epochs-list",
+        default=",".join(map(str, d.epochs_list)),
+        help="comma-separated epoch counts, one trained adapter each (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=d.seeds,
+        help="number of seeds per epoch count; the table reports mean ± std (default: 1)",
+    )
+    parser.add_argument(
+        "--methods", default=",".join(d.mislabel.methods), help="comma-separated methods (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--fim", action="store_true", help="add hyperinf-fim and exact-fim when the blocks are small enough"
+    )
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
 
 
@@ -131,7 +165,9 @@ def main(ns: Any) -> int:
     try:
         epochs_list = tuple(int(v) for v in ns.epochs_list.split(",") if v.strip())
     except ValueError:
-        raise DataError(f"--epochs-list must be comma-separated integers, e.g. 1,3,10,30; got {ns.epochs_list!r}") from None
+        raise DataError(
+            f"--epochs-list must be comma-separated integers, e.g. 1,3,10,30; got {ns.epochs_list!r}"
+        ) from None
     ns.methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
     run_epochs(EpochsArgs(mislabel=mislabel_args(ns), epochs_list=epochs_list, seeds=ns.seeds))
     return 0

@@ -151,10 +151,17 @@ def _measure(
         (X, iterations), seconds = timed(lambda: METHODS[name](M, args.iterations), args.device)
         fastest[name][d] = min(seconds, fastest[name].get(d, math.inf))
         error = float(torch.linalg.matrix_norm(X.to(torch.float64) - reference)) / reference_norm
-        rows.append({
-            "method": name, **key, "status": "ok", "seconds": seconds, "relative_error": error,
-            "paper_scale_error": error * reference_norm / args.n, "iterations": iterations,
-        })  # fmt: skip
+        rows.append(
+            {
+                "method": name,
+                **key,
+                "status": "ok",
+                "seconds": seconds,
+                "relative_error": error,
+                "paper_scale_error": error * reference_norm / args.n,
+                "iterations": iterations,
+            }
+        )
     return rows
 
 
@@ -183,8 +190,11 @@ def run_inverse(args: InverseArgs) -> dict[str, Any]:
         key = {"d": d, "n": args.n, "seed": seed, "dtype": args.dtype, "device": args.device}
         predicted = {name: _predicted_seconds(fastest[name], d) for name in args.methods}
         running = [name for name in args.methods if predicted[name] <= args.time_budget]
-        rows += [{"method": name, **key, "status": "skipped", "predicted_seconds": predicted[name]}
-                 for name in args.methods if name not in running]  # fmt: skip
+        rows += [
+            {"method": name, **key, "status": "skipped", "predicted_seconds": predicted[name]}
+            for name in args.methods
+            if name not in running
+        ]
         if running:
             rows += _measure(running, d, seed, args, fastest, key)
     frame = pd.DataFrame(rows)
@@ -217,15 +227,20 @@ def summary_markdown(summary: Any) -> str:
     dims = sorted(summary["d"].unique())
     blocks = []
     for column, fmt, title in (("relative_error", ".1e", "relative Frobenius error"), ("seconds", ".3g", "seconds")):
-        lines = [f"{title} (mean ± std over seeds)", "", "| method | " + " | ".join(f"d={d}" for d in dims) + " |",
-                 "|---|" + "---|" * len(dims)]  # fmt: skip
+        lines = [
+            f"{title} (mean ± std over seeds)",
+            "",
+            "| method | " + " | ".join(f"d={d}" for d in dims) + " |",
+            "|---|" + "---|" * len(dims),
+        ]
         for method, group in summary.groupby("method", sort=False):
             by_d = {int(r["d"]): r for _, r in group.iterrows()}
             cells = [
-                "skipped" if by_d[d]["status"] == "skipped"
+                "skipped"
+                if by_d[d]["status"] == "skipped"
                 else f"{by_d[d][column + '_mean']:{fmt}} ± {by_d[d][column + '_std']:{fmt}}"
                 for d in dims
-            ]  # fmt: skip
+            ]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
@@ -236,8 +251,15 @@ def plot_inverse(summary: Any) -> Any:
     fig, axes = new_figure(1, 2, width=4.2, height=3.2)
     for method, group in summary[summary["status"] == "ok"].groupby("method", sort=False):
         for ax, column in zip(axes[0], ("seconds", "relative_error")):
-            ax.errorbar(group["d"], group[f"{column}_mean"], yerr=group[f"{column}_std"], marker="o", ms=3,
-                        label=method, capsize=2)  # fmt: skip
+            ax.errorbar(
+                group["d"],
+                group[f"{column}_mean"],
+                yerr=group[f"{column}_std"],
+                marker="o",
+                ms=3,
+                label=method,
+                capsize=2,
+            )
     for ax, label in zip(axes[0], ("seconds", "||X - M^-1||_F / ||M^-1||_F")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

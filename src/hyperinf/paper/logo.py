@@ -36,7 +36,7 @@ from hyperinf.paper.lds import (
     check_retrain_args,
     fitted_engine,
     retrain_settings,
-)  # fmt: skip
+)
 from hyperinf.results import atomic_write, write_json
 
 LOGO_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
@@ -108,7 +108,9 @@ def run_seed(args: LogoArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     train = setting.loader(setting.train)
     engine, runnable, skipped = fitted_engine(args, setting, full, args.damping, train)
     if not runnable:
-        raise DataError(f"no method of --methods applies to the {args.setting} setting ({'; '.join(f'{m}: {why}' for m, why in skipped.items())}): pick others")
+        raise DataError(
+            f"no method of --methods applies to the {args.setting} setting ({'; '.join(f'{m}: {why}' for m, why in skipped.items())}): pick others"
+        )
     scored = engine.score_methods(train, setting.loader(setting.query), runnable)
     rows = []
     for method, scores in scored.items():
@@ -116,11 +118,23 @@ def run_seed(args: LogoArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             kept = torch.ones(n, dtype=torch.bool)
             kept[members] = False
             loss = float(trainer.query_losses(trainer.model(kept.nonzero().squeeze(1), args.seed)).mean())
-            rows.append({
-                "seed": args.seed, "method": method, "group": rank, "size": members.numel(), "mean_score": float(scores[members].mean()),
-                "val_loss": loss, "loss_change": loss - full_loss,
-            })  # fmt: skip
-    record = {"seed": args.seed, "full_val_loss": full_loss, "skipped": skipped, "trainings": {"trained": trainer.trained, "cached": trainer.cached, "seconds": trainer.seconds}}
+            rows.append(
+                {
+                    "seed": args.seed,
+                    "method": method,
+                    "group": rank,
+                    "size": members.numel(),
+                    "mean_score": float(scores[members].mean()),
+                    "val_loss": loss,
+                    "loss_change": loss - full_loss,
+                }
+            )
+    record = {
+        "seed": args.seed,
+        "full_val_loss": full_loss,
+        "skipped": skipped,
+        "trainings": {"trained": trainer.trained, "cached": trainer.cached, "seconds": trainer.seconds},
+    }
     return rows, record
 
 
@@ -131,13 +145,22 @@ def summarize(args: LogoArgs, rows: list[dict[str, Any]]) -> list[dict[str, Any]
         per_seed = []
         for seed in dict.fromkeys(r["seed"] for r in rows):
             own = [r for r in rows if r["method"] == method and r["seed"] == seed]
-            per_seed.append(logo_correlation(torch.tensor([r["mean_score"] for r in own]), torch.tensor([r["loss_change"] for r in own])))
+            per_seed.append(
+                logo_correlation(
+                    torch.tensor([r["mean_score"] for r in own]), torch.tensor([r["loss_change"] for r in own])
+                )
+            )
         values = torch.tensor(per_seed, dtype=torch.float64)
         finite = values[torch.isfinite(values)]
-        summary.append({
-            "method": method, "spearman": float(finite.mean()) if finite.numel() else math.nan,
-            "spearman_std": float(finite.std()) if finite.numel() > 1 else 0.0, "seeds": finite.numel(), "per_seed": per_seed,
-        })  # fmt: skip
+        summary.append(
+            {
+                "method": method,
+                "spearman": float(finite.mean()) if finite.numel() else math.nan,
+                "spearman_std": float(finite.std()) if finite.numel() > 1 else 0.0,
+                "seeds": finite.numel(),
+                "per_seed": per_seed,
+            }
+        )
     return summary
 
 
@@ -155,21 +178,29 @@ def run_logo(args: LogoArgs) -> list[dict[str, Any]]:
     return summary
 
 
-def write_logo(args: LogoArgs, rows: list[dict[str, Any]], summary: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+def write_logo(
+    args: LogoArgs, rows: list[dict[str, Any]], summary: list[dict[str, Any]], records: list[dict[str, Any]]
+) -> None:
     import pandas as pd
 
     out = args.out_dir
     atomic_write(out / "groups.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     table = pd.DataFrame([{k: v for k, v in entry.items() if k != "per_seed"} for entry in summary])
     atomic_write(out / "logo.csv", lambda tmp: table.to_csv(tmp, index=False))
-    write_json(out / "arguments.json", {"args": asdict(args), "seeds": records, "summary": summary, "paper_table_6": paper_table_6()})
+    write_json(
+        out / "arguments.json",
+        {"args": asdict(args), "seeds": records, "summary": summary, "paper_table_6": paper_table_6()},
+    )
     plot_logo(args, rows, summary, out / "logo.png")
 
 
 def mean_changes(rows: list[dict[str, Any]], method: str) -> list[float]:
     """Per group (most harmful first), the validation-loss change after removing it, the mean over seeds."""
     groups = sorted({r["group"] for r in rows if r["method"] == method})
-    return [float(torch.tensor([r["loss_change"] for r in rows if r["method"] == method and r["group"] == g]).mean()) for g in groups]
+    return [
+        float(torch.tensor([r["loss_change"] for r in rows if r["method"] == method and r["group"] == g]).mean())
+        for g in groups
+    ]
 
 
 def plot_logo(args: LogoArgs, rows: list[dict[str, Any]], summary: list[dict[str, Any]], path: Path) -> None:
@@ -177,8 +208,16 @@ def plot_logo(args: LogoArgs, rows: list[dict[str, Any]], summary: list[dict[str
     fig, ax = new_figure()
     for entry in summary:
         changes = mean_changes(rows, entry["method"])
-        style = {"linestyle": ":", "linewidth": 2.5} if entry["method"].startswith("exact") else {}  # it usually lies on hyperinf
-        ax.plot(range(1, len(changes) + 1), changes, marker="o", label=f"{entry['method']} (rho {entry['spearman']:.2f})", **style)
+        style = (
+            {"linestyle": ":", "linewidth": 2.5} if entry["method"].startswith("exact") else {}
+        )  # it usually lies on hyperinf
+        ax.plot(
+            range(1, len(changes) + 1),
+            changes,
+            marker="o",
+            label=f"{entry['method']} (rho {entry['spearman']:.2f})",
+            **style,
+        )
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(1, args.groups + 1))
     ax.set_xlabel("group removed (1 = highest scores, most harmful)")
@@ -187,14 +226,18 @@ def plot_logo(args: LogoArgs, rows: list[dict[str, Any]], summary: list[dict[str
     save_figure(fig, ax, path)
 
 
-def print_logo(args: LogoArgs, rows: list[dict[str, Any]], summary: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+def print_logo(
+    args: LogoArgs, rows: list[dict[str, Any]], summary: list[dict[str, Any]], records: list[dict[str, Any]]
+) -> None:
     paper = paper_table_6()
     tasks = "/".join(next(iter(paper.values())))
     print(
         f"\nleave one group out on {args.setting}: {args.groups} groups of {args.n_train} training examples, {args.n_query} validation "
         f"examples, {len(records)} seed(s); Spearman of the groups' mean scores with the validation-loss drop when each is removed"
     )
-    print(f"{'method':<12}{'Spearman':>16}   {'loss change per group, most harmful first':<44}paper Table 6 ({tasks}, GLUE)")
+    print(
+        f"{'method':<12}{'Spearman':>16}   {'loss change per group, most harmful first':<44}paper Table 6 ({tasks}, GLUE)"
+    )
     for entry in summary:
         spread = f" ± {entry['spearman_std']:.2f}" if len(records) > 1 else ""
         changes = " ".join(f"{c:+.4f}" for c in mean_changes(rows, entry["method"]))
@@ -205,16 +248,30 @@ def print_logo(args: LogoArgs, rows: list[dict[str, Any]], summary: list[dict[st
     trained = sum(r["trainings"]["trained"] for r in records)
     cached = sum(r["trainings"]["cached"] for r in records)
     seconds = sum(r["trainings"]["seconds"] for r in records)
-    print(f"trainings: {trained} trained ({seconds:.1f} s), {cached} loaded from {args.cache_dir}; results written to {args.out_dir}/")
+    print(
+        f"trainings: {trained} trained ({seconds:.1f} s), {cached} loaded from {args.cache_dir}; results written to {args.out_dir}/"
+    )
 
 
 def add_arguments(parser: Any) -> None:
     """The ``hyperinf experiment logo`` options (argparse)."""
     d = LogoArgs()
     add_retrain_arguments(parser, d, "val")
-    parser.add_argument("--groups", type=int, default=d.groups, help=f"groups K the ranked training set is cut into (default: {d.groups})")
-    parser.add_argument("--seeds", type=int, default=d.seeds, help=f"seeds, each its own split, model and groups; mean ± std (default: {d.seeds})")
-    parser.add_argument("--damping", type=float, default=d.damping, help=f"damping factor of every method (default: {d.damping})")
+    parser.add_argument(
+        "--groups",
+        type=int,
+        default=d.groups,
+        help=f"groups K the ranked training set is cut into (default: {d.groups})",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=d.seeds,
+        help=f"seeds, each its own split, model and groups; mean ± std (default: {d.seeds})",
+    )
+    parser.add_argument(
+        "--damping", type=float, default=d.damping, help=f"damping factor of every method (default: {d.damping})"
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="first seed (default: 0)")
 
 

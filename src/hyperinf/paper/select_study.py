@@ -44,7 +44,7 @@ from hyperinf.app.select import (
     score_pool,
     target_loss_by_label,
     warm_up,
-)  # fmt: skip
+)
 from hyperinf.errors import DataError
 from hyperinf.methods import method_names
 from hyperinf.results import atomic_write, write_json
@@ -92,14 +92,18 @@ def run_study(args: StudyArgs) -> list[dict[str, Any]]:
 
 def study_split(args: StudyArgs) -> PoolSplit:
     """The pool (its labels flipped in the noisy variant), target and test set of one seed of the protocol."""
-    return load_pool_split(args, n_test=args.n_test, flip_fraction=args.flip_fraction if args.variant == "noisy" else 0.0)
+    return load_pool_split(
+        args, n_test=args.n_test, flip_fraction=args.flip_fraction if args.variant == "noisy" else 0.0
+    )
 
 
 def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One seed: split, warm up, score, then train and test on every selection."""
     split = study_split(args)
     if split.test.labels.numel() == 0:
-        raise DataError("the protocol needs a test set: raise --n-test (and leave --target unset: the test set is held out of --task)")
+        raise DataError(
+            "the protocol needs a test set: raise --n-test (and leave --target unset: the test set is held out of --task)"
+        )
     learner = make_learner(args, split.pool.label_names)
     warm = warm_up(args, learner, split.pairs("pool"))
     warm_state = trainable_state(learner.model)
@@ -112,18 +116,25 @@ def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows = [test.row("warm-up only", 0.0, None)]
     for name, scores in selectors(args, scored, split).items():
         for fraction in args.fractions:
-            rows.append(test.row(name, fraction, select_top(scores, fraction, split.pool.labels, balance=args.balance), lengths))
+            rows.append(
+                test.row(name, fraction, select_top(scores, fraction, split.pool.labels, balance=args.balance), lengths)
+            )
     for draw in range(args.random_draws):
-        permutation = torch.rand(split.pool.labels.numel(), generator=torch.Generator().manual_seed(1000 * args.seed + draw))
+        permutation = torch.rand(
+            split.pool.labels.numel(), generator=torch.Generator().manual_seed(1000 * args.seed + draw)
+        )
         for fraction in args.fractions:
             # Under --balance random keeps every label's share too: the methods are compared with a draw of the same make-up.
             picked = select_top(permutation, fraction, split.pool.labels, balance=args.balance)
             rows.append({**test.row("random", fraction, picked, lengths), "draw": draw})
     rows.append(test.row("full pool", 1.0, torch.arange(split.pool.labels.numel()), lengths))
     record = {
-        "seed": args.seed, "warm_up": warm, "timing": timing, "n": {k: getattr(split, k).labels.numel() for k in ("pool", "target", "test")},
+        "seed": args.seed,
+        "warm_up": warm,
+        "timing": timing,
+        "n": {k: getattr(split, k).labels.numel() for k in ("pool", "target", "test")},
         "target_loss_by_label": target_loss,
-    }  # fmt: skip
+    }
     return [{"seed": args.seed, **row} for row in rows], record
 
 
@@ -139,12 +150,16 @@ def selectors(args: StudyArgs, scored: dict[str, torch.Tensor], split: PoolSplit
 class Evaluation:
     """Continue training from the warm-up on a selection (cached) and measure test accuracy (cached)."""
 
-    def __init__(self, args: StudyArgs, learner: Learner, split: PoolSplit, warm_state: dict[str, torch.Tensor], warm_key: str) -> None:
+    def __init__(
+        self, args: StudyArgs, learner: Learner, split: PoolSplit, warm_state: dict[str, torch.Tensor], warm_key: str
+    ) -> None:
         self.args, self.learner, self.split, self.warm_state, self.warm_key = args, learner, split, warm_state, warm_key
         self.schedule = Schedule(epochs=args.continue_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
         self.test_key = training_key({}, split.pairs("test"))
 
-    def row(self, selector: str, fraction: float, picked: torch.Tensor | None, lengths: torch.Tensor | None = None) -> dict[str, Any]:
+    def row(
+        self, selector: str, fraction: float, picked: torch.Tensor | None, lengths: torch.Tensor | None = None
+    ) -> dict[str, Any]:
         """One table cell: train on ``picked`` (``None``: keep the warm-up) and test; the selection's make-up."""
         pool = self.split.pool
         load_trainable(self.learner.model, self.warm_state)  # every cell starts from the warm-up
@@ -153,10 +168,21 @@ class Evaluation:
             pairs = [(pool.texts[i], int(pool.labels[i])) for i in sorted(picked.tolist())]
             key = training_key({"stage": "continue", "warm_up": self.warm_key, **asdict(self.schedule)}, pairs)
             training = train_or_load(
-                self.learner.model, self.learner.loss, pairs, self.learner.collate, self.schedule,
-                self.args.cache_dir / f"{key}.safetensors", progress=self.args.progress, desc=f"{selector} {fraction:.0%}",
-            )  # fmt: skip
-        row: dict[str, Any] = {"selector": selector, "fraction": fraction, **self.accuracy(key), "trained_seconds": training and training["seconds"]}
+                self.learner.model,
+                self.learner.loss,
+                pairs,
+                self.learner.collate,
+                self.schedule,
+                self.args.cache_dir / f"{key}.safetensors",
+                progress=self.args.progress,
+                desc=f"{selector} {fraction:.0%}",
+            )
+        row: dict[str, Any] = {
+            "selector": selector,
+            "fraction": fraction,
+            **self.accuracy(key),
+            "trained_seconds": training and training["seconds"],
+        }
         if picked is not None and lengths is not None:
             made = composition(pool, picked, lengths)
             row["size"] = made["size"]
@@ -177,7 +203,11 @@ class Evaluation:
         test = self.split.test
         correct = (self.learner.predict(test.texts, self.args.batch_size) == test.labels).double()
         result = {"accuracy": float(correct.mean())}
-        result |= {f"accuracy_{name}": float(correct[test.labels == i].mean()) for i, name in enumerate(test.label_names) if (test.labels == i).any()}
+        result |= {
+            f"accuracy_{name}": float(correct[test.labels == i].mean())
+            for i, name in enumerate(test.label_names)
+            if (test.labels == i).any()
+        }
         write_json(path, result)
         return result
 
@@ -199,7 +229,11 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     import pandas as pd
 
     frame = pd.DataFrame(rows)
-    numeric = [c for c in frame.columns if c not in ("seed", "selector", "fraction", "draw") and pd.api.types.is_numeric_dtype(frame[c])]
+    numeric = [
+        c
+        for c in frame.columns
+        if c not in ("seed", "selector", "fraction", "draw") and pd.api.types.is_numeric_dtype(frame[c])
+    ]
     keys = ["selector", "fraction"]
     per_seed = frame.groupby(["seed", *keys], sort=False)[numeric].mean().reset_index()
     grouped = per_seed.groupby(keys, sort=False)
@@ -210,7 +244,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary.to_dict("records")
 
 
-def write_study(args: StudyArgs, rows: list[dict[str, Any]], summary: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+def write_study(
+    args: StudyArgs, rows: list[dict[str, Any]], summary: list[dict[str, Any]], records: list[dict[str, Any]]
+) -> None:
     import pandas as pd
 
     atomic_write(args.out / "results.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
@@ -225,7 +261,13 @@ def plot_study(args: StudyArgs, summary: list[dict[str, Any]], path: Path) -> No
     levels = {e["selector"]: e["accuracy"] for e in summary if e["selector"] in LEVELS}
     for selector in dict.fromkeys(e["selector"] for e in summary if e["selector"] not in levels):
         points = sorted((e["fraction"], e["accuracy"]) for e in summary if e["selector"] == selector)
-        style = {"linestyle": "--"} if selector in REFERENCES else {"linestyle": ":", "linewidth": 2.5} if selector == "exact" else {}
+        style = (
+            {"linestyle": "--"}
+            if selector in REFERENCES
+            else {"linestyle": ":", "linewidth": 2.5}
+            if selector == "exact"
+            else {}
+        )
         ax.plot(*zip(*points), marker="o", label=selector, **style)  # exact dotted: it usually lies on hyperinf
     for (name, value), color in zip(levels.items(), ("black", "grey")):
         ax.axhline(value, color=color, linewidth=0.9, linestyle=":", label=name)
@@ -238,8 +280,10 @@ def plot_study(args: StudyArgs, summary: list[dict[str, Any]], path: Path) -> No
 
 def print_study(args: StudyArgs, summary: list[dict[str, Any]]) -> None:
     seeds = summary[0]["seeds"] if summary else 0
-    print(f"\ntest accuracy after training on the kept share ({args.model}, {'dense last block' if args.dense else f'LoRA r={args.rank}'}, "
-          f"{args.task}, {args.variant} pool, {seeds} seed{'s' if seeds != 1 else ''}{', mean ± std' if seeds > 1 else ''})")
+    print(
+        f"\ntest accuracy after training on the kept share ({args.model}, {'dense last block' if args.dense else f'LoRA r={args.rank}'}, "
+        f"{args.task}, {args.variant} pool, {seeds} seed{'s' if seeds != 1 else ''}{', mean ± std' if seeds > 1 else ''})"
+    )
     fractions = sorted({e["fraction"] for e in summary if e["selector"] not in LEVELS})
     print(f"{'selector':<16}" + "".join(f"{fraction_label(f):>16}" for f in fractions))
     for selector in dict.fromkeys(e["selector"] for e in summary):
@@ -248,12 +292,17 @@ def print_study(args: StudyArgs, summary: list[dict[str, Any]]) -> None:
             entry = next(iter(cells.values()))
             print(f"{selector:<16}{_cell(entry, 'accuracy', seeds):>16}")
             continue
-        print(f"{selector:<16}" + "".join(f"{_cell(cells[f], 'accuracy', seeds) if f in cells else '':>16}" for f in fractions))
+        print(
+            f"{selector:<16}"
+            + "".join(f"{_cell(cells[f], 'accuracy', seeds) if f in cells else '':>16}" for f in fractions)
+        )
     if args.variant == "noisy":
         print("share of flipped labels among the kept examples (the pool has %.0f%%)" % (100 * args.flip_fraction))
         for selector in dict.fromkeys(e["selector"] for e in summary if e["selector"] not in LEVELS):
             cells = {e["fraction"]: e for e in summary if e["selector"] == selector}
-            print(f"{selector:<16}" + "".join(f"{_cell(cells.get(f, {}), 'flipped_kept', seeds):>16}" for f in fractions))
+            print(
+                f"{selector:<16}" + "".join(f"{_cell(cells.get(f, {}), 'flipped_kept', seeds):>16}" for f in fractions)
+            )
 
 
 def _cell(entry: dict[str, Any], column: str, seeds: int) -> str:
@@ -267,25 +316,65 @@ def add_arguments(parser: Any) -> None:
     """The ``hyperinf experiment select`` options (argparse)."""
     d = StudyArgs()
     add_pool_arguments(parser, d)
-    parser.add_argument("--variant", default=d.variant, choices=["clean", "noisy"], help="clean pool (the paper's setting) or noisy: --flip-fraction of pool labels flipped")
-    parser.add_argument("--flip-fraction", type=float, default=d.flip_fraction, help=f"share of flipped pool labels with --variant noisy (default: {d.flip_fraction})")
+    parser.add_argument(
+        "--variant",
+        default=d.variant,
+        choices=["clean", "noisy"],
+        help="clean pool (the paper's setting) or noisy: --flip-fraction of pool labels flipped",
+    )
+    parser.add_argument(
+        "--flip-fraction",
+        type=float,
+        default=d.flip_fraction,
+        help=f"share of flipped pool labels with --variant noisy (default: {d.flip_fraction})",
+    )
     parser.add_argument("--n-test", type=int, default=d.n_test, help=f"held-out test examples (default: {d.n_test})")
-    parser.add_argument("--methods", default=None, help=f"comma-separated influence methods (default: {','.join(d.methods)}, and {','.join(DENSE_METHODS)} with --dense)")
-    parser.add_argument("--continue-epochs", type=int, default=d.continue_epochs, help=f"epochs of training on each selection, from the warm-up (default: {d.continue_epochs})")
-    parser.add_argument("--random-draws", type=int, default=d.random_draws, help=f"random selections per fraction and seed (default: {d.random_draws})")
-    parser.add_argument("--seeds", type=int, default=d.seeds, help="number of seeds; tables report mean ± std (default: 1)")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated influence methods (default: {','.join(d.methods)}, and {','.join(DENSE_METHODS)} with --dense)",
+    )
+    parser.add_argument(
+        "--continue-epochs",
+        type=int,
+        default=d.continue_epochs,
+        help=f"epochs of training on each selection, from the warm-up (default: {d.continue_epochs})",
+    )
+    parser.add_argument(
+        "--random-draws",
+        type=int,
+        default=d.random_draws,
+        help=f"random selections per fraction and seed (default: {d.random_draws})",
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=d.seeds, help="number of seeds; tables report mean ± std (default: 1)"
+    )
     parser.add_argument("--normalize", action="store_true", help="select by -cos(H^-1 v, g_k) for every method")
-    parser.add_argument("--balance", action="store_true", help="keep the same fraction of every label (the random selections too)")
+    parser.add_argument(
+        "--balance", action="store_true", help="keep the same fraction of every label (the random selections too)"
+    )
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
 
 
 def main(ns: Any) -> int:
     """Run ``hyperinf experiment select`` from parsed arguments."""
-    methods = tuple(m.strip() for m in ns.methods.split(",") if m.strip()) if ns.methods else STUDY_METHODS + (DENSE_METHODS if ns.dense else ())
+    methods = (
+        tuple(m.strip() for m in ns.methods.split(",") if m.strip())
+        if ns.methods
+        else STUDY_METHODS + (DENSE_METHODS if ns.dense else ())
+    )
     args = StudyArgs(
-        **pool_settings(ns), variant=ns.variant, flip_fraction=ns.flip_fraction, n_test=ns.n_test, methods=methods,
-        continue_epochs=ns.continue_epochs, random_draws=ns.random_draws, seeds=ns.seeds, normalize=ns.normalize,
-        balance=ns.balance, out=ns.out,
-    )  # fmt: skip
+        **pool_settings(ns),
+        variant=ns.variant,
+        flip_fraction=ns.flip_fraction,
+        n_test=ns.n_test,
+        methods=methods,
+        continue_epochs=ns.continue_epochs,
+        random_draws=ns.random_draws,
+        seeds=ns.seeds,
+        normalize=ns.normalize,
+        balance=ns.balance,
+        out=ns.out,
+    )
     run_study(args)
     return 0

@@ -194,9 +194,7 @@ def _apply_givens(
 
 def _gmres_update(X0: Tensor, V: Tensor, Rt: Tensor, g: Tensor, i: int) -> Tensor:
     """``X0 + V y`` with ``y`` minimizing the residual over the first ``i + 1`` Krylov vectors."""
-    y = torch.linalg.solve_triangular(
-        Rt[..., : i + 1, : i + 1], g[..., : i + 1, None], upper=True
-    ).squeeze(-1)
+    y = torch.linalg.solve_triangular(Rt[..., : i + 1, : i + 1], g[..., : i + 1, None], upper=True).squeeze(-1)
     return X0 + torch.einsum("njdk,nkj->ndk", V[:, : i + 1], y)
 
 
@@ -259,5 +257,3 @@ def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` with 0 where ``den`` is 0 (finished columns of CG)."""
     nonzero = den != 0
     return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
-
-

@@ -27,7 +27,9 @@ def main() -> None:
         warm = warm_up(args, learner, split.pairs("pool"))
         result = Evaluation(args, learner, split, trainable_state(learner.model), warm["key"]).accuracy(warm["key"])
         per_label = ", ".join(f"{name} {result[f'accuracy_{name}']:.3f}" for name in split.test.label_names)
-        print(f"lr {lr:g}: warm-up test accuracy {result['accuracy']:.3f} ({per_label}; cached {warm['cached']}, {time.perf_counter() - start:.0f} s)")
+        print(
+            f"lr {lr:g}: warm-up test accuracy {result['accuracy']:.3f} ({per_label}; cached {warm['cached']}, {time.perf_counter() - start:.0f} s)"
+        )
 
 
 if __name__ == "__main__":

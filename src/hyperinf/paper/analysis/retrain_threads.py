@@ -28,13 +28,17 @@ def main() -> None:
     parser.add_argument("--task", default="tweets")
     ns = parser.parse_args()
     with tempfile.TemporaryDirectory() as cache:
-        args = dataclasses.replace(mislabel.MislabelArgs(), task=ns.task, seed=ns.seed, cache_dir=Path(cache), progress=False)
+        args = dataclasses.replace(
+            mislabel.MislabelArgs(), task=ns.task, seed=ns.seed, cache_dir=Path(cache), progress=False
+        )
         seed = mislabel.trained_seed(args, mislabel.load_task(args))
         predicted = mislabel.predict(seed.model, seed.loader(seed.split.test))
         accuracy = float((predicted == seed.split.test.labels).double().mean())
         checksum = sum(float(p.detach().double().abs().sum()) for p in seed.model.parameters() if p.requires_grad)
-    print(f"threads {torch.get_num_threads()}, {ns.task} seed {ns.seed}: clean test accuracy {accuracy:.3f}, "
-          f"weight checksum {checksum:.10f}, trained in {seed.training['seconds']:.0f} s")  # fmt: skip
+    print(
+        f"threads {torch.get_num_threads()}, {ns.task} seed {ns.seed}: clean test accuracy {accuracy:.3f}, "
+        f"weight checksum {checksum:.10f}, trained in {seed.training['seconds']:.0f} s"
+    )
 
 
 if __name__ == "__main__":

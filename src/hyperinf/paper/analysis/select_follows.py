@@ -37,7 +37,11 @@ MEASURES = ("target loss", "pool |g|^2")
 
 def study_args(recorded: dict) -> StudyArgs:
     """A run's settings from the ``args`` it recorded in arguments.json."""
-    paths = {"out": Path(recorded["out"]), "cache_dir": Path(recorded["cache_dir"]), "target": recorded["target"] and Path(recorded["target"])}
+    paths = {
+        "out": Path(recorded["out"]),
+        "cache_dir": Path(recorded["cache_dir"]),
+        "target": recorded["target"] and Path(recorded["target"]),
+    }
     return StudyArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()} | paths)
 
 
@@ -51,7 +55,9 @@ def label_measures(run: Path) -> dict[int, dict[str, dict[str, float]]]:
         split = study_split(seeded)
         path = scores_path(seeded, split, list(seeded.methods), record["warm_up"]["key"])
         if not path.exists():
-            raise DataError(f"{run}: seed {record['seed']}'s scores are not in the cache ({path}): rerun the study's command to make them")
+            raise DataError(
+                f"{run}: seed {record['seed']}'s scores are not in the cache ({path}): rerun the study's command to make them"
+            )
         squared = load_file(str(path))["gradient_norm"].double() ** 2
         labels, names = split.pool.labels, split.pool.label_names
         out[record["seed"]] = {
@@ -71,8 +77,9 @@ def follows(run: Path, fraction: float) -> dict[str, dict[str, tuple[float, int]
         for measure in MEASURES:
             pairs = [
                 [(shares[label], row[f"share_{label}"]) for label in shares]
-                for row in group.to_dict("records") for shares in [measures[row["seed"]][measure]]
-            ]  # fmt: skip
+                for row in group.to_dict("records")
+                for shares in [measures[row["seed"]][measure]]
+            ]
             if len(pairs[0]) == 2:
                 agree = sum(max(range(2), key=lambda i: p[i][0]) == max(range(2), key=lambda i: p[i][1]) for p in pairs)
                 out.setdefault(selector, {})[measure] = (agree, len(pairs))
@@ -90,12 +97,20 @@ def main() -> None:
     for run in ns.runs:
         cells = follows(run, ns.fraction)
         two = all(isinstance(v[0], int) for c in cells.values() for v in c.values())
-        what = "seeds whose majority label is the measure's largest" if two else "r(measure share, kept share) over (seed, label) points"
+        what = (
+            "seeds whose majority label is the measure's largest"
+            if two
+            else "r(measure share, kept share) over (seed, label) points"
+        )
         print(f"{run}: {what}")
         for measure in MEASURES:
-            print(f"  {measure}: " + ", ".join(
-                f"{k} {c[measure][0]}/{c[measure][1]}" if two else f"{k} {c[measure][0]:.2f} ({c[measure][1]})" for k, c in cells.items()
-            ))  # fmt: skip
+            print(
+                f"  {measure}: "
+                + ", ".join(
+                    f"{k} {c[measure][0]}/{c[measure][1]}" if two else f"{k} {c[measure][0]:.2f} ({c[measure][1]})"
+                    for k, c in cells.items()
+                )
+            )
 
 
 if __name__ == "__main__":

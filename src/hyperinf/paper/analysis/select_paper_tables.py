@@ -21,7 +21,9 @@ LORA_METHODS = ("datainf", "lissa", "tracin", "hyperinf")
 DENSE_METHODS = ("datainf", "lissa", "tracin", "ekfac", "hyperinf")
 
 
-def run_rows(name: str, summary: pd.DataFrame, methods: tuple[str, ...], gains: dict[str, dict[float, list[float]]]) -> list[str]:
+def run_rows(
+    name: str, summary: pd.DataFrame, methods: tuple[str, ...], gains: dict[str, dict[float, list[float]]]
+) -> list[str]:
     """The table rows of one run; appends each method's change over random to ``gains``."""
     accuracy = {(r.selector, round(r.fraction, 4)): 100 * r.accuracy for r in summary.itertuples()}
     lines = []
