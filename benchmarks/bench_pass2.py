@@ -14,7 +14,7 @@ by batch, so load from other processes falls on every side of a ratio alike:
 
 - ``gradients``: :class:`hyperinf.gradients.PerSampleGradients` (forward + backward + per-block
   outer products), what pass 2 costs when the gradients are not cached;
-- ``jvp xD``: :class:`hyperinf.forward.DirectionalDerivatives` with D directions (one forward-mode
+- ``jvp xD``: :class:`hyperinf.pass2.DirectionalDerivatives` with D directions (one forward-mode
   pass per direction, attention on the math kernel), what ``pass2="jvp"`` costs;
 - ``math forward``: the plain forward on the math attention kernel, to separate the kernel's cost
   from forward-mode AD's.
@@ -36,8 +36,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hyperinf.app.minilm import load_minilm_lora, sequence_classification_loss
 from hyperinf.blocks import select_blocks
-from hyperinf.forward import DirectionalDerivatives
 from hyperinf.gradients import PerSampleGradients
+from hyperinf.pass2 import DirectionalDerivatives
 
 
 def model_and_batches(args: argparse.Namespace) -> tuple[torch.nn.Module, object, list]:

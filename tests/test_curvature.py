@@ -52,7 +52,7 @@ def test_gfim_damping_bounds_the_condition_number_whatever_r():
 
 def test_unknown_damping_mode_is_named():
     with pytest.raises(ValueError, match="damping_mode must be one of"):
-        InfluenceConfig(damping_mode="per-row")
+        InfluenceConfig.from_options(damping_mode="per-row")
 
 
 def test_spectrum_reports_eigenvalues_damping_and_condition():

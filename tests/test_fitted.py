@@ -157,6 +157,17 @@ def test_an_unfinished_or_missing_save_is_refused(tmp_path, data):
         engine_of(make_model()).save_fit(tmp_path / "unfitted")
 
 
+def test_a_fit_of_the_first_format_is_refused_with_the_fix(tmp_path, data):
+    """Format 1 keyed its options as "layout" and may lack the GFIM flag: read back, it names both formats."""
+    train, _ = data
+    folder = engine_of(make_model()).fit(train).save_fit(tmp_path / "fit")
+    meta = json.loads((folder / "fit.json").read_text())
+    meta["format"], meta["layout"] = 1, meta.pop("fit")
+    (folder / "fit.json").write_text(json.dumps(meta))
+    with pytest.raises(FitMismatchError, match="has format 1; this hyperinf reads format 2"):
+        engine_of(make_model()).load_fit(folder)
+
+
 def test_a_fit_sums_the_gfim_only_for_methods_that_invert_it(saved, data, tmp_path):
     """tracin / K-FAC / EK-FAC / DataInf need no d x d GFIM: without it they score exactly as with it."""
     train, val = data

@@ -126,7 +126,7 @@ def test_diagnostics_are_per_block_within_a_batched_inverse():
     curvature.gram["good"] = (q * torch.linspace(1.0, 10.0, 16)) @ q.T
     curvature.gram["bad"] = (q * torch.logspace(-7, 0, 16)) @ q.T  # condition 1e7: beyond float32
     curvature.count = 1
-    config = InfluenceConfig(damping=0.0, damping_mode="absolute")
+    config = InfluenceConfig.from_options(damping=0.0, damping_mode="absolute")
     with pytest.warns(NotConvergedWarning):
         pre = build_preconditioner("hyperinf", FittedInputs(curvature, config))
     good, bad = pre.diagnostics

@@ -128,7 +128,7 @@ def test_engine_hyperinf_matches_exact_on_minilm(minilm, dtype, tol):
     # the same matrix (measured: one block, 5.1e-3 against Cholesky's 2.5e-3; an unconverged run is
     # orders of magnitude worse).
     for d in (d for d in schulz if not d.converged):
-        a = engine.fitted.curvature.gfim(d.block) + d.damping * torch.eye(d.d, dtype=engine.config.torch_dtype)
+        a = engine.fitted.curvature.gfim(d.block) + d.damping * torch.eye(d.d, dtype=engine.config.fit.torch_dtype)
         t = torch.eye(d.d, dtype=torch.float64) - a.double() @ torch.cholesky_inverse(torch.linalg.cholesky(a)).double()
         cholesky = float(torch.linalg.matrix_norm(t.T @ t) ** 0.5)  # the same bound linalg reports
         assert dtype == "float32" and d.residual <= 4 * cholesky, (d.block, d.residual, cholesky)

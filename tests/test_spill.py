@@ -154,5 +154,7 @@ def test_a_write_that_fails_deletes_the_spill_and_recomputes(setup, tmp_path, mo
 def test_spill_options_are_checked_and_the_default_folder_is_the_temporary_directory():
     with pytest.raises(ValueError, match="spill_dtype must be one of"):
         InfluenceEngine(nn.Linear(2, 2), loss_fn, blocks="linear", spill_dtype="float16")
-    assert InfluenceEngine(nn.Linear(2, 2), loss_fn, blocks="linear").config.spill_folder == tempfile.gettempdir()
-    assert InfluenceEngine(nn.Linear(2, 2), loss_fn, blocks="linear", spill=False).config.spill_folder is None
+    assert (
+        InfluenceEngine(nn.Linear(2, 2), loss_fn, blocks="linear").config.runtime.spill_folder == tempfile.gettempdir()
+    )
+    assert InfluenceEngine(nn.Linear(2, 2), loss_fn, blocks="linear", spill=False).config.runtime.spill_folder is None

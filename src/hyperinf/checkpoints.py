@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,11 @@ def fit_checkpoint(
     settings = {
         "pass": "fit",
         "blocks": fingerprint(blocks),
-        "layout": config.layout(),
+        "fit": asdict(config.fit),
         "needs": sorted({kind for m in methods for kind in m.needs()}),
         "batches": len(loader) if hasattr(loader, "__len__") else None,
     }
-    return PassCheckpoint(per_process(path, config.distributed), settings, every)
+    return PassCheckpoint(per_process(path, config.runtime.distributed), settings, every)
 
 
 def score_checkpoint(
@@ -108,4 +109,4 @@ def score_checkpoint(
         "self_influence": self_influence,
         "batches": len(loader) if hasattr(loader, "__len__") else None,
     }
-    return PassCheckpoint(per_process(path, config.distributed), settings, every)
+    return PassCheckpoint(per_process(path, config.runtime.distributed), settings, every)

@@ -58,7 +58,7 @@ class CurvatureAccumulator(_Sums):
     ) -> None:
         self.blocks = list(blocks)
         if fim and fim_max_params is not None:
-            _check_fim_size(self.blocks, fim_max_params)
+            check_fim_size(self.blocks, fim_max_params)
         self.count = 0
         # The d x d GFIM costs B r d^2 per batch (on a dense layer, far more than its forward):
         # it is summed only when a method inverts it. The squared norms (the damping) always are.
@@ -192,7 +192,7 @@ class CurvatureAccumulator(_Sums):
         return [b.name for b in self.blocks if float(self.sq_norm[b.name]) == 0.0]
 
 
-def _check_fim_size(blocks: Sequence[Block], limit: int) -> None:
+def check_fim_size(blocks: Sequence[Block], limit: int) -> None:
     """Refuse a flattened FIM (``rd x rd``) larger than ``limit`` rows, naming the block and the alternative."""
     too_big = [b for b in blocks if b.num_params > limit]
     if too_big:

@@ -4,7 +4,7 @@ Scores follow DESIGN.md: ``score_k = - sum_l <h_l, g_{k,l}>`` with ``h_l ~ A_l^{
 positive scores are harmful (up-weighting the example raises the validation loss), negative
 scores helpful. The parts live in their own modules: the training-gradient source
 (:mod:`hyperinf.sources`), the fitted curvature (:mod:`hyperinf.fitted`), the methods
-(:mod:`hyperinf.methods`) and pass 2's arithmetic (:mod:`hyperinf.scoring`).
+(:mod:`hyperinf.methods`) and pass 2 (:mod:`hyperinf.pass2`, its arithmetic in :mod:`hyperinf.scoring`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ from hyperinf import distributed, scoring
 from hyperinf.blocks import BlockSpec, select_blocks
 from hyperinf.checkpoints import fit_checkpoint, score_checkpoint
 from hyperinf.config import InfluenceConfig
-from hyperinf.errors import NotFittedError
+from hyperinf.curvature import check_fim_size
+from hyperinf.errors import ConfigurationError, NotFittedError
 from hyperinf.fitted import FittedCurvature
-from hyperinf.forward import DirectionalDerivatives, TrainingScores
 from hyperinf.gradients import LossFn, PerSampleGradients
-from hyperinf.hessian import OutputFn, OutputLossFn, output_functions
+from hyperinf.hessian import OutputFn, OutputLossFn, check_exact_size, output_functions, require_outputs
 from hyperinf.methods import Method, get_method
+from hyperinf.pass2 import DirectionalDerivatives, TrainingPass, TrainingPasses
 from hyperinf.preconditioners import BlockDiagnostics, Preconditioner, Vectors
 from hyperinf.results import save_results
-from hyperinf.scoring import RunningTopK, TopK, TrainingPass
+from hyperinf.scoring import RunningTopK, TopK
 from hyperinf.sources import GradientStream, TrainingGradients, mean_gradient
 
 
@@ -42,7 +43,7 @@ class InfluenceEngine:
     ``output_fn(model, batch) -> [B, K]`` and ``output_loss(outputs, batch) -> [B]`` split
     ``loss_fn`` into the model's outputs and the loss of them (e.g. the logits, and
     ``F.cross_entropy(logits, labels, reduction="none")``): only ``exact-ggn``'s fit needs them.
-    Other keyword options are the fields of :class:`hyperinf.config.InfluenceConfig`.
+    Other keyword options are those of :meth:`hyperinf.config.InfluenceConfig.from_options`.
     """
 
     def __init__(
@@ -56,22 +57,25 @@ class InfluenceEngine:
         output_loss: OutputLossFn | None = None,
         **options: Any,
     ) -> None:
-        self.config = InfluenceConfig(**options)
+        self.config = InfluenceConfig.from_options(**options)
         self._check_method(method)
         self.outputs = output_functions(output_fn, output_loss)
-        if self.config.distributed:
+        if self.config.runtime.distributed:
             distributed.require_initialized()
         self.model, self.method, self.block_spec = model, method, blocks
-        self.blocks = select_blocks(model, blocks, side=self.config.side, include_bias=self.config.include_bias)
-        self.gradients = PerSampleGradients(model, loss_fn, self.blocks, dtype=self.config.torch_dtype)
+        self.blocks = select_blocks(model, blocks, side=self.config.fit.side, include_bias=self.config.fit.include_bias)
+        self.gradients = PerSampleGradients(model, loss_fn, self.blocks, dtype=self.config.fit.torch_dtype)
         self.device = next(model.parameters()).device  # where batches go: the model's input side
-        self._reduce = distributed.reducer(self.config.distributed)
-        self._stream = GradientStream(self.gradients, self.device, progress=self.config.progress)
+        self._reduce = distributed.reducer(self.config.runtime.distributed)
+        self._stream = GradientStream(self.gradients, self.device, progress=self.config.runtime.progress)
         self._train = TrainingGradients(
-            self._stream, self.config.cache_bytes, self.config.spill_folder, self.config.spill_dtype
+            self._stream,
+            self.config.runtime.cache_bytes,
+            self.config.runtime.spill_folder,
+            self.config.runtime.spill_dtype,
         )
-        self._pass2 = TrainingScores(
-            self._train, DirectionalDerivatives(model, loss_fn, self.blocks), self.config.pass2
+        self._pass2 = TrainingPasses(
+            self._train, DirectionalDerivatives(model, loss_fn, self.blocks), self.config.runtime.pass2
         )
         self._fit: FittedCurvature | None = None
         self._results: dict[str, torch.Tensor] = {}
@@ -87,7 +91,7 @@ class InfluenceEngine:
     ) -> InfluenceEngine:
         """Accumulate the curvature every method in ``{method} | methods`` needs, in one pass; ``checkpoint``
         (a file) makes it resumable after a crash, with the same result (:mod:`hyperinf.checkpoints`)."""
-        wanted = [self._check_method(m) for m in dict.fromkeys([self.method, *methods])]
+        wanted = [self.check_supports(m) for m in dict.fromkeys([self.method, *methods])]
         saver = (
             fit_checkpoint(checkpoint, checkpoint_every, self.blocks, self.config, wanted, train_loader)
             if checkpoint
@@ -151,9 +155,7 @@ class InfluenceEngine:
             if checkpoint
             else None
         )
-        done, state = saver.resume("score") if saver is not None else (0, {})
-        passes = self._pass2(train_loader, stacked, per_example=own is not None, skip=done)
-        result = scoring.collect(passes, methods, own, saver, done, state)
+        result = self._pass2.scores(train_loader, stacked, methods, own=own, saver=saver)
         result.directions = dict(zip(methods, directions))
         self._keep({f"score/{m}": s for m, s in result.scores.items()} | {"train_loss": result.train_loss})
         if result.self_influence is not None:
@@ -176,17 +178,14 @@ class InfluenceEngine:
         if checkpoint:  # the preconditioner applied to a fixed vector stands for its curvature and damping
             probe = pre.apply(
                 {
-                    b.name: torch.ones(1, *b.shape, dtype=self.config.torch_dtype, device=b.module.weight.device)
+                    b.name: torch.ones(1, *b.shape, dtype=self.config.fit.torch_dtype, device=b.module.weight.device)
                     for b in self.blocks
                 }
             )
             saver = score_checkpoint(
                 checkpoint, checkpoint_every, self.blocks, self.config, probe, [], method, train_loader
             )
-        done, state = saver.resume("self_influence") if saver is not None else (0, {})
-        passes = ((b.losses, b.losses.new_zeros(b.batch_size, 0), b) for b in self._train(train_loader, skip=done))
-        result = scoring.collect(passes, [], pre, saver, done, state).self_influence
-        assert result is not None  # collected with a preconditioner for self-influence
+        result = self._pass2.self_influence(train_loader, pre, saver)
         self._keep({f"self_influence/{method}": result})
         return result
 
@@ -218,9 +217,8 @@ class InfluenceEngine:
                 if checkpoint
                 else None
             )
-            done, state = saver.resume(f"pairwise, query chunk {i}") if saver is not None else (0, {})
-            scored = scoring.collect(
-                self._pass2(train_loader, h, skip=done), names, None, saver, done, state, keep=True
+            scored = self._pass2.scores(
+                train_loader, h, names, saver=saver, what=f"pairwise, query chunk {i}", keep=True
             )
             columns.append(torch.stack([scored[name] for name in names], dim=1))
             savers.append(saver)
@@ -244,7 +242,7 @@ class InfluenceEngine:
         parts = []
         for h in self._query_directions(query_loader, method, query_chunk):
             running = RunningTopK(k)
-            for _, scores, _ in self._pass2(train_loader, h):
+            for _, scores, _ in self._pass2.batches(train_loader, h):
                 running.update(scores)
             parts.append(running.result())
         return TopK.cat(parts)
@@ -258,7 +256,7 @@ class InfluenceEngine:
 
     def spectrum(self) -> list[dict[str, float | int | str]]:
         """Per block: the fitted GFIM's eigenvalue range, the damping and the damped condition number."""
-        return self.fitted.curvature.spectrum(self.config.damping, self.config.damping_mode)
+        return self.fitted.curvature.spectrum(self.config.score.damping, self.config.score.damping_mode)
 
     def diagnostics(self) -> list[BlockDiagnostics]:
         """Per-block damping and iterative-inverse outcome of every preconditioner built so far."""
@@ -270,9 +268,9 @@ class InfluenceEngine:
             self._stream,
             loader,
             what,
-            dtype=self.config.torch_dtype,
+            dtype=self.config.fit.torch_dtype,
             reduce=self._reduce,
-            allow_empty=self.config.distributed,
+            allow_empty=self.config.runtime.distributed,
         )
 
     @property
@@ -314,6 +312,27 @@ class InfluenceEngine:
         return save_results(
             directory, {**self._results, **(extra or {})}, arguments, [d.to_dict() for d in self.diagnostics()]
         )
+
+    def supports(self, method: str) -> bool:
+        """Whether ``method`` can run on this engine's blocks and options (:meth:`check_supports` says why not)."""
+        try:
+            self.check_supports(method)
+        except ConfigurationError:
+            return False
+        return True
+
+    def check_supports(self, method: str) -> Method:
+        """The registered ``method``, after checking it can run here: its options, the size of the flattened FIM or
+        exact curvature it would form, the output functions the exact GGN needs. A ConfigurationError names why not."""
+        found = self._check_method(method)
+        if found.fim:
+            check_fim_size(self.blocks, self.config.runtime.fim_max_params)
+        if found.hessian or found.ggn:
+            what = "exact GGN" if found.ggn else "exact Hessian"
+            check_exact_size(self.blocks, self.config.runtime.hessian_max_params, what)
+        if found.ggn:
+            require_outputs(self.outputs)
+        return found
 
     def _check_method(self, name: str) -> Method:
         method = get_method(name)

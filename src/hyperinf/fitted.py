@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,12 @@ from hyperinf.checkpoints import PassCheckpoint
 from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import CurvatureAccumulator, KroneckerAccumulator
 from hyperinf.errors import (
-    ConfigurationError,
     EmptyDataError,
     FitMismatchError,
     NotFittedError,
 )
 from hyperinf.gradients import BatchGradients, PerSampleGradients
-from hyperinf.hessian import GGNAccumulator, HessianAccumulator, OutputFunctions
+from hyperinf.hessian import GGNAccumulator, HessianAccumulator, OutputFunctions, require_outputs
 from hyperinf.methods import FittedInputs, Method, build_preconditioner, get_method
 from hyperinf.preconditioners import (
     BlockDiagnostics,
@@ -39,7 +39,7 @@ from hyperinf.preconditioners import (
 )
 from hyperinf.results import atomic_write, write_json
 
-FORMAT = 1
+FORMAT = 2
 _TENSORS, _META = "curvature.safetensors", "fit.json"
 
 
@@ -83,21 +83,24 @@ class FittedCurvature:
             gradients.blocks,
             fim=any(m.fim for m in methods),
             gfim=any(m.gfim for m in methods),
-            dtype=config.torch_dtype,
-            fim_max_params=config.fim_max_params,
+            dtype=config.fit.torch_dtype,
+            fim_max_params=config.runtime.fim_max_params,
         )
         hessian = None
         if any(m.hessian for m in methods):
             hessian = HessianAccumulator(
-                gradients.blocks, max_params=config.hessian_max_params, dtype=config.torch_dtype
+                gradients.blocks, max_params=config.runtime.hessian_max_params, dtype=config.fit.torch_dtype
             )
         ggn = None
         if any(m.ggn for m in methods):
-            if outputs is None:
-                raise ConfigurationError(MISSING_OUTPUTS)
-            ggn = GGNAccumulator(gradients.blocks, max_params=config.hessian_max_params, dtype=config.torch_dtype)
+            ggn = GGNAccumulator(
+                gradients.blocks,
+                require_outputs(outputs),
+                max_params=config.runtime.hessian_max_params,
+                dtype=config.fit.torch_dtype,
+            )
         kronecker = (
-            KroneckerAccumulator(gradients.blocks, dtype=config.torch_dtype)
+            KroneckerAccumulator(gradients.blocks, dtype=config.fit.torch_dtype)
             if any(m.kronecker for m in methods)
             else None
         )
@@ -112,8 +115,7 @@ class FittedCurvature:
                 if hessian is not None:
                     hessian.update(gradients.model, gradients.loss_fn, batch)
                 if ggn is not None:
-                    assert outputs is not None  # checked when ggn was made
-                    ggn.update(gradients.model, outputs, batch)
+                    ggn.update(gradients.model, batch)
                 if kronecker is not None:
                     if grads.factors is None:
                         raise ValueError(
@@ -204,7 +206,7 @@ class FittedCurvature:
             "hessian": self.hessian is not None,
             "ggn": self.ggn is not None,
             "kronecker": self.kronecker is not None,
-            "layout": config.layout(),
+            "fit": asdict(config.fit),
             "blocks": fingerprint(self.curvature.blocks),
         }
         write_json(directory / _META, meta)
@@ -221,13 +223,11 @@ class FittedCurvature:
         meta = json.loads((directory / _META).read_text())
         if meta.get("format") != FORMAT:
             raise FitMismatchError(
-                f"{directory}/{_META} has format {meta.get('format')!r}; this hyperinf reads format {FORMAT}."
+                f"{directory}/{_META} has format {meta.get('format')!r}; this hyperinf reads format {FORMAT}: fit again and save_fit with this version."
             )
-        _check_layout(meta["layout"], config.layout(), directory)
+        _check_fit_config(meta["fit"], asdict(config.fit), directory)
         _check_blocks(meta["blocks"], fingerprint(blocks), directory)
-        curvature = CurvatureAccumulator(
-            blocks, fim=meta["fim"], gfim=meta.get("gfim", True), dtype=config.torch_dtype
-        )  # older fits always hold it
+        curvature = CurvatureAccumulator(blocks, fim=meta["fim"], gfim=meta["gfim"], dtype=config.fit.torch_dtype)
         tensors = load_file(str(directory / _TENSORS))
         curvature.load(tensors, meta["count"])
         device = blocks[0].module.weight.device
@@ -237,21 +237,12 @@ class FittedCurvature:
         )  # fits saved before the GGN have no such key
         kronecker = None
         if meta.get("kronecker", False):  # fits saved before K-FAC have no such key
-            kronecker = KroneckerAccumulator(blocks, dtype=config.torch_dtype)
+            kronecker = KroneckerAccumulator(blocks, dtype=config.fit.torch_dtype)
             kronecker.load(tensors, meta["count"])
         return cls(curvature, hessian, kronecker, ggn)
 
 
-MISSING_OUTPUTS = (
-    "method 'exact-ggn' needs the model's outputs and the loss of them separately: pass "
-    "InfluenceEngine(model, loss_fn, output_fn=..., output_loss=...), with output_fn(model, batch) -> [B, K] "
-    "and output_loss(outputs, batch) -> [B] such that output_loss(output_fn(model, batch), batch) is loss_fn(model, batch); "
-    "e.g. output_fn=lambda model, batch: model(batch[0]) (the logits) and "
-    "output_loss=lambda logits, batch: F.cross_entropy(logits, batch[1], reduction='none')."
-)
-
-
-def _check_layout(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
+def _check_fit_config(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
     differ = [
         f"{key}={saved[key]!r} (this engine: {current[key]!r})" for key in saved if saved[key] != current.get(key)
     ]

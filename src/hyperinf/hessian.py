@@ -51,6 +51,30 @@ def output_functions(output_fn: OutputFn | None, output_loss: OutputLossFn | Non
     return OutputFunctions(output_fn, output_loss) if output_fn is not None and output_loss is not None else None
 
 
+def check_exact_size(blocks: Sequence[Block], max_params: int, what: str = "exact curvature") -> int:
+    """The selected blocks' parameter count ``P``; a clear error when a ``P x P`` matrix would pass ``max_params`` rows."""
+    num_params = sum(b.num_params for b in blocks)
+    if num_params > max_params:
+        raise ConfigurationError(
+            f"the {what} of the selected blocks has {num_params} rows, above the limit "
+            f"of {max_params}: select fewer blocks, or raise hessian_max_params if memory allows."
+        )
+    return num_params
+
+
+def require_outputs(outputs: OutputFunctions | None) -> OutputFunctions:
+    """The model's outputs and the loss of them, which the exact GGN needs; a clear error when they were not given."""
+    if outputs is None:
+        raise ConfigurationError(
+            "method 'exact-ggn' needs the model's outputs and the loss of them separately: pass "
+            "InfluenceEngine(model, loss_fn, output_fn=..., output_loss=...), with output_fn(model, batch) -> [B, K] "
+            "and output_loss(outputs, batch) -> [B] such that output_loss(output_fn(model, batch), batch) is "
+            "loss_fn(model, batch); e.g. output_fn=lambda model, batch: model(batch[0]) (the logits) and "
+            "output_loss=lambda logits, batch: F.cross_entropy(logits, batch[1], reduction='none')."
+        )
+    return outputs
+
+
 class _ExactAccumulator:
     """A running sum of ``P x P`` matrices over the selected blocks' ``P`` parameters, ``P`` capped by ``max_params``."""
 
@@ -58,12 +82,7 @@ class _ExactAccumulator:
 
     def __init__(self, blocks: Sequence[Block], *, max_params: int, dtype: torch.dtype = torch.float32) -> None:
         self.blocks = list(blocks)
-        self.num_params = sum(b.num_params for b in self.blocks)
-        if self.num_params > max_params:
-            raise ValueError(
-                f"the {self.what} of the selected blocks has {self.num_params} rows, above the limit "
-                f"of {max_params}: select fewer blocks, or raise hessian_max_params if memory allows."
-            )
+        self.num_params = check_exact_size(self.blocks, max_params, self.what)
         self.dtype = dtype
         self.total: torch.Tensor | None = None
         self.count = 0
@@ -128,12 +147,20 @@ class HessianAccumulator(_ExactAccumulator):
 
 
 class GGNAccumulator(_ExactAccumulator):
-    """Sums ``sum_i J_i^T H_i J_i`` over batches; ``matrix()`` divides by ``n``."""
+    """Sums ``sum_i J_i^T H_i J_i`` over batches; ``matrix()`` divides by ``n``. ``outputs``: the model's outputs
+    and the loss of them (:func:`require_outputs`)."""
 
     what = "exact GGN"
 
-    def update(self, model: nn.Module, outputs: OutputFunctions, batch: Any) -> None:
+    def __init__(
+        self, blocks: Sequence[Block], outputs: OutputFunctions, *, max_params: int, dtype: torch.dtype = torch.float32
+    ) -> None:
+        super().__init__(blocks, max_params=max_params, dtype=dtype)
+        self.outputs = outputs
+
+    def update(self, model: nn.Module, batch: Any) -> None:
         """Add ``J_i^T H_i J_i`` of every example of one batch (``K`` backward passes for ``J``, ``K`` for ``H``)."""
+        outputs = self.outputs
         with torch.no_grad():
             f = outputs.output_fn(model, batch)
         if not isinstance(f, torch.Tensor) or f.dim() != 2:

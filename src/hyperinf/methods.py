@@ -23,12 +23,13 @@ exact-Hessian / exact-GGN analogue) with the same ``lambda_l``, so they differ o
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from hyperinf import linalg
-from hyperinf.config import InfluenceConfig
+from hyperinf.config import InfluenceConfig, SchulzOptions
 from hyperinf.curvature import CurvatureAccumulator, KroneckerAccumulator
 from hyperinf.errors import ConfigurationError, NotFittedError, NotSPDError
 from hyperinf.preconditioners import (
@@ -58,7 +59,7 @@ class FittedInputs:
 
     def damping(self) -> dict[str, float]:
         """``lambda_l`` of every block under the run's damping options (the same for every method)."""
-        c, mode = self.config.damping, self.config.damping_mode
+        c, mode = self.config.score.damping, self.config.score.damping_mode
         return {b.name: self.curvature.damping(b, c, mode) for b in self.curvature.blocks}
 
 
@@ -100,13 +101,14 @@ def _invert_grouped(
     matrices: Mapping[str, torch.Tensor],
     damping: Mapping[str, float],
     diagnostics: list[BlockDiagnostics],
-    config: InfluenceConfig,
-) -> dict[str, torch.Tensor]:
-    """Invert every matrix (Schulz when ``iterative``, else Cholesky), stacking equal sizes into one batched call."""
+    options: SchulzOptions,
+) -> tuple[dict[str, torch.Tensor], list[BlockDiagnostics]]:
+    """Invert every matrix (Schulz when ``iterative``, else Cholesky), stacking equal sizes into one batched call;
+    the diagnostics then say how each block's Schulz run ended."""
+    outcomes: dict[str, dict[str, Any]] = {}
     groups: dict[tuple[int, torch.device], list[str]] = {}
     for name, matrix in matrices.items():
         groups.setdefault((matrix.shape[0], matrix.device), []).append(name)
-    diag_of = {d.block: d for d in diagnostics}
     inverses: dict[str, torch.Tensor] = {}
     for names in groups.values():
         stack = torch.stack([matrices[n] for n in names])
@@ -116,17 +118,17 @@ def _invert_grouped(
         lower = torch.tensor([damping[n] for n in names], dtype=stack.dtype, device=stack.device)
         result, info = linalg.schulz_inverse(
             stack,
-            max_iter=config.schulz_max_iter,
-            tol=config.schulz_tol,
-            init=config.schulz_init,
-            order=config.schulz_order,
+            max_iter=options.max_iter,
+            tol=options.tol,
+            init=options.init,
+            order=options.order,
             lower_bound=lower,
-            on_fail=config.on_nonconvergence,
+            on_fail=options.on_nonconvergence,
         )
         for n, residual, converged in zip(names, info.item_residuals, info.item_converged()):
-            diag_of[n].iterations, diag_of[n].residual, diag_of[n].converged = info.iterations, residual, converged
+            outcomes[n] = {"iterations": info.iterations, "residual": residual, "converged": converged}
         inverses.update(zip(names, result.unbind(0)))
-    return inverses
+    return inverses, [replace(d, **outcomes.get(d.block, {})) for d in diagnostics]
 
 
 def _block_inverse(fim: bool, iterative: bool) -> Callable[[FittedInputs, list[BlockDiagnostics]], Preconditioner]:
@@ -136,7 +138,7 @@ def _block_inverse(fim: bool, iterative: bool) -> Callable[[FittedInputs, list[B
         damping, blocks = fitted.damping(), fitted.curvature.blocks
         curvature = fitted.curvature.flat_fim if fim else fitted.curvature.gfim
         matrices = {b.name: _damped(curvature(b.name), damping[b.name]) for b in blocks}
-        inverses = _invert_grouped(iterative, matrices, damping, diagnostics, fitted.config)
+        inverses, diagnostics = _invert_grouped(iterative, matrices, damping, diagnostics, fitted.config.schulz)
         name = diagnostics[0].method
         if fim:
             return InversePreconditioner(
@@ -182,8 +184,8 @@ def _lissa(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Precond
     damping, scale, matrices = fitted.damping(), {}, {}
     for b in fitted.curvature.blocks:
         matrices[b.name] = _damped(fitted.curvature.gfim(b.name), damping[b.name])
-        scale[b.name] = _lissa_scale(b.name, matrices[b.name], fitted.config.lissa_scale)
-    return LissaPreconditioner(fitted.curvature.blocks, diagnostics, matrices, scale, fitted.config.lissa_iters)
+        scale[b.name] = _lissa_scale(b.name, matrices[b.name], fitted.config.lissa.scale)
+    return LissaPreconditioner(fitted.curvature.blocks, diagnostics, matrices, scale, fitted.config.lissa.iters)
 
 
 def _lissa_scale(block: str, matrix: torch.Tensor, given: float | None) -> float:
@@ -216,7 +218,7 @@ def _datainf(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preco
 
 
 def _check_datainf(config: InfluenceConfig) -> None:
-    if config.damping == 0:
+    if config.score.damping == 0:
         raise ConfigurationError(
             "method 'datainf' divides by the damping lambda, so damping=0 is undefined for it: "
             "use damping > 0 (default 0.1)."
@@ -241,7 +243,7 @@ def _kronecker_eigen(fitted: FittedInputs, method: str) -> dict[str, tuple[Eigen
 
 def _kfac(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Preconditioner:
     """K-FAC: ``Lambda = e_r e_d^T``, the eigenvalues of ``R (x) D`` (see :meth:`KroneckerAccumulator.factors` for the scale)."""
-    dtype, bases, eigenvalues = fitted.config.torch_dtype, {}, {}
+    dtype, bases, eigenvalues = fitted.config.fit.torch_dtype, {}, {}
     for name, ((e_r, q_r), (e_d, q_d)) in _kronecker_eigen(fitted, "kfac").items():
         bases[name] = (q_r.to(dtype), q_d.to(dtype))
         eigenvalues[name] = torch.outer(e_r.clamp_min(0.0), e_d.clamp_min(0.0)).to(dtype)
@@ -257,7 +259,7 @@ def _ekfac(fitted: FittedInputs, diagnostics: list[BlockDiagnostics]) -> Precond
     is an absolute ``1e-8``, our ``damping_mode="absolute"``).
     """
     source, reduce = _training_pass(fitted, "ekfac")
-    dtype = fitted.config.torch_dtype
+    dtype = fitted.config.fit.torch_dtype
     bases = {
         name: (q_r.to(dtype), q_d.to(dtype)) for name, ((_, q_r), (_, q_d)) in _kronecker_eigen(fitted, "ekfac").items()
     }

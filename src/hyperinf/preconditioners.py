@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -28,7 +28,7 @@ Reduce = Callable[[list[torch.Tensor], int], int]  # sums tensors in place acros
 LISSA_FAR = 0.5
 
 
-@dataclass
+@dataclass(frozen=True)
 class BlockDiagnostics:
     """What one method did on one block: its damping, for iterative inverses how it ended, and for
     K-FAC / EK-FAC the range of the eigenvalues ``Lambda`` it divides by (before damping)."""
@@ -92,7 +92,7 @@ class LissaPreconditioner(Preconditioner):
 
     Along an eigen-direction of ``A`` with eigenvalue ``mu`` it returns ``(1 - (1 - mu/s)^J) / mu``
     times the input, ``J`` = ``iterations``: the inverse once ``(1 - mu/s)^J`` is small, a
-    rescaled identity (TracIn) for ``mu << s / J``. The residual of each call is kept per block.
+    rescaled identity (TracIn) for ``mu << s / J``. Its diagnostics hold the last call's residual per block.
     """
 
     def __init__(
@@ -108,7 +108,7 @@ class LissaPreconditioner(Preconditioner):
         self._warned = False
 
     def apply(self, vectors: Vectors) -> dict[str, torch.Tensor]:
-        out = {}
+        out, diagnostics = {}, []
         for diag in self.diagnostics:
             v = vectors[diag.block]
             columns = v.reshape(-1, v.shape[-1]).T  # solve A x = v_row for every row of every vector
@@ -120,7 +120,10 @@ class LissaPreconditioner(Preconditioner):
                 on_fail="ignore",
             )
             out[diag.block] = x.T.reshape(v.shape).to(v.dtype)
-            diag.iterations, diag.residual, diag.converged = info.iterations, info.residual, info.converged
+            diagnostics.append(
+                replace(diag, iterations=info.iterations, residual=info.residual, converged=info.converged)
+            )
+        self.diagnostics = diagnostics
         self._warn_if_far()
         return out
 
@@ -184,12 +187,11 @@ class KroneckerPreconditioner(Preconditioner):
         bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         eigenvalues: Mapping[str, torch.Tensor],
     ) -> None:
-        super().__init__(name, blocks, diagnostics)
         self.bases = dict(bases)
         self.eigenvalues = dict(eigenvalues)
-        for diag in diagnostics:
-            values = self.eigenvalues[diag.block]
-            diag.eig_min, diag.eig_max = float(values.min()), float(values.max())
+        ranges = {name: (float(values.min()), float(values.max())) for name, values in self.eigenvalues.items()}
+        diagnostics = [replace(d, eig_min=ranges[d.block][0], eig_max=ranges[d.block][1]) for d in diagnostics]
+        super().__init__(name, blocks, diagnostics)
         self._denominators = {d.block: self.eigenvalues[d.block] + d.damping for d in diagnostics}
         singular = [block for block, values in self._denominators.items() if float(values.min()) <= 0]
         if singular:

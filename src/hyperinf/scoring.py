@@ -1,4 +1,4 @@
-"""Pass 2's arithmetic: scores ``-<h, g_k>``, self-influence, query chunks and streamed top-k.
+"""Pass 2's arithmetic: scores ``-<h, g_k>``, self-influence, query chunks and streamed top-k (the passes: :mod:`hyperinf.pass2`).
 
 Everything here works on per-block tensors ``{name: [m, r, d]}`` and never holds more than one
 batch of training gradients next to one chunk of preconditioned queries.
@@ -7,11 +7,10 @@ batch of training gradients next to one chunk of preconditioned queries.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 
-from hyperinf.checkpoints import PassCheckpoint
 from hyperinf.gradients import BatchGradients
 from hyperinf.preconditioners import Preconditioner
 
@@ -107,64 +106,3 @@ class RunningTopK:
         if self._low is None or self._high is None:
             raise ValueError("no training scores were added")
         return TopK(self._low[1].T, self._low[0].T, self._high[1].T, self._high[0].T)
-
-
-@dataclass
-class TrainingPass(Mapping[str, torch.Tensor]):
-    """What one pass over the training set gives: scores per method (the mapping), losses, self-influence,
-    and each method's preconditioned validation gradient ``h`` (per block, ``[1, r, d]``) that it scored with."""
-
-    scores: dict[str, torch.Tensor]
-    train_loss: torch.Tensor
-    self_influence: torch.Tensor | None = None
-    directions: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-    def __getitem__(self, method: str) -> torch.Tensor:
-        return self.scores[method]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.scores)
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-
-def collect(
-    passes: Iterable[tuple[torch.Tensor, torch.Tensor, BatchGradients | None]],
-    columns: Sequence[str],
-    own: Preconditioner | None,
-    saver: PassCheckpoint | None,
-    done: int = 0,
-    state: Mapping[str, torch.Tensor] | None = None,
-    *,
-    keep: bool = False,
-) -> TrainingPass:
-    """Gather a training pass's losses, score columns and (with ``own``) self-influence, batch by batch.
-
-    ``state`` holds what an interrupted run collected over its first ``done`` batches (``passes``
-    starts after them); ``saver`` writes the collection so far every few batches, and at the end
-    deletes it, or (``keep``: one pass of several) writes the whole pass there for a rerun to read back.
-    """
-    state = state or {}
-    losses = [state["losses"]] if state else []
-    scores = [state["scores"]] if state else []
-    self_scores = [state["self_influence"]] if state and own is not None else []
-
-    def gathered() -> dict[str, torch.Tensor]:
-        out = {"losses": torch.cat(losses), "scores": torch.cat(scores)}
-        return out | ({"self_influence": torch.cat(self_scores)} if own is not None else {})
-
-    for done, (batch_losses, batch_scores, batch) in enumerate(passes, start=done + 1):
-        losses.append(batch_losses.detach())
-        scores.append(batch_scores)
-        if own is not None:
-            assert batch is not None  # forward mode yields no gradients and is refused with self-influence
-            self_scores.append(self_influence(own, batch.grads))
-        if saver is not None:
-            saver.save(done, gathered)
-    result = gathered()
-    if saver is not None and keep:
-        saver.save(done, lambda: result, force=True)
-    elif saver is not None:
-        saver.finish()
-    return TrainingPass(dict(zip(columns, result["scores"].unbind(1))), result["losses"], result.get("self_influence"))

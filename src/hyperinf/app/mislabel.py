@@ -41,7 +41,7 @@ from hyperinf.app.report import (
 from hyperinf.app.textdata import MislabelSplit, TextDataset, flip_count, split_and_flip
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
-from hyperinf.errors import DataError
+from hyperinf.errors import ConfigurationError, DataError
 from hyperinf.metrics import detection_curve, detection_summary
 from hyperinf.results import atomic_write, remove_if_empty, write_json
 
@@ -222,21 +222,22 @@ def run_seed(args: MislabelArgs, data: TextDataset) -> dict[str, Any]:
         "spectrum": engine.spectrum(),
         "gradient_cache": {
             "gradient_bytes": engine.gradient_bytes,
-            "budget_bytes": engine.config.cache_bytes,
+            "budget_bytes": engine.config.runtime.cache_bytes,
             "store": engine.gradient_store,
         },
     }
 
 
 def _methods_for(args: MislabelArgs, engine: InfluenceEngine) -> tuple[list[str], dict[str, str]]:
+    """``--methods``, and with ``--fim`` the flattened-FIM methods where the blocks allow them (else why not)."""
     methods, skipped = list(args.methods), {}
-    if args.fim:
-        largest = max(b.num_params for b in engine.blocks)
-        if largest <= args.fim_max_params:
-            methods += [m for m in FIM_METHODS if m not in methods]
+    for m in FIM_METHODS if args.fim else ():
+        try:
+            engine.check_supports(m)
+        except ConfigurationError as error:
+            skipped[m] = str(error)
         else:
-            for m in FIM_METHODS:
-                skipped[m] = f"largest block has {largest} parameters > fim_max_params={args.fim_max_params}"
+            methods += [m] if m not in methods else []
     return methods, skipped
 
 

@@ -55,13 +55,14 @@ from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import (
+    ConfigurationError,
     DataError,
     HyperinfError,
     MissingPackageError,
     NotConvergedWarning,
 )
 from hyperinf.hessian import OutputFn, OutputLossFn
-from hyperinf.methods import get_method, method_names
+from hyperinf.methods import method_names
 from hyperinf.metrics import bootstrap_interval, linear_datamodeling_score
 from hyperinf.results import atomic_write, write_json
 
@@ -82,8 +83,8 @@ class RetrainArgs:
     setting: str = "mnist"
     model: str = "minilm"  # learner of the text settings: minilm, or tiny-bert (tests)
     methods: tuple[str, ...] = field(default_factory=method_names)
-    damping_mode: DampingMode = DEFAULTS.damping_mode
-    dtype: str = DEFAULTS.dtype
+    damping_mode: DampingMode = DEFAULTS.score.damping_mode
+    dtype: str = DEFAULTS.fit.dtype
     n_train: int = 1000
     n_query: int = 100
     epochs: int | None = None  # None: the setting's (mnist 30, text 3)
@@ -311,18 +312,12 @@ def retrained_losses(trainer: Trainer, masks: torch.Tensor, args: LdsArgs) -> to
     return losses / args.retrain_seeds
 
 
-def skip_reason(engine: InfluenceEngine, method: str, setting: Setting) -> str | None:
-    """Why ``method`` cannot run on this model (its curvature would be too large), or ``None``."""
-    needs = get_method(method)
-    config = engine.config
-    largest = max(engine.blocks, key=lambda b: b.num_params)
-    if needs.fim and largest.num_params > config.fim_max_params:
-        return f"the flattened FIM of block {largest.name!r} has {largest.num_params} rows > fim_max_params={config.fim_max_params}"
-    total = sum(b.num_params for b in engine.blocks)
-    if (needs.hessian or needs.ggn) and total > config.hessian_max_params:
-        return f"the exact curvature of the blocks has {total} rows > hessian_max_params={config.hessian_max_params}"
-    if needs.ggn and setting.output_fn is None:
-        return "the setting gives no output_fn / output_loss"
+def skip_reason(engine: InfluenceEngine, method: str) -> str | None:
+    """Why ``method`` cannot run on this model and its options (:meth:`InfluenceEngine.check_supports`), or ``None``."""
+    try:
+        engine.check_supports(method)
+    except ConfigurationError as error:
+        return str(error)
     return None
 
 
@@ -349,7 +344,7 @@ def fitted_engine(
         output_loss=setting.output_loss,
         progress=False,
     )
-    skipped = {m: reason for m in args.methods if (reason := skip_reason(engine, m, setting)) is not None}
+    skipped = {m: reason for m in args.methods if (reason := skip_reason(engine, m)) is not None}
     runnable = [m for m in args.methods if m not in skipped and keep(m)]
     if runnable:
         engine.fit(train, methods=runnable)
@@ -364,7 +359,7 @@ def score_methods(args: LdsArgs, setting: Setting, model: nn.Module) -> list[dic
     train, query = setting.loader(setting.train), setting.loader(setting.query)
     results = [
         entry
-        for damping in sorted({DEFAULTS.damping, *args.dampings})
+        for damping in sorted({DEFAULTS.score.damping, *args.dampings})
         for entry in _scores_at(args, setting, model, damping, train, query)
     ]
     return sorted(
@@ -377,7 +372,7 @@ def _scores_at(
 ) -> list[dict[str, Any]]:
     """:func:`score_methods`' rows at one damping. The engine lives only here, so one damping's curvature and
     inverses are freed before the next is fitted (two at once ran MiniLM's flattened FIMs out of memory)."""
-    default = damping == DEFAULTS.damping
+    default = damping == DEFAULTS.score.damping
     engine, runnable, skipped = fitted_engine(
         args, setting, model, damping, train, lambda m: default or m not in DAMPING_FREE
     )

@@ -70,7 +70,7 @@ class LogoArgs(RetrainArgs):
     n_query: int = 100
     groups: int = 5
     seeds: int = 3
-    damping: float = DEFAULTS.damping
+    damping: float = DEFAULTS.score.damping
 
 
 def check_args(args: LogoArgs) -> None:
