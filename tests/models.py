@@ -222,8 +222,9 @@ def reference_gradients(
 
     Each example is a batch of one; its loss is differentiated with ``torch.autograd.grad`` with
     respect to each block's weight (and bias). The ``r x d`` layout is rebuilt here from
-    ``block.side`` / ``block.include_bias`` without calling ``Block.layout``: weight ``[d_out, d_in]``,
-    bias appended as a last column, transposed for ``side == "out"``. ``requires_grad`` flags are
+    ``block.side`` / ``block.include_bias`` without calling ``Block.layout``: weight ``[d_out, d_in]``
+    (a convolution's weight flattened to ``[C_out, C_in kh kw]``), bias appended as a last column,
+    transposed for ``side == "out"``. ``requires_grad`` flags are
     restored afterwards and no ``.grad`` field is written.
     """
     params = []
@@ -249,7 +250,7 @@ def reference_gradients(
             grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted)]
             k = 0
             for b in blocks:
-                g = grads[k]
+                g = grads[k].reshape(grads[k].shape[0], -1)  # a convolution's [C_out, C_in, kh, kw] as C_out rows
                 k += 1
                 if b.include_bias and b.module.bias is not None:
                     g = torch.cat([g, grads[k].unsqueeze(-1)], dim=-1)

@@ -22,6 +22,7 @@ from hyperinf.errors import (
     ResumedWarning,
     SpillWarning,
 )
+from hyperinf.task import LossTask, Task
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "HyperinfError",
     "InfluenceConfig",
     "InfluenceEngine",
+    "LossTask",
     "LossShapeError",
     "MissingPackageError",
     "NonFiniteGradientError",
@@ -46,5 +48,6 @@ __all__ = [
     "NotSPDError",
     "ResumedWarning",
     "SpillWarning",
+    "Task",
     "__version__",
 ]

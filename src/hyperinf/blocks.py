@@ -1,11 +1,12 @@
-"""Parameter blocks: which ``nn.Linear`` weights are attributed, and how each gradient is laid out.
+"""Parameter blocks: which layers' weights are attributed, and how each gradient is laid out.
 
-A block's per-sample gradient is an ``r x d`` matrix whose ``d x d`` Gram matrix ``g^T g`` is the
-block's generalized Fisher (GFIM). For a peft LoRA adapter on ``Linear(d_in -> d_out)``,
-``lora_A.weight`` (``r x d_in``) is used as is and ``lora_B.weight`` (``d_out x r``) transposed,
-so ``d`` is always the large side. For a dense ``Linear`` the ``d`` side is a choice
-(``side="in"``: ``d = d_in``, the default; ``side="out"``: ``d = d_out``). A bias, when included,
-is an extra input column (``d_in + 1``), as in the homogeneous-coordinate trick of K-FAC.
+A block is one ``nn.Linear`` or ``nn.Conv2d`` (:mod:`hyperinf.layers`), its weight seen as a
+``d_out x d_in`` matrix. Its per-sample gradient is an ``r x d`` matrix whose ``d x d`` Gram matrix
+``g^T g`` is the block's generalized Fisher (GFIM). For a peft LoRA adapter on
+``Linear(d_in -> d_out)``, ``lora_A.weight`` (``r x d_in``) is used as is and ``lora_B.weight``
+(``d_out x r``) transposed, so ``d`` is always the large side. For a dense layer the ``d`` side is
+a choice (``side="in"``: ``d = d_in``, the default; ``side="out"``: ``d = d_out``). A bias, when
+included, is an extra input column (``d_in + 1``), as in the homogeneous-coordinate trick of K-FAC.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from hyperinf.errors import BlockSelectionError
+from hyperinf.layers import SUPPORTED, LayerKind, kind_of, weight_of
 
 Side = Literal["in", "out"]
 BlockSpec = str | Sequence[str]
@@ -31,12 +33,28 @@ _LORA_NAME = re.compile(r"\.lora_(A|B)\.[^.]+$")
 
 @dataclass(frozen=True, eq=False)
 class Block:
-    """One ``nn.Linear`` whose weight (and optionally bias) forms an ``r x d`` gradient matrix."""
+    """One layer whose weight (and optionally bias) forms an ``r x d`` gradient matrix."""
 
     name: str
-    module: nn.Linear
+    module: nn.Module
     side: Side
     include_bias: bool
+
+    @property
+    def kind(self) -> LayerKind:
+        kind = kind_of(self.module)
+        if kind is None:
+            raise BlockSelectionError(f"block {self.name!r} is a {type(self.module).__name__}, not {SUPPORTED}.")
+        return kind
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return weight_of(self.module)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the block's weight lives (a model split with ``device_map`` keeps each block's work beside it)."""
+        return self.weight.device
 
     @property
     def has_bias(self) -> bool:
@@ -45,7 +63,7 @@ class Block:
     @property
     def shape(self) -> tuple[int, int]:
         """``(r, d)``: rows and columns of the laid-out gradient."""
-        d_out, d_in = self.module.weight.shape
+        d_out, d_in = self.kind.matrix_shape(self.module)
         d_in += int(self.has_bias)
         return (d_out, d_in) if self.side == "in" else (d_in, d_out)
 
@@ -56,13 +74,15 @@ class Block:
 
     def parameters(self) -> list[torch.Tensor]:
         """The parameters this block attributes, in the order :meth:`layout` takes them."""
-        params = [self.module.weight]
-        if self.has_bias:
-            params.append(self.module.bias)
-        return params
+        bias = self.module.bias
+        return [self.weight, bias] if self.has_bias and isinstance(bias, torch.Tensor) else [self.weight]
 
     def layout(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None = None) -> torch.Tensor:
-        """Lay out gradients shaped like ``[..., d_out, d_in]`` (and ``[..., d_out]``) as ``[..., r, d]``."""
+        """Lay out gradients shaped like the parameters (``[..., *weight.shape]``, ``[..., d_out]``) as ``[..., r, d]``."""
+        return self.layout_matrix(self.kind.as_matrix(self.module, weight_grad), bias_grad)
+
+    def layout_matrix(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`layout` of a weight gradient already seen as a matrix, ``[..., d_out, d_in]``."""
         g = weight_grad
         if self.has_bias:
             if bias_grad is None:
@@ -73,9 +93,8 @@ class Block:
     def unlayout(self, g: torch.Tensor) -> list[torch.Tensor]:
         """The inverse of :meth:`layout`: ``[..., r, d]`` back to tensors shaped like :meth:`parameters`."""
         g = g if self.side == "in" else g.transpose(-1, -2)
-        if not self.has_bias:
-            return [g]
-        return [g[..., :-1], g[..., -1]]
+        weight = self.kind.as_weight(self.module, g[..., :-1] if self.has_bias else g)
+        return [weight, g[..., -1]] if self.has_bias else [weight]
 
     def kronecker_order(self, inputs: torch.Tensor, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kronecker factors of the inputs ``a`` and output gradients ``delta`` as ``(rows, columns)`` of the layout.
@@ -97,13 +116,15 @@ def select_blocks(
 
     ``spec`` is ``"lora"`` (every peft ``lora_A`` / ``lora_B`` adapter), ``"linear"`` (every
     ``nn.Linear``) or a list of module names; a name of a container module (e.g. the last
-    transformer layer) selects every ``nn.Linear`` beneath it. ``side`` applies to dense layers;
+    transformer layer) selects every ``nn.Linear`` and ``nn.Conv2d`` beneath it. ``side`` applies to dense layers;
     LoRA adapters always put the rank on the ``r`` side.
     """
     if side not in ("in", "out"):
         raise ValueError(f"side must be 'in' or 'out', got {side!r}")
     if isinstance(spec, str) and spec == "lora":
-        named = [(n, m) for n, m in model.named_modules() if _LORA_NAME.search(n) and isinstance(m, nn.Linear)]
+        named: list[tuple[str, nn.Module]] = [
+            (n, m) for n, m in model.named_modules() if _LORA_NAME.search(n) and isinstance(m, nn.Linear)
+        ]
         if not named:
             raise BlockSelectionError(
                 "blocks='lora' matched no module: the model has no peft LoRA adapters (lora_A / lora_B "
@@ -122,7 +143,10 @@ def select_blocks(
     else:
         named = _select_by_name(model, list(spec))
     modules = dict(model.named_modules())
-    return [Block(n, m, _side_of(n, side), include_bias) for n, m in named if not _inactive_copy(n, modules)]
+    blocks = [Block(n, m, _side_of(n, side), include_bias) for n, m in named if not _inactive_copy(n, modules)]
+    for block in blocks:
+        block.kind.check(block.name, block.module)
+    return blocks
 
 
 def _inactive_copy(name: str, modules: dict[str, nn.Module]) -> bool:
@@ -146,27 +170,24 @@ def _side_of(name: str, dense_side: Side) -> Side:
     return "in" if match.group(1) == "A" else "out"
 
 
-def _select_by_name(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Linear]]:
+def _select_by_name(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]:
     if not names:
-        raise BlockSelectionError("the list of block names is empty: name at least one nn.Linear module.")
+        raise BlockSelectionError(f"the list of block names is empty: name at least one {SUPPORTED} module.")
     modules = dict(model.named_modules())
-    selected: dict[str, nn.Linear] = {}
+    selected: dict[str, nn.Module] = {}
     for name in names:
         if name not in modules:
             close = difflib.get_close_matches(name, list(modules), n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise BlockSelectionError(f"no module named {name!r} in the model.{hint}")
         module = modules[name]
-        if isinstance(module, nn.Linear):
-            selected[name] = module
-            continue
-        linears = {f"{name}.{sub}" if sub else name: m for sub, m in module.named_modules() if isinstance(m, nn.Linear)}
-        if not linears:
+        layers = {f"{name}.{sub}" if sub else name: m for sub, m in module.named_modules() if kind_of(m) is not None}
+        if not layers:
             raise BlockSelectionError(
-                f"module {name!r} is a {type(module).__name__}, not nn.Linear, and contains no "
-                "nn.Linear: hyperinf blocks must be nn.Linear layers (or containers of them)."
+                f"module {name!r} is a {type(module).__name__}, not {SUPPORTED}, and contains none: "
+                f"hyperinf blocks must be {SUPPORTED} layers (or containers of them)."
             )
-        selected.update(linears)
+        selected.update(layers)
     return list(selected.items())
 
 

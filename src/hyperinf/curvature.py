@@ -67,7 +67,7 @@ class CurvatureAccumulator(_Sums):
         self.fim: dict[str, torch.Tensor] | None = {} if fim else None
         for block in self.blocks:
             r, d = block.shape
-            device = block.module.weight.device  # models split with device_map keep each block's sums beside it
+            device = block.device
             if self.gram is not None:
                 self.gram[block.name] = torch.zeros(d, d, dtype=dtype, device=device)
             self.sq_norm[block.name] = torch.zeros((), dtype=dtype, device=device)
@@ -218,8 +218,8 @@ class KroneckerAccumulator(_Sums):
         self.outputs: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, torch.Tensor] = {}
         for block in self.blocks:
-            d_out, d_in = block.module.weight.shape
-            device = block.module.weight.device
+            d_out, d_in = block.kind.matrix_shape(block.module)
+            device = block.device
             size = d_in + int(block.has_bias)
             self.inputs[block.name] = torch.zeros(size, size, dtype=dtype, device=device)
             self.outputs[block.name] = torch.zeros(d_out, d_out, dtype=dtype, device=device)

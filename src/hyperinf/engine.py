@@ -26,22 +26,24 @@ from hyperinf.curvature import check_fim_size
 from hyperinf.errors import ConfigurationError, NotFittedError
 from hyperinf.fitted import FittedCurvature
 from hyperinf.gradients import LossFn, PerSampleGradients
-from hyperinf.hessian import OutputFn, OutputLossFn, check_exact_size, output_functions, require_outputs
+from hyperinf.hessian import OutputFn, OutputLossFn, check_exact_size, require_outputs
 from hyperinf.methods import Method, get_method
 from hyperinf.pass2 import DirectionalDerivatives, TrainingPass, TrainingPasses
 from hyperinf.preconditioners import BlockDiagnostics, Preconditioner, Vectors
 from hyperinf.results import save_results
 from hyperinf.scoring import RunningTopK, TopK
 from hyperinf.sources import GradientStream, TrainingGradients, mean_gradient
+from hyperinf.task import Task, as_task
 
 
 class InfluenceEngine:
     """Influence of training examples on a validation set, for any PyTorch model.
 
-    ``loss_fn(model, batch)`` returns per-example losses ``[B]``. ``blocks`` is ``"lora"``,
+    ``task`` is a :class:`hyperinf.task.Task` (training loss, measurement, padding mask, outputs) or
+    a plain ``loss_fn(model, batch)`` returning per-example losses ``[B]``. ``blocks`` is ``"lora"``,
     ``"linear"`` or a list of module names; ``method`` one of :func:`hyperinf.methods.method_names`.
-    ``output_fn(model, batch) -> [B, K]`` and ``output_loss(outputs, batch) -> [B]`` split
-    ``loss_fn`` into the model's outputs and the loss of them (e.g. the logits, and
+    With a plain ``loss_fn``, ``output_fn(model, batch) -> [B, K]`` and ``output_loss(outputs, batch) -> [B]``
+    split it into the model's outputs and the loss of them (e.g. the logits, and
     ``F.cross_entropy(logits, labels, reduction="none")``): only ``exact-ggn``'s fit needs them.
     Other keyword options are those of :meth:`hyperinf.config.InfluenceConfig.from_options`.
     """
@@ -49,7 +51,7 @@ class InfluenceEngine:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        task: Task | LossFn,
         *,
         blocks: BlockSpec = "lora",
         method: str = "hyperinf",
@@ -59,15 +61,19 @@ class InfluenceEngine:
     ) -> None:
         self.config = InfluenceConfig.from_options(**options)
         self._check_method(method)
-        self.outputs = output_functions(output_fn, output_loss)
+        self.task = as_task(task, output_fn, output_loss)
+        self.outputs = self.task.output_functions()
         if self.config.runtime.distributed:
             distributed.require_initialized()
         self.model, self.method, self.block_spec = model, method, blocks
         self.blocks = select_blocks(model, blocks, side=self.config.fit.side, include_bias=self.config.fit.include_bias)
-        self.gradients = PerSampleGradients(model, loss_fn, self.blocks, dtype=self.config.fit.torch_dtype)
+        dtype, padding = self.config.fit.torch_dtype, self.task.padding_mask
+        self.gradients = PerSampleGradients(model, self.task.loss, self.blocks, dtype=dtype, padding=padding)
+        measured = PerSampleGradients(model, self.task.measurement, self.blocks, dtype=dtype, padding=padding)
         self.device = next(model.parameters()).device  # where batches go: the model's input side
         self._reduce = distributed.reducer(self.config.runtime.distributed)
         self._stream = GradientStream(self.gradients, self.device, progress=self.config.runtime.progress)
+        self._measured = GradientStream(measured, self.device, progress=self.config.runtime.progress)
         self._train = TrainingGradients(
             self._stream,
             self.config.runtime.cache_bytes,
@@ -75,7 +81,7 @@ class InfluenceEngine:
             self.config.runtime.spill_dtype,
         )
         self._pass2 = TrainingPasses(
-            self._train, DirectionalDerivatives(model, loss_fn, self.blocks), self.config.runtime.pass2
+            self._train, DirectionalDerivatives(model, self.task.loss, self.blocks), self.config.runtime.pass2
         )
         self._fit: FittedCurvature | None = None
         self._results: dict[str, torch.Tensor] = {}
@@ -178,7 +184,7 @@ class InfluenceEngine:
         if checkpoint:  # the preconditioner applied to a fixed vector stands for its curvature and damping
             probe = pre.apply(
                 {
-                    b.name: torch.ones(1, *b.shape, dtype=self.config.fit.torch_dtype, device=b.module.weight.device)
+                    b.name: torch.ones(1, *b.shape, dtype=self.config.fit.torch_dtype, device=b.device)
                     for b in self.blocks
                 }
             )
@@ -263,9 +269,10 @@ class InfluenceEngine:
         return self._fit.diagnostics() if self._fit is not None else []
 
     def mean_gradient(self, loader: Iterable[Any], what: str = "loader") -> dict[str, torch.Tensor]:
-        """The mean per-block gradient ``v_l`` over a loader (over every process's shard when distributed)."""
+        """The mean per-block gradient ``v_l`` of the task's measurement over a loader (over every process's shard
+        when distributed)."""
         return mean_gradient(
-            self._stream,
+            self._measured,
             loader,
             what,
             dtype=self.config.fit.torch_dtype,
@@ -366,7 +373,7 @@ class InfluenceEngine:
         self, query_loader: Iterable[Any], method: str, chunk: int
     ) -> Iterator[dict[str, torch.Tensor]]:
         pre = self.preconditioner(method)
-        queries = (grads for _, grads in self._stream(query_loader, "query_loader"))
+        queries = (grads for _, grads in self._measured(query_loader, "query_loader"))
         for stacked in scoring.query_chunks(queries, chunk):
             yield pre.apply(stacked)
 

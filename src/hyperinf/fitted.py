@@ -96,6 +96,7 @@ class FittedCurvature:
             ggn = GGNAccumulator(
                 gradients.blocks,
                 require_outputs(outputs),
+                padding=gradients.padding,
                 max_params=config.runtime.hessian_max_params,
                 dtype=config.fit.torch_dtype,
             )
@@ -230,7 +231,7 @@ class FittedCurvature:
         curvature = CurvatureAccumulator(blocks, fim=meta["fim"], gfim=meta["gfim"], dtype=config.fit.torch_dtype)
         tensors = load_file(str(directory / _TENSORS))
         curvature.load(tensors, meta["count"])
-        device = blocks[0].module.weight.device
+        device = blocks[0].device
         hessian = tensors["hessian"].to(device) if meta["hessian"] else None
         ggn = (
             tensors["ggn"].to(device) if meta.get("ggn", False) else None

@@ -1,9 +1,10 @@
 """Per-sample gradients of the selected blocks from one forward and one backward pass per batch.
 
-A forward hook on each block keeps the layer input ``a`` (``[B, T, d_in]``) and output ``y``;
-``torch.autograd.grad`` of the summed per-example loss with respect to the outputs gives
-``delta = dL/dy``; the per-example weight gradient is ``sum_t delta_t a_t^T`` (one einsum per
-block, on the device of that block's weight, so a model split over devices works). Parameter
+A forward hook on each block keeps the layer input ``a`` and output ``y``; ``torch.autograd.grad``
+of the summed per-example loss with respect to the outputs gives ``delta = dL/dy``; the block's
+layer kind (:mod:`hyperinf.layers`) views both per position (tokens, or a convolution's output
+pixels with their input patches), and the per-example weight gradient is ``sum_p delta_p a_p^T``
+(one einsum per block, on the device of that block's weight, so a model split over devices works). Parameter
 ``.grad`` fields are never touched, and only the part of the graph between the loss and the
 hooked outputs is differentiated. This works where ``torch.func.vmap`` fails on
 Hugging Face models (attention-mask code calls ``.all()``).
@@ -30,6 +31,7 @@ from hyperinf.blocks import Block, block_gradients_enabled
 from hyperinf.errors import BlockSelectionError, LossShapeError, NonFiniteGradientError
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+PaddingFn = Callable[[Any], torch.Tensor | None]
 
 
 @dataclass
@@ -61,7 +63,7 @@ class PerSampleGradients:
     """Computes :class:`BatchGradients` for batches of ``model`` under ``loss_fn``.
 
     ``loss_fn(model, batch)`` must return one loss per example (shape ``[B]``). Padding positions
-    named by a batch's 2-D ``attention_mask`` are zeroed, so they contribute nothing even if the
+    named by ``padding(batch)`` (``[B, T]``, by default a dict batch's 2-D ``attention_mask``) are zeroed, so they contribute nothing even if the
     model leaks gradient into them (see :func:`_token_mask` for which layer inputs it applies to).
     ``kronecker`` adds each block's :class:`TokenFactors` (see :meth:`capturing_factors`).
     """
@@ -74,11 +76,13 @@ class PerSampleGradients:
         *,
         dtype: torch.dtype = torch.float32,
         kronecker: bool = False,
+        padding: PaddingFn = padding_mask,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.blocks = list(blocks)
         self.dtype = dtype
+        self.padding = padding
         self.kronecker = kronecker
 
     @contextmanager
@@ -97,7 +101,7 @@ class PerSampleGradients:
             outputs = [y for block in self.blocks for _, y in records[block.name]]
             deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
         losses = losses.detach()
-        mask = padding_mask(batch)
+        mask = self.padding(batch)
         grads: dict[str, torch.Tensor] = {}
         factors: dict[str, TokenFactors] | None = {} if self.kronecker else None
         position = 0
@@ -142,17 +146,18 @@ class PerSampleGradients:
                 f"{batch_index}, but loss_fn returned {batch_size} losses: per-sample gradients need "
                 "the batch dimension first in every selected layer's input."
             )
-        device = block.module.weight.device
-        if delta is None:
-            delta = torch.zeros(*a.shape[:-1], block.module.out_features, dtype=self.dtype, device=device)
-        positions = _token_mask(block, a.shape, mask, batch_index)
-        a = a.to(device=device, dtype=self.dtype).reshape(batch_size, -1, a.shape[-1])
-        delta = delta.to(device=device, dtype=self.dtype).reshape(batch_size, -1, delta.shape[-1])
+        device, kind = block.device, block.kind
+        positions = _token_mask(block, a.shape, mask, batch_index) if kind.masks_tokens else None
+        a = kind.inputs(block.module, a.to(device=device, dtype=self.dtype))
+        if delta is None:  # the output did not reach the loss
+            delta = a.new_zeros(*a.shape[:-1], kind.matrix_shape(block.module)[0])
+        else:
+            delta = kind.output_grads(block.module, delta.to(device=device, dtype=self.dtype))
         if positions is not None:
             delta = delta * positions.to(device=device, dtype=self.dtype).unsqueeze(-1)
         weight_grad = torch.einsum("bto,bti->boi", delta, a)
         bias_grad = delta.sum(dim=1) if block.has_bias else None
-        gradient = block.layout(weight_grad, bias_grad)
+        gradient = block.layout_matrix(weight_grad, bias_grad)
         return gradient, (self._token_factors(block, a, delta, positions) if self.kronecker else None)
 
     @staticmethod

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from hyperinf.batches import padding_mask
 from hyperinf.blocks import Block, block_gradients_enabled
 from hyperinf.errors import ConfigurationError, LossShapeError
-from hyperinf.gradients import LossFn, PerSampleGradients
+from hyperinf.gradients import LossFn, PaddingFn, PerSampleGradients
 
 OutputFn = Callable[[nn.Module, Any], torch.Tensor]
 OutputLossFn = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -153,10 +154,16 @@ class GGNAccumulator(_ExactAccumulator):
     what = "exact GGN"
 
     def __init__(
-        self, blocks: Sequence[Block], outputs: OutputFunctions, *, max_params: int, dtype: torch.dtype = torch.float32
+        self,
+        blocks: Sequence[Block],
+        outputs: OutputFunctions,
+        *,
+        max_params: int,
+        dtype: torch.dtype = torch.float32,
+        padding: PaddingFn = padding_mask,
     ) -> None:
         super().__init__(blocks, max_params=max_params, dtype=dtype)
-        self.outputs = outputs
+        self.outputs, self.padding = outputs, padding
 
     def update(self, model: nn.Module, batch: Any) -> None:
         """Add ``J_i^T H_i J_i`` of every example of one batch (``K`` backward passes for ``J``, ``K`` for ``H``)."""
@@ -173,9 +180,10 @@ class GGNAccumulator(_ExactAccumulator):
 
     def _output_gradients(self, model: nn.Module, output_fn: OutputFn, k: int, batch: Any) -> torch.Tensor:
         """``d f_ik / d theta`` of every example ``i``, flattened in layout order: ``[B, P]``."""
-        grads = PerSampleGradients(model, lambda m, b: output_fn(m, b)[:, k], self.blocks, dtype=self.dtype)(
-            batch
-        ).grads
+        output = PerSampleGradients(
+            model, lambda m, b: output_fn(m, b)[:, k], self.blocks, dtype=self.dtype, padding=self.padding
+        )
+        grads = output(batch).grads
         return torch.cat([grads[b.name].flatten(1) for b in self.blocks], dim=1)
 
     @staticmethod

@@ -175,7 +175,7 @@ def mean_gradient(
 ) -> dict[str, torch.Tensor]:
     """The mean per-block gradient ``v_l`` over a loader; ``reduce`` sums over processes (distributed runs)."""
     blocks = stream.gradients.blocks
-    total = {b.name: torch.zeros(b.shape, dtype=dtype, device=b.module.weight.device) for b in blocks}
+    total = {b.name: torch.zeros(b.shape, dtype=dtype, device=b.device) for b in blocks}
     count = 0
     for _, batch in stream(loader, what, allow_empty=allow_empty):
         count += batch.batch_size
