@@ -12,7 +12,7 @@ class HyperinfError(Exception):
 
 
 class BlockSelectionError(HyperinfError, ValueError):
-    """The block specification matched nothing, or matched a module that is not ``nn.Linear``."""
+    """The block specification matched nothing, or matched a module that is not a supported layer (``nn.Linear``, ``nn.Conv2d``)."""
 
 
 class LossShapeError(HyperinfError, ValueError):
