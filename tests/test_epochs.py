@@ -71,18 +71,17 @@ def test_bad_input_is_refused_before_any_training(args, tmp_path, change, messag
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-def test_cli_prints_one_line_for_bad_input(tmp_path, capsys):
-    argv = [
-        "experiment",
-        "epochs",
-        "--epochs-list",
-        "1,x",
-        "--out",
-        str(tmp_path / "out"),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-    ]
-    assert main(argv) == 2
-    assert capsys.readouterr().err.strip().startswith("hyperinf: error: --epochs-list must be comma-separated integers")
-    assert main([*argv[:3], "1", *argv[4:], "--methods", "tracin,influence"]) == 2
-    assert "unknown --methods influence" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--epochs-list", "1,x"], "argument --epochs-list: expected a comma-separated list, e.g. 1,3,10; got '1,x'"),
+        (["--methods", "tracin,influence"], "argument --methods: unknown method 'influence'; choose one of hyperinf,"),
+    ],
+)
+def test_a_bad_list_is_a_usage_error(tmp_path, capsys, option, message):
+    argv = ["experiment", "epochs", *option, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()

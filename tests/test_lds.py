@@ -26,7 +26,7 @@ from torch import nn
 
 from hyperinf import InfluenceEngine
 from hyperinf.cli import main
-from hyperinf.errors import DataError
+from hyperinf.errors import ConfigurationError, DataError
 from hyperinf.metrics import bootstrap_interval, linear_datamodeling_score, spearman
 from hyperinf.paper.lds import (
     LdsArgs,
@@ -168,15 +168,15 @@ def test_run_lds_end_to_end_then_from_the_cache(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("change", "error", "message"),
     [
-        ({"subsets": 2}, "at least 3"),
-        ({"methods": ("exact", "influence")}, "unknown --methods influence"),
-        ({"n_train": 4990, "n_query": 20}, "exceed the 5000 MNIST digits"),
-        ({"dampings": (0.0,)}, "--dampings must be positive"),
+        ({"subsets": 2}, DataError, "at least 3"),
+        ({"methods": ("exact", "influence")}, ConfigurationError, "unknown method 'influence'"),
+        ({"n_train": 4990, "n_query": 20}, DataError, "exceed the 5000 MNIST digits"),
+        ({"dampings": (0.0,)}, DataError, "--dampings must be positive"),
     ],
 )
-def test_bad_input_is_refused_before_any_training(tmp_path, change, message):
+def test_bad_input_is_refused_before_any_training(tmp_path, change, error, message):
     args = LdsArgs(
         **{
             "n_train": 60,
@@ -187,7 +187,7 @@ def test_bad_input_is_refused_before_any_training(tmp_path, change, message):
             **change,
         }
     )
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(error, match=message):
         run_lds(args)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 

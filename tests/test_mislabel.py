@@ -254,12 +254,16 @@ def test_last_layer_run_converges_per_block(args, options):
     ],
 )
 def test_last_layer_defaults_to_the_gfim_relative_damping(argv, mode):
-    from hyperinf.app.mislabel import mislabel_args
+    from hyperinf.app.arguments import from_namespace
     from hyperinf.cli import build_parser
 
-    ns = build_parser().parse_args(["mislabel", *argv])
-    ns.methods = ns.methods.split(",")
-    assert mislabel_args(ns).damping_mode == mode
+    assert from_namespace(MislabelArgs, build_parser().parse_args(["mislabel", *argv])).damping_mode == mode
+
+
+def test_the_dense_damping_default_holds_for_settings_built_in_python_too():
+    assert MislabelArgs().damping_mode == "relative"
+    assert MislabelArgs(last_layer=True).damping_mode == "gfim"
+    assert MislabelArgs(last_layer=True, damping_mode="absolute").damping_mode == "absolute"
 
 
 def test_training_is_reproducible_whatever_the_global_random_state(args):

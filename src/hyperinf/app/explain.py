@@ -9,6 +9,7 @@ and opponents (most positive) out of the training set.
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,14 +17,9 @@ from typing import Any
 
 import torch
 
+from hyperinf.app.arguments import add_options, from_namespace, method_name
 from hyperinf.app.minilm import classifier_logits
-from hyperinf.app.mislabel import (
-    MislabelArgs,
-    influence_engine,
-    load_task,
-    mislabel_args,
-    trained_seed,
-)
+from hyperinf.app.mislabel import MislabelArgs, influence_engine, load_task, trained_seed
 from hyperinf.app.textdata import TextDataset
 from hyperinf.errors import DataError
 from hyperinf.results import atomic_write, write_json
@@ -118,10 +114,8 @@ def _one_line(text: str, width: int) -> str:
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
-def add_arguments(parser: Any) -> None:
-    """The ``hyperinf explain`` options: the queries, plus mislabel's data and training options."""
-    from hyperinf.app.mislabel import add_training_arguments
-
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``hyperinf explain`` options: the queries and the method, then mislabel's data and training options."""
     parser.add_argument("--query", action="append", default=[], help="a text to explain (repeatable)")
     parser.add_argument("--query-file", type=Path, default=None, help="a text file with one query per line")
     parser.add_argument(
@@ -129,17 +123,17 @@ def add_arguments(parser: Any) -> None:
     )
     parser.add_argument("-k", "--k", type=int, default=5, help="proponents and opponents per query (default: 5)")
     parser.add_argument(
-        "--method", default="hyperinf", help="influence method (default: hyperinf; see `hyperinf methods`)"
+        "--method",
+        type=method_name,
+        default="hyperinf",
+        help="influence method (default: hyperinf; see `hyperinf methods`)",
     )
-    add_training_arguments(parser, MislabelArgs(flip_fraction=0.0))
-    parser.add_argument("--out", type=Path, default=Path("runs/explain"), help="output folder (default: runs/explain)")
-    parser.set_defaults(methods=[], fim=False)
+    add_options(parser, MislabelArgs, skip=("methods", "fim"), flip_fraction=0.0, out=Path("runs/explain"))
 
 
-def main(ns: Any) -> int:
+def main(ns: argparse.Namespace) -> int:
     """Run ``hyperinf explain`` from parsed arguments."""
-    ns.methods = [ns.method]
-    args = mislabel_args(ns)
+    args = from_namespace(MislabelArgs, ns, methods=(ns.method,))
     if ns.k < 1:
         raise DataError(f"-k {ns.k}: ask for at least one proponent and opponent per query")
     records = explain(args, read_queries(ns.query, ns.query_file), label=ns.query_label, k=ns.k)

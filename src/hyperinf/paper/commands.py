@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hyperinf.app.arguments import int_list, method_list, names_from
+from hyperinf.app.arguments import from_namespace, int_list, names_from
 
 
 def _experiment(
@@ -19,10 +19,8 @@ def _experiment(
     ``--full`` overrides the fields in ``full``."""
 
     def handler(ns: argparse.Namespace) -> int:
-        names = {f.name for f in dataclasses.fields(args_class)}
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items() if k in names}
-        values["progress"] = not ns.no_progress
-        run(args_class(**(values | full if ns.full else values)))
+        args = from_namespace(args_class, ns)
+        run(dataclasses.replace(args, **full) if ns.full else args)
         return 0
 
     return handler
@@ -34,11 +32,11 @@ def _add_common_options(
     """Options both synthetic-matrix experiments share: output, sizes, methods, precision, device."""
     parser.add_argument("--out", type=Path, default=Path(f"runs/{name}"), help=f"output folder (default: runs/{name})")
     default_dims = ",".join(map(str, dims))
-    parser.add_argument("--dims", type=int_list, default=list(dims), help=f"matrix sizes d (default: {default_dims})")
+    parser.add_argument("--dims", type=int_list, default=tuple(dims), help=f"matrix sizes d (default: {default_dims})")
     parser.add_argument(
         "--methods",
         type=names_from(list(methods)),
-        default=list(methods),
+        default=tuple(methods),
         help=f"comma-separated methods (default: all: {','.join(methods)})",
     )
     parser.add_argument("--lam", type=float, default=0.01, help="damping lambda (default: 0.01)")
@@ -46,15 +44,7 @@ def _add_common_options(
     parser.add_argument("--dtype", choices=dtypes, default=dtype, help=f"working precision (default: {dtype})")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda; timers synchronise (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's default)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def _select_study(ns: argparse.Namespace) -> int:
-    from hyperinf.paper.select_study import main as study_main
-
-    if ns.methods:
-        method_list(ns.methods)
-    return study_main(ns)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
 def add_experiments(commands: argparse._SubParsersAction) -> None:
@@ -82,12 +72,12 @@ def add_experiments(commands: argparse._SubParsersAction) -> None:
         "--full", action="store_true", help="the paper's whole grid, d = 512,1024,2048,4096 (hours on CPU)"
     )
     conv.add_argument(
-        "--sizes", type=int_list, default=list(convergence.SIZES), help="sample counts N (default: 200,800,6400,12800)"
+        "--sizes", type=int_list, default=tuple(convergence.SIZES), help="sample counts N (default: 200,800,6400,12800)"
     )
     conv.add_argument(
         "--distributions",
         type=names_from(list(DISTRIBUTIONS)),
-        default=list(DISTRIBUTIONS),
+        default=tuple(DISTRIBUTIONS),
         help=f"entry distributions of s and v, normal-MEAN-STD or uniform-LOW-HIGH (default: all: {','.join(DISTRIBUTIONS)})",
     )
     conv.add_argument("--max-iter", type=int, default=40, help="iterations recorded per method (default: 40)")
@@ -105,7 +95,7 @@ def add_experiments(commands: argparse._SubParsersAction) -> None:
     )
     _add_common_options(inv, "inverse", inverse.METHODS, inverse.DIMS, "float32")
     inv.add_argument("--n", type=int, default=12800, help="samples N in M (default: 12800)")
-    inv.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="seeds, one matrix each (default: 0,1,2)")
+    inv.add_argument("--seeds", type=int_list, default=(0, 1, 2), help="seeds, one matrix each (default: 0,1,2)")
     inv.add_argument("--iterations", type=int, default=20, help="iterations of CG, GMRES and schulz-20 (default: 20)")
     inv.add_argument(
         "--time-budget",
@@ -122,7 +112,7 @@ def add_experiments(commands: argparse._SubParsersAction) -> None:
         (
             "select",
             select_study,
-            _select_study,
+            select_study.main,
             "data selection for fine-tuning: influence vs random, training loss and LESS (Tables 3-4)",
             "Warm the model up on a candidate pool, score the pool against a target set with every "
             "method, keep the top 5/20/40 percent, continue training on each selection and report test accuracy "

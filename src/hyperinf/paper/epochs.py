@@ -13,32 +13,36 @@ about half an hour on 2 CPU cores, and the whole default sweep (44 epochs) twice
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hyperinf.app.mislabel import (
-    MislabelArgs,
-    add_training_arguments,
-    mislabel_args,
-    run_mislabel,
-)
+from hyperinf.app.arguments import add_options, check_methods, from_namespace, int_list, option
+from hyperinf.app.mislabel import MislabelArgs, run_mislabel
 from hyperinf.app.report import new_figure, save_figure
 from hyperinf.errors import DataError
-from hyperinf.methods import method_names
 from hyperinf.results import atomic_write, write_json
 
 EPOCHS_TRAIN = 1000  # training examples: see the module's docstring
 LEFT_OUT = ("random",)  # references whose ROC-AUC does not depend on the training
+MISLABEL_DEFAULTS: dict[str, Any] = {
+    "n_train": EPOCHS_TRAIN,
+    "out": Path("runs/epochs"),
+}  # those of mislabel it changes
 
 
 @dataclass
 class EpochsArgs:
     """Settings of ``hyperinf experiment epochs``: one mislabel run per entry of ``epochs_list`` (its epochs replaced)."""
 
-    mislabel: MislabelArgs = field(default_factory=lambda: MislabelArgs(n_train=EPOCHS_TRAIN, out=Path("runs/epochs")))
-    epochs_list: tuple[int, ...] = (1, 3, 10, 30)
-    seeds: int = 1
+    mislabel: MislabelArgs = field(default_factory=lambda: MislabelArgs(**MISLABEL_DEFAULTS))
+    epochs_list: tuple[int, ...] = option(
+        (1, 3, 10, 30),
+        parse=int_list,
+        help="comma-separated epoch counts, one trained adapter each (default: %(default)s)",
+    )
+    seeds: int = option(1, help="number of seeds per epoch count; the table reports mean ± std (default: %(default)s)")
 
     @property
     def out(self) -> Path:
@@ -57,11 +61,7 @@ def check_args(args: EpochsArgs) -> None:
         )
     if args.seeds < 1:
         raise DataError(f"--seeds must be at least 1, got {args.seeds}")
-    unknown = [m for m in args.mislabel.methods if m not in method_names()]
-    if unknown or not args.mislabel.methods:
-        raise DataError(
-            f"unknown --methods {', '.join(unknown) or '(none)'}: use names from {', '.join(method_names())}"
-        )
+    check_methods(args.mislabel.methods)
 
 
 def run_epochs(args: EpochsArgs) -> list[dict[str, Any]]:
@@ -136,38 +136,13 @@ def print_epochs(args: EpochsArgs, rows: list[dict[str, Any]]) -> None:
     print(f"results written to {args.out}/ (each run's own in epochs-<E>/)")
 
 
-def add_arguments(parser: Any) -> None:
-    """The ``hyperinf experiment epochs`` options (argparse)."""
-    d = EpochsArgs()
-    add_training_arguments(parser, d.mislabel, epochs=False)
-    parser.add_argument(
-        "--epochs-list",
-        default=",".join(map(str, d.epochs_list)),
-        help="comma-separated epoch counts, one trained adapter each (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=d.seeds,
-        help="number of seeds per epoch count; the table reports mean ± std (default: 1)",
-    )
-    parser.add_argument(
-        "--methods", default=",".join(d.mislabel.methods), help="comma-separated methods (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--fim", action="store_true", help="add hyperinf-fim and exact-fim when the blocks are small enough"
-    )
-    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``hyperinf experiment epochs`` options: ``hyperinf mislabel``'s but ``--epochs``, and the sweep's."""
+    add_options(parser, MislabelArgs, skip=("epochs",), **MISLABEL_DEFAULTS)
+    add_options(parser, EpochsArgs)
 
 
-def main(ns: Any) -> int:
+def main(ns: argparse.Namespace) -> int:
     """Run ``hyperinf experiment epochs`` from parsed arguments."""
-    try:
-        epochs_list = tuple(int(v) for v in ns.epochs_list.split(",") if v.strip())
-    except ValueError:
-        raise DataError(
-            f"--epochs-list must be comma-separated integers, e.g. 1,3,10,30; got {ns.epochs_list!r}"
-        ) from None
-    ns.methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
-    run_epochs(EpochsArgs(mislabel=mislabel_args(ns), epochs_list=epochs_list, seeds=ns.seeds))
+    run_epochs(from_namespace(EpochsArgs, ns, mislabel=from_namespace(MislabelArgs, ns)))
     return 0

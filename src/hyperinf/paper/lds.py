@@ -28,13 +28,14 @@ The settings, :class:`Trainer` and the scoring helpers serve ``hyperinf experime
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, get_args
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,16 +43,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hyperinf.app.finetune import (
-    LossFn,
-    Schedule,
-    default_cache_dir,
-    train_or_load,
-    training_key,
+from hyperinf.app.arguments import (
+    InfluenceOptions,
+    TrainingOptions,
+    add_options,
+    check_methods,
+    engine_options,
+    float_list,
+    from_namespace,
+    method_list,
+    option,
+    override,
 )
+from hyperinf.app.finetune import LossFn, Schedule, train_or_load, training_key
 from hyperinf.app.report import new_figure, save_figure
 from hyperinf.blocks import BlockSpec
-from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import (
@@ -66,49 +72,13 @@ from hyperinf.methods import method_names
 from hyperinf.metrics import bootstrap_interval, linear_datamodeling_score
 from hyperinf.results import atomic_write, write_json
 
-DEFAULTS = InfluenceConfig()
+DEFAULT_DAMPING = InfluenceOptions().damping  # every method is scored at it, beside the swept dampings
 DAMPING_FREE = ("tracin",)  # h = v: computed once, at the default damping
 MNIST_SIZE, MNIST_HIDDEN = 5000, 64
 SCORE_BATCH = 256  # batch size of scoring and of measuring query losses (training uses --batch-size)
 TEXT_RANK, TEXT_MAX_LENGTH = 8, 64  # the text settings' LoRA rank and tokens per text, as hyperinf mislabel
 
 Example = tuple[str, int]  # (text, label): what training_key hashes; for mnist the text is the digit's index
-
-
-@dataclass
-class RetrainArgs:
-    """What every retraining experiment (lds, logo) sets: the setting, its sizes and training, the scoring, the output."""
-
-    experiment: ClassVar[str] = "lds"
-    setting: str = "mnist"
-    model: str = "minilm"  # learner of the text settings: minilm, or tiny-bert (tests)
-    methods: tuple[str, ...] = field(default_factory=method_names)
-    damping_mode: DampingMode = DEFAULTS.score.damping_mode
-    dtype: str = DEFAULTS.fit.dtype
-    n_train: int = 1000
-    n_query: int = 100
-    epochs: int | None = None  # None: the setting's (mnist 30, text 3)
-    batch_size: int | None = None  # None: the setting's (mnist 64, text 16)
-    lr: float = 1e-3
-    seed: int = 0
-    out: Path | None = None  # default runs/<experiment>-<setting>
-    cache_dir: Path = field(default_factory=default_cache_dir)
-    progress: bool = True
-
-    @property
-    def out_dir(self) -> Path:
-        return self.out if self.out is not None else Path(f"runs/{self.experiment}-{self.setting}")
-
-
-@dataclass
-class LdsArgs(RetrainArgs):
-    """Settings of ``hyperinf experiment lds``."""
-
-    subsets: int = 50
-    retrain_seeds: int = 1
-    independent_seeds: bool = False
-    dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
-    bootstrap_draws: int = 1000
 
 
 @dataclass
@@ -216,15 +186,80 @@ SETTINGS: dict[str, Callable[[RetrainArgs], Setting]] = {
 """Builders of the settings ``--setting`` names."""
 
 
+@dataclass
+class RetrainArgs:
+    """What every retraining experiment (lds, logo) sets: the setting, its sizes and training, the scoring, the output."""
+
+    experiment: ClassVar[str] = "lds"
+    setting: str = option("mnist", choices=tuple(SETTINGS), help="data set and model (default: %(default)s)")
+    model: str = override(
+        TrainingOptions,
+        "model",
+        help="learner of the text settings: the shipped MiniLM (default) or a tiny random BERT (tests)",
+    )
+    methods: tuple[str, ...] = option(
+        default_factory=method_names,
+        parse=method_list,
+        help="comma-separated influence methods (default: %(default)s; those whose curvature is too large are skipped)",
+    )
+    damping_mode: DampingMode = override(
+        InfluenceOptions, "damping_mode", default="relative", help="how the damping scales (default: %(default)s)"
+    )
+    dtype: str = override(
+        InfluenceOptions, "dtype", help="precision of the influence computation (default: %(default)s)"
+    )
+    n_train: int = option(1000, help="training examples (default: %(default)s)")
+    n_query: int = option(100, help="held-out query examples (default: %(default)s)")
+    epochs: int | None = override(
+        TrainingOptions,
+        "epochs",
+        default=None,
+        help="epochs of every training (default: the setting's, mnist 30, text 3)",
+    )
+    batch_size: int | None = override(
+        TrainingOptions,
+        "batch_size",
+        default=None,
+        help="training batch size (default: the setting's, mnist 64, text 16)",
+    )
+    lr: float = 1e-3
+    seed: int = option(
+        0, help="seed of the split, the subsets, the initialisation and the training (default: %(default)s)"
+    )
+    out: Path | None = option(None, parse=Path, help="output folder (default: runs/lds-<setting>)")
+    cache_dir: Path = override(TrainingOptions, "cache_dir")
+    progress: bool = override(InfluenceOptions, "progress")
+
+    @property
+    def out_dir(self) -> Path:
+        return self.out if self.out is not None else Path(f"runs/{self.experiment}-{self.setting}")
+
+
+@dataclass
+class LdsArgs(RetrainArgs):
+    """Settings of ``hyperinf experiment lds``."""
+
+    subsets: int = option(50, help="random half subsets retrained on, M (default: %(default)s)")
+    retrain_seeds: int = option(
+        1, help="trainings per subset with different seeds, losses averaged (default: %(default)s)"
+    )
+    independent_seeds: bool = option(
+        False,
+        help="retrain each subset from its own seeds (Park et al., dattri) instead of the same ones for every subset",
+    )
+    dampings: tuple[float, ...] = option(
+        (1e-3, 1e-2, 1e-1, 1.0),
+        parse=float_list,
+        help="comma-separated dampings swept beside the default (default: %(default)s)",
+    )
+    bootstrap_draws: int = 1000
+
+
 def check_retrain_args(args: RetrainArgs) -> None:
     """Refuse a setting, methods or sizes no retraining experiment can run with, before any data is read or model trained."""
     if args.setting not in SETTINGS:
         raise DataError(f"unknown --setting {args.setting!r}: choose one of {', '.join(SETTINGS)}")
-    unknown = [m for m in args.methods if m not in method_names()]
-    if unknown or not args.methods:
-        raise DataError(
-            f"unknown --methods {', '.join(unknown) or '(none)'}: use names from {', '.join(method_names())}"
-        )
+    check_methods(args.methods)
     for name, least in (("epochs", 1), ("batch_size", 1), ("n_query", 1), ("n_train", 4)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             raise DataError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
@@ -337,12 +372,9 @@ def fitted_engine(
         setting.loss,
         blocks=setting.blocks,
         method=args.methods[0],
-        damping=damping,
-        damping_mode=args.damping_mode,
-        dtype=args.dtype,
         output_fn=setting.output_fn,
         output_loss=setting.output_loss,
-        progress=False,
+        **engine_options(args, damping=damping, progress=False),
     )
     skipped = {m: reason for m in args.methods if (reason := skip_reason(engine, m)) is not None}
     runnable = [m for m in args.methods if m not in skipped and keep(m)]
@@ -359,7 +391,7 @@ def score_methods(args: LdsArgs, setting: Setting, model: nn.Module) -> list[dic
     train, query = setting.loader(setting.train), setting.loader(setting.query)
     results = [
         entry
-        for damping in sorted({DEFAULTS.score.damping, *args.dampings})
+        for damping in sorted({DEFAULT_DAMPING, *args.dampings})
         for entry in _scores_at(args, setting, model, damping, train, query)
     ]
     return sorted(
@@ -372,7 +404,7 @@ def _scores_at(
 ) -> list[dict[str, Any]]:
     """:func:`score_methods`' rows at one damping. The engine lives only here, so one damping's curvature and
     inverses are freed before the next is fitted (two at once ran MiniLM's flattened FIMs out of memory)."""
-    default = damping == DEFAULTS.score.damping
+    default = damping == DEFAULT_DAMPING
     engine, runnable, skipped = fitted_engine(
         args, setting, model, damping, train, lambda m: default or m not in DAMPING_FREE
     )
@@ -538,125 +570,12 @@ def _cell(row: dict[str, Any]) -> str:
     return f"{row['lds']:.3f} [{row['low']:.3f}, {row['high']:.3f}] @{damping}{flag}"
 
 
-def add_retrain_arguments(parser: Any, d: RetrainArgs, query: str) -> None:
-    """The options every retraining experiment shares (defaults from ``d``); ``query`` names the held-out set."""
-    parser.add_argument(
-        "--setting", default=d.setting, choices=list(SETTINGS), help=f"data set and model (default: {d.setting})"
-    )
-    parser.add_argument(
-        "--model",
-        default=d.model,
-        choices=["minilm", "tiny-bert"],
-        help="learner of the text settings: the shipped MiniLM (default) or a tiny random BERT (tests)",
-    )
-    parser.add_argument(
-        "--damping-mode",
-        default=d.damping_mode,
-        choices=get_args(DampingMode),
-        help=f"how the damping scales (default: {d.damping_mode})",
-    )
-    parser.add_argument(
-        "--dtype",
-        default=d.dtype,
-        choices=["float32", "float64"],
-        help=f"precision of the influence computation (default: {d.dtype})",
-    )
-    parser.add_argument(
-        "--methods",
-        default=",".join(d.methods),
-        help=f"comma-separated influence methods (default: {','.join(d.methods)}; those whose curvature is too large are skipped)",
-    )
-    parser.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default: {d.n_train})")
-    parser.add_argument(
-        f"--n-{query}",
-        dest="n_query",
-        type=int,
-        default=d.n_query,
-        help=f"held-out {query} examples (default: {d.n_query})",
-    )
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=d.epochs,
-        help="epochs of every training (default: the setting's, mnist 30, text 3)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="training batch size (default: the setting's, mnist 64, text 16)",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=None, help=f"output folder (default: runs/{d.experiment}-<setting>)"
-    )
-    parser.add_argument(
-        "--cache-dir", type=Path, default=d.cache_dir, help="trained-weights cache (default: $HYPERINF_CACHE/adapters)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def retrain_settings(ns: Any) -> dict[str, Any]:
-    """The :class:`RetrainArgs` fields from the options of :func:`add_retrain_arguments` and ``--seed``."""
-    return {
-        "setting": ns.setting,
-        "model": ns.model,
-        "damping_mode": ns.damping_mode,
-        "dtype": ns.dtype,
-        "methods": tuple(m.strip() for m in ns.methods.split(",") if m.strip()),
-        "n_train": ns.n_train,
-        "n_query": ns.n_query,
-        "epochs": ns.epochs,
-        "batch_size": ns.batch_size,
-        "seed": ns.seed,
-        "out": ns.out,
-        "cache_dir": ns.cache_dir,
-        "progress": not ns.no_progress,
-    }
-
-
-def add_arguments(parser: Any) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hyperinf experiment lds`` options (argparse)."""
-    d = LdsArgs()
-    add_retrain_arguments(parser, d, "query")
-    parser.add_argument(
-        "--subsets", type=int, default=d.subsets, help=f"random half subsets retrained on, M (default: {d.subsets})"
-    )
-    parser.add_argument(
-        "--retrain-seeds",
-        type=int,
-        default=d.retrain_seeds,
-        help=f"trainings per subset with different seeds, losses averaged (default: {d.retrain_seeds})",
-    )
-    parser.add_argument(
-        "--independent-seeds",
-        action="store_true",
-        help="retrain each subset from its own seeds (Park et al., dattri) instead of the same ones for every subset",
-    )
-    parser.add_argument(
-        "--dampings",
-        default=",".join(f"{v:g}" for v in d.dampings),
-        help="comma-separated dampings swept beside the default (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help="seed of the split, the subsets, the initialisation and the training (default: 0)",
-    )
+    add_options(parser, LdsArgs)
 
 
-def main(ns: Any) -> int:
+def main(ns: argparse.Namespace) -> int:
     """Run ``hyperinf experiment lds`` from parsed arguments."""
-    try:
-        dampings = tuple(float(v) for v in ns.dampings.split(",") if v.strip())
-    except ValueError:
-        raise DataError(f"--dampings must be comma-separated numbers, e.g. 1e-3,1e-2; got {ns.dampings!r}") from None
-    args = LdsArgs(
-        **retrain_settings(ns),
-        subsets=ns.subsets,
-        retrain_seeds=ns.retrain_seeds,
-        independent_seeds=ns.independent_seeds,
-        dampings=dampings,
-    )
-    run_lds(args)
+    run_lds(from_namespace(LdsArgs, ns))
     return 0

@@ -17,6 +17,7 @@ examples share one retraining, and a rerun retrains nothing.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,19 +25,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from hyperinf.app.arguments import InfluenceOptions, add_options, from_namespace, option, override
 from hyperinf.app.report import new_figure, save_figure
 from hyperinf.errors import DataError
 from hyperinf.metrics import spearman
-from hyperinf.paper.lds import (
-    DEFAULTS,
-    SETTINGS,
-    RetrainArgs,
-    Trainer,
-    add_retrain_arguments,
-    check_retrain_args,
-    fitted_engine,
-    retrain_settings,
-)
+from hyperinf.paper.lds import SETTINGS, RetrainArgs, Trainer, check_retrain_args, fitted_engine
 from hyperinf.results import atomic_write, write_json
 
 LOGO_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
@@ -64,13 +57,17 @@ class LogoArgs(RetrainArgs):
     """Settings of ``hyperinf experiment logo``; the query set (``n_query``, ``--n-val``) is the validation set."""
 
     experiment: ClassVar[str] = "logo"
-    setting: str = "tweets"
-    methods: tuple[str, ...] = LOGO_METHODS
-    n_train: int = 500
-    n_query: int = 100
-    groups: int = 5
-    seeds: int = 3
-    damping: float = DEFAULTS.score.damping
+    setting: str = override(RetrainArgs, "setting", default="tweets")
+    methods: tuple[str, ...] = override(RetrainArgs, "methods", default=LOGO_METHODS)
+    n_train: int = override(RetrainArgs, "n_train", default=500)
+    n_query: int = override(
+        RetrainArgs, "n_query", flag="--n-val", help="held-out validation examples (default: %(default)s)"
+    )
+    seed: int = override(RetrainArgs, "seed", help="first seed (default: %(default)s)")
+    out: Path | None = override(RetrainArgs, "out", help="output folder (default: runs/logo-<setting>)")
+    groups: int = option(5, help="groups K the ranked training set is cut into (default: %(default)s)")
+    seeds: int = option(3, help="seeds, each its own split, model and groups; mean ± std (default: %(default)s)")
+    damping: float = override(InfluenceOptions, "damping", help="damping factor of every method (default: %(default)s)")
 
 
 def check_args(args: LogoArgs) -> None:
@@ -253,29 +250,12 @@ def print_logo(
     )
 
 
-def add_arguments(parser: Any) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hyperinf experiment logo`` options (argparse)."""
-    d = LogoArgs()
-    add_retrain_arguments(parser, d, "val")
-    parser.add_argument(
-        "--groups",
-        type=int,
-        default=d.groups,
-        help=f"groups K the ranked training set is cut into (default: {d.groups})",
-    )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=d.seeds,
-        help=f"seeds, each its own split, model and groups; mean ± std (default: {d.seeds})",
-    )
-    parser.add_argument(
-        "--damping", type=float, default=d.damping, help=f"damping factor of every method (default: {d.damping})"
-    )
-    parser.add_argument("--seed", type=int, default=d.seed, help="first seed (default: 0)")
+    add_options(parser, LogoArgs)
 
 
-def main(ns: Any) -> int:
+def main(ns: argparse.Namespace) -> int:
     """Run ``hyperinf experiment logo`` from parsed arguments."""
-    run_logo(LogoArgs(**retrain_settings(ns), groups=ns.groups, seeds=ns.seeds, damping=ns.damping))
+    run_logo(from_namespace(LogoArgs, ns))
     return 0

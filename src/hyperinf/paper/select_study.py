@@ -14,6 +14,7 @@ share one training).
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from hyperinf.app.arguments import add_options, check_methods, from_namespace, method_list, option, override
 from hyperinf.app.finetune import (
     Schedule,
     load_trainable,
@@ -34,19 +36,16 @@ from hyperinf.app.report import new_figure, save_figure
 from hyperinf.app.select import (
     PoolSplit,
     SelectArgs,
-    add_pool_arguments,
     composition,
     fraction_label,
     load_pool_split,
     make_learner,
     method_scores,
-    pool_settings,
     score_pool,
     target_loss_by_label,
     warm_up,
 )
 from hyperinf.errors import DataError
-from hyperinf.methods import method_names
 from hyperinf.results import atomic_write, write_json
 from hyperinf.selection import select_top
 
@@ -58,27 +57,46 @@ LEVELS = ("full pool", "warm-up only")  # one accuracy each, drawn as horizontal
 
 @dataclass
 class StudyArgs(SelectArgs):
-    """A :class:`SelectArgs` run plus the protocol's test set, continuation training and seeds."""
+    """A :class:`SelectArgs` run plus the protocol's test set, continuation training and seeds;
+    ``methods=None``: :data:`STUDY_METHODS`, and :data:`DENSE_METHODS` with ``dense``."""
 
-    variant: str = "clean"
-    flip_fraction: float = 0.2
-    n_pool: int = 400
-    n_target: int = 50
-    n_test: int = 200
-    methods: tuple[str, ...] = STUDY_METHODS
-    continue_epochs: int = 2
-    random_draws: int = 3
-    seeds: int = 1
-    out: Path = Path("runs/select-study")
+    variant: str = option(
+        "clean",
+        choices=("clean", "noisy"),
+        help="clean pool (the paper's setting) or noisy: --flip-fraction of pool labels flipped",
+    )
+    flip_fraction: float = option(0.2, help="share of flipped pool labels with --variant noisy (default: %(default)s)")
+    n_pool: int = override(SelectArgs, "n_pool", default=400)
+    n_target: int = override(SelectArgs, "n_target", default=50)
+    n_test: int = option(200, help="held-out test examples (default: %(default)s)")
+    methods: tuple[str, ...] | None = option(
+        None,
+        parse=method_list,
+        help=f"comma-separated influence methods (default: {','.join(STUDY_METHODS)}, and "
+        f"{','.join(DENSE_METHODS)} with --dense)",
+    )
+    continue_epochs: int = option(
+        2, help="epochs of training on each selection, from the warm-up (default: %(default)s)"
+    )
+    random_draws: int = option(3, help="random selections per fraction and seed (default: %(default)s)")
+    seeds: int = option(1, help="number of seeds; tables report mean ± std (default: %(default)s)")
+    normalize: bool = override(SelectArgs, "normalize", help="select by -cos(H^-1 v, g_k) for every method")
+    balance: bool = override(
+        SelectArgs, "balance", help="keep the same fraction of every label (the random selections too)"
+    )
+    out: Path = override(SelectArgs, "out", default=Path("runs/select-study"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.methods is None:
+            self.methods = STUDY_METHODS + (DENSE_METHODS if self.dense else ())
 
 
 def run_study(args: StudyArgs) -> list[dict[str, Any]]:
     """Every seed of the protocol; writes results.csv, summary.csv, a figure and arguments.json."""
     if args.variant not in ("clean", "noisy"):
         raise DataError(f"--variant must be 'clean' or 'noisy', got {args.variant!r}")
-    unknown = [m for m in args.methods if m not in method_names()]
-    if unknown:
-        raise DataError(f"unknown --methods {', '.join(unknown)}: use names from {', '.join(method_names())}")
+    check_methods(args.methods)
     rows, records = [], []
     for offset in range(args.seeds):
         seed_rows, record = run_seed(replace(args, seed=args.seed + offset))
@@ -312,69 +330,12 @@ def _cell(entry: dict[str, Any], column: str, seeds: int) -> str:
     return f"{value:.3f} ± {entry.get(column + '_std', 0.0):.3f}" if seeds > 1 else f"{value:.3f}"
 
 
-def add_arguments(parser: Any) -> None:
-    """The ``hyperinf experiment select`` options (argparse)."""
-    d = StudyArgs()
-    add_pool_arguments(parser, d)
-    parser.add_argument(
-        "--variant",
-        default=d.variant,
-        choices=["clean", "noisy"],
-        help="clean pool (the paper's setting) or noisy: --flip-fraction of pool labels flipped",
-    )
-    parser.add_argument(
-        "--flip-fraction",
-        type=float,
-        default=d.flip_fraction,
-        help=f"share of flipped pool labels with --variant noisy (default: {d.flip_fraction})",
-    )
-    parser.add_argument("--n-test", type=int, default=d.n_test, help=f"held-out test examples (default: {d.n_test})")
-    parser.add_argument(
-        "--methods",
-        default=None,
-        help=f"comma-separated influence methods (default: {','.join(d.methods)}, and {','.join(DENSE_METHODS)} with --dense)",
-    )
-    parser.add_argument(
-        "--continue-epochs",
-        type=int,
-        default=d.continue_epochs,
-        help=f"epochs of training on each selection, from the warm-up (default: {d.continue_epochs})",
-    )
-    parser.add_argument(
-        "--random-draws",
-        type=int,
-        default=d.random_draws,
-        help=f"random selections per fraction and seed (default: {d.random_draws})",
-    )
-    parser.add_argument(
-        "--seeds", type=int, default=d.seeds, help="number of seeds; tables report mean ± std (default: 1)"
-    )
-    parser.add_argument("--normalize", action="store_true", help="select by -cos(H^-1 v, g_k) for every method")
-    parser.add_argument(
-        "--balance", action="store_true", help="keep the same fraction of every label (the random selections too)"
-    )
-    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``hyperinf experiment select`` options: ``hyperinf select``'s but ``--method``, and the protocol's."""
+    add_options(parser, StudyArgs, skip=("method",))
 
 
-def main(ns: Any) -> int:
+def main(ns: argparse.Namespace) -> int:
     """Run ``hyperinf experiment select`` from parsed arguments."""
-    methods = (
-        tuple(m.strip() for m in ns.methods.split(",") if m.strip())
-        if ns.methods
-        else STUDY_METHODS + (DENSE_METHODS if ns.dense else ())
-    )
-    args = StudyArgs(
-        **pool_settings(ns),
-        variant=ns.variant,
-        flip_fraction=ns.flip_fraction,
-        n_test=ns.n_test,
-        methods=methods,
-        continue_epochs=ns.continue_epochs,
-        random_draws=ns.random_draws,
-        seeds=ns.seeds,
-        normalize=ns.normalize,
-        balance=ns.balance,
-        out=ns.out,
-    )
-    run_study(args)
+    run_study(from_namespace(StudyArgs, ns))
     return 0
