@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hyperinf.app.select
-import hyperinf.paper.lds
+import hyperinf.paper.retraining
 from hyperinf.app.arguments import (
     add_options,
     check_methods,
@@ -230,7 +230,7 @@ def retraining_key(args: Any) -> tuple[str, ...]:
         batch_size=64,
     )
     TRAINED.clear()
-    hyperinf.paper.lds.Trainer(args, setting).model(torch.arange(3), args.seed)
+    hyperinf.paper.retraining.Trainer(args, setting).model(torch.arange(3), args.seed)
     return (TRAINED[0],)
 
 
@@ -346,7 +346,7 @@ def test_exactly_the_training_options_enter_each_cache_key(command, tmp_path, mo
     if "select" in command:
         alternatives["--dtype"] = "float32"  # for SmolLM2 the default is float64
     monkeypatch.setattr(hyperinf.app.select, "train_or_load", fake_training)
-    monkeypatch.setattr(hyperinf.paper.lds, "train_or_load", fake_training)
+    monkeypatch.setattr(hyperinf.paper.retraining, "train_or_load", fake_training)
 
     def stop(args: Any, *rest: Any, **options: Any) -> None:
         raise Captured(args, options)

@@ -28,13 +28,8 @@ from hyperinf import InfluenceEngine
 from hyperinf.cli import main
 from hyperinf.errors import ConfigurationError, DataError
 from hyperinf.metrics import bootstrap_interval, linear_datamodeling_score, spearman
-from hyperinf.paper.lds import (
-    LdsArgs,
-    mnist_setting,
-    run_lds,
-    subset_masks,
-    subset_seed,
-)
+from hyperinf.paper.lds import LdsArgs, run_lds, subset_masks, subset_seed
+from hyperinf.paper.retraining import mnist_setting
 
 
 def test_spearman_of_monotone_reversed_tied_and_constant_rows():

@@ -10,7 +10,7 @@ should lower the loss the most, so a good method's correlation is positive, the 
 orientation (its scores are helpfulness: positive correlation with the LOGO score itself).
 
 Settings, training and the cache are those of ``hyperinf experiment lds``
-(:mod:`hyperinf.paper.lds`): every training is cached under a key of the setting, the
+(:mod:`hyperinf.paper.retraining`): every training is cached under a key of the setting, the
 schedule, the seed and the kept examples in order, so parts of different methods that hold the same
 examples share one retraining, and a rerun retrains nothing.
 """
@@ -29,7 +29,7 @@ from hyperinf.app.arguments import InfluenceOptions, add_options, from_namespace
 from hyperinf.app.report import new_figure, save_figure
 from hyperinf.errors import DataError
 from hyperinf.metrics import spearman
-from hyperinf.paper.lds import SETTINGS, RetrainArgs, Trainer, check_retrain_args, fitted_engine
+from hyperinf.paper.retraining import SETTINGS, RetrainArgs, Trainer, check_retrain_args, fitted_engine
 from hyperinf.results import atomic_write, write_json
 
 LOGO_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
