@@ -68,6 +68,8 @@ def test_supports_names_why_a_method_cannot_run_before_any_data_is_read():
     engine = InfluenceEngine(model, loss_fn, blocks="linear", fim_max_params=40, hessian_max_params=40)
     assert engine.supports("hyperinf") and engine.supports("kfac")
     assert not engine.supports("exact-fim")  # block 0 has 6 x 9 = 54 parameters > 40
+    assert "fim_max_params=40" in engine.unsupported_reason("exact-fim")
+    assert engine.unsupported_reason("hyperinf") is None
     with pytest.raises(ConfigurationError, match=r"flattened FIM of block '0' would be 54 x 54 .*fim_max_params=40"):
         engine.fit(Untouchable(), methods=["exact-fim"])
     with pytest.raises(ConfigurationError, match="exact Hessian of the selected blocks has 75 rows"):

@@ -26,7 +26,14 @@ from hyperinf.curvature import check_fim_size
 from hyperinf.errors import ConfigurationError, NotFittedError
 from hyperinf.fitted import FittedCurvature
 from hyperinf.gradients import LossFn, PerSampleGradients
-from hyperinf.hessian import OutputFn, OutputLossFn, check_exact_size, require_outputs
+from hyperinf.hessian import (
+    GGNAccumulator,
+    HessianAccumulator,
+    OutputFn,
+    OutputLossFn,
+    check_exact_size,
+    require_outputs,
+)
 from hyperinf.methods import Method, get_method
 from hyperinf.pass2 import DirectionalDerivatives, TrainingPass, TrainingPasses
 from hyperinf.preconditioners import BlockDiagnostics, Preconditioner, Vectors
@@ -321,12 +328,16 @@ class InfluenceEngine:
         )
 
     def supports(self, method: str) -> bool:
-        """Whether ``method`` can run on this engine's blocks and options (:meth:`check_supports` says why not)."""
+        """Whether ``method`` can run on this engine's blocks and options (:meth:`unsupported_reason` says why not)."""
+        return self.unsupported_reason(method) is None
+
+    def unsupported_reason(self, method: str) -> str | None:
+        """Why ``method`` cannot run on this engine's blocks and options (:meth:`check_supports`'s error), or ``None``."""
         try:
             self.check_supports(method)
-        except ConfigurationError:
-            return False
-        return True
+        except ConfigurationError as error:
+            return str(error)
+        return None
 
     def check_supports(self, method: str) -> Method:
         """The registered ``method``, after checking it can run here: its options, the size of the flattened FIM or
@@ -335,7 +346,7 @@ class InfluenceEngine:
         if found.fim:
             check_fim_size(self.blocks, self.config.runtime.fim_max_params)
         if found.hessian or found.ggn:
-            what = "exact GGN" if found.ggn else "exact Hessian"
+            what = GGNAccumulator.what if found.ggn else HessianAccumulator.what
             check_exact_size(self.blocks, self.config.runtime.hessian_max_params, what)
         if found.ggn:
             require_outputs(self.outputs)

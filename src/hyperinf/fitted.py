@@ -30,7 +30,7 @@ from hyperinf.errors import (
 )
 from hyperinf.gradients import BatchGradients, PerSampleGradients
 from hyperinf.hessian import GGNAccumulator, HessianAccumulator, OutputFunctions, require_outputs
-from hyperinf.methods import FittedInputs, Method, build_preconditioner, get_method
+from hyperinf.methods import CURVATURE_KINDS, FittedInputs, Method, build_preconditioner, get_method
 from hyperinf.preconditioners import (
     BlockDiagnostics,
     GradientSource,
@@ -146,23 +146,22 @@ class FittedCurvature:
 
     def require(self, name: str) -> None:
         """Raise a clear error when method ``name`` needs curvature this fit did not accumulate."""
-        method = get_method(name)
-        if method.gfim and self.curvature.gram is None:
-            raise NotFittedError(f"method {name!r} needs the GFIM: call fit(train_loader, methods=[{name!r}]).")
-        if method.fim and self.curvature.fim is None:
-            raise NotFittedError(
-                f"method {name!r} needs the flattened FIM: call fit(train_loader, methods=[{name!r}])."
-            )
-        if method.hessian and self.hessian is None:
-            raise NotFittedError(
-                f"method {name!r} needs the exact Hessian: call fit(train_loader, methods=[{name!r}])."
-            )
-        if method.ggn and self.ggn is None:
-            raise NotFittedError(f"method {name!r} needs the exact GGN: call fit(train_loader, methods=[{name!r}]).")
-        if method.kronecker and self.kronecker is None:
-            raise NotFittedError(
-                f"method {name!r} needs the Kronecker factors: call fit(train_loader, methods=[{name!r}])."
-            )
+        held = self.held()
+        for kind in get_method(name).needs():
+            if not held[kind]:
+                raise NotFittedError(
+                    f"method {name!r} needs {CURVATURE_KINDS[kind]}: call fit(train_loader, methods=[{name!r}])."
+                )
+
+    def held(self) -> dict[str, bool]:
+        """Which of pass 1's sums (:data:`hyperinf.methods.CURVATURE_KINDS`) this fit accumulated."""
+        return {
+            "gfim": self.curvature.gram is not None,
+            "fim": self.curvature.fim is not None,
+            "hessian": self.hessian is not None,
+            "ggn": self.ggn is not None,
+            "kronecker": self.kronecker is not None,
+        }
 
     def preconditioner(
         self, name: str, config: InfluenceConfig, train_gradients: GradientSource | None, reduce: Reduce | None
@@ -202,11 +201,7 @@ class FittedCurvature:
         meta = {
             "format": FORMAT,
             "count": self.count,
-            "fim": self.curvature.fim is not None,
-            "gfim": self.curvature.gram is not None,
-            "hessian": self.hessian is not None,
-            "ggn": self.ggn is not None,
-            "kronecker": self.kronecker is not None,
+            **self.held(),
             "fit": asdict(config.fit),
             "blocks": fingerprint(self.curvature.blocks),
         }

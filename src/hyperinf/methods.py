@@ -63,8 +63,14 @@ class FittedInputs:
         return {b.name: self.curvature.damping(b, c, mode) for b in self.curvature.blocks}
 
 
-CURVATURE_KINDS = ("gfim", "fim", "hessian", "ggn", "kronecker")
-"""The sums pass 1 can accumulate; a method's flags of these names say which it needs."""
+CURVATURE_KINDS = {
+    "gfim": "the GFIM",
+    "fim": "the flattened FIM",
+    "hessian": "the exact Hessian",
+    "ggn": "the exact GGN",
+    "kronecker": "the Kronecker factors",
+}
+"""The sums pass 1 can accumulate, by the name of a method's flag saying it needs them."""
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from hyperinf.app.report import (
 )
 from hyperinf.app.textdata import MislabelSplit, TextDataset, flip_count, split_and_flip
 from hyperinf.engine import InfluenceEngine
-from hyperinf.errors import ConfigurationError, DataError
+from hyperinf.errors import DataError
 from hyperinf.metrics import detection_curve, detection_summary
 from hyperinf.results import atomic_write, remove_if_empty, write_json
 
@@ -217,12 +217,11 @@ def _methods_for(args: MislabelArgs, engine: InfluenceEngine) -> tuple[list[str]
     """``--methods``, and with ``--fim`` the flattened-FIM methods where the blocks allow them (else why not)."""
     methods, skipped = list(args.methods), {}
     for m in FIM_METHODS if args.fim else ():
-        try:
-            engine.check_supports(m)
-        except ConfigurationError as error:
-            skipped[m] = str(error)
-        else:
-            methods += [m] if m not in methods else []
+        reason = engine.unsupported_reason(m)
+        if reason is not None:
+            skipped[m] = reason
+        elif m not in methods:
+            methods.append(m)
     return methods, skipped
 
 

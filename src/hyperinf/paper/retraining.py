@@ -39,7 +39,6 @@ from hyperinf.blocks import BlockSpec
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import (
-    ConfigurationError,
     DataError,
     MissingPackageError,
 )
@@ -259,15 +258,6 @@ class Trainer:
             ).double()
 
 
-def skip_reason(engine: InfluenceEngine, method: str) -> str | None:
-    """Why ``method`` cannot run on this model and its options (:meth:`InfluenceEngine.check_supports`), or ``None``."""
-    try:
-        engine.check_supports(method)
-    except ConfigurationError as error:
-        return str(error)
-    return None
-
-
 def fitted_engine(
     args: RetrainArgs,
     setting: Setting,
@@ -288,7 +278,7 @@ def fitted_engine(
         output_loss=setting.output_loss,
         **engine_options(args, damping=damping, progress=False),
     )
-    skipped = {m: reason for m in args.methods if (reason := skip_reason(engine, m)) is not None}
+    skipped = {m: reason for m in args.methods if (reason := engine.unsupported_reason(m)) is not None}
     runnable = [m for m in args.methods if m not in skipped and keep(m)]
     if runnable:
         engine.fit(train, methods=runnable)
