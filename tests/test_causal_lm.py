@@ -236,7 +236,7 @@ def test_last_block_and_train_last_block(tokenizer):
         last_block(nn.Linear(2, 2))
     no_layers = nn.Linear(2, 2)
     no_layers.config = type("Config", (), {"num_hidden_layers": 3})()
-    with pytest.raises(ConfigurationError, match="cannot tell the decoder blocks"):
+    with pytest.raises(ConfigurationError, match="cannot tell the blocks"):
         last_block(no_layers)
 
 

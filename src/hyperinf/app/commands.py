@@ -1,4 +1,4 @@
-"""The product commands of ``hyperinf``: demo, mislabel, explain, select and methods, each a subparser."""
+"""The product commands of ``hyperinf``: demo, score, mislabel, explain, select and methods, each a subparser."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _methods(ns: argparse.Namespace) -> int:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add the product commands to the ``hyperinf`` parser's subcommands."""
-    from hyperinf.app import explain, mislabel, select
+    from hyperinf.app import explain, mislabel, score, select
     from hyperinf.app.demo import DemoArgs
 
     demo = commands.add_parser(
@@ -47,6 +47,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=_demo)
 
     for name, module, summary, description in (
+        (
+            "score",
+            score,
+            "which training rows of your model's data helped or hurt its answers (your model folder, adapter, data)",
+            "Load a model saved with save_pretrained (and a peft adapter), score every --train row against the "
+            "--target rows (or --query texts) with each method, no training, and write scores.parquet, top_k.jsonl "
+            "(each target's proponents and opponents), arguments.json and the fit into --out.",
+        ),
         (
             "mislabel",
             mislabel,
