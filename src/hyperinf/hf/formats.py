@@ -72,14 +72,15 @@ class Encoded:
             reasons: dict[str, list[int]] = {}
             for row, reason in self.skipped.items():
                 reasons.setdefault(reason, []).append(row)
-            listed = "; ".join(f"rows {_listed(rows)} ({reason})" for reason, rows in reasons.items())
+            listed = "; ".join(f"rows {listed_rows(rows)} ({reason})" for reason, rows in reasons.items())
             line += f"; skipped {len(self.skipped)}: {listed}"
         if self.truncated:
-            line += f"; {len(self.truncated)} cut to the length limit (rows {_listed(self.truncated)})"
+            line += f"; {len(self.truncated)} cut to the length limit (rows {listed_rows(self.truncated)})"
         return line
 
 
-def _listed(rows: Sequence[int], most: int = 10) -> str:
+def listed_rows(rows: Sequence[int], most: int = 10) -> str:
+    """``rows`` comma-separated: the first ``most`` and how many more."""
     shown = ", ".join(map(str, rows[:most]))
     return shown + (f" and {len(rows) - most} more" if len(rows) > most else "")
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hyperinf.app.arguments import from_namespace, int_list, names_from
+from hyperinf.app.arguments import from_namespace, int_list, names_from, output_path
 
 
 def _experiment(
@@ -30,7 +30,9 @@ def _add_common_options(
     parser: argparse.ArgumentParser, name: str, methods: Sequence[str], dims: Sequence[int], dtype: str
 ) -> None:
     """Options both synthetic-matrix experiments share: output, sizes, methods, precision, device."""
-    parser.add_argument("--out", type=Path, default=Path(f"runs/{name}"), help=f"output folder (default: runs/{name})")
+    parser.add_argument(
+        "--out", type=output_path, default=Path(f"runs/{name}"), help=f"output folder (default: runs/{name})"
+    )
     default_dims = ",".join(map(str, dims))
     parser.add_argument("--dims", type=int_list, default=tuple(dims), help=f"matrix sizes d (default: {default_dims})")
     parser.add_argument(

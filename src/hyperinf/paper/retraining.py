@@ -30,8 +30,10 @@ from hyperinf.app.arguments import (
     TrainingOptions,
     check_methods,
     engine_options,
+    flag_of,
     method_list,
     option,
+    output_path,
     override,
 )
 from hyperinf.app.finetune import LossFn, Schedule, train_or_load, training_key
@@ -127,10 +129,13 @@ def _classifier_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor])
 def text_setting(args: RetrainArgs, task: str) -> Setting:
     """A clean seeded train / query split of the built-in text ``task`` and ``args.model`` with rsLoRA r=8, seeded per training."""
     from hyperinf.app.learners import build_learner
-    from hyperinf.app.textdata import load_task, split_and_flip
+    from hyperinf.app.textdata import SizeOptions, load_task, split_and_flip
 
     data = load_task(task)
-    split = split_and_flip(data, n_train=args.n_train, n_val=args.n_query, n_test=0, flip_fraction=0.0, seed=args.seed)
+    sizes = SizeOptions(val=flag_of(args, "n_query"), unbalanced="")  # no unbalanced draw here
+    split = split_and_flip(
+        data, n_train=args.n_train, n_val=args.n_query, n_test=0, flip_fraction=0.0, seed=args.seed, sizes=sizes
+    )
     first = build_learner(args.model, data.label_names, rank=TEXT_RANK, seed=args.seed, max_length=TEXT_MAX_LENGTH)
 
     def fresh_model(seed: int) -> nn.Module:  # LoRA's initialisation and the new head are drawn from the seed
@@ -197,7 +202,7 @@ class RetrainArgs:
     seed: int = option(
         0, help="seed of the split, the subsets, the initialisation and the training (default: %(default)s)"
     )
-    out: Path | None = option(None, parse=Path, help="output folder (default: runs/lds-<setting>)")
+    out: Path | None = option(None, parse=output_path, help="output folder (default: runs/lds-<setting>)")
     cache_dir: Path = override(TrainingOptions, "cache_dir")
     progress: bool = override(InfluenceOptions, "progress")
 
