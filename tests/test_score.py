@@ -201,3 +201,196 @@ def test_prompt_tokens_in_the_loss_would_change_the_scores(user_models: Any) -> 
         [{"text": r["prompt"] + r["completion"]} for r in rows[:2]],
     )["tracin"]
     assert (honest - leaky).abs().max() > 1e-3 * honest.abs().max()
+
+
+def test_a_saved_classifier_is_scored_against_single_example_autograd(user_models: Any, tmp_path: Path) -> None:
+    """Label names are read through the model's config; the last layer's dense blocks by name."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows = [
+        {"text": "a fine day", "label": "positive"},
+        {"text": "awful service, never again", "label": "negative"},
+        {"text": "so so", "label": 1},
+        {"text": "lovely", "label": "positive"},
+    ]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    block = "bert.encoder.layer.1.output.dense"
+    out = tmp_path / "out"
+    code = run(
+        "--model",
+        user_models.classifier,
+        "--blocks",
+        block,
+        "--train",
+        train,
+        "--target",
+        train,
+        "--methods",
+        "tracin",
+        "--dtype",
+        "float64",
+        "--out",
+        out,
+    )
+    assert code == 0
+    model = AutoModelForSequenceClassification.from_pretrained(str(user_models.classifier), dtype=torch.float64)
+    tokenizer = AutoTokenizer.from_pretrained(str(user_models.classifier))
+    layer = dict(model.named_modules())[block]
+    labels = [1, 0, 1, 1]
+    grads = []
+    for row, label in zip(rows, labels):
+        logits = model(**tokenizer(row["text"], return_tensors="pt")).logits
+        weight, bias = torch.autograd.grad(F.cross_entropy(logits, torch.tensor([label])), [layer.weight, layer.bias])
+        grads.append(torch.cat([weight, bias[:, None]], dim=1))  # the bias is one more input column
+    v = torch.stack(grads).mean(0)
+    expected = torch.tensor([-(v * g).sum() for g in grads])
+    actual = torch.tensor(pd.read_parquet(out / "scores.parquet")["score"].to_numpy())
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_unusable_rows_are_listed_not_dropped_and_truncation_is_counted(
+    user_models: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [
+        {"prompt": "Say a long thing:", "completion": " " + "word " * 40},
+        {"prompt": "Empty", "completion": ""},
+        {"prompt": "Fine", "completion": " yes"},
+        {"prompt": None, "completion": " orphan"},
+        {"prompt": "Again", "completion": " no"},
+    ]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "out"
+    assert (
+        run(
+            "--model",
+            user_models.llama,
+            "--adapter",
+            user_models.adapter,
+            "--train",
+            train,
+            "--target",
+            train,
+            "--methods",
+            "tracin",
+            "--max-length",
+            16,
+            "--out",
+            out,
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "3 of 5 rows" in printed and "skipped 2" in printed
+    assert "1 cut to the length limit (rows 0)" in printed
+    table = pd.read_parquet(out / "scores.parquet")
+    assert table["row"].tolist() == [0, 1, 2, 3, 4]
+    assert table["score"].isna().tolist() == [False, True, False, True, False]
+    assert table["skipped"].notna().tolist() == [False, True, False, True, False]
+    recorded = json.loads((out / "arguments.json").read_text())["train"]
+    assert sorted(recorded["skipped"]) == ["1", "3"] and recorded["truncated"] == [0]
+
+
+def test_the_fit_is_reused_for_another_target_and_scores_as_a_fresh_one(
+    user_models: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = ROWS["chat"]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    first, second = write_jsonl(tmp_path / "a.jsonl", rows[:1]), write_jsonl(tmp_path / "b.jsonl", rows[2:])
+    common = [
+        "--model",
+        user_models.llama,
+        "--adapter",
+        user_models.adapter,
+        "--train",
+        train,
+        "--methods",
+        "hyperinf,datainf",
+        "--dtype",
+        "float64",
+    ]
+    assert run(*common, "--target", first, "--out", tmp_path / "out") == 0
+    assert "fitted and saved" in capsys.readouterr().out
+    assert run(*common, "--target", second, "--out", tmp_path / "out") == 0
+    assert "reused the fit" in capsys.readouterr().out
+    assert run(*common, "--target", second, "--out", tmp_path / "fresh") == 0
+    reused, fresh = (pd.read_parquet(tmp_path / d / "scores.parquet") for d in ("out", "fresh"))
+    for column in ("score_hyperinf", "score_datainf"):
+        torch.testing.assert_close(torch.tensor(reused[column].to_numpy()), torch.tensor(fresh[column].to_numpy()))
+    changed = write_jsonl(tmp_path / "train2.jsonl", rows[1:])
+    assert run(*common[:4], "--train", changed, *common[6:], "--target", second, "--out", tmp_path / "out") == 0
+    assert "fitted and saved" in capsys.readouterr().out
+
+
+def test_queries_are_scored_as_text_for_a_causal_lm(user_models: Any, tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS["text"])
+    out = tmp_path / "out"
+    assert (
+        run(
+            "--model",
+            user_models.llama,
+            "--adapter",
+            user_models.adapter,
+            "--train",
+            train,
+            "--query",
+            "The quick brown fox",
+            "--query",
+            "a stitch",
+            "-k",
+            2,
+            "--out",
+            out,
+        )
+        == 0
+    )
+    top = [json.loads(line) for line in (out / "top_k.jsonl").read_text().splitlines()]
+    assert [t["text"] for t in top] == ["The quick brown fox", "a stitch"]
+    assert all(len(t["proponents"]) == 2 and len(t["opponents"]) == 2 for t in top)
+    assert top[0]["proponents"][0]["score"] <= top[0]["proponents"][1]["score"]
+
+
+def errors(user_models: Any, tmp_path: Path) -> list[tuple[list[Any], str]]:
+    """Command lines that must fail with one line naming the problem (and what it must say)."""
+    pc = write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt-completion"])
+    labelled = write_jsonl(tmp_path / "labelled.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"foo": 1}])
+    empty_folder, config_only, base_only = tmp_path / "empty", tmp_path / "config-only", tmp_path / "base-only"
+    empty_folder.mkdir()
+    config_only.mkdir()
+    (config_only / "config.json").write_text((user_models.llama / "config.json").read_text())
+    base_only.mkdir()
+    config = json.loads((user_models.llama / "config.json").read_text())
+    (base_only / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaModel"]}))
+    (base_only / "model.safetensors").write_bytes((user_models.llama / "model.safetensors").read_bytes())
+    lm = ["--model", user_models.llama, "--adapter", user_models.adapter]
+    return [
+        ([*lm, "--train", pc], "--target FILE or as --query"),
+        (["--model", empty_folder, "--train", pc, "--target", pc], "has no config.json"),
+        (["--model", config_only, "--train", pc, "--target", pc], "no weights"),
+        (["--model", base_only, "--train", pc, "--target", pc], "LlamaModel"),
+        (["--model", tmp_path / "missing", "--train", pc, "--target", pc], "does not exist"),
+        (["--model", user_models.adapter, "--train", pc, "--target", pc], "is a peft adapter"),
+        (
+            ["--model", user_models.llama, "--adapter", user_models.other_adapter, "--train", pc, "--target", pc],
+            "does not fit the model",
+        ),
+        (["--model", user_models.llama, "--adapter", pc.parent, "--train", pc, "--target", pc], "adapter_config.json"),
+        (["--model", user_models.llama, "--train", pc, "--target", pc], "--blocks model.layers.1."),
+        ([*lm, "--blocks", "model.layers.9", "--train", pc, "--target", pc], "no module named"),
+        ([*lm, "--train", labelled, "--target", pc], "classification format but the model is a causal-lm"),
+        ([*lm, "--train", odd, "--target", pc], "cannot tell the data format"),
+        ([*lm, "--train", pc, "--target", pc, "--format", "chat"], "--format chat needs the columns messages"),
+        ([*lm, "--train", pc, "--target", pc, "--max-length", 3], "row 0 of"),
+        ([*lm, "--train", tmp_path / "nothing.jsonl", "--target", pc], "does not exist"),
+    ]
+
+
+def test_every_user_error_is_one_line_and_writes_nothing(
+    user_models: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv, says in errors(user_models, tmp_path):
+        out = tmp_path / "out"
+        assert run(*argv, "--out", out) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hyperinf: error:") and "\n" not in err and says in err, (argv, err)
+        assert not out.exists(), argv
