@@ -48,3 +48,30 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     with pytest.warns(DeadBlockWarning):
         exec(compile(fit_once, str(README), "exec"), namespace)
     assert namespace["top"].helpful.shape == (4, 10) and (tmp_path / "runs" / "fit" / "fit.json").is_file()
+
+
+def test_readme_own_model_example_runs_and_agrees_with_the_command(user_models, tmp_path, monkeypatch):
+    """The README's "Your own model and data": the Python example on a saved tiny Llama + adapter, beside `hyperinf score`."""
+    import json
+
+    import pandas as pd
+
+    from hyperinf.cli import main
+
+    section = re.search(r"## Your own model and data.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-model").symlink_to(user_models.llama)
+    (tmp_path / "my-adapter").symlink_to(user_models.adapter)
+    chats = [
+        [{"role": "user", "content": f"what is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}"}]
+        for i in range(6)
+    ]
+    for name, rows in (("train.jsonl", chats), ("target.jsonl", chats[:2])):
+        (tmp_path / name).write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    namespace: dict = {}
+    exec(compile(section, str(README), "exec"), namespace)
+    assert namespace["scores"].shape == (6,) and namespace["train"].rows == list(range(6))
+    argv = ["score", "--model", "my-model", "--adapter", "my-adapter", "--train", "train.jsonl"]
+    assert main([*argv, "--target", "target.jsonl", "--no-progress"]) == 0
+    command = torch.tensor(pd.read_parquet(tmp_path / "runs" / "score" / "scores.parquet")["score"].to_numpy())
+    torch.testing.assert_close(namespace["scores"].double().cpu(), command)

@@ -65,7 +65,8 @@ def _json_records(path: Path) -> list[dict[str, Any]]:
         records = json.loads(text)
     else:
         records = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Only "\n" ends a JSON line: str.splitlines would also split inside a string at U+2028 and kin.
+        for number, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -79,10 +80,12 @@ def _json_records(path: Path) -> list[dict[str, Any]]:
 
 def _lists_from_json_cells(frame: Any) -> Any:
     """Columns of a CSV / TSV whose every filled cell is a JSON list, as lists."""
+    import pandas as pd
+
     for column in frame.columns:
         cells = frame[column].dropna()
-        if len(cells) and frame[column].dtype == object and cells.map(_is_json_list).all():
-            frame[column] = frame[column].map(lambda cell: json.loads(cell) if isinstance(cell, str) else cell)
+        if len(cells) and pd.api.types.is_string_dtype(frame[column]) and cells.map(_is_json_list).all():
+            frame[column] = frame[column].astype(object).map(lambda c: json.loads(c) if isinstance(c, str) else None)
     return frame
 
 
