@@ -291,6 +291,8 @@ def one_run(args: Any, options: dict[str, Any]) -> list[Any]:
     return [args]
 
 
+GIVEN = {"--adapter", "--no-warmup"}  # a selection's model as given: in both keys, only when set
+
 COMMANDS = {  # command line, run function, the runs it makes, the keys of a run, the options that change each key
     "mislabel": (
         ["mislabel"],
@@ -312,14 +314,14 @@ COMMANDS = {  # command line, run function, the runs it makes, the keys of a run
         "hyperinf.app.select.run_select",
         one_run,
         selection_keys(lambda args: [args.method]),
-        [WARM_UP, SCORES | {"--method"}],
+        [WARM_UP | GIVEN, SCORES | GIVEN | {"--method"}],
     ),
     "experiment select": (
         ["experiment", "select"],
         "hyperinf.paper.select_study.run_study",
         seeds_runs,
         selection_keys(lambda args: list(args.methods)),
-        [WARM_UP | {"--seeds"}, SCORES | {"--methods", "--seeds"}],
+        [WARM_UP | GIVEN | {"--seeds"}, SCORES | GIVEN | {"--methods", "--seeds"}],
     ),
     "lds": (["experiment", "lds"], "hyperinf.paper.lds.run_lds", one_run, retraining_key, [RETRAINING]),
     "logo": (
@@ -379,6 +381,7 @@ def alternative_values(tmp_path: Path) -> dict[str, str]:
         "--query": "another query",
         "--query-file": str(queries),
         "--query-label": "pos",
+        "--adapter": str(tmp_path / "adapter"),
         "--k": "3",
     }
 

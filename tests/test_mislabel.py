@@ -391,3 +391,28 @@ def test_a_rerun_resumes_both_passes_from_their_checkpoints(args, monkeypatch):
         run_mislabel(args)
     assert {str(w.message).split(":")[0] for w in resumed} == {"fit", "score"}
     pd.testing.assert_frame_equal(pd.read_parquet(args.out / "scores_seed0.parquet"), first)
+
+
+def test_a_saved_encoder_folder_is_fine_tuned_with_lora_and_keyed_by_its_files(args, user_models):
+    """--model FOLDER: peft's default LoRA targets for BERT (query, value) and a head for the task's labels;
+    the cache key holds the folder's files, so replacing the model in it retrains."""
+    from dataclasses import replace
+
+    from hyperinf.app.mislabel import build_model, run_mislabel
+
+    folder_args = replace(args, model=str(user_models.classifier), methods=("tracin",), fim=False)
+    model, _, blocks = build_model(folder_args, 2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert (
+        blocks == "lora" and any("query.lora_A" in n for n in trainable) and any("classifier" in n for n in trainable)
+    )
+    run_mislabel(folder_args)
+    assert (folder_args.out / "summary.csv").is_file()
+    before = folder_args.training_key(
+        split_and_flip(load_table(args.task, "sentence", "sentiment"), n_train=80, n_val=20, n_test=20)
+    )
+    (user_models.classifier / "config.json").touch()
+    after = folder_args.training_key(
+        split_and_flip(load_table(args.task, "sentence", "sentiment"), n_train=80, n_val=20, n_test=20)
+    )
+    assert before != after

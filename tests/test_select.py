@@ -11,7 +11,7 @@ pytest.importorskip("peft")
 pd = pytest.importorskip("pandas")
 
 from hyperinf.app.finetune import load_trainable  # noqa: E402
-from hyperinf.app.select import SelectArgs, make_learner, run_select  # noqa: E402
+from hyperinf.app.select import SelectArgs, load_pool_split, make_learner, run_select  # noqa: E402
 from hyperinf.cli import main  # noqa: E402
 from hyperinf.paper.select_study import StudyArgs, run_study  # noqa: E402
 
@@ -364,3 +364,42 @@ def test_a_jsonl_pool_keeps_every_usable_row_and_its_selections_read_back(tmp_pa
     assert again["row_id"].tolist() == list(range(len(kept)))  # a row id is the row's position in the file
     assert again["text"].tolist() == [row["text"] for row in kept]
     assert again["label"].tolist() == [row["label"] for row in kept]
+
+
+def test_a_saved_model_and_adapter_are_selected_with_as_given_or_warmed_up(data_file, tmp_path, user_models):
+    """--model FOLDER --adapter DIR: with --no-warmup nothing is trained and the adapter's own weights score
+    (TracIn equals -<v, g_k> of the loaded model); without it, the warm-up trains the adapter further."""
+    from hyperinf.hf.models import load_model
+
+    given = select_args(
+        data_file, tmp_path, model=str(user_models.llama), adapter=user_models.adapter, no_warmup=True,
+        method="tracin", fractions=(0.5,), dtype="float64", cache_dir=tmp_path / "cache" / "adapters",
+    )  # fmt: skip
+    result = run_select(given)
+    arguments = json.loads((given.out / "arguments.json").read_text())
+    assert arguments["warm_up"]["seconds"] == 0.0 and arguments["warm_up"]["cached"] is False
+    assert not list((tmp_path / "cache" / "adapters").glob("*.safetensors"))  # no training, nothing cached
+
+    learner = make_learner(given, ["negative", "positive"])
+    split = load_pool_split(given)
+    loaded = load_model(user_models.llama, adapter=user_models.adapter)
+    assert learner.blocks == "lora"
+    params = [p for n, p in loaded.model.named_parameters() if "lora_" in n]
+
+    def gradient(pairs):
+        batch = learner.collate(pairs)
+        loss = learner.loss(loaded.model, batch).sum()
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
+
+    v = torch.stack([gradient([pair]) for pair in split.pairs("target")]).mean(0)
+    expected = torch.stack([-(v * gradient([pair])).sum() for pair in split.pairs("pool")])
+    torch.testing.assert_close(result["scores"].double(), expected, rtol=1e-4, atol=1e-6)
+
+    warmed = select_args(
+        data_file, tmp_path, model=str(user_models.llama), adapter=user_models.adapter, method="tracin",
+        fractions=(0.5,), out=tmp_path / "warmed", cache_dir=tmp_path / "cache" / "adapters",
+    )  # fmt: skip
+    run_select(warmed)
+    record = json.loads((warmed.out / "arguments.json").read_text())["warm_up"]
+    assert record["cached"] is False and record["key"] != arguments["warm_up"]["key"]
+    assert len(list((tmp_path / "cache" / "adapters").glob("*.safetensors"))) == 1

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 from hyperinf.app.finetune import default_cache_dir
-from hyperinf.app.learners import CLASSIFIERS
+from hyperinf.app.learners import CLASSIFIERS, MODELS
 from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import DampingMode
 from hyperinf.errors import ConfigurationError, HyperinfError
@@ -43,12 +43,22 @@ def option(
     key: CacheKey | None = None,
     engine: bool = False,
     default_factory: Callable[[], Any] | None = None,
+    folder: bool = False,
 ) -> Any:
     """A dataclass field and its option (none without ``help``). ``key``: the cache key it enters;
-    ``engine``: it is the :class:`hyperinf.InfluenceEngine` keyword argument of the same name."""
+    ``engine``: it is the :class:`hyperinf.InfluenceEngine` keyword argument of the same name; ``folder``:
+    its value may be a folder of saved weights, which enters the key with its files' sizes and times."""
     if parse is None and default not in (MISSING, None) and not isinstance(default, (bool, tuple)):
         parse = type(default)
-    metadata = {"help": help, "flag": flag, "parse": parse, "choices": choices, "key": key, "engine": engine}
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "parse": parse,
+        "choices": choices,
+        "key": key,
+        "engine": engine,
+        "folder": folder,
+    }
     if default is MISSING and default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -129,8 +139,37 @@ def from_namespace(cls: type[T], ns: argparse.Namespace, **values: Any) -> T:
 
 
 def key_settings(args: Any, key: CacheKey = "training") -> dict[str, Any]:
-    """The fields of dataclass ``args`` that enter cache key ``key``, by name."""
-    return {f.name: getattr(args, f.name) for f in fields(args) if f.metadata.get("key") == key}
+    """The fields of dataclass ``args`` that enter cache key ``key``, by name (a saved model's folder stamped
+    by :func:`folder_stamp`, so replacing the model in it changes the key)."""
+    return {
+        f.name: folder_stamp(getattr(args, f.name)) if f.metadata.get("folder") else getattr(args, f.name)
+        for f in fields(args)
+        if f.metadata.get("key") == key
+    }
+
+
+def folder_stamp(value: Any) -> Any:
+    """A folder as its absolute path with each file's name, size and modification time; a shipped
+    model's name (or no value) as it is."""
+    if value is None or str(value) in MODELS or not Path(value).is_dir():
+        return value
+    folder = Path(value).resolve()
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return f"{folder}:" + ",".join(f"{p.name}={p.stat().st_size}@{p.stat().st_mtime_ns}" for p in files)
+
+
+def model_or_folder(shipped: Sequence[str]) -> Callable[[str], str]:
+    """argparse type: the name of a shipped model in ``shipped``, or a folder (a saved model)."""
+
+    def parse(text: str) -> str:
+        if text in shipped or Path(text).is_dir():
+            return text
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a shipped model ({', '.join(shipped)}) nor a folder: pass a folder written by "
+            "save_pretrained"
+        )
+
+    return parse
 
 
 def engine_options(args: Any, **changes: Any) -> dict[str, Any]:
@@ -211,7 +250,12 @@ class TrainingOptions:
     """The model and how it is fine-tuned; the trained weights are cached under a key of these."""
 
     model: str = option(
-        "minilm", key="training", choices=CLASSIFIERS, help="the shipped MiniLM (default) or a tiny random BERT (tests)"
+        "minilm",
+        key="training",
+        parse=model_or_folder(CLASSIFIERS),
+        folder=True,
+        help="the shipped MiniLM (default), a tiny random BERT (tests), or a folder written by save_pretrained "
+        "(an encoder or a classifier: it gets a head for the task's labels and LoRA adapters)",
     )
     rank: int = option(8, key="training", help="LoRA rank (default: %(default)s)")
     epochs: int = option(3, key="training", help="training epochs (default: %(default)s)")

@@ -187,7 +187,7 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> nn.Module:
 
 
 def add_lora(
-    model: nn.Module, r: int = 8, seed: int = 0, target_modules: Sequence[str] = ("q_proj", "v_proj")
+    model: nn.Module, r: int = 8, seed: int = 0, target_modules: Sequence[str] | None = ("q_proj", "v_proj")
 ) -> nn.Module:
     """peft rsLoRA adapters (``lora_alpha=16``, dropout 0) on every layer's ``target_modules``.
 
@@ -200,7 +200,7 @@ def add_lora(
     config = LoraConfig(
         r=r,
         lora_alpha=16,
-        target_modules=list(target_modules),
+        target_modules=list(target_modules) if target_modules is not None else None,
         lora_dropout=0.0,
         use_rslora=True,
         task_type="CAUSAL_LM",

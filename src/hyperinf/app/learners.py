@@ -10,10 +10,12 @@ the last transformer block (plus pooler and head for a classifier) instead of Lo
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ from hyperinf.app.minilm import (
     sequence_classification_loss,
 )
 from hyperinf.errors import ConfigurationError
+from hyperinf.hf.models import check_model_folder, load_model
 
 CLASSIFIERS = ("minilm", "tiny-bert")
 CAUSAL_LMS = ("smollm2", "tiny-llama")
@@ -71,26 +74,12 @@ def build_learner(
     dense: bool = False,
     max_length: int = 128,
     template: causal_lm.PromptTemplate | None = None,
+    adapter: Path | None = None,
 ) -> Learner:
-    """The learner for ``model`` (one of :data:`MODELS`) on a task with ``label_names``."""
-    if model in CLASSIFIERS:
-        net, tokenizer, blocks = classifier(model, len(label_names), rank=rank, seed=seed, dense=dense)
-
-        def predict_class(texts: Sequence[str], batch_size: int) -> torch.Tensor:
-            batches = DataLoader(
-                [(t, 0) for t in texts], batch_size=batch_size, collate_fn=collate_fn(tokenizer, max_length)
-            )
-            return (
-                torch.cat([classifier_logits(net, b).argmax(-1) for b in batches])
-                if texts
-                else torch.zeros(0, dtype=torch.long)
-            )
-
-        return Learner(
-            net, tokenizer, blocks, sequence_classification_loss, collate_fn(tokenizer, max_length), predict_class
-        )
-    if model in CAUSAL_LMS:
-        net, tokenizer, blocks = causal(model, rank=rank, seed=seed, dense=dense)
+    """The learner for ``model`` (one of :data:`MODELS`, or a ``save_pretrained`` folder) on a task with
+    ``label_names``; ``adapter`` (a saved peft adapter) takes the place of new LoRA adapters."""
+    if trains_as_causal_lm(model):
+        net, tokenizer, blocks = causal(model, rank=rank, seed=seed, dense=dense, adapter=adapter)
         template = template or causal_lm.default_template(label_names)
 
         def predict_option(texts: Sequence[str], batch_size: int) -> torch.Tensor:
@@ -100,29 +89,73 @@ def build_learner(
 
         collate = causal_lm.instruction_collate(tokenizer, label_names, template, max_length)
         return Learner(net, tokenizer, blocks, causal_lm.answer_loss, collate, predict_option)
-    raise ConfigurationError(f"unknown --model / model {model!r}: use one of {', '.join(MODELS)}")
+    net, tokenizer, blocks = classifier(model, len(label_names), rank=rank, seed=seed, dense=dense, adapter=adapter)
+
+    def predict_class(texts: Sequence[str], batch_size: int) -> torch.Tensor:
+        batches = DataLoader(
+            [(t, 0) for t in texts], batch_size=batch_size, collate_fn=collate_fn(tokenizer, max_length)
+        )
+        return (
+            torch.cat([classifier_logits(net, b).argmax(-1) for b in batches])
+            if texts
+            else torch.zeros(0, dtype=torch.long)
+        )
+
+    return Learner(
+        net, tokenizer, blocks, sequence_classification_loss, collate_fn(tokenizer, max_length), predict_class
+    )
 
 
-def causal(model: str, *, rank: int, seed: int, dense: bool) -> tuple[nn.Module, Any, list[str] | str]:
-    """SmolLM2 (or a tiny random Llama) with LoRA on q_proj/v_proj, or with only its last block trainable."""
+def trains_as_causal_lm(model: str) -> bool:
+    """Whether ``model`` (a shipped name or a folder) is trained as a causal LM (classification as instruction
+    data) rather than as a sequence classifier: a folder's ``config.json`` names a ``...ForCausalLM``."""
+    if model in MODELS:
+        return model in CAUSAL_LMS
+    folder = Path(model)
+    check_model_folder(folder)
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    return any(str(a).endswith("ForCausalLM") for a in architectures)
+
+
+def _adapted(net: nn.Module, folder: Path, adapter: Path) -> nn.Module:
+    """``net`` with the saved adapter put on it, trainable."""
+    from hyperinf.hf.models import with_adapter
+
+    return with_adapter(net, folder, adapter)
+
+
+def causal(
+    model: str, *, rank: int, seed: int, dense: bool, adapter: Path | None = None
+) -> tuple[nn.Module, Any, list[str] | str]:
+    """SmolLM2, a tiny random Llama or a saved causal LM, with LoRA on q_proj/v_proj (peft's defaults for a
+    saved model's type), with ``adapter`` on it, or with only its last block trainable."""
     if model == "smollm2":
         net, tokenizer = causal_lm.load_smollm2(seed)
-    else:  # the shipped MiniLM's WordPiece tokenizer: any text, offline (a BERT one, but the tiny Llama is random anyway)
+    elif model == "tiny-llama":  # the shipped MiniLM's WordPiece tokenizer: any text, offline (the Llama is random)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(minilm_folder()))
         net = causal_lm.tiny_llama(len(tokenizer), seed=seed)
+    else:
+        loaded = load_model(model)
+        net, tokenizer = loaded.model, loaded.tokenizer
+    if adapter is not None:
+        return _adapted(net, Path(model), adapter), tokenizer, "lora"
     if dense:
         for param in net.parameters():
             param.requires_grad_(False)
         return net, tokenizer, causal_lm.train_last_block(net)
-    return causal_lm.add_lora(net, r=rank, seed=seed), tokenizer, "lora"
+    targets = ("q_proj", "v_proj") if model in MODELS else None
+    return causal_lm.add_lora(net, r=rank, seed=seed, target_modules=targets), tokenizer, "lora"
 
 
 def classifier(
-    model: str, num_labels: int, *, rank: int, seed: int, dense: bool
+    model: str, num_labels: int, *, rank: int, seed: int, dense: bool, adapter: Path | None = None
 ) -> tuple[nn.Module, Any, list[str] | str]:
-    """A sequence classifier, its tokenizer and the blocks to attribute (LoRA, or the last layer + head)."""
+    """A sequence classifier, its tokenizer and the blocks to attribute (LoRA, or the last layer + head).
+
+    A folder gets a new ``num_labels``-way head unless it is a classifier with that many labels, and
+    peft's default LoRA targets for its model type; ``adapter`` replaces the new adapters."""
     if model == "tiny-bert":
         net, tokenizer = tiny_bert(num_labels, rank=rank, seed=seed, lora=not dense)
     elif model == "minilm":
@@ -130,15 +163,46 @@ def classifier(
             load_minilm_lora(num_labels, r=rank, seed=seed) if not dense else _minilm_dense(num_labels, seed)
         )
     else:
-        raise ConfigurationError(
-            f"unknown --model / model {model!r}: use one of {', '.join(CLASSIFIERS)} for a classifier"
+        net, tokenizer = _folder_classifier(
+            Path(model), num_labels, rank=rank, seed=seed, lora=not dense and adapter is None
         )
-    if not dense:
+        if adapter is not None:
+            net = _adapted(net, Path(model), adapter)
+    if not dense or adapter is not None:
         return net, tokenizer, "lora"
     tuned = last_layer_and_head(net)
     for name, param in net.named_parameters():
         param.requires_grad_(any(name.startswith(prefix + ".") for prefix in tuned))
     return net, tokenizer, tuned
+
+
+def _folder_classifier(folder: Path, num_labels: int, *, rank: int, seed: int, lora: bool) -> tuple[nn.Module, Any]:
+    """A saved encoder (or classifier) as a ``num_labels``-way classifier, with rsLoRA when ``lora``, and its tokenizer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from hyperinf.hf.models import load_tokenizer, quiet_transformers
+
+    with torch.random.fork_rng(devices=[]), quiet_transformers():
+        torch.manual_seed(seed)
+        try:
+            net = AutoModelForSequenceClassification.from_pretrained(
+                str(folder), num_labels=num_labels, ignore_mismatched_sizes=True
+            )
+        except (OSError, ValueError) as error:
+            raise ConfigurationError(
+                f"cannot load {folder} as a sequence classifier: {str(error).splitlines()[0]}"
+            ) from error
+        if lora:
+            config = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0, use_rslora=True, task_type="SEQ_CLS")
+            try:
+                net = get_peft_model(net, config)
+            except ValueError as error:
+                raise ConfigurationError(
+                    f"peft has no default LoRA targets for the model in {folder} ({str(error).splitlines()[0]}): "
+                    "train an adapter yourself and pass it with --adapter, or use --dense / --last-layer"
+                ) from error
+    return net.eval(), load_tokenizer(folder)
 
 
 def last_layer_and_head(model: nn.Module) -> list[str]:

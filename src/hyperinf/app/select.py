@@ -25,16 +25,18 @@ from hyperinf.app.arguments import (
     check_methods,
     engine_options,
     float_list,
+    folder_stamp,
     from_namespace,
     key_settings,
     method_name,
+    model_or_folder,
     option,
     output_folder,
     override,
 )
 from hyperinf.app.causal_lm import default_template
 from hyperinf.app.finetune import Schedule, train_or_load, training_key
-from hyperinf.app.learners import CAUSAL_LMS, MODELS, Learner, build_learner
+from hyperinf.app.learners import MODELS, Learner, build_learner, trains_as_causal_lm
 from hyperinf.app.textdata import (
     BUILT_IN_TASKS,
     SizeOptions,
@@ -45,7 +47,7 @@ from hyperinf.app.textdata import (
     split_and_flip,
 )
 from hyperinf.engine import InfluenceEngine
-from hyperinf.errors import DataError
+from hyperinf.errors import ConfigurationError, DataError
 from hyperinf.methods import method_names
 from hyperinf.results import atomic_write, remove_if_empty, write_json
 from hyperinf.selection import cosine_scores, ranks, select_top, selection_size
@@ -96,8 +98,20 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
         TrainingOptions,
         "model",
         default="smollm2",
-        choices=MODELS,
-        help="the shipped SmolLM2-135M-Instruct (default), MiniLM, or a tiny random Llama / BERT (tests)",
+        parse=model_or_folder(MODELS),
+        help="the shipped SmolLM2-135M-Instruct (default), MiniLM, a tiny random Llama / BERT (tests), or a folder "
+        "written by save_pretrained (a causal LM, or an encoder / classifier)",
+    )
+    adapter: Path | None = option(
+        None,
+        parse=Path,
+        help="a peft adapter folder to put on --model in place of new LoRA adapters (trained further by the "
+        "warm-up unless --no-warmup)",
+    )
+    no_warmup: bool = option(
+        False,
+        help="score with --model (and --adapter) as given, without the warm-up: for a model already fine-tuned "
+        "on the task",
     )
     dense: bool = option(
         False,
@@ -139,8 +153,18 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
         # too ill-conditioned for float32 Schulz (SmolLM2, 48 tweets: 52 of 90 blocks stalled at a
         # residual up to 0.13), and converge in float64.
         if self.dtype is None:
-            self.dtype = "float64" if self.model in CAUSAL_LMS else "float32"
+            self.dtype = "float64" if trains_as_causal_lm(self.model) else "float32"
+        if self.adapter is not None and self.dense:
+            raise ConfigurationError(
+                "--adapter and --dense exclude each other: the adapter's blocks are what is trained"
+            )
         super().__post_init__()  # checks the engine options, the dtype set here too
+
+    def model_settings(self) -> dict[str, Any]:
+        """What the trained or given weights depend on: the training key's settings, and the adapter when one is
+        given (stamped with its files, like a model folder; absent otherwise, so earlier keys still hold)."""
+        adapter = {"adapter": folder_stamp(self.adapter)} if self.adapter is not None else {}
+        return key_settings(self) | adapter
 
 
 @dataclass
@@ -252,13 +276,21 @@ def make_learner(args: SelectArgs, label_names: list[str]) -> Learner:
         dense=args.dense,
         max_length=args.max_length,
         template=template,
+        adapter=args.adapter,
     )
 
 
 def warm_up(args: SelectArgs, learner: Learner, pairs: list[tuple[str, int]]) -> dict[str, Any]:
-    """Train on the whole pool (``args.epochs``), or load that from the cache; returns the record with its key."""
+    """Train on the whole pool (``args.epochs``), or load that from the cache; returns the record with its key.
+    With ``--no-warmup`` the model is used as given, and the key names it."""
+    if args.no_warmup:
+        return {
+            "cached": False,
+            "seconds": 0.0,
+            "key": training_key({"stage": "as-given", **args.model_settings()}, []),
+        }
     schedule = Schedule(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    key = training_key({"stage": "warm-up", **key_settings(args)}, pairs)
+    key = training_key({"stage": "warm-up", **args.model_settings()}, pairs)
     record = train_or_load(
         learner.model,
         learner.loss,

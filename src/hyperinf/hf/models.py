@@ -94,6 +94,14 @@ def check_model_folder(folder: Path) -> None:
         )
 
 
+def check_adapter_folder(adapter: Path) -> None:
+    """Refuse an adapter path without the ``adapter_config.json`` peft's ``save_pretrained`` writes."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise DataError(
+            f"--adapter {adapter} holds no adapter_config.json: pass the folder a peft model's save_pretrained wrote"
+        )
+
+
 def load_model(
     folder: str | Path, *, adapter: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> LoadedModel:
@@ -103,10 +111,8 @@ def load_model(
     folder = Path(folder)
     kind = model_kind(folder)
     adapter_folder = Path(adapter) if adapter is not None else None
-    if adapter_folder is not None and not (adapter_folder / "adapter_config.json").is_file():
-        raise DataError(
-            f"--adapter {adapter_folder} holds no adapter_config.json: pass the folder a peft model's save_pretrained wrote"
-        )
+    if adapter_folder is not None:
+        check_adapter_folder(adapter_folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
     model: Any
@@ -115,34 +121,38 @@ def load_model(
             model = auto.from_pretrained(str(folder), dtype=dtype)
         except (OSError, ValueError, RuntimeError) as error:
             raise DataError(f"cannot load the model in {folder}: {_first_line(error)}") from error
-        tokenizer = _tokenizer(folder, adapter_folder)
+        tokenizer = load_tokenizer(folder, adapter_folder)
         if adapter_folder is not None:
-            model = _with_adapter(model, folder, adapter_folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
+            model = with_adapter(model, folder, adapter_folder)
     return LoadedModel(model.to(dtype).eval(), tokenizer, kind, folder, adapter_folder)
 
 
-def _tokenizer(folder: Path, adapter: Path | None) -> Any:
+def load_tokenizer(folder: Path, adapter: Path | None = None) -> Any:
+    """The tokenizer saved with a model (or with its adapter), right-padded, with a pad token."""
     from transformers import AutoTokenizer
 
     for source in (folder, adapter):
         if source is None:
             continue
         try:
-            return AutoTokenizer.from_pretrained(str(source))
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
         except (OSError, ValueError, TypeError):
             continue
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        return tokenizer
     raise DataError(
         f"no tokenizer in {folder}{f' or {adapter}' if adapter else ''}: save it beside the model "
         "(tokenizer.save_pretrained(folder))"
     )
 
 
-def _with_adapter(model: nn.Module, folder: Path, adapter: Path) -> nn.Module:
+def with_adapter(model: nn.Module, folder: Path, adapter: Path) -> nn.Module:
+    """``model`` (loaded from ``folder``) with the peft adapter saved in ``adapter`` on it, trainable."""
     from peft import PeftModel
 
+    check_adapter_folder(adapter)
     recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     try:
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
