@@ -2,6 +2,7 @@
 
 import json
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -403,3 +404,36 @@ def test_a_saved_model_and_adapter_are_selected_with_as_given_or_warmed_up(data_
     record = json.loads((warmed.out / "arguments.json").read_text())["warm_up"]
     assert record["cached"] is False and record["key"] != arguments["warm_up"]["key"]
     assert len(list((tmp_path / "cache" / "adapters").glob("*.safetensors"))) == 1
+
+
+def test_multiple_choice_rows_are_selected_on_a_saved_causal_lm_and_read_back(tmp_path, user_models, capsys):
+    """Rows of another format: held-out targets, the mean completion loss, no labels, and selections that are
+    rows of the same format again (every column as read)."""
+    rows = [
+        {"question": f"Which word follows {w}?", "choices": [f"{w}s", "blue", "seven"], "answer": i % 3, "id": f"q{i}"}
+        for i, w in enumerate(["cat", "dog", "sun", "tree", "car", "cup", "pen", "box", "hat", "map", "bag", "key"])
+    ]
+    rows.append({"question": "", "choices": ["a", "b"], "answer": 0, "id": "blank"})
+    pool = write_jsonl(tmp_path / "mc.jsonl", rows)
+    options = {"--model": user_models.llama, "--adapter": user_models.adapter, "--task": pool, "--n-target": 3,
+               "--fraction": "0.25,0.5", "--method": "tracin", "--epochs": 1, "--batch-size": 4,
+               "--cache-dir": tmp_path / "cache", "--out": tmp_path / "out"}  # fmt: skip
+
+    def command(**changes: Any) -> list[str]:
+        given = options | {f"--{k.replace('_', '-')}": v for k, v in changes.items()}
+        return ["select", "--no-progress", *(str(x) for pair in given.items() for x in pair)]
+
+    argv = command()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "12 of 13 rows as multiple-choice examples; skipped 1: rows 12 (empty question)" in printed
+    frame = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    assert len(frame) == 9 and set(frame["row_id"]).isdisjoint({12}) and frame["score"].std() > 0
+    chosen = [json.loads(line) for line in (tmp_path / "out" / "selected_50pct.jsonl").read_text().splitlines()]
+    best = frame.sort_values(["score", "row_id"])["row_id"].tolist()
+    assert [r["row_id"] for r in chosen] == best[: round(0.5 * 9)]
+    assert all(r["id"] == rows[r["row_id"]]["id"] and r["choices"] == rows[r["row_id"]]["choices"] for r in chosen)
+    again = command(task=tmp_path / "out" / "selected_50pct.jsonl", n_target=1, out=tmp_path / "again")
+    assert main(again) == 0  # a selection reads back as a pool
+    assert main([*command(out=tmp_path / "x"), "--balance"]) == 2
+    assert "has no labels" in capsys.readouterr().err

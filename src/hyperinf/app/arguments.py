@@ -27,6 +27,7 @@ from hyperinf.app.learners import CLASSIFIERS, MODELS
 from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import DampingMode
 from hyperinf.errors import ConfigurationError, HyperinfError
+from hyperinf.hf.formats import ROLES
 from hyperinf.methods import get_method, method_names
 
 T = TypeVar("T")
@@ -218,6 +219,20 @@ def names_from(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
         return text
 
     return comma_list(name, ",".join(choices[:2]))
+
+
+def column_map(text: str) -> dict[str, str]:
+    """argparse type: ``role=column,role=column`` as a dict."""
+    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise argparse.ArgumentTypeError(
+            f"expected role=column pairs, e.g. prompt=question,completion=answer; got {text!r}"
+        )
+    mapping = {role.strip(): column.strip() for role, column in pairs}
+    unknown = sorted(set(mapping) - set(ROLES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown role(s) {', '.join(unknown)}; the roles are {', '.join(ROLES)}")
+    return mapping
 
 
 int_list = comma_list(int, "1,3,10")

@@ -44,13 +44,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("HYPERINF_CACHE", Path.home() / ".cache" / "hyperinf")) / "adapters"
 
 
-def training_key(settings: Mapping[str, Any], examples: Iterable[tuple[str, int]]) -> str:
-    """Hash of everything that determines the trained weights: the settings and the (text, label) examples in order."""
+def training_key(settings: Mapping[str, Any], examples: Iterable[Any]) -> str:
+    """Hash of everything that determines the trained weights: the settings and the examples in order, each a
+    ``(text, label)`` pair or an encoded example (a dict of token ids, :mod:`hyperinf.hf.formats`)."""
     digest = hashlib.sha256(
         json.dumps({**settings, "training_revision": TRAINING_REVISION}, sort_keys=True, default=str).encode()
     )
-    for text, label in examples:
-        digest.update(f"{label}\t{text}\n".encode())
+    for example in examples:
+        if isinstance(example, dict):
+            digest.update((json.dumps(example, sort_keys=True) + "\n").encode())
+        else:
+            text, label = example
+            digest.update(f"{label}\t{text}\n".encode())
     return digest.hexdigest()[:20]
 
 

@@ -24,6 +24,7 @@ from hyperinf.app.arguments import (
     InfluenceOptions,
     add_options,
     check_methods,
+    column_map,
     engine_options,
     from_namespace,
     method_list,
@@ -33,7 +34,7 @@ from hyperinf.app.arguments import (
 )
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import DataError, FitMismatchError, NotFittedError
-from hyperinf.hf.formats import FORMATS, ROLES, Encoded, collator, encode, field_text
+from hyperinf.hf.formats import FORMATS, Encoded, collator, encode, field_text
 from hyperinf.hf.lm import CausalLMTask, ClassificationTask
 from hyperinf.hf.models import LoadedModel, default_blocks, load_model, parse_blocks
 from hyperinf.hf.tables import read_table
@@ -43,20 +44,6 @@ from hyperinf.task import Task
 
 SIGN = "score = -v^T H^-1 g_k: negative = helpful (up-weighting the row lowers the target loss), positive = harmful"
 SHIPPED = ("smollm2",)
-
-
-def column_map(text: str) -> dict[str, str]:
-    """argparse type: ``role=column,role=column`` as a dict."""
-    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
-    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
-        raise argparse.ArgumentTypeError(
-            f"expected role=column pairs, e.g. prompt=question,completion=answer; got {text!r}"
-        )
-    mapping = {role.strip(): column.strip() for role, column in pairs}
-    unknown = sorted(set(mapping) - set(ROLES))
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown role(s) {', '.join(unknown)}; the roles are {', '.join(ROLES)}")
-    return mapping
 
 
 @dataclass

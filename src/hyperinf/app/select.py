@@ -23,6 +23,7 @@ from hyperinf.app.arguments import (
     TrainingOptions,
     add_options,
     check_methods,
+    column_map,
     engine_options,
     float_list,
     folder_stamp,
@@ -48,6 +49,7 @@ from hyperinf.app.textdata import (
 )
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import ConfigurationError, DataError
+from hyperinf.hf.formats import FORMATS
 from hyperinf.methods import method_names
 from hyperinf.results import atomic_write, remove_if_empty, write_json
 from hyperinf.selection import cosine_scores, ranks, select_top, selection_size
@@ -107,6 +109,17 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
         parse=Path,
         help="a peft adapter folder to put on --model in place of new LoRA adapters (trained further by the "
         "warm-up unless --no-warmup)",
+    )
+    format: str | None = option(
+        None,
+        choices=FORMATS,
+        help="the rows' format when --task is a file (default: detected from its columns): classification "
+        "(text, label) is selected per label; prompt-completion, chat, multiple-choice and text rows need a causal LM",
+    )
+    columns: dict[str, str] = option(
+        default_factory=dict,
+        parse=column_map,
+        help="columns of other names for --format, as role=column pairs (e.g. prompt=question,completion=answer)",
     )
     no_warmup: bool = option(
         False,
@@ -421,6 +434,11 @@ def _histogram(values: torch.Tensor, reference: torch.Tensor, bins: int = 8) -> 
 def run_select(args: SelectArgs) -> dict[str, Any]:
     """The ``hyperinf select`` job: warm up, score, select and write; returns what it wrote."""
     check_methods((args.method,))
+    if args.columns:
+        raise ConfigurationError(
+            "--columns maps the columns of rows in another format; name a labelled table's columns with "
+            "--text-column and --label-column"
+        )
     split = load_pool_split(args)
     for which, data in split.files.items():
         report_skipped(data, str(getattr(args, which)))
@@ -499,11 +517,7 @@ def write_selection(
             }
             for i in picked.tolist()
         ]
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        atomic_write(
-            args.out / f"selected_{fraction_label(fraction)}.jsonl",
-            lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"),
-        )
+        write_selected(args.out, fraction, rows)
     write_json(
         args.out / "arguments.json",
         {
@@ -517,6 +531,12 @@ def write_selection(
     )
 
 
+def write_selected(out: Path, fraction: float, rows: list[dict[str, Any]]) -> None:
+    """``selected_<pct>.jsonl``: the chosen rows, most helpful first, one JSON object per line, atomically."""
+    text = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+    atomic_write(out / f"selected_{fraction_label(fraction)}.jsonl", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def fraction_label(fraction: float) -> str:
     """``0.05 -> '5pct'``, ``0.125 -> '12.5pct'``: a file-name-safe percentage."""
     return f"{fraction * 100:g}pct"
@@ -528,6 +548,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(ns: argparse.Namespace) -> int:
-    """Run ``hyperinf select`` from parsed arguments."""
-    run_select(from_namespace(SelectArgs, ns))
+    """Run ``hyperinf select`` from parsed arguments: labelled rows here, the other formats in :mod:`.select_rows`."""
+    from hyperinf.app.select_rows import reads_rows, run_select_rows
+
+    args = from_namespace(SelectArgs, ns)
+    run_select_rows(args) if reads_rows(args) else run_select(args)
     return 0

@@ -155,7 +155,7 @@ def encode(
     encoder = _ENCODERS[layout]
     encoded = Encoded(fmt, layout, used, [], [], [])
     for row, record in enumerate(frame[list(used.values())].to_dict("records")):
-        values = {role: _value(record[column]) for role, column in used.items()}
+        values = {role: plain_value(record[column]) for role, column in used.items()}
         encoded.texts.append(_display(layout, values))
         missing = [used[role] for role in needed if _blank(values[role])]
         if missing:
@@ -185,7 +185,7 @@ class _Unusable(Exception):
     """A row that cannot become an example; the message says why."""
 
 
-def _value(cell: Any) -> Any:
+def plain_value(cell: Any) -> Any:
     """A cell as plain Python: lists from numpy arrays (parquet), None for a missing value."""
     if hasattr(cell, "tolist") and not isinstance(cell, str):
         cell = cell.tolist()

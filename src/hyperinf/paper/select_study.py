@@ -332,7 +332,7 @@ def _cell(entry: dict[str, Any], column: str, seeds: int) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hyperinf experiment select`` options: ``hyperinf select``'s but ``--method``, and the protocol's."""
-    add_options(parser, StudyArgs, skip=("method",))
+    add_options(parser, StudyArgs, skip=("method", "format", "columns"))  # the study runs labelled tasks
 
 
 def main(ns: argparse.Namespace) -> int:

@@ -1,0 +1,174 @@
+"""``hyperinf select`` on rows that are not labelled text: prompt-completion, chat, multiple-choice, text.
+
+The same job as :func:`hyperinf.app.select.run_select` (warm up, score against the target,
+keep the most helpful share) on a causal LM, with the rows of :mod:`hyperinf.hf.formats`: the
+loss is the mean negative log-likelihood of each row's scored tokens, there are no labels to
+balance, and each ``selected_<pct>.jsonl`` holds the chosen rows as they were read (plus
+``row_id``, ``score`` and ``rank``), so it is a pool or target of the same format again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyperinf.app.learners import Learner, causal, trains_as_causal_lm
+from hyperinf.app.select import (
+    SIGN,
+    TIE_BREAK,
+    SelectArgs,
+    fraction_label,
+    method_scores,
+    score_pool,
+    warm_up,
+    write_selected,
+)
+from hyperinf.app.textdata import BUILT_IN_TASKS
+from hyperinf.errors import ConfigurationError, DataError
+from hyperinf.hf.formats import Encoded, collator, detect_layout, encode, field_text, plain_value
+from hyperinf.hf.lm import CausalLMTask
+from hyperinf.hf.tables import read_table
+from hyperinf.results import atomic_write, write_json
+from hyperinf.selection import ranks, select_top, selection_size
+
+
+def reads_rows(args: SelectArgs) -> bool:
+    """Whether ``--task`` is read as rows of a format other than classification (``--format``, or its columns)."""
+    if args.format is not None:
+        return args.format != "classification"
+    if args.task in BUILT_IN_TASKS or not Path(args.task).exists():
+        return False
+    return detect_layout(list(read_table(args.task).columns), args.columns) not in ("classification",)
+
+
+@dataclass
+class RowSplit:
+    """The pool and target rows, as examples the learner trains and scores on, and the pool's source table."""
+
+    pool: Encoded
+    target: Encoded
+    pool_index: list[int]  # positions in ``pool.examples`` that form the pool (the rest is the held-out target)
+    target_index: list[int]
+    frame: Any  # the --task table as read
+
+    def pairs(self, which: str) -> list[dict[str, Any]]:
+        """The examples of the pool or the target, in order (what :func:`score_pool` and the warm-up take)."""
+        source, index = (self.pool, self.pool_index) if which == "pool" else (self.target, self.target_index)
+        return [source.examples[i] for i in index]
+
+    def pool_rows(self) -> list[int]:
+        """The file row of each pool example."""
+        return [self.pool.rows[i] for i in self.pool_index]
+
+
+def load_row_split(args: SelectArgs, tokenizer: Any) -> RowSplit:
+    """The pool (``--n-pool`` rows, seeded, or all) and the target (``--target``, or ``--n-target`` rows held out)."""
+    options = {"format": args.format, "columns": args.columns, "max_length": args.max_length}
+    frame = read_table(args.task)
+    pool = encode(frame, tokenizer, "causal-lm", name=args.task, **options)
+    order = torch.randperm(len(pool.examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    if args.target is not None:
+        target = encode(read_table(args.target), tokenizer, "causal-lm", name=str(args.target), **options)
+        target_index = list(range(len(target.examples)))
+    else:
+        if args.n_target >= len(order):
+            raise DataError(
+                f"--n-target {args.n_target} leaves no pool of the {len(order)} usable rows of {args.task}: lower "
+                "--n-target or pass --target FILE"
+            )
+        target, target_index, order = pool, sorted(order[: args.n_target]), order[args.n_target :]
+    pool_index = sorted(order[: args.n_pool] if args.n_pool else order)
+    for fraction in args.fractions:
+        selection_size(fraction, len(pool_index))
+    return RowSplit(pool, target, pool_index, target_index, frame)
+
+
+def row_learner(args: SelectArgs) -> Learner:
+    """The causal LM with LoRA (or ``--adapter``, or its trainable last block) and the mean completion loss."""
+    if args.balance:
+        raise ConfigurationError(f"--balance keeps each label's share, and {args.task} has no labels: drop --balance")
+    if not trains_as_causal_lm(args.model):
+        raise ConfigurationError(
+            f"{args.format or 'these'} rows need a causal LM, and --model {args.model} is not one: pass smollm2 or a "
+            "folder whose config.json names a ...ForCausalLM"
+        )
+    net, tokenizer, blocks = causal(args.model, rank=args.rank, seed=args.seed, dense=args.dense, adapter=args.adapter)
+    return Learner(net, tokenizer, blocks, CausalLMTask().loss, collator(tokenizer), _no_labels)
+
+
+def _no_labels(texts: Any, batch_size: int) -> torch.Tensor:
+    raise ConfigurationError("rows without labels have no label to predict")
+
+
+def run_select_rows(args: SelectArgs) -> dict[str, Any]:
+    """The ``hyperinf select`` job on rows of a causal-LM format; returns the scores and the selections."""
+    learner = row_learner(args)
+    split = load_row_split(args, learner.tokenizer)
+    print(split.pool.summary(args.task))
+    if args.target is not None:
+        print(split.target.summary(str(args.target)))
+    warm = warm_up(args, learner, split.pairs("pool"))
+    scored = score_pool(args, learner, split, [args.method], warm["key"])
+    scores = method_scores(scored, args.method, args.normalize)
+    lengths = torch.tensor([len(e["input_ids"]) for e in split.pairs("pool")])
+    selections = {f: select_top(scores, f) for f in args.fractions}
+    write_row_selection(args, split, scores, lengths, selections, warm)
+    print(f"scored {len(split.pool_index)} pool rows against {len(split.target_index)} target rows with {args.method}")
+    for fraction, picked in selections.items():
+        print(f"  {fraction:.0%}: {picked.numel()} rows, mean {lengths[picked].double().mean():.1f} tokens")
+    print(f"results written to {args.out}/")
+    return {"scores": scores, "selections": selections}
+
+
+def write_row_selection(
+    args: SelectArgs,
+    split: RowSplit,
+    scores: torch.Tensor,
+    lengths: torch.Tensor,
+    selections: dict[float, torch.Tensor],
+    warm: dict[str, Any],
+) -> None:
+    """scores.parquet, selected_<pct>.jsonl per fraction (the rows as read) and arguments.json, each atomically."""
+    import pandas as pd
+
+    rank = ranks(scores)
+    rows = split.pool_rows()
+    fields = split.frame.iloc[rows].reset_index(drop=True)
+    table = {"row_id": rows}
+    for column in split.pool.columns.values():
+        table[column] = [field_text(v) for v in fields[column].tolist()]
+    table |= {"score": scores.double().tolist(), "rank": rank.tolist(), "token_length": lengths.tolist()}
+    frame = pd.DataFrame(table)
+    atomic_write(args.out / "scores.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    records = fields.to_dict("records")
+    for fraction, picked in selections.items():
+        chosen = [
+            {
+                **{str(k): plain_value(v) for k, v in records[i].items()},
+                "row_id": rows[i],
+                "score": float(scores[i]),
+                "rank": int(rank[i]),
+            }
+            for i in picked.tolist()
+        ]
+        write_selected(args.out, fraction, chosen)
+    write_json(
+        args.out / "arguments.json",
+        {
+            "args": asdict(args),
+            "sign": SIGN,
+            "tie_break": TIE_BREAK,
+            "format": split.pool.format,
+            "columns": split.pool.columns,
+            "skipped_rows": {"task": split.pool.skipped, **({"target": split.target.skipped} if args.target else {})},
+            "truncated_rows": {
+                "task": split.pool.truncated,
+                **({"target": split.target.truncated} if args.target else {}),
+            },
+            "warm_up": warm,
+            "selections": {fraction_label(f): {"size": int(p.numel())} for f, p in selections.items()},
+        },
+    )
