@@ -156,3 +156,32 @@ def test_explain_runs_on_clean_labels_by_default_and_names_the_rows_it_skipped(a
     assert len(written) == 1 and not any(row["flipped"] for row in written[0]["proponents"] + written[0]["opponents"])
     settings = json.loads((args.out / "arguments.json").read_text())
     assert settings["args"]["flip_fraction"] == 0.0 and settings["skipped_rows"] == {"task": {"4": "empty text"}}
+
+
+def test_a_saved_classifier_and_its_adapter_are_explained_as_given(args, user_models, tmp_path):
+    """--model FOLDER --adapter DIR: nothing is trained, and the adapter (with its head) is the model explained:
+    queries are scored under its own predictions."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from hyperinf.hf.models import load_model
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(user_models.classifier))
+    lora = LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False, task_type="SEQ_CLS")
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        get_peft_model(base, lora).save_pretrained(str(tmp_path / "adapter"))
+    given = dataclasses.replace(
+        args,
+        model=str(user_models.classifier),
+        adapter=tmp_path / "adapter",
+        flip_fraction=0.0,
+        cache_dir=tmp_path / "c",
+    )
+    records = explain(given, QUERIES, k=3)
+    assert not (tmp_path / "c").exists()  # nothing trained, nothing cached
+    loaded = load_model(user_models.classifier, adapter=tmp_path / "adapter")
+    with torch.no_grad():
+        logits = loaded.model(**loaded.tokenizer(QUERIES, return_tensors="pt", padding=True)).logits
+    assert [r["label"] for r in records] == [["negative", "positive"][i] for i in logits.argmax(-1).tolist()]
+    assert all(len(r["proponents"]) == 3 and r["label_is_prediction"] for r in records)

@@ -156,6 +156,10 @@ def classifier(
 
     A folder gets a new ``num_labels``-way head unless it is a classifier with that many labels, and
     peft's default LoRA targets for its model type; ``adapter`` replaces the new adapters."""
+    if adapter is not None and model in MODELS:
+        raise ConfigurationError(
+            f"--adapter needs --model to be the folder of the model it was trained on, not the shipped {model!r}"
+        )
     if model == "tiny-bert":
         net, tokenizer = tiny_bert(num_labels, rank=rank, seed=seed, lora=not dense)
     elif model == "minilm":

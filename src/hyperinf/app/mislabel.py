@@ -86,6 +86,12 @@ class MislabelArgs(InfluenceOptions, TrainingOptions, DataOptions):
     )
     fim: bool = option(False, help="add hyperinf-fim and exact-fim when the blocks are small enough")
     fim_max_params: int = option(4096, engine=True)
+    adapter: Path | None = option(
+        None,
+        parse=Path,
+        help="explain only: a peft adapter trained on --model (a folder), with its head; the model is explained as "
+        "given and nothing is trained",
+    )
     out: Path = output_folder("runs/mislabel")
 
     @property
@@ -104,7 +110,9 @@ def load_task(args: MislabelArgs) -> TextDataset:
 
 def build_model(args: MislabelArgs, num_labels: int) -> tuple[nn.Module, Any, list[str] | str]:
     """The classifier, its tokenizer and the blocks to attribute (LoRA, or the last layer + head)."""
-    return classifier(args.model, num_labels, rank=args.rank, seed=args.seed, dense=args.last_layer)
+    return classifier(
+        args.model, num_labels, rank=args.rank, seed=args.seed, dense=args.last_layer, adapter=args.adapter
+    )
 
 
 @torch.no_grad()
@@ -143,6 +151,8 @@ def trained_seed(args: MislabelArgs, data: TextDataset) -> TrainedSeed:
     def loader_fn(ds: TextDataset) -> DataLoader:
         return DataLoader(list(zip(ds.texts, ds.labels.tolist())), batch_size=args.batch_size, collate_fn=collate)
 
+    if args.adapter is not None:  # a model trained elsewhere: used as given
+        return TrainedSeed(split, model, blocks, loader_fn, {"cached": False, "seconds": 0.0, "as_given": True})
     examples = list(zip(split.train.texts, split.train.labels.tolist()))
     schedule = Schedule(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     path = args.cache_dir / f"{args.training_key(split)}.safetensors"
@@ -407,7 +417,7 @@ def print_run_suspects(args: MislabelArgs, data: TextDataset, run: dict[str, Any
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hyperinf mislabel`` options: the run's settings, then its ranks and seeds."""
-    add_options(parser, MislabelArgs)
+    add_options(parser, MislabelArgs, skip=("adapter",))
     parser.add_argument(
         "--ranks",
         type=int_list,

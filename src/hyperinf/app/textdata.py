@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from hyperinf.errors import DataError, EmptyDataError, MissingPackageError
-from hyperinf.hf.formats import listed_rows
+from hyperinf.hf.formats import detect_layout, listed_rows
 from hyperinf.hf.tables import SUFFIXES, read_table
 
 
@@ -206,12 +206,25 @@ def _blank(cell: Any) -> bool:
 
 
 def _check_columns(frame: Any, text_column: str, label_column: str) -> None:
+    """Refuse a table without the text and label columns, saying which other format its columns are in."""
     for column, role in ((text_column, "text"), (label_column, "label")):
         if column not in frame.columns:
+            found = _other_format(frame.columns)
             raise DataError(
-                f"the data has no {role} column {column!r} (its columns: {', '.join(map(str, frame.columns))}): "
+                f"the data has no {role} column {column!r} (its columns: {', '.join(map(str, frame.columns))}"
+                f"{f'; they hold {found} rows' if found else ''}): this command reads labelled (text, label) rows; "
                 f"name the {role} column with --{role}-column / {role}_column"
+                + ("; hyperinf score and hyperinf select read rows of the other formats" if found else "")
             )
+
+
+def _other_format(columns: Any) -> str:
+    """The format of :mod:`hyperinf.hf.formats` whose columns a table has, other than classification ('' if none)."""
+    try:
+        layout = detect_layout(list(map(str, columns)))
+    except DataError:
+        return ""
+    return "" if layout in ("classification", "text") else layout
 
 
 def _from_corpus(frame: Any, text_column: str, label_column: str, label_names: list[str]) -> TextDataset:

@@ -138,7 +138,7 @@ def print_epochs(args: EpochsArgs, rows: list[dict[str, Any]]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hyperinf experiment epochs`` options: ``hyperinf mislabel``'s but ``--epochs``, and the sweep's."""
-    add_options(parser, MislabelArgs, skip=("epochs",), **MISLABEL_DEFAULTS)
+    add_options(parser, MislabelArgs, skip=("epochs", "adapter"), **MISLABEL_DEFAULTS)
     add_options(parser, EpochsArgs)
 
 
