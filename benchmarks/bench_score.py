@@ -31,6 +31,7 @@ from hyperinf.app.causal_lm import add_lora, smollm2_folder
 from hyperinf.app.finetune import Schedule, train_or_load
 from hyperinf.app.textdata import load_bbc_news, load_tweets
 from hyperinf.hf import CausalLMTask, collator, encode, load_model, read_table
+from hyperinf.results import json_line
 
 SENTIMENT = "Is this tweet negative or positive? Answer with one word.\n\n{}"
 HEADLINE = "Write a headline for this news story.\n\n{}"
@@ -66,7 +67,7 @@ def chat_rows(n: int, seed: int) -> list[dict[str, Any]]:
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    path.write_text("".join(map(json_line, rows)))
 
 
 def train_adapter(folder: Path, train: Path, out: Path, batch_size: int, max_length: int) -> float:
@@ -115,7 +116,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
 
-    top = [json.loads(line) for line in (args.out / "score" / "top_k.jsonl").read_text().splitlines()]
+    top = read_table(args.out / "score" / "top_k.jsonl").to_dict("records")
     family = {i: r["family"] for i, r in enumerate(rows[: args.n_train])}
     target_family = [r["family"] for r in rows[args.n_train :]]
     same = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,25 @@ def remove_if_empty(folder: Path) -> None:
         folder.rmdir()
     except OSError:  # absent, or still holding files
         pass
+
+
+# Characters a JSON string may hold raw that line splitters other than "\n" (Python's str.splitlines) break on.
+_LINE_BREAKS = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def json_line(record: Any) -> str:
+    """One JSON-lines record, newline included: non-ASCII text kept readable, the three line separators
+    JSON leaves raw (U+0085, U+2028, U+2029) escaped, so any line reader reads one record per line."""
+    text = json.dumps(record, ensure_ascii=False, default=str)
+    for raw, escaped in _LINE_BREAKS.items():
+        text = text.replace(raw, escaped)
+    return text + "\n"
+
+
+def write_jsonl(path: Path, records: Iterable[Any]) -> None:
+    """A JSON-lines file of ``records`` (:func:`json_line`), written atomically."""
+    text = "".join(map(json_line, records))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -10,7 +10,6 @@ and opponents (most positive) out of the training set.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from hyperinf.app.minilm import classifier_logits
 from hyperinf.app.mislabel import MislabelArgs, influence_engine, load_task, trained_seed
 from hyperinf.app.textdata import TextDataset, report_skipped
 from hyperinf.errors import DataError
-from hyperinf.results import atomic_write, write_json
+from hyperinf.results import write_json, write_jsonl
 from hyperinf.scoring import TopK
 
 
@@ -140,8 +139,7 @@ def run_explain(args: MislabelArgs, texts: list[str], *, label: str | None = Non
     report_skipped(data, args.task)
     records = explain(args, texts, label=label, k=k, data=data)
     print_records(records)
-    lines = "".join(json.dumps(r) + "\n" for r in records)
-    atomic_write(args.out / "explanations.jsonl", lambda tmp: tmp.write_text(lines))
+    write_jsonl(args.out / "explanations.jsonl", records)
     settings = {"args": asdict(args), "k": k, "query_label": label, "skipped_rows": {"task": data.skipped}}
     write_json(args.out / "arguments.json", settings)
     print(f"\n{len(records)} explanation(s) written to {args.out}/explanations.jsonl (* = a flipped training label)")

@@ -38,7 +38,7 @@ from hyperinf.hf.formats import FORMATS, Encoded, collator, encode, field_text
 from hyperinf.hf.lm import CausalLMTask, ClassificationTask
 from hyperinf.hf.models import LoadedModel, default_blocks, load_model, parse_blocks
 from hyperinf.hf.tables import read_table
-from hyperinf.results import atomic_write, remove_if_empty, write_json
+from hyperinf.results import atomic_write, remove_if_empty, write_json, write_jsonl
 from hyperinf.scoring import TopK
 from hyperinf.task import Task
 
@@ -366,13 +366,13 @@ def write_top_k(args: ScoreArgs, data: ScoreData, top: TopK) -> None:
             for j, s in zip(indices.tolist(), scores.tolist())
         ]
 
-    lines = []
-    for i, target_row in enumerate(data.target.rows):
-        record = {
+    records = [
+        {
             "target": target_row,
             "text": data.target.texts[target_row],
             "proponents": listed(top.helpful[i], top.helpful_scores[i]),
             "opponents": listed(top.harmful[i], top.harmful_scores[i]),
         }
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    atomic_write(args.out / "top_k.jsonl", lambda tmp: tmp.write_text("".join(lines), encoding="utf-8"))
+        for i, target_row in enumerate(data.target.rows)
+    ]
+    write_jsonl(args.out / "top_k.jsonl", records)

@@ -10,7 +10,6 @@ and warm-up helpers are shared with ``hyperinf experiment select`` (:mod:`.selec
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import ConfigurationError, DataError
 from hyperinf.hf.formats import FORMATS
 from hyperinf.methods import method_names
-from hyperinf.results import atomic_write, remove_if_empty, write_json
+from hyperinf.results import atomic_write, remove_if_empty, write_json, write_jsonl
 from hyperinf.selection import cosine_scores, ranks, select_top, selection_size
 
 SIGN = "score = -v^T H^-1 g_k: negative = helpful (kept first), positive = harmful"
@@ -533,8 +532,7 @@ def write_selection(
 
 def write_selected(out: Path, fraction: float, rows: list[dict[str, Any]]) -> None:
     """``selected_<pct>.jsonl``: the chosen rows, most helpful first, one JSON object per line, atomically."""
-    text = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
-    atomic_write(out / f"selected_{fraction_label(fraction)}.jsonl", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_jsonl(out / f"selected_{fraction_label(fraction)}.jsonl", rows)
 
 
 def fraction_label(fraction: float) -> str:
