@@ -111,6 +111,23 @@ def test_cache_is_used_and_budget_respected(setup, monkeypatch):
     assert len(calls) == len(list(val))
 
 
+def test_the_gradient_plan_foretells_what_fit_keeps(setup, tmp_path):
+    """Before pass 1: the bytes fit will measure, and where the gradients will go."""
+    model, train, _ = setup
+    layouts = {(6, 5): 1, (3, 7): 1}  # Linear(4 -> 6) and Linear(6 -> 3), the bias as one more input column
+    for options, store, kept in (
+        ({}, "kept in memory", "memory"),
+        ({"cache_bytes": 100, "spill_dir": str(tmp_path)}, f"written to {tmp_path}", "disk"),
+        ({"cache_bytes": 100, "spill": False}, "recomputed in pass 2", None),
+        ({"dtype": "float64"}, "kept in memory", "memory"),
+    ):
+        engine = engine_of(model, **options)
+        plan = engine.gradient_plan(30)
+        assert plan.shapes == layouts and plan.parameters == 51 and store in plan.describe()[1]
+        engine.fit(train)
+        assert plan.bytes == engine.gradient_bytes and engine.gradient_store == kept
+
+
 def test_model_state_is_restored(setup):
     model, train, val = setup
     model.train()

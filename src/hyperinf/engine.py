@@ -39,7 +39,7 @@ from hyperinf.pass2 import DirectionalDerivatives, TrainingPass, TrainingPasses
 from hyperinf.preconditioners import BlockDiagnostics, Preconditioner, Vectors
 from hyperinf.results import save_results
 from hyperinf.scoring import RunningTopK, TopK
-from hyperinf.sources import GradientStream, TrainingGradients, mean_gradient
+from hyperinf.sources import GradientPlan, GradientStream, TrainingGradients, mean_gradient
 from hyperinf.task import Task, as_task
 
 
@@ -301,6 +301,15 @@ class InfluenceEngine:
     def gradient_bytes(self) -> int:
         """Size of all per-sample training gradients, measured by ``fit``."""
         return self._train.gradient_bytes
+
+    def gradient_plan(self, examples: int) -> GradientPlan:
+        """What :meth:`fit` will keep for ``examples`` training examples, before it runs: the blocks' layouts,
+        the per-example gradients' bytes and whether they stay in memory, go to disk or are recomputed."""
+        shapes: dict[tuple[int, int], int] = {}
+        for block in self.blocks:
+            shapes[block.shape] = shapes.get(block.shape, 0) + 1
+        itemsize = torch.empty(0, dtype=self.config.fit.torch_dtype).element_size()
+        return self._train.plan(examples, shapes, itemsize)
 
     @property
     def gradients_cached(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Sized
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,35 @@ class GradientStream:
             for index, batch in enumerate(tqdm(loader, desc=desc, disable=not self.progress, leave=False)):
                 if index >= skip:
                     yield index, to_device(batch, self.device)
+
+
+@dataclass(frozen=True)
+class GradientPlan:
+    """What pass 1 will keep for ``examples`` training examples: the blocks' gradient shapes, the bytes of
+    every per-example gradient, and where they go (``"memory"``, ``"disk"`` past the budget, or
+    ``"recomputed"`` in pass 2 when nothing may be spilled)."""
+
+    examples: int
+    shapes: dict[tuple[int, int], int]  # (r, d) -> number of blocks of that layout
+    bytes: int
+    store: str
+
+    @property
+    def parameters(self) -> int:
+        """Attributed parameters per example (the size of one example's gradient)."""
+        return sum(r * d * n for (r, d), n in self.shapes.items())
+
+    def describe(self) -> list[str]:
+        """Two lines for people: the blocks, and the per-example gradients' size and place."""
+        listed = ", ".join(f"{n} x [{r} x {d}]" for (r, d), n in sorted(self.shapes.items()))
+        return [
+            f"blocks: {sum(self.shapes.values())} ({listed}), {self.parameters:,} parameters per example",
+            f"per-example gradients of {self.examples} examples: {_size(self.bytes)}, {self.store}",
+        ]
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 class TrainingGradients:
@@ -122,6 +152,17 @@ class TrainingGradients:
             if _keep(spill, batch) is None:
                 return None
         return spill
+
+    def plan(self, examples: int, shapes: dict[tuple[int, int], int], itemsize: int) -> GradientPlan:
+        """Where :meth:`record` will keep the gradients of ``examples`` examples of these block shapes."""
+        total = examples * itemsize * sum(r * d * n for (r, d), n in shapes.items())
+        if total <= self.budget_bytes:
+            store = "kept in memory"
+        elif self.spill_dir is not None:
+            store = f"past the memory budget: written to {self.spill_dir} (if the disk has room)"
+        else:
+            store = "past the memory budget: recomputed in pass 2"
+        return GradientPlan(examples, shapes, total, store)
 
     def forget(self, loader: Iterable[Any] | None = None) -> None:
         """Drop the kept gradients (a spill file is deleted); ``loader`` (if given) is the training data of a fit loaded from disk."""

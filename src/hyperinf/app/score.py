@@ -210,21 +210,11 @@ def loader(examples: list[dict[str, Any]], tokenizer: Any, batch_size: int) -> D
 
 
 def describe_plan(engine: InfluenceEngine, data: ScoreData, args: ScoreArgs) -> list[str]:
-    """What pass 1 and pass 2 will do: examples, blocks and the per-example gradients' size and place."""
-    shapes: dict[tuple[int, int], int] = {}
-    for block in engine.blocks:
-        shapes[block.shape] = shapes.get(block.shape, 0) + 1
-    per_example = sum(r * d for r, d in (b.shape for b in engine.blocks))
-    itemsize = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
-    total = per_example * itemsize * len(data.train.examples)
-    cache = int(args.cache_gib * 2**30)
-    place = "kept in memory" if total <= cache else f"past --cache-gib {args.cache_gib:g}: written to {args.out}/spill/"
-    listed = ", ".join(f"{n} x [{r} x {d}]" for (r, d), n in sorted(shapes.items()))
+    """What pass 1 and pass 2 will do: the rows used, skipped and cut, the blocks and the gradients' size and place."""
     return [
         data.train.summary(str(args.train)),
         data.target.summary(data.target_name),
-        f"blocks: {len(engine.blocks)} ({listed}), {per_example:,} parameters",
-        f"per-example gradients: {total / 2**30:.2f} GiB in {args.dtype} ({place})",
+        *engine.gradient_plan(len(data.train.examples)).describe(),
         f"methods: {', '.join(args.methods)}",
     ]
 

@@ -374,6 +374,8 @@ def score_pool(
         learner.loader(split.pairs("pool"), args.batch_size),
         learner.loader(split.pairs("target"), args.batch_size),
     )
+    for line in engine.gradient_plan(len(split.pairs("pool"))).describe():
+        print(line)
     # A killed run resumes both passes from these files (the warm-up comes back from its cache).
     checkpoints = args.out / "checkpoints" / path.stem
     engine.fit(
