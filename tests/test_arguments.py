@@ -321,7 +321,7 @@ COMMANDS = {  # command line, run function, the runs it makes, the keys of a run
         "hyperinf.paper.select_study.run_study",
         seeds_runs,
         selection_keys(lambda args: list(args.methods)),
-        [WARM_UP | GIVEN | {"--seeds"}, SCORES | GIVEN | {"--methods", "--seeds"}],
+        [WARM_UP | {"--seeds"}, SCORES | {"--methods", "--seeds"}],
     ),
     "lds": (["experiment", "lds"], "hyperinf.paper.lds.run_lds", one_run, retraining_key, [RETRAINING]),
     "logo": (

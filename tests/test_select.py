@@ -303,8 +303,10 @@ LLAMA = "--model tiny-llama --rank 2 --epochs 1 --batch-size 8 --max-length 32 -
                 "lower --n-target (n_target)",
             ],
         ),
+        ("--n-pool -5", ["--n-pool -5: must be at least 0 (0: the whole pool)"]),
+        ("--cache-gib -1", ["--cache-gib -1: must be at least 0"]),
     ],
-    ids=["negative damping", "pool beyond the data", "target beyond the data"],
+    ids=["negative damping", "pool beyond the data", "target beyond the data", "negative pool", "negative cache"],
 )
 def test_bad_sizes_and_influence_options_name_selects_own_options(data_file, tmp_path, capsys, options, message):
     """Checked before the warm-up: one line naming select's options (not mislabel's --n-train), nothing written."""
@@ -410,7 +412,12 @@ def test_multiple_choice_rows_are_selected_on_a_saved_causal_lm_and_read_back(tm
     """Rows of another format: held-out targets, the mean completion loss, no labels, and selections that are
     rows of the same format again (every column as read)."""
     rows = [
-        {"question": f"Which word follows {w}?", "choices": [f"{w}s", "blue", "seven"], "answer": i % 3, "id": f"q{i}"}
+        {
+            "question": f"Which word follows {w}?",
+            "choices": [f"{w}s", "blue", "seven"],
+            "answer": i % 3 if i % 2 else [f"{w}s", "blue", "seven"][i % 3],  # an index or the choice's text
+            "id": f"q{i}",
+        }
         for i, w in enumerate(["cat", "dog", "sun", "tree", "car", "cup", "pen", "box", "hat", "map", "bag", "key"])
     ]
     rows.append({"question": "", "choices": ["a", "b"], "answer": 0, "id": "blank"})
@@ -437,3 +444,16 @@ def test_multiple_choice_rows_are_selected_on_a_saved_causal_lm_and_read_back(tm
     assert main(again) == 0  # a selection reads back as a pool
     assert main([*command(out=tmp_path / "x"), "--balance"]) == 2
     assert "has no labels" in capsys.readouterr().err
+
+
+def test_labelled_rows_under_other_column_names_stay_labelled(tmp_path):
+    """--text-column / --label-column name a labelled table: it is not read as plain text rows."""
+    from hyperinf.app.select_rows import reads_rows
+
+    frame = synthetic_frame().rename(columns={"label": "sentiment"})
+    frame.to_csv(tmp_path / "pool.csv", index=False)
+    args = select_args(tmp_path / "pool.csv", tmp_path, label_column="sentiment")
+    assert not reads_rows(args)
+    assert reads_rows(select_args(tmp_path / "pool.csv", tmp_path, label_column="sentiment", format="text"))
+    pd.DataFrame({"text": ["a b", "c d"]}).to_csv(tmp_path / "plain.csv", index=False)
+    assert reads_rows(select_args(tmp_path / "plain.csv", tmp_path))

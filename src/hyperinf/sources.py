@@ -60,8 +60,8 @@ class GradientStream:
 @dataclass(frozen=True)
 class GradientPlan:
     """What pass 1 will keep for ``examples`` training examples: the blocks' gradient shapes, the bytes of
-    every per-example gradient, and where they go (``"memory"``, ``"disk"`` past the budget, or
-    ``"recomputed"`` in pass 2 when nothing may be spilled)."""
+    every per-example gradient, and where they go (``store``, for people: kept in memory, written to the
+    spill folder past the budget, or recomputed in pass 2 when nothing may be spilled)."""
 
     examples: int
     shapes: dict[tuple[int, int], int]  # (r, d) -> number of blocks of that layout

@@ -75,9 +75,11 @@ def build_learner(
     max_length: int = 128,
     template: causal_lm.PromptTemplate | None = None,
     adapter: Path | None = None,
+    as_given: bool = False,
 ) -> Learner:
     """The learner for ``model`` (one of :data:`MODELS`, or a ``save_pretrained`` folder) on a task with
-    ``label_names``; ``adapter`` (a saved peft adapter) takes the place of new LoRA adapters."""
+    ``label_names``; ``adapter`` (a saved peft adapter) takes the place of new LoRA adapters; ``as_given``:
+    the model is not trained further, so a classifier's head must name the labels as the data does."""
     if trains_as_causal_lm(model):
         net, tokenizer, blocks = causal(model, rank=rank, seed=seed, dense=dense, adapter=adapter)
         template = template or causal_lm.default_template(label_names)
@@ -89,7 +91,15 @@ def build_learner(
 
         collate = causal_lm.instruction_collate(tokenizer, label_names, template, max_length)
         return Learner(net, tokenizer, blocks, causal_lm.answer_loss, collate, predict_option)
-    net, tokenizer, blocks = classifier(model, len(label_names), rank=rank, seed=seed, dense=dense, adapter=adapter)
+    net, tokenizer, blocks = classifier(
+        model,
+        len(label_names),
+        rank=rank,
+        seed=seed,
+        dense=dense,
+        adapter=adapter,
+        given_labels=label_names if as_given or adapter is not None else None,
+    )
 
     def predict_class(texts: Sequence[str], batch_size: int) -> torch.Tensor:
         batches = DataLoader(
@@ -146,16 +156,31 @@ def causal(
             param.requires_grad_(False)
         return net, tokenizer, causal_lm.train_last_block(net)
     targets = ("q_proj", "v_proj") if model in MODELS else None
-    return causal_lm.add_lora(net, r=rank, seed=seed, target_modules=targets), tokenizer, "lora"
+    try:
+        return causal_lm.add_lora(net, r=rank, seed=seed, target_modules=targets), tokenizer, "lora"
+    except ValueError as error:  # peft has no default targets for this model type
+        raise ConfigurationError(
+            f"cannot put LoRA adapters on the model in {model} ({str(error).splitlines()[0]}): train an adapter "
+            "yourself and pass it with --adapter, or use --dense"
+        ) from error
 
 
 def classifier(
-    model: str, num_labels: int, *, rank: int, seed: int, dense: bool, adapter: Path | None = None
+    model: str,
+    num_labels: int,
+    *,
+    rank: int,
+    seed: int,
+    dense: bool,
+    adapter: Path | None = None,
+    given_labels: Sequence[str] | None = None,
 ) -> tuple[nn.Module, Any, list[str] | str]:
     """A sequence classifier, its tokenizer and the blocks to attribute (LoRA, or the last layer + head).
 
     A folder gets a new ``num_labels``-way head unless it is a classifier with that many labels, and
-    peft's default LoRA targets for its model type; ``adapter`` replaces the new adapters."""
+    peft's default LoRA targets for its model type; ``adapter`` replaces the new adapters.
+    ``given_labels``: the run's label names in its order, for a model used as given (not trained
+    further), whose head must name the same labels in the same order."""
     if adapter is not None and model in MODELS:
         raise ConfigurationError(
             f"--adapter needs --model to be the folder of the model it was trained on, not the shipped {model!r}"
@@ -172,6 +197,8 @@ def classifier(
         )
         if adapter is not None:
             net = _adapted(net, Path(model), adapter)
+        if given_labels is not None:
+            check_label_order(net, given_labels, model)
     if not dense or adapter is not None:
         return net, tokenizer, "lora"
     tuned = last_layer_and_head(net)
@@ -180,12 +207,26 @@ def classifier(
     return net, tokenizer, tuned
 
 
+def check_label_order(net: nn.Module, label_names: Sequence[str], folder: str) -> None:
+    """Refuse a classifier whose head names its labels (``config.id2label``) otherwise than the run numbers
+    them: its scores and predictions would be read under the wrong labels."""
+    id2label = getattr(getattr(net, "config", None), "id2label", None) or {}
+    names = [str(id2label[i]) for i in sorted(id2label, key=int)]
+    generic = names == [f"LABEL_{i}" for i in range(len(names))]
+    if not generic and names != [str(n) for n in label_names]:
+        raise ConfigurationError(
+            f"the classifier in {folder} names its labels {names} (config.id2label, by id), but the data's labels "
+            f"are numbered {list(map(str, label_names))}: relabel the data to the model's label names, or fix the "
+            "model's id2label"
+        )
+
+
 def _folder_classifier(folder: Path, num_labels: int, *, rank: int, seed: int, lora: bool) -> tuple[nn.Module, Any]:
     """A saved encoder (or classifier) as a ``num_labels``-way classifier, with rsLoRA when ``lora``, and its tokenizer."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from hyperinf.hf.models import load_tokenizer, quiet_transformers
+    from hyperinf.hf.models import load_tokenizer, quiet_transformers, set_pad_token_id
 
     with torch.random.fork_rng(devices=[]), quiet_transformers():
         torch.manual_seed(seed)
@@ -206,7 +247,9 @@ def _folder_classifier(folder: Path, num_labels: int, *, rank: int, seed: int, l
                     f"peft has no default LoRA targets for the model in {folder} ({str(error).splitlines()[0]}): "
                     "train an adapter yourself and pass it with --adapter, or use --dense / --last-layer"
                 ) from error
-    return net.eval(), load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    set_pad_token_id(net, tokenizer)
+    return net.eval(), tokenizer
 
 
 def last_layer_and_head(model: nn.Module) -> list[str]:

@@ -108,10 +108,19 @@ def load_task(args: MislabelArgs) -> TextDataset:
     return textdata.load_task(args.task, args.min_confidence, args.text_column, args.label_column)
 
 
-def build_model(args: MislabelArgs, num_labels: int) -> tuple[nn.Module, Any, list[str] | str]:
-    """The classifier, its tokenizer and the blocks to attribute (LoRA, or the last layer + head)."""
+def build_model(
+    args: MislabelArgs, num_labels: int, label_names: list[str] | None = None
+) -> tuple[nn.Module, Any, list[str] | str]:
+    """The classifier, its tokenizer and the blocks to attribute (LoRA, or the last layer + head); with
+    ``--adapter`` the model is used as given, so its head must name ``label_names`` in their order."""
     return classifier(
-        args.model, num_labels, rank=args.rank, seed=args.seed, dense=args.last_layer, adapter=args.adapter
+        args.model,
+        num_labels,
+        rank=args.rank,
+        seed=args.seed,
+        dense=args.last_layer,
+        adapter=args.adapter,
+        given_labels=label_names if args.adapter is not None else None,
     )
 
 
@@ -145,7 +154,7 @@ def trained_seed(args: MislabelArgs, data: TextDataset) -> TrainedSeed:
         balanced=args.balanced,
         seed=args.seed,
     )
-    model, tokenizer, blocks = build_model(args, len(data.label_names))
+    model, tokenizer, blocks = build_model(args, len(data.label_names), data.label_names)
     collate = collate_fn(tokenizer, args.max_length)
 
     def loader_fn(ds: TextDataset) -> DataLoader:

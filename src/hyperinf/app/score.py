@@ -26,6 +26,7 @@ from hyperinf.app.arguments import (
     check_methods,
     column_map,
     engine_options,
+    folder_stamp,
     from_namespace,
     method_list,
     option,
@@ -34,7 +35,7 @@ from hyperinf.app.arguments import (
 )
 from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import DataError, FitMismatchError, NotFittedError
-from hyperinf.hf.formats import FORMATS, Encoded, collator, encode, field_text
+from hyperinf.hf.formats import FORMATS, Encoded, collator, encode, table_column
 from hyperinf.hf.lm import CausalLMTask, ClassificationTask
 from hyperinf.hf.models import LoadedModel, default_blocks, load_model, parse_blocks
 from hyperinf.hf.tables import read_table
@@ -146,6 +147,8 @@ def check_args(args: ScoreArgs) -> None:
         raise DataError(f"-k {args.k}: ask for at least one proponent and opponent per target")
     if args.batch_size < 1:
         raise DataError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.cache_gib < 0:
+        raise DataError(f"--cache-gib {args.cache_gib:g}: must be at least 0 (0 keeps nothing in memory)")
     check_methods(args.methods)
 
 
@@ -220,11 +223,16 @@ def describe_plan(engine: InfluenceEngine, data: ScoreData, args: ScoreArgs) -> 
 
 
 def train_key(args: ScoreArgs, data: ScoreData) -> str:
-    """Hash of what a fit depends on beyond the weights (which the saved fit checks itself): the training
-    examples, the loss and the blocks asked for."""
-    digest = hashlib.sha256(
-        json.dumps({"blocks": args.blocks, "loss": args.loss_reduction, "adapter": str(args.adapter)}).encode()
-    )
+    """Hash of what a fit depends on beyond the attributed blocks' weights (which the saved fit checks itself):
+    the model and adapter folders (their files' names, sizes and times), the training examples, the loss and
+    the blocks asked for."""
+    settings = {
+        "model": folder_stamp(model_folder(str(args.model))),  # the base model: the fit checks only the blocks' weights
+        "adapter": folder_stamp(args.adapter),
+        "blocks": args.blocks,
+        "loss": args.loss_reduction,
+    }
+    digest = hashlib.sha256(json.dumps(settings, default=str).encode())
     for example in data.train.examples:
         digest.update(json.dumps(example, sort_keys=True).encode())
     return digest.hexdigest()[:20]
@@ -329,7 +337,7 @@ def write_scores(
 
     table = {"row": list(range(n))}
     for column in data.train.columns.values():
-        table[column] = parquet_column(frame[column].tolist())
+        table[column] = table_column(frame[column].tolist())
     table["score"] = spread(scores[args.methods[0]])
     for method, values in scores.items():
         table[f"score_{method}"] = spread(values)
@@ -337,14 +345,6 @@ def write_scores(
     table["skipped"] = [data.train.skipped.get(i) for i in range(n)]
     result = pd.DataFrame(table)
     atomic_write(args.out / "scores.parquet", lambda tmp: result.to_parquet(tmp, index=False))
-
-
-def parquet_column(values: list[Any]) -> list[Any]:
-    """A column parquet can store: lists and dicts as JSON text, and every value as text when the types mix
-    (an answer given as an index in one row and as a choice's text in another)."""
-    cells = [field_text(v) for v in values]
-    kinds = {type(v) for v in cells if v is not None and v == v}
-    return [None if v is None or v != v else str(v) for v in cells] if len(kinds) > 1 else cells
 
 
 def write_top_k(args: ScoreArgs, data: ScoreData, top: TopK) -> None:

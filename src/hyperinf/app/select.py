@@ -170,6 +170,11 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
             raise ConfigurationError(
                 "--adapter and --dense exclude each other: the adapter's blocks are what is trained"
             )
+        for flag, value, least in (("--n-pool", self.n_pool, 0), ("--n-target", self.n_target, 1)):
+            if value < least:
+                raise DataError(f"{flag} {value}: must be at least {least}" + (" (0: the whole pool)" * (least == 0)))
+        if self.cache_gib < 0:
+            raise ConfigurationError(f"--cache-gib {self.cache_gib:g}: must be at least 0 (0 keeps nothing in memory)")
         super().__post_init__()  # checks the engine options, the dtype set here too
 
     def model_settings(self) -> dict[str, Any]:
@@ -289,6 +294,7 @@ def make_learner(args: SelectArgs, label_names: list[str]) -> Learner:
         max_length=args.max_length,
         template=template,
         adapter=args.adapter,
+        as_given=args.no_warmup,
     )
 
 

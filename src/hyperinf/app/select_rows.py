@@ -28,7 +28,7 @@ from hyperinf.app.select import (
 )
 from hyperinf.app.textdata import BUILT_IN_TASKS
 from hyperinf.errors import ConfigurationError, DataError
-from hyperinf.hf.formats import Encoded, collator, detect_layout, encode, field_text, plain_value
+from hyperinf.hf.formats import Encoded, collator, detect_layout, encode, plain_value, table_column
 from hyperinf.hf.lm import CausalLMTask
 from hyperinf.hf.tables import read_table
 from hyperinf.results import atomic_write, write_json
@@ -41,7 +41,13 @@ def reads_rows(args: SelectArgs) -> bool:
         return args.format != "classification"
     if args.task in BUILT_IN_TASKS or not Path(args.task).exists():
         return False
-    return detect_layout(list(read_table(args.task).columns), args.columns) not in ("classification",)
+    columns = list(map(str, read_table(args.task).columns))
+    if args.text_column in columns and args.label_column in columns:
+        return False  # labelled rows, under the column names given
+    try:
+        return detect_layout(columns, args.columns) not in ("classification",)
+    except DataError:
+        return False  # the labelled path names the missing columns
 
 
 @dataclass
@@ -139,7 +145,7 @@ def write_row_selection(
     fields = split.frame.iloc[rows].reset_index(drop=True)
     table = {"row_id": rows}
     for column in split.pool.columns.values():
-        table[column] = [field_text(v) for v in fields[column].tolist()]
+        table[column] = table_column(fields[column].tolist())
     table |= {"score": scores.double().tolist(), "rank": rank.tolist(), "token_length": lengths.tolist()}
     frame = pd.DataFrame(table)
     atomic_write(args.out / "scores.parquet", lambda tmp: frame.to_parquet(tmp, index=False))

@@ -168,7 +168,7 @@ def encode(
             continue
         if len(example["input_ids"]) > max_length:
             encoded.truncated.append(row)
-            example = {k: v[:max_length] if isinstance(v, list) else v for k, v in example.items()}
+            example = _cut(example, max_length)
             if "target_ids" in example and all(t == IGNORE_INDEX for t in example["target_ids"][1:]):
                 raise DataError(
                     f"row {row} of {name} keeps no scored token within --max-length {max_length} (its prompt fills "
@@ -181,17 +181,35 @@ def encode(
     return encoded
 
 
+def _cut(example: Example, max_length: int) -> Example:
+    """The first ``max_length`` tokens; a classifier's row keeps its last token too (the tokenizer's closing
+    special token, e.g. ``[SEP]``, as the tokenizer's own truncation keeps it)."""
+    if "labels" in example:
+        ids = example["input_ids"]
+        return {**example, "input_ids": ids[: max_length - 1] + ids[-1:]}
+    return {k: v[:max_length] if isinstance(v, list) else v for k, v in example.items()}
+
+
 class _Unusable(Exception):
     """A row that cannot become an example; the message says why."""
 
 
 def plain_value(cell: Any) -> Any:
-    """A cell as plain Python: lists from numpy arrays (parquet), None for a missing value."""
+    """A cell as plain Python: lists from numpy arrays (parquet, datasets), None for a missing value (None,
+    NaN, pandas' NA)."""
     if hasattr(cell, "tolist") and not isinstance(cell, str):
         cell = cell.tolist()
-    if isinstance(cell, float) and math.isnan(cell):
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)) or type(cell).__name__ in ("NAType", "NaTType"):
         return None
     return cell
+
+
+def table_column(values: list[Any]) -> list[Any]:
+    """A column a parquet file can hold: plain values, lists and dicts as JSON text, and every value as text
+    when the types mix (an answer given as an index in one row and as a choice's text in another)."""
+    cells = [field_text(plain_value(v)) for v in values]
+    kinds = {type(v) for v in cells if v is not None}
+    return [None if v is None else str(v) for v in cells] if len(kinds) > 1 else cells
 
 
 def _blank(value: Any) -> bool:
@@ -306,7 +324,12 @@ def _chat(tokenizer: Any, values: dict[str, Any], _: Any) -> Example:
 def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
     if not messages and not generation_prompt:
         return ""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as error:  # jinja2's TemplateError and the template's own raise_exception calls
+        raise _Unusable(
+            f"the chat template refuses it: {str(error).splitlines()[0] if str(error) else error}"
+        ) from None
     return str(text)
 
 

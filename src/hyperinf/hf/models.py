@@ -106,6 +106,7 @@ def load_model(
     folder: str | Path, *, adapter: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> LoadedModel:
     """The model saved in ``folder`` (with the peft adapter saved in ``adapter`` on it) in ``dtype``, eval mode."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded (read when transformers is first imported)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     folder = Path(folder)
@@ -113,7 +114,6 @@ def load_model(
     adapter_folder = Path(adapter) if adapter is not None else None
     if adapter_folder is not None:
         check_adapter_folder(adapter_folder)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
     model: Any
     with quiet_transformers():
@@ -124,14 +124,23 @@ def load_model(
         tokenizer = load_tokenizer(folder, adapter_folder)
         if adapter_folder is not None:
             model = with_adapter(model, folder, adapter_folder)
+    set_pad_token_id(model, tokenizer)
     return LoadedModel(model.to(dtype).eval(), tokenizer, kind, folder, adapter_folder)
 
 
+def set_pad_token_id(model: nn.Module, tokenizer: Any) -> None:
+    """Give the model's config the tokenizer's pad id when it has none: a decoder used as a sequence
+    classifier finds each row's last token by it, and refuses batches of more than one without it."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+
+
 def load_tokenizer(folder: Path, adapter: Path | None = None) -> Any:
-    """The tokenizer saved with a model (or with its adapter), right-padded, with a pad token."""
+    """The tokenizer saved with the adapter, else with the model; right-padded, with a pad token."""
     from transformers import AutoTokenizer
 
-    for source in (folder, adapter):
+    for source in (adapter, folder):  # a fine-tuning run saves the tokenizer it changed beside its adapter
         if source is None:
             continue
         try:

@@ -52,7 +52,9 @@ def _read_file(path: Path) -> Any:
             return pd.read_parquet(path)
         if path.suffix in (".jsonl", ".json"):
             return pd.DataFrame.from_records(_json_records(path))
-        return _lists_from_json_cells(pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ","))
+        # Only an empty cell is missing: "None", "NA" or "null" are a user's text, label or answer.
+        frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", keep_default_na=False, na_values=[""])
+        return _lists_from_json_cells(frame)
     except (ValueError, UnicodeDecodeError) as error:  # pandas', pyarrow's and json's parse errors
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"cannot read {path} as a {path.suffix[1:]} file ({message}): check its format") from error
