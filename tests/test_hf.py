@@ -147,7 +147,10 @@ def test_mean_and_sum_losses_and_choice_log_likelihoods(user_models: Any, tokeni
         torch.testing.assert_close(CausalLMTask("mean").loss(model, batch), total / counts)
     options = encode_choices(tokenizer, {"question": "Pick", "choices": [" four five six", " x"]})
     values = choice_log_likelihoods(model, [collator(tokenizer)(options)])
-    assert values.shape == (2,) and (values < 0).all()
+    with torch.no_grad():  # each option alone, unpadded: the same summed log-likelihood
+        alone = torch.cat([-completion_loss(model, collator(tokenizer)([o]), "sum") for o in options])
+    torch.testing.assert_close(values, alone)
+    assert values[0] < values[1]  # three tokens cost more than one
     with pytest.raises(ConfigurationError, match="loss reduction"):
         CausalLMTask("max")  # type: ignore[arg-type]
 

@@ -427,3 +427,9 @@ def test_a_classifier_used_as_given_must_name_the_labels_in_the_datas_order(user
     classifier(str(user_models.classifier), 2, given_labels=["negative", "positive"], **options)
     with pytest.raises(ConfigurationError, match=r"names its labels \['negative', 'positive'\].*numbered"):
         classifier(str(user_models.classifier), 2, given_labels=["positive", "negative"], **options)
+
+
+def test_integer_labels_with_a_gap_keep_integer_names():
+    """A missing label makes pandas read the column as floats; the labels are still named 0 and 1."""
+    data = load_table(pd.DataFrame({"text": ["a", "b", "c", "d"], "label": [0, 1, None, 1]}))
+    assert data.label_names == ["0", "1"] and data.skipped == {2: "missing label"}

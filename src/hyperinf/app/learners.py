@@ -10,7 +10,6 @@ the last transformer block (plus pooler and head for a classifier) instead of Lo
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from hyperinf.app.minilm import (
     sequence_classification_loss,
 )
 from hyperinf.errors import ConfigurationError
-from hyperinf.hf.models import check_model_folder, load_model
+from hyperinf.hf.models import architectures, load_model, with_adapter
 
 CLASSIFIERS = ("minilm", "tiny-bert")
 CAUSAL_LMS = ("smollm2", "tiny-llama")
@@ -121,17 +120,7 @@ def trains_as_causal_lm(model: str) -> bool:
     data) rather than as a sequence classifier: a folder's ``config.json`` names a ``...ForCausalLM``."""
     if model in MODELS:
         return model in CAUSAL_LMS
-    folder = Path(model)
-    check_model_folder(folder)
-    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    return any(str(a).endswith("ForCausalLM") for a in architectures)
-
-
-def _adapted(net: nn.Module, folder: Path, adapter: Path) -> nn.Module:
-    """``net`` with the saved adapter put on it, trainable."""
-    from hyperinf.hf.models import with_adapter
-
-    return with_adapter(net, folder, adapter)
+    return any(a.endswith("ForCausalLM") for a in architectures(Path(model)))
 
 
 def causal(
@@ -150,7 +139,7 @@ def causal(
         loaded = load_model(model)
         net, tokenizer = loaded.model, loaded.tokenizer
     if adapter is not None:
-        return _adapted(net, Path(model), adapter), tokenizer, "lora"
+        return with_adapter(net, Path(model), adapter), tokenizer, "lora"
     if dense:
         for param in net.parameters():
             param.requires_grad_(False)
@@ -196,7 +185,7 @@ def classifier(
             Path(model), num_labels, rank=rank, seed=seed, lora=not dense and adapter is None
         )
         if adapter is not None:
-            net = _adapted(net, Path(model), adapter)
+            net = with_adapter(net, Path(model), adapter)
         if given_labels is not None:
             check_label_order(net, given_labels, model)
     if not dense or adapter is not None:

@@ -159,6 +159,7 @@ class ScoreData:
     train: Encoded
     target: Encoded
     target_name: str
+    train_frame: Any  # --train as read
 
 
 def load_data(args: ScoreArgs, loaded: LoadedModel) -> ScoreData:
@@ -170,10 +171,11 @@ def load_data(args: ScoreArgs, loaded: LoadedModel) -> ScoreData:
         "label2id": loaded.label2id,
     }
     assert args.train is not None
-    train = encode(read_table(args.train), loaded.tokenizer, loaded.kind, name=str(args.train), **options)
+    frame = read_table(args.train)
+    train = encode(frame, loaded.tokenizer, loaded.kind, name=str(args.train), **options)
     if args.target is not None:
         target = encode(read_table(args.target), loaded.tokenizer, loaded.kind, name=str(args.target), **options)
-        return ScoreData(train, target, str(args.target))
+        return ScoreData(train, target, str(args.target), frame)
     import pandas as pd
 
     texts = pd.DataFrame({"text": args.query})
@@ -188,7 +190,7 @@ def load_data(args: ScoreArgs, loaded: LoadedModel) -> ScoreData:
             max_length=args.max_length,
             name="--query",
         )
-    return ScoreData(train, query, "--query")
+    return ScoreData(train, query, "--query", frame)
 
 
 @torch.no_grad()
@@ -287,7 +289,7 @@ def run_score(args: ScoreArgs) -> dict[str, Any]:
     scored = engine.score_methods(train_loader, target_loader, list(args.methods))
     top = engine.top_k(train_loader, target_loader, k=min(args.k, len(data.train.examples)), method=args.methods[0])
     seconds = time.perf_counter() - started
-    write_scores(args, data, {m: scored[m] for m in args.methods}, scored.train_loss, read_table(args.train))
+    write_scores(args, data, {m: scored[m] for m in args.methods}, scored.train_loss, data.train_frame)
     write_top_k(args, data, top)
     write_json(
         args.out / "arguments.json",

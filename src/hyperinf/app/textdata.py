@@ -255,7 +255,9 @@ def _dataset(
     skipped: dict[int, str] | None = None,
     label_names: list[Any] | None = None,
 ) -> TextDataset:
-    """The examples of usable rows: labels numbered by ``label_names`` (default: the sorted label values)."""
+    """The examples of usable rows: labels numbered by ``label_names`` (default: the sorted label values).
+    Whole-number floats (an integer column read with a missing value) count as the integers they are."""
+    values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
     if not texts:
         raise EmptyDataError(
             f"the data has no rows with both a text (column {text_column!r}) and a label (column {label_column!r}): "

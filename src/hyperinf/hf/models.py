@@ -57,17 +57,22 @@ class LoadedModel:
         return {str(name): int(i) for name, i in config.label2id.items()}
 
 
+def architectures(folder: Path) -> list[str]:
+    """The architectures a saved model's ``config.json`` names, after checking the folder is a saved model."""
+    check_model_folder(folder)
+    return [str(a) for a in json.loads((folder / "config.json").read_text()).get("architectures") or []]
+
+
 def model_kind(folder: str | Path) -> ModelKind:
     """``"causal-lm"`` or ``"classifier"``, from the architectures a saved model's ``config.json`` names."""
     folder = Path(folder)
-    check_model_folder(folder)
-    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    for architecture in architectures:
+    named = architectures(folder)
+    for architecture in named:
         for suffix, kind in KIND_OF_ARCHITECTURE.items():
-            if str(architecture).endswith(suffix):
+            if architecture.endswith(suffix):
                 return kind  # type: ignore[return-value]
     raise DataError(
-        f"{folder} holds a {', '.join(map(str, architectures)) or 'model of no named architecture'} (config.json's "
+        f"{folder} holds a {', '.join(named) or 'model of no named architecture'} (config.json's "
         "architectures): hyperinf loads a causal LM (...ForCausalLM) or a sequence classifier "
         "(...ForSequenceClassification); load another model in Python and pass it to InfluenceEngine"
     )
