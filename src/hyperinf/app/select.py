@@ -68,8 +68,9 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
     task: str = override(
         DataOptions,
         "task",
-        help="'tweets' (default), 'bbc-titles' (BBC News headlines, 5 topics), 'bbc', or a .jsonl/.json/.csv/.tsv/"
-        ".parquet file or datasets folder (e.g. a selected_<pct>.jsonl): the candidate pool",
+        help="'tweets' (default), 'bbc-titles' (BBC News headlines, 5 topics), 'bbc', the multiple-choice "
+        "'bbc-title-mc' and 'bbc-next-mc', or a .jsonl/.json/.csv/.tsv/.parquet file or datasets folder (e.g. a "
+        "selected_<pct>.jsonl): the candidate pool",
     )
     target: Path | None = option(
         None,

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from hyperinf.app.choicetasks import TASKS as CHOICE_TASKS
+from hyperinf.app.choicetasks import choice_rows
 from hyperinf.app.learners import Learner, causal, trains_as_causal_lm
 from hyperinf.app.select import (
     SIGN,
@@ -37,6 +39,8 @@ from hyperinf.selection import ranks, select_top, selection_size
 
 def reads_rows(args: SelectArgs) -> bool:
     """Whether ``--task`` is read as rows of a format other than classification (``--format``, or its columns)."""
+    if args.task in CHOICE_TASKS:
+        return True
     if args.format is not None:
         return args.format != "classification"
     if args.task in BUILT_IN_TASKS or not Path(args.task).exists():
@@ -71,9 +75,12 @@ class RowSplit:
 
 
 def load_row_split(args: SelectArgs, tokenizer: Any) -> RowSplit:
-    """The pool (``--n-pool`` rows, seeded, or all) and the target (``--target``, or ``--n-target`` rows held out)."""
+    """The pool (``--n-pool`` rows, seeded, or all) and the target (``--target``, or ``--n-target`` rows held out)
+    of a file or a built-in multiple-choice task (built with seed 0 whatever ``--seed``: the same task each run)."""
+    import pandas as pd
+
     options = {"format": args.format, "columns": args.columns, "max_length": args.max_length}
-    frame = read_table(args.task)
+    frame = read_table(pd.DataFrame(choice_rows(args.task)) if args.task in CHOICE_TASKS else args.task)
     pool = encode(frame, tokenizer, "causal-lm", name=args.task, **options)
     order = torch.randperm(len(pool.examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
     if args.target is not None:

