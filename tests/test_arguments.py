@@ -314,7 +314,7 @@ COMMANDS = {  # command line, run function, the runs it makes, the keys of a run
         "hyperinf.app.select.run_select",
         one_run,
         selection_keys(lambda args: [args.method]),
-        [WARM_UP | GIVEN, SCORES | GIVEN | {"--method"}],
+        [WARM_UP | GIVEN, SCORES | GIVEN | {"--method", "--strategy"}],
     ),
     "experiment select": (
         ["experiment", "select"],
@@ -383,6 +383,7 @@ def alternative_values(tmp_path: Path) -> dict[str, str]:
         "--query-label": "pos",
         "--adapter": str(tmp_path / "adapter"),
         "--format": "classification",
+        "--strategy": "per-target",
         "--k": "3",
     }
 

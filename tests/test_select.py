@@ -14,6 +14,7 @@ pd = pytest.importorskip("pandas")
 from hyperinf.app.finetune import load_trainable  # noqa: E402
 from hyperinf.app.select import SelectArgs, load_pool_split, make_learner, run_select  # noqa: E402
 from hyperinf.cli import main  # noqa: E402
+from hyperinf.errors import ConfigurationError  # noqa: E402
 from hyperinf.paper.select_study import StudyArgs, run_study  # noqa: E402
 
 GOOD = ["great", "lovely", "happy", "wonderful", "superb"]
@@ -457,3 +458,32 @@ def test_labelled_rows_under_other_column_names_stay_labelled(tmp_path):
     assert reads_rows(select_args(tmp_path / "pool.csv", tmp_path, label_column="sentiment", format="text"))
     pd.DataFrame({"text": ["a b", "c d"]}).to_csv(tmp_path / "plain.csv", index=False)
     assert reads_rows(select_args(tmp_path / "plain.csv", tmp_path))
+
+
+def test_per_target_takes_turns_over_each_targets_own_ranking(data_file, tmp_path, user_models):
+    """--strategy per-target on a model as given: the selection is the round robin over each target row's
+    TracIn ranking, computed here from single-example gradients."""
+    from hyperinf.hf.models import load_model
+    from hyperinf.selection import round_robin
+
+    args = select_args(
+        data_file, tmp_path, model=str(user_models.llama), adapter=user_models.adapter, no_warmup=True,
+        method="tracin", strategy="per-target", fractions=(0.25, 0.5), dtype="float64",
+    )  # fmt: skip
+    result = run_select(args)
+    learner, split = make_learner(args, ["negative", "positive"]), load_pool_split(args)
+    loaded = load_model(user_models.llama, adapter=user_models.adapter)
+    params = [p for n, p in loaded.model.named_parameters() if "lora_" in n]
+
+    def gradient(pair):
+        loss = learner.loss(loaded.model, learner.collate([pair])).sum()
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
+
+    pool = torch.stack([gradient(p) for p in split.pairs("pool")])
+    target = torch.stack([gradient(p) for p in split.pairs("target")])
+    rankings = torch.argsort(-(pool @ target.T), dim=0, stable=True).T  # most helpful (most negative score) first
+    for fraction, picked in result["selections"].items():
+        size = round(fraction * 40)
+        assert picked.tolist() == round_robin(rankings[:, :size], size).tolist()
+    with pytest.raises(ConfigurationError, match="no --balance"):
+        select_args(data_file, tmp_path, strategy="per-target", balance=True)

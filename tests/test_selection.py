@@ -73,3 +73,23 @@ def test_a_selection_that_under_represents_a_label_is_named():
         skewed_labels(labels, torch.cat([torch.arange(5), torch.arange(50, 65)]), ["neg", "pos"]) == []
     )  # 25%: half its share
     assert skewed_labels(labels, torch.cat([torch.arange(4), torch.arange(50, 66)]), ["neg", "pos"]) == ["neg"]  # 20%
+
+
+def test_round_robin_gives_each_target_its_turn_against_a_brute_force_reference():
+    from hyperinf.selection import round_robin
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(40, 5, generator=generator)  # pool x targets
+    scores[:, 0] -= 10 * torch.arange(40.0).flip(0) / 40  # target 0 dominates the mean
+    rankings = torch.argsort(scores, dim=0).T  # each target's rows, most helpful (most negative) first
+    for size in (1, 7, 20, 40):
+        taken: list[int] = []
+        turn = 0
+        while len(taken) < size:  # the reference: each target in turn takes its best remaining row
+            taken.append(next(r for r in rankings[turn].tolist() if r not in taken))
+            turn = (turn + 1) % 5
+        assert round_robin(rankings[:, :size], size).tolist() == taken
+    mean_choice = set(torch.argsort(scores.mean(1))[:10].tolist())
+    assert set(round_robin(rankings, 10).tolist()) != mean_choice  # not the mean's selection
+    with pytest.raises(DataError, match="fewer than the 9 to select"):
+        round_robin(rankings[:1, :3], 9)

@@ -95,3 +95,31 @@ def _check_scores(scores: torch.Tensor) -> None:
         raise DataError(
             f"{bad} of {scores.numel()} scores are NaN or infinite: check the method's diagnostics (damping, convergence)"
         )
+
+
+def round_robin(rankings: torch.Tensor, size: int) -> torch.Tensor:
+    """``size`` row indices taken in turns: target 0 takes its best row not yet taken, then target 1, and so on
+    (BIDS' answer to a few targets dominating a selection by the mean). ``rankings`` ``[m, depth]`` lists
+    each target's rows from the most helpful down, e.g. :meth:`hyperinf.InfluenceEngine.top_k`'s
+    ``helpful``; a depth of ``size`` always suffices, as fewer than ``size`` rows are taken before any turn.
+    Each target's own ranking is what counts, so normalising a target's scores over the pool changes nothing.
+    """
+    if rankings.ndim != 2 or rankings.shape[0] == 0:
+        raise DataError(f"rankings must be [targets, depth] with at least one target, got {tuple(rankings.shape)}")
+    lists = rankings.detach().cpu().tolist()
+    cursor = [0] * len(lists)
+    taken: dict[int, None] = {}
+    target = 0
+    while len(taken) < size and any(c < len(row) for c, row in zip(cursor, lists)):
+        row = lists[target]
+        while cursor[target] < len(row) and row[cursor[target]] in taken:
+            cursor[target] += 1
+        if cursor[target] < len(row):
+            taken[row[cursor[target]]] = None
+        target = (target + 1) % len(lists)
+    if len(taken) < size:
+        raise DataError(
+            f"the targets' rankings hold {len(taken)} distinct rows, fewer than the {size} to select: rank each "
+            f"target's {size} best rows (top_k with k={size})"
+        )
+    return torch.tensor(list(taken), dtype=torch.long)

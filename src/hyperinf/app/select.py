@@ -51,8 +51,9 @@ from hyperinf.errors import ConfigurationError, DataError
 from hyperinf.hf.formats import FORMATS
 from hyperinf.methods import method_names
 from hyperinf.results import atomic_write, remove_if_empty, write_json, write_jsonl
-from hyperinf.selection import cosine_scores, ranks, select_top, selection_size
+from hyperinf.selection import cosine_scores, ranks, round_robin, select_top, selection_size
 
+STRATEGIES = ("top", "per-target")
 SIGN = "score = -v^T H^-1 g_k: negative = helpful (kept first), positive = harmful"
 TIE_BREAK = "equal scores: lower row id first"
 CHECKPOINT_EVERY = 20  # batches between checkpoints of the scoring passes (seconds of work on SmolLM2)
@@ -96,6 +97,13 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
         "with large gradients)",
     )
     balance: bool = option(False, help="keep the same fraction of every label")
+    strategy: str = option(
+        "top",
+        choices=STRATEGIES,
+        help="top: the most helpful rows against the target's mean gradient (default); per-target: every target "
+        "row ranks the pool by its own gradient and the targets take turns, each its best row not yet taken (BIDS: "
+        "against a few targets dominating the mean)",
+    )
     model: str = override(
         TrainingOptions,
         "model",
@@ -174,6 +182,10 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
         for flag, value, least in (("--n-pool", self.n_pool, 0), ("--n-target", self.n_target, 1)):
             if value < least:
                 raise DataError(f"{flag} {value}: must be at least {least}" + (" (0: the whole pool)" * (least == 0)))
+        if self.strategy == "per-target" and (self.balance or self.normalize):
+            raise ConfigurationError(
+                "--strategy per-target takes turns over the targets' own rankings: it has no --balance or --normalize"
+            )
         if self.cache_gib < 0:
             raise ConfigurationError(f"--cache-gib {self.cache_gib:g}: must be at least 0 (0 keeps nothing in memory)")
         super().__post_init__()  # checks the engine options, the dtype set here too
@@ -353,6 +365,7 @@ def scores_path(args: SelectArgs, split: PoolSplit, methods: list[str], warm_key
             "warm_up": warm_key,
             "methods": methods,
             **key_settings(args, "scores"),
+            **({"strategy": args.strategy} if args.strategy != "top" else {}),  # earlier keys still hold
             "pool": training_key({}, split.pairs("pool")),
         },
         split.pairs("target"),
@@ -398,6 +411,9 @@ def score_pool(
     )
     remove_if_empty(checkpoints.parent)
     result = {f"score/{m}": scored[m] for m in methods}
+    if args.strategy == "per-target":  # each target's own best rows, as deep as the largest selection needs
+        depth = selection_size(max(args.fractions), len(split.pairs("pool")))
+        result["per_target"] = engine.top_k(pool, target, k=depth, method=methods[0]).helpful
     result["train_loss"] = scored.train_loss
     result["gradient_norm"] = (-scored.self_influence).clamp_min(0).sqrt()
     for m, h in scored.directions.items():
@@ -456,7 +472,7 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
     scored = score_pool(args, learner, split, [args.method], warm["key"])
     scores = method_scores(scored, args.method, args.normalize)
     lengths = torch.tensor(learner.token_lengths(split.pool.texts))
-    selections = {f: select_top(scores, f, split.pool.labels, balance=args.balance) for f in args.fractions}
+    selections = keep_rows(args, scored, scores, split.pool.labels)
     records = {
         "warm_up": warm,
         "target_loss_by_label": target_loss,
@@ -481,6 +497,15 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
             )
     print(f"results written to {args.out}/")
     return {"scores": scores, "selections": selections}
+
+
+def keep_rows(
+    args: SelectArgs, scored: dict[str, torch.Tensor], scores: torch.Tensor, labels: torch.Tensor | None
+) -> dict[float, torch.Tensor]:
+    """Per fraction, the rows kept by ``args.strategy``: the most helpful by ``scores``, or the targets' turns."""
+    if args.strategy == "per-target":
+        return {f: round_robin(scored["per_target"], selection_size(f, scores.numel())) for f in args.fractions}
+    return {f: select_top(scores, f, labels, balance=args.balance) for f in args.fractions}
 
 
 def skewed_labels(labels: torch.Tensor, picked: torch.Tensor, label_names: list[str]) -> list[str]:

@@ -23,6 +23,7 @@ from hyperinf.app.select import (
     TIE_BREAK,
     SelectArgs,
     fraction_label,
+    keep_rows,
     method_scores,
     score_pool,
     warm_up,
@@ -34,7 +35,7 @@ from hyperinf.hf.formats import Encoded, collator, detect_layout, encode, plain_
 from hyperinf.hf.lm import CausalLMTask
 from hyperinf.hf.tables import read_table
 from hyperinf.results import atomic_write, write_json
-from hyperinf.selection import ranks, select_top, selection_size
+from hyperinf.selection import ranks, selection_size
 
 
 def reads_rows(args: SelectArgs) -> bool:
@@ -127,7 +128,7 @@ def run_select_rows(args: SelectArgs) -> dict[str, Any]:
     scored = score_pool(args, learner, split, [args.method], warm["key"])
     scores = method_scores(scored, args.method, args.normalize)
     lengths = torch.tensor([len(e["input_ids"]) for e in split.pairs("pool")])
-    selections = {f: select_top(scores, f) for f in args.fractions}
+    selections = keep_rows(args, scored, scores, None)
     write_row_selection(args, split, scores, lengths, selections, warm)
     print(f"scored {len(split.pool_index)} pool rows against {len(split.target_index)} target rows with {args.method}")
     for fraction, picked in selections.items():

@@ -333,7 +333,7 @@ def _cell(entry: dict[str, Any], column: str, seeds: int) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hyperinf experiment select`` options: ``hyperinf select``'s but ``--method``, and the protocol's."""
     # The study trains its own warm-up on labelled tasks: rows of other formats and a given adapter are select's.
-    add_options(parser, StudyArgs, skip=("method", "format", "columns", "adapter", "no_warmup"))
+    add_options(parser, StudyArgs, skip=("method", "format", "columns", "adapter", "no_warmup", "strategy"))
 
 
 def main(ns: argparse.Namespace) -> int:
