@@ -199,3 +199,30 @@ def test_a_cut_classifier_row_keeps_its_closing_token() -> None:
     frame = pd.DataFrame({"text": ["one two three four five six seven"], "label": [1]})
     example = encode(frame, bert, "classifier", max_length=5).examples[0]
     assert example["input_ids"] == bert("one two three four five six seven", truncation=True, max_length=5)["input_ids"]
+
+
+def test_mean_hidden_states_ignore_padding_and_rds_scores_are_cosines(user_models: Any, tokenizer: Any) -> None:
+    """Each row's mean final hidden state equals the one computed alone, unpadded; RDS+ is -max (or -mean) cosine."""
+    from transformers import AutoModelForCausalLM
+
+    from hyperinf.hf.lm import mean_hidden_states
+    from hyperinf.selection import representation_scores
+
+    model = AutoModelForCausalLM.from_pretrained(str(user_models.llama), dtype=torch.float64).eval()
+    frame = pd.DataFrame({"text": ["a short one", "a somewhat longer text about the weather today", "hi there"]})
+    examples = encode(frame, tokenizer, "causal-lm").examples
+    batched = mean_hidden_states(model, [collator(tokenizer)(examples)])
+    with torch.no_grad():
+        alone = torch.cat(
+            [
+                model(input_ids=torch.tensor([e["input_ids"]]), output_hidden_states=True).hidden_states[-1].mean(1)
+                for e in examples
+            ]
+        )
+    torch.testing.assert_close(batched, alone)
+    scores = representation_scores(batched[:2], batched[1:], reduce="max")
+    expected = [-max(float(torch.cosine_similarity(batched[i], batched[j], dim=0)) for j in (1, 2)) for i in (0, 1)]
+    torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64))
+    assert scores[1] == pytest.approx(-1.0)  # a row that is also a target is the most similar
+    mean = representation_scores(batched[:2], batched[1:], reduce="mean")
+    assert (mean >= scores).all()

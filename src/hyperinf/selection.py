@@ -123,3 +123,20 @@ def round_robin(rankings: torch.Tensor, size: int) -> torch.Tensor:
             f"target's {size} best rows (top_k with k={size})"
         )
     return torch.tensor(list(taken), dtype=torch.long)
+
+
+def representation_scores(pool: torch.Tensor, target: torch.Tensor, reduce: str = "max") -> torch.Tensor:
+    """RDS+ (no gradients): ``-cos`` between each pool row's representation ``[n, H]`` and the targets'
+    ``[m, H]``, the max (or the mean) over the targets, negated so that, as for influence scores, the most
+    helpful row has the most negative score and :func:`select_top` keeps it first."""
+    if reduce not in ("max", "mean"):
+        raise DataError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+    if pool.ndim != 2 or target.ndim != 2 or pool.shape[1] != target.shape[1] or target.shape[0] == 0:
+        raise DataError(
+            f"representations must be [rows, H] with the same H and at least one target, got {tuple(pool.shape)} "
+            f"and {tuple(target.shape)}"
+        )
+    cosine = (
+        torch.nn.functional.normalize(pool.double(), dim=1) @ torch.nn.functional.normalize(target.double(), dim=1).T
+    )
+    return -(cosine.max(dim=1).values if reduce == "max" else cosine.mean(dim=1))

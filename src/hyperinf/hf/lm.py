@@ -120,3 +120,18 @@ def choice_log_likelihoods(model: nn.Module, batches: Sequence[Mapping[str, torc
     device = next(model.parameters()).device
     parts = [-completion_loss(model, {k: v.to(device) for k, v in b.items()}, "sum") for b in batches]
     return torch.cat(parts) if parts else torch.zeros(0, device=device)
+
+
+@torch.no_grad()
+def mean_hidden_states(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """``[N, H]``: each row's final hidden states averaged over its tokens (padding left out), over ``batches``
+    in order: the representation RDS+ compares (:func:`hyperinf.selection.representation_scores`)."""
+    device = next(model.parameters()).device
+    parts = []
+    for batch in batches:
+        mask = batch["attention_mask"].to(device)
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        parts.append((hidden * weights).sum(1) / weights.sum(1))
+    return torch.cat(parts) if parts else torch.zeros(0, device=device)
