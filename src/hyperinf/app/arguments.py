@@ -89,6 +89,15 @@ def output_folder(default: str) -> Any:
     return option(Path(default), parse=output_path, help="output folder (default: %(default)s)")
 
 
+def columns_option() -> Any:
+    """The ``--columns`` option: the data's column names for the format's roles (:func:`column_map`)."""
+    return option(
+        default_factory=dict,
+        parse=column_map,
+        help="columns of other names for the rows' format, as role=column pairs (e.g. prompt=question,completion=answer)",
+    )
+
+
 def _default(f: Field) -> Any:
     return f.default_factory() if f.default is MISSING else f.default
 

@@ -168,17 +168,18 @@ def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def tiny_llama(vocab_size: int, seed: int = 0) -> nn.Module:
-    """A 2-layer random Llama (hidden 32, 4 heads, 2 key/value heads, intermediate 64) for tests, in eval mode."""
+def tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32) -> nn.Module:
+    """A 2-layer random Llama (hidden 32, 4 heads, 2 key/value heads, intermediate twice the hidden size) for
+    tests, in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * hidden_size,
         max_position_embeddings=512,
     )
     with torch.random.fork_rng(devices=[]):

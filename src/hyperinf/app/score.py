@@ -24,7 +24,7 @@ from hyperinf.app.arguments import (
     InfluenceOptions,
     add_options,
     check_methods,
-    column_map,
+    columns_option,
     engine_options,
     folder_stamp,
     from_namespace,
@@ -69,11 +69,7 @@ class ScoreArgs(InfluenceOptions):
     format: str | None = option(
         None, choices=FORMATS, help="the rows' format (default: detected from the columns; see the README)"
     )
-    columns: dict[str, str] = option(
-        default_factory=dict,
-        parse=column_map,
-        help="columns of other names, as role=column pairs (e.g. prompt=question,completion=answer)",
-    )
+    columns: dict[str, str] = columns_option()
     max_length: int = option(512, help="tokens per example; longer ones are cut and counted (default: %(default)s)")
     loss_reduction: str = option(
         "mean",

@@ -22,7 +22,7 @@ from hyperinf.app.arguments import (
     TrainingOptions,
     add_options,
     check_methods,
-    column_map,
+    columns_option,
     engine_options,
     float_list,
     folder_stamp,
@@ -124,11 +124,7 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
         help="the rows' format when --task is a file (default: detected from its columns): classification "
         "(text, label) is selected per label; prompt-completion, chat, multiple-choice and text rows need a causal LM",
     )
-    columns: dict[str, str] = option(
-        default_factory=dict,
-        parse=column_map,
-        help="columns of other names for --format, as role=column pairs (e.g. prompt=question,completion=answer)",
-    )
+    columns: dict[str, str] = columns_option()
     no_warmup: bool = option(
         False,
         help="score with --model (and --adapter) as given, without the warm-up: for a model already fine-tuned "

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from hyperinf.errors import DataError, EmptyDataError, MissingPackageError
-from hyperinf.hf.formats import detect_layout, listed_rows
+from hyperinf.hf.formats import detect_layout, listed_rows, rows_by_reason
 from hyperinf.hf.tables import SUFFIXES, read_table
 
 
@@ -46,10 +46,7 @@ class TextDataset:
         empty when every row became an example."""
         if not self.skipped:
             return ""
-        by_reason: dict[str, list[int]] = {}
-        for row, reason in self.skipped.items():
-            by_reason.setdefault(reason, []).append(row)
-        listed = ", ".join(f"{listed_rows(rows)} ({reason})" for reason, rows in by_reason.items())
+        listed = ", ".join(f"{listed_rows(rows)} ({reason})" for reason, rows in rows_by_reason(self.skipped).items())
         total = len(self.texts) + len(self.skipped)
         return f"skipped {len(self.skipped)} of {total} rows of {source}: row{'s' * (len(self.skipped) > 1)} {listed}"
 

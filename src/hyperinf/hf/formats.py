@@ -69,14 +69,20 @@ class Encoded:
         """One line: how many rows of ``name`` became examples, which were skipped and why, how many were cut."""
         line = f"{name}: {len(self.examples)} of {len(self.texts)} rows as {self.format} examples"
         if self.skipped:
-            reasons: dict[str, list[int]] = {}
-            for row, reason in self.skipped.items():
-                reasons.setdefault(reason, []).append(row)
-            listed = "; ".join(f"rows {listed_rows(rows)} ({reason})" for reason, rows in reasons.items())
+            grouped = rows_by_reason(self.skipped).items()
+            listed = "; ".join(f"rows {listed_rows(rows)} ({reason})" for reason, rows in grouped)
             line += f"; skipped {len(self.skipped)}: {listed}"
         if self.truncated:
             line += f"; {len(self.truncated)} cut to the length limit (rows {listed_rows(self.truncated)})"
         return line
+
+
+def rows_by_reason(skipped: Mapping[int, str]) -> dict[str, list[int]]:
+    """The skipped rows grouped by why, each group in row order."""
+    grouped: dict[str, list[int]] = {}
+    for row, reason in skipped.items():
+        grouped.setdefault(reason, []).append(row)
+    return grouped
 
 
 def listed_rows(rows: Sequence[int], most: int = 10) -> str:
