@@ -260,13 +260,13 @@ def training_key(args: Any) -> tuple[str, ...]:
     return (args.training_key(SPLIT),)
 
 
-def selection_keys(methods: Any) -> Any:
-    """The warm-up's key and the scores' key of a selection run."""
+def selection_keys(methods: Any, per_target: Any) -> Any:
+    """The warm-up's key and the scores' key of a selection run (``per_target(args)``: whether it scores per target)."""
 
     def keys(args: Any) -> tuple[str, ...]:
         learner = SimpleNamespace(model=None, loss=None, collate=None)
         warm = hyperinf.app.select.warm_up(args, learner, POOL.pairs("pool"))["key"]
-        return warm, hyperinf.app.select.scores_path(args, POOL, methods(args), warm).name
+        return warm, hyperinf.app.select.scores_path(args, POOL, methods(args), warm, per_target(args)).name
 
     return keys
 
@@ -313,14 +313,14 @@ COMMANDS = {  # command line, run function, the runs it makes, the keys of a run
         ["select"],
         "hyperinf.app.select.run_select",
         one_run,
-        selection_keys(lambda args: [args.method]),
+        selection_keys(lambda args: [args.method], lambda args: args.strategy == "per-target"),
         [WARM_UP | GIVEN, SCORES | GIVEN | {"--method", "--strategy"}],
     ),
     "experiment select": (
         ["experiment", "select"],
         "hyperinf.paper.select_study.run_study",
         seeds_runs,
-        selection_keys(lambda args: list(args.methods)),
+        selection_keys(lambda args: list(args.methods), lambda args: True),  # the study always scores per target
         [WARM_UP | {"--seeds"}, SCORES | {"--methods", "--seeds"}],
     ),
     "lds": (["experiment", "lds"], "hyperinf.paper.lds.run_lds", one_run, retraining_key, [RETRAINING]),

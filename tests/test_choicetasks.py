@@ -61,3 +61,83 @@ def test_select_runs_a_built_in_multiple_choice_task(tmp_path: Path):
     frame = pd.read_parquet(tmp_path / "out" / "scores.parquet")
     assert len(frame) == 12 and {"question", "choices", "answer"} <= set(frame.columns)
     assert len((tmp_path / "out" / "selected_50pct.jsonl").read_text().splitlines()) == 6
+
+
+def test_the_study_split_keeps_pool_target_and_test_apart_and_the_held_out_rows_clean(tmp_path: Path):
+    """The protocol's split of a built-in task: no article in two of pool / target / test; with the noisy
+    variant the replaced keys are in the pool alone, the target and test keys are the clean ones."""
+    from hyperinf.app.learners import causal
+    from hyperinf.app.select_rows import load_row_split
+    from hyperinf.paper.select_study import StudyArgs
+
+    args = StudyArgs(task="bbc-title-mc", model="tiny-llama", n_pool=300, n_target=20, n_test=30, max_length=192)
+    _, tokenizer, _ = causal("tiny-llama", rank=2, seed=0, dense=False)
+    clean = choice_rows("bbc-title-mc")
+    split = load_row_split(args, tokenizer, n_test=30, variant="noisy")
+    pool = split.frame.iloc[split.pool_rows()]
+    target_articles = {clean[split.target.rows[i]]["article"] for i in split.target_index}
+    test_articles = {row["article"] for row in split.test}
+    assert len(pool) == 300 and len(target_articles) == 20 and len(test_articles) == 30
+    assert not (set(pool["article"]) & test_articles or set(pool["article"]) & target_articles)
+    assert not target_articles & test_articles
+    assert pool["key_replaced"].sum() > 30  # about a fifth of 300
+    by_article = {row["article"]: row for row in clean}
+    assert all(row["answer"] == by_article[row["article"]]["answer"] and not row["key_replaced"] for row in split.test)
+    replaced = pool[pool["key_replaced"]]
+    assert all(a != by_article[art]["answer"] for a, art in zip(replaced["answer"], replaced["article"]))
+    with pytest.raises(ConfigurationError, match="built-in multiple-choice task"):
+        load_row_split(StudyArgs(task=str(tmp_path / "rows.jsonl"), model="tiny-llama"), tokenizer, variant="noisy")
+
+
+def test_experiment_select_on_a_multiple_choice_task(tmp_path: Path):
+    """The protocol on multiple-choice rows: every selector, acc and acc_norm, the replaced keys kept, shares of
+    topics and answer positions; a second run trains nothing."""
+    argv = (
+        "experiment select --task bbc-title-mc --model tiny-llama --rank 2 --n-pool 20 --n-target 5 --n-test 8 "
+        "--fraction 0.25,0.5 --methods hyperinf,tracin --epochs 1 --continue-epochs 1 --random-draws 2 "
+        f"--batch-size 4 --max-length 192 --variant noisy --no-progress --cache-dir {tmp_path / 'cache'} "
+        f"--out {tmp_path / 'study'}"
+    ).split()
+    assert main(argv) == 0
+    rows = pd.read_csv(tmp_path / "study" / "results.csv")
+    selectors = {"hyperinf", "tracin", "hyperinf cos", "less", "training loss", "RDS+", "hyperinf per-target"}
+    assert set(rows.selector) == selectors | {"random", "full pool", "warm-up only"}
+    for selector in selectors:
+        assert sorted(rows[rows.selector == selector]["fraction"]) == [0.25, 0.5]
+    picked = rows[rows.selector != "warm-up only"]
+    assert picked.loc[picked.fraction == 0.5, "size"].eq(10).all()
+    assert rows[["accuracy", "accuracy_norm"]].stack().between(0, 1).all()
+    keys = picked[[f"share_key_{k}" for k in range(OPTIONS)]].sum(axis=1)
+    topics = picked[[c for c in rows.columns if c.startswith("share_") and "key" not in c]].sum(axis=1)
+    assert (keys - 1).abs().max() < 1e-9 and (topics - 1).abs().max() < 1e-9
+    from hyperinf.app.learners import causal
+    from hyperinf.app.select_rows import load_row_split
+    from hyperinf.paper.select_study import StudyArgs
+
+    args = StudyArgs(task="bbc-title-mc", model="tiny-llama", n_pool=20, n_target=5, n_test=8, max_length=192)
+    split = load_row_split(args, causal("tiny-llama", rank=2, seed=0, dense=False)[1], n_test=8, variant="noisy")
+    full = rows[rows.selector == "full pool"]
+    assert full["flipped_kept"].item() == pytest.approx(split.frame.iloc[split.pool_rows()]["key_replaced"].mean())
+    assert main(argv) == 0
+    again = pd.read_csv(tmp_path / "study" / "results.csv")
+    assert again["trained_seconds"].fillna(0).eq(0).all() and (again["accuracy"] == rows["accuracy"]).all()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("--balance", "has no labels: drop --balance"),
+        ("--task {tmp}/rows.jsonl", "tests on multiple-choice rows"),
+    ],
+)
+def test_the_multiple_choice_study_refuses_what_it_cannot_run(tmp_path: Path, capsys, options: str, message: str):
+    (tmp_path / "rows.jsonl").write_text(
+        "\n".join(f'{{"prompt": "p{i}", "completion": " c{i}"}}' for i in range(40)) + "\n"
+    )
+    argv = (
+        "experiment select --task bbc-title-mc --model tiny-llama --rank 2 --n-pool 20 --n-target 5 --n-test 8 "
+        f"--no-progress --cache-dir {tmp_path / 'cache'} --out {tmp_path / 'study'} " + options.format(tmp=tmp_path)
+    ).split()
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "study").exists() and not (tmp_path / "cache").exists()

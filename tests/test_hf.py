@@ -226,3 +226,40 @@ def test_mean_hidden_states_ignore_padding_and_rds_scores_are_cosines(user_model
     assert scores[1] == pytest.approx(-1.0)  # a row that is also a target is the most similar
     mean = representation_scores(batched[:2], batched[1:], reduce="mean")
     assert (mean >= scores).all()
+
+
+def test_answer_choices_picks_the_likeliest_option_overall_and_per_character(user_models: Any, tokenizer: Any) -> None:
+    """Against each (question, option) scored alone: acc takes the highest summed log-likelihood, acc_norm the
+    highest per character of the option; the rows come back in order whatever the batching."""
+    from transformers import AutoModelForCausalLM
+
+    from hyperinf.hf.choices import answer_choices
+
+    model = AutoModelForCausalLM.from_pretrained(str(user_models.llama), dtype=torch.float64).eval()
+    rows = [
+        {"question": "Pick one", "choices": ["a b c d e f", "x", "red green"], "answer": 1},
+        {
+            "question": "Which fits the long story told here?",
+            "choices": ["yes", "no", "maybe so", "never"],
+            "answer": 0,
+        },
+        {"question": "Third", "choices": ["one two", "three"], "answer": 1},
+    ]
+    expected, expected_norm = [], []
+    with torch.no_grad():
+        for row in rows:
+            alone = torch.cat(
+                [-completion_loss(model, collator(tokenizer)([o]), "sum") for o in encode_choices(tokenizer, row)]
+            )
+            expected.append(int(alone.argmax()))
+            chars = torch.tensor([len(" " + c) for c in row["choices"]], dtype=torch.float64)
+            expected_norm.append(int((alone / chars).argmax()))
+    for batch_size in (1, 4):
+        answers = answer_choices(model, tokenizer, rows, batch_size)
+        assert answers.answer.tolist() == expected and answers.answer_norm.tolist() == expected_norm
+    accuracy = answers.accuracy([row["answer"] for row in rows])
+    truth = [row["answer"] for row in rows]
+    assert accuracy["accuracy"] == sum(a == t for a, t in zip(expected, truth)) / 3
+    assert accuracy["accuracy_norm"] == sum(a == t for a, t in zip(expected_norm, truth)) / 3
+    with pytest.raises(DataError, match="no multiple-choice rows"):
+        answer_choices(model, tokenizer, [], 4)

@@ -190,7 +190,7 @@ def test_experiment_select_runs_the_protocol_and_a_second_run_trains_nothing(dat
     )
     run_study(args)
     rows = pd.read_csv(args.out / "results.csv")
-    selectors = {"hyperinf", "tracin", "less", "training loss"}
+    selectors = {"hyperinf", "tracin", "hyperinf cos", "less", "training loss", "RDS+", "hyperinf per-target"}
     for selector in selectors | {"random"}:
         assert sorted(rows[rows.selector == selector]["fraction"].unique()) == [0.05, 0.2, 0.4] or selector == "random"
     assert len(rows[rows.selector == "random"]) == 2 * 3

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -193,6 +193,12 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
         return key_settings(self) | adapter
 
 
+class Splits(Protocol):
+    """A pool and a target set, as the examples the learner takes (:class:`PoolSplit`, or rows of another format)."""
+
+    def pairs(self, which: str) -> list[Any]: ...
+
+
 @dataclass
 class PoolSplit:
     """The candidate pool (labels possibly flipped), the target set and a held-out test set."""
@@ -353,7 +359,7 @@ def target_loss_by_label(learner: Learner, split: PoolSplit, batch_size: int) ->
     }
 
 
-def scores_path(args: SelectArgs, split: PoolSplit, methods: list[str], warm_key: str) -> Path:
+def scores_path(args: SelectArgs, split: Splits, methods: list[str], warm_key: str, per_target: bool = False) -> Path:
     """Where :func:`score_pool` caches the scores of ``methods`` on this pool, target and warm-up."""
     key = training_key(
         {
@@ -361,7 +367,7 @@ def scores_path(args: SelectArgs, split: PoolSplit, methods: list[str], warm_key
             "warm_up": warm_key,
             "methods": methods,
             **key_settings(args, "scores"),
-            **({"strategy": args.strategy} if args.strategy != "top" else {}),  # earlier keys still hold
+            **({"strategy": "per-target"} if per_target else {}),  # earlier keys still hold
             "pool": training_key({}, split.pairs("pool")),
         },
         split.pairs("target"),
@@ -370,11 +376,13 @@ def scores_path(args: SelectArgs, split: PoolSplit, methods: list[str], warm_key
 
 
 def score_pool(
-    args: SelectArgs, learner: Learner, split: PoolSplit, methods: list[str], warm_key: str
+    args: SelectArgs, learner: Learner, split: Splits, methods: list[str], warm_key: str, per_target: bool = False
 ) -> dict[str, torch.Tensor]:
     """Every method's scores of the pool against the target, the pool's training loss and the norms that
-    turn a score into a cosine (``gradient_norm``, ``direction_norm/<method>``); cached by a key of them all."""
-    path = scores_path(args, split, methods, warm_key)
+    turn a score into a cosine (``gradient_norm``, ``direction_norm/<method>``), and with ``per_target`` each
+    target row's most helpful pool rows by the first method (``per_target``, as deep as the largest
+    selection); cached by a key of them all."""
+    path = scores_path(args, split, methods, warm_key, per_target)
     from safetensors.torch import load_file, save_file
 
     if path.exists():
@@ -407,7 +415,7 @@ def score_pool(
     )
     remove_if_empty(checkpoints.parent)
     result = {f"score/{m}": scored[m] for m in methods}
-    if args.strategy == "per-target":  # each target's own best rows, as deep as the largest selection needs
+    if per_target:
         depth = selection_size(max(args.fractions), len(split.pairs("pool")))
         result["per_target"] = engine.top_k(pool, target, k=depth, method=methods[0]).helpful
     result["train_loss"] = scored.train_loss
@@ -465,7 +473,7 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
     learner = make_learner(args, split.pool.label_names)
     warm = warm_up(args, learner, split.pairs("pool"))
     target_loss = target_loss_by_label(learner, split, args.batch_size)
-    scored = score_pool(args, learner, split, [args.method], warm["key"])
+    scored = score_pool(args, learner, split, [args.method], warm["key"], args.strategy == "per-target")
     scores = method_scores(scored, args.method, args.normalize)
     lengths = torch.tensor(learner.token_lengths(split.pool.texts))
     selections = keep_rows(args, scored, scores, split.pool.labels)

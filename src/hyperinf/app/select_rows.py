@@ -9,7 +9,7 @@ balance, and each ``selected_<pct>.jsonl`` holds the chosen rows as they were re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,8 @@ class RowSplit:
     target: Encoded
     pool_index: list[int]  # positions in ``pool.examples`` that form the pool (the rest is the held-out target)
     target_index: list[int]
-    frame: Any  # the --task table as read
+    frame: Any  # the --task table as read (the noisy variant's: the pool's answer keys)
+    test: list[dict[str, Any]] = field(default_factory=list)  # held-out rows as read, clean (the study's test set)
 
     def pairs(self, which: str) -> list[dict[str, Any]]:
         """The examples of the pool or the target, in order (what :func:`score_pool` and the warm-up take)."""
@@ -75,29 +76,52 @@ class RowSplit:
         return [self.pool.rows[i] for i in self.pool_index]
 
 
-def load_row_split(args: SelectArgs, tokenizer: Any) -> RowSplit:
+def load_row_split(
+    args: SelectArgs, tokenizer: Any, *, n_test: int = 0, variant: str = "clean", noise: float = 0.2
+) -> RowSplit:
     """The pool (``--n-pool`` rows, seeded, or all) and the target (``--target``, or ``--n-target`` rows held out)
-    of a file or a built-in multiple-choice task (built with seed 0 whatever ``--seed``: the same task each run)."""
+    of a file or a built-in multiple-choice task (built with seed 0 whatever ``--seed``: the same task each run);
+    ``n_test`` more rows held out as a test set. ``variant="noisy"`` (built-in tasks only) draws the pool from
+    the task's noisy variant (``noise`` of its answer keys replaced): only the pool holds replaced keys, the target
+    and test rows are clean."""
     import pandas as pd
 
+    if variant != "clean" and args.task not in CHOICE_TASKS:
+        raise ConfigurationError(
+            f"--variant {variant} replaces answer keys of a built-in multiple-choice task ({', '.join(CHOICE_TASKS)}), "
+            f"and --task {args.task} is not one: use --variant clean"
+        )
     options = {"format": args.format, "columns": args.columns, "max_length": args.max_length}
-    frame = read_table(pd.DataFrame(choice_rows(args.task)) if args.task in CHOICE_TASKS else args.task)
+
+    def table(which: str) -> Any:
+        return read_table(
+            pd.DataFrame(choice_rows(args.task, variant=which, noise=noise)) if args.task in CHOICE_TASKS else args.task
+        )
+
+    frame = table(variant)
     pool = encode(frame, tokenizer, "causal-lm", name=args.task, **options)
+    held_frame, held = (frame, pool) if variant == "clean" else (table("clean"), None)
+    if held is None:
+        held = encode(held_frame, tokenizer, "causal-lm", name=args.task, **options)
+        if held.rows != pool.rows:
+            raise DataError(f"the {variant} and clean rows of {args.task} encode to different rows: report this")
     order = torch.randperm(len(pool.examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
     if args.target is not None:
         target = encode(read_table(args.target), tokenizer, "causal-lm", name=str(args.target), **options)
         target_index = list(range(len(target.examples)))
     else:
-        if args.n_target >= len(order):
+        if args.n_target + n_test >= len(order):
             raise DataError(
-                f"--n-target {args.n_target} leaves no pool of the {len(order)} usable rows of {args.task}: lower "
-                "--n-target or pass --target FILE"
+                f"--n-target {args.n_target}{f' and --n-test {n_test} leave' if n_test else ' leaves'} no pool of the "
+                f"{len(order)} usable rows of {args.task}: lower them or pass --target FILE"
             )
-        target, target_index, order = pool, sorted(order[: args.n_target]), order[args.n_target :]
+        target, target_index, order = held, sorted(order[: args.n_target]), order[args.n_target :]
+    test = [{str(k): plain_value(v) for k, v in held_frame.iloc[held.rows[i]].items()} for i in sorted(order[:n_test])]
+    order = order[n_test:]
     pool_index = sorted(order[: args.n_pool] if args.n_pool else order)
     for fraction in args.fractions:
         selection_size(fraction, len(pool_index))
-    return RowSplit(pool, target, pool_index, target_index, frame)
+    return RowSplit(pool, target, pool_index, target_index, frame, test)
 
 
 def row_learner(args: SelectArgs) -> Learner:
@@ -125,7 +149,7 @@ def run_select_rows(args: SelectArgs) -> dict[str, Any]:
     if args.target is not None:
         print(split.target.summary(str(args.target)))
     warm = warm_up(args, learner, split.pairs("pool"))
-    scored = score_pool(args, learner, split, [args.method], warm["key"])
+    scored = score_pool(args, learner, split, [args.method], warm["key"], args.strategy == "per-target")
     scores = method_scores(scored, args.method, args.normalize)
     lengths = torch.tensor([len(e["input_ids"]) for e in split.pairs("pool")])
     selections = keep_rows(args, scored, scores, None)

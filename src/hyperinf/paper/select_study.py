@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from hyperinf.app.arguments import add_options, check_methods, from_namespace, method_list, option, override
+from hyperinf.app.choicetasks import OPTIONS
 from hyperinf.app.finetune import (
     Schedule,
     load_trainable,
@@ -36,6 +38,7 @@ from hyperinf.app.report import new_figure, save_figure
 from hyperinf.app.select import (
     PoolSplit,
     SelectArgs,
+    Splits,
     composition,
     fraction_label,
     load_pool_split,
@@ -45,13 +48,17 @@ from hyperinf.app.select import (
     target_loss_by_label,
     warm_up,
 )
+from hyperinf.app.select_rows import load_row_split, reads_rows, row_learner
 from hyperinf.errors import DataError
+from hyperinf.hf.choices import answer_choices
+from hyperinf.hf.formats import answer_index
+from hyperinf.hf.lm import mean_hidden_states
 from hyperinf.results import atomic_write, write_json
-from hyperinf.selection import select_top
+from hyperinf.selection import representation_scores, round_robin, select_top, selection_size
 
 STUDY_METHODS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
 DENSE_METHODS = ("ekfac",)  # Table 4 compares EK-FAC on the dense last block
-REFERENCES = ("less", "training loss", "random")
+REFERENCES = ("less", "training loss", "RDS+", "random")
 LEVELS = ("full pool", "warm-up only")  # one accuracy each, drawn as horizontal lines
 
 
@@ -63,9 +70,12 @@ class StudyArgs(SelectArgs):
     variant: str = option(
         "clean",
         choices=("clean", "noisy"),
-        help="clean pool (the paper's setting) or noisy: --flip-fraction of pool labels flipped",
+        help="clean pool (the paper's setting) or noisy: --flip-fraction of pool labels flipped (of a "
+        "multiple-choice task's answer keys replaced by a distractor's)",
     )
-    flip_fraction: float = option(0.2, help="share of flipped pool labels with --variant noisy (default: %(default)s)")
+    flip_fraction: float = option(
+        0.2, help="share of flipped pool labels (replaced answer keys) with --variant noisy (default: %(default)s)"
+    )
     n_pool: int = override(SelectArgs, "n_pool", default=400)
     n_target: int = override(SelectArgs, "n_target", default=50)
     n_test: int = option(200, help="held-out test examples (default: %(default)s)")
@@ -115,81 +125,182 @@ def study_split(args: StudyArgs) -> PoolSplit:
     )
 
 
-def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One seed: split, warm up, score, then train and test on every selection."""
+@dataclass
+class Setup:
+    """One seed's material, whatever its rows: the learner, the pool / target / test split and how a selection
+    is described and a model is tested (labelled texts: :func:`label_setup`; multiple-choice rows:
+    :func:`choice_setup`)."""
+
+    learner: Learner
+    split: Splits
+    labels: torch.Tensor | None  # the pool's labels (what --balance keeps the shares of); None: no labels
+    lengths: torch.Tensor  # tokens per pool example
+    flipped: torch.Tensor  # pool examples whose label or answer key the noisy variant replaced
+    test_key: str  # names the test set in the evaluation cache
+    measure: Callable[[], dict[str, float]]  # test accuracy of the model now loaded
+    make_up: Callable[[torch.Tensor], dict[str, float]]  # a selection's shares of labels (or topics, answer keys)
+
+
+def label_setup(args: StudyArgs) -> Setup:
+    """Labelled texts (tweets, BBC titles): accuracy of the predicted label, overall and per true label."""
     split = study_split(args)
     if split.test.labels.numel() == 0:
         raise DataError(
             "the protocol needs a test set: raise --n-test (and leave --target unset: the test set is held out of --task)"
         )
     learner = make_learner(args, split.pool.label_names)
+    lengths = torch.tensor(learner.token_lengths(split.pool.texts))
+
+    def measure() -> dict[str, float]:
+        # per true label too: a model that answers one label to everything shows as 1 and 0
+        test = split.test
+        correct = (learner.predict(test.texts, args.batch_size) == test.labels).double()
+        return {"accuracy": float(correct.mean())} | {
+            f"accuracy_{name}": float(correct[test.labels == i].mean())
+            for i, name in enumerate(test.label_names)
+            if (test.labels == i).any()
+        }
+
+    def make_up(picked: torch.Tensor) -> dict[str, float]:
+        made = composition(split.pool, picked, lengths)
+        return {f"share_{name}": count / made["size"] for name, count in made["labels"].items()}
+
+    test_key = training_key({}, split.pairs("test"))
+    return Setup(learner, split, split.pool.labels, lengths, split.flipped, test_key, measure, make_up)
+
+
+def choice_setup(args: StudyArgs) -> Setup:
+    """Multiple-choice rows (``bbc-title-mc``, ``bbc-next-mc`` or a file): trained on prompt -> correct option,
+    tested like lm-eval-harness (``accuracy`` = acc, ``accuracy_norm`` = acc_norm, and acc per topic)."""
+    learner = row_learner(args)
+    split = load_row_split(args, learner.tokenizer, n_test=args.n_test, variant=args.variant, noise=args.flip_fraction)
+    if split.pool.format != "multiple-choice":
+        raise DataError(
+            f"the protocol tests on multiple-choice rows, and {args.task} holds {split.pool.format} rows: "
+            "use hyperinf select for them"
+        )
+    if not split.test:
+        raise DataError("the protocol needs a test set: raise --n-test")
+    fields = split.frame.iloc[split.pool_rows()].reset_index(drop=True)
+    lengths = torch.tensor([len(e["input_ids"]) for e in split.pairs("pool")])
+    replaced = fields["key_replaced"] if "key_replaced" in fields else [False] * len(fields)
+    flipped = torch.tensor([bool(v) for v in replaced], dtype=torch.bool)
+
+    keys = torch.tensor([answer_index(row) for row in split.test])
+    topics = [str(row.get("topic")) for row in split.test]
+    pool_keys = torch.tensor([answer_index(row) for row in fields.to_dict("records")])
+
+    def measure() -> dict[str, float]:
+        answers = answer_choices(learner.model, learner.tokenizer, split.test, args.batch_size)
+        result = answers.accuracy(keys.tolist())
+        for topic in sorted(set(topics) - {"None"}):
+            mine = torch.tensor([t == topic for t in topics])
+            result[f"accuracy_{topic}"] = float((answers.answer[mine] == keys[mine]).double().mean())
+        return result
+
+    def make_up(picked: torch.Tensor) -> dict[str, float]:
+        shares = {f"share_key_{k}": float((pool_keys[picked] == k).double().mean()) for k in range(OPTIONS)}
+        if "topic" in fields:
+            chosen = fields["topic"].iloc[picked.tolist()]
+            shares |= {f"share_{t}": float((chosen == t).mean()) for t in sorted(fields["topic"].unique())}
+        return shares
+
+    return Setup(learner, split, None, lengths, flipped, training_key({}, split.test), measure, make_up)
+
+
+def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One seed: split, warm up, score, then train and test on every selection."""
+    setup = choice_setup(args) if reads_rows(args) else label_setup(args)
+    learner, split = setup.learner, setup.split
     warm = warm_up(args, learner, split.pairs("pool"))
     warm_state = trainable_state(learner.model)
-    target_loss = target_loss_by_label(learner, split, args.batch_size)
+    record: dict[str, Any] = {"seed": args.seed, "warm_up": warm}
+    if isinstance(split, PoolSplit):
+        record["target_loss_by_label"] = target_loss_by_label(learner, split, args.batch_size)
     start = time.perf_counter()
-    scored = score_pool(args, learner, split, list(args.methods), warm["key"])
-    timing = {"scoring_seconds": time.perf_counter() - start, **pass_costs(learner, split, args.batch_size)}
-    lengths = torch.tensor(learner.token_lengths(split.pool.texts))
-    test = Evaluation(args, learner, split, warm_state, warm["key"])
+    scored = score_pool(args, learner, split, list(args.methods), warm["key"], per_target=True)
+    scoring = time.perf_counter() - start
+    start = time.perf_counter()
+    similarity = rds_scores(learner, split, args.batch_size)
+    record["timing"] = {
+        "scoring_seconds": scoring,
+        "rds_seconds": time.perf_counter() - start,
+        **pass_costs(learner, split, args.batch_size),
+    }
+    record["n"] = {"pool": len(split.pairs("pool")), "target": len(split.pairs("target"))}
+    test = Evaluation(args, setup, warm_state, warm["key"])
     rows = [test.row("warm-up only", 0.0, None)]
-    for name, scores in selectors(args, scored, split).items():
-        for fraction in args.fractions:
-            rows.append(
-                test.row(name, fraction, select_top(scores, fraction, split.pool.labels, balance=args.balance), lengths)
-            )
+    for name, picks in selections(args, scored, similarity, setup).items():
+        rows += [test.row(name, fraction, picked) for fraction, picked in picks.items()]
+    n = len(setup.lengths)
     for draw in range(args.random_draws):
-        permutation = torch.rand(
-            split.pool.labels.numel(), generator=torch.Generator().manual_seed(1000 * args.seed + draw)
-        )
+        permutation = torch.rand(n, generator=torch.Generator().manual_seed(1000 * args.seed + draw))
         for fraction in args.fractions:
             # Under --balance random keeps every label's share too: the methods are compared with a draw of the same make-up.
-            picked = select_top(permutation, fraction, split.pool.labels, balance=args.balance)
-            rows.append({**test.row("random", fraction, picked, lengths), "draw": draw})
-    rows.append(test.row("full pool", 1.0, torch.arange(split.pool.labels.numel()), lengths))
-    record = {
-        "seed": args.seed,
-        "warm_up": warm,
-        "timing": timing,
-        "n": {k: getattr(split, k).labels.numel() for k in ("pool", "target", "test")},
-        "target_loss_by_label": target_loss,
-    }
+            picked = select_top(permutation, fraction, setup.labels, balance=args.balance)
+            rows.append({**test.row("random", fraction, picked), "draw": draw})
+    rows.append(test.row("full pool", 1.0, torch.arange(n)))
     return [{"seed": args.seed, **row} for row in rows], record
 
 
-def selectors(args: StudyArgs, scored: dict[str, torch.Tensor], split: PoolSplit) -> dict[str, torch.Tensor]:
-    """Scores to select by (most negative kept): every method, LESS's cosine and the training loss."""
-    result = {m: method_scores(scored, m, args.normalize) for m in args.methods}
+@torch.no_grad()
+def rds_scores(learner: Learner, split: Splits, batch_size: int) -> torch.Tensor:
+    """RDS+: each pool example's highest cosine with a target example, between the warm-up model's mean final
+    hidden states (negated: most similar kept first)."""
+    pool, target = (
+        mean_hidden_states(learner.model, learner.loader(split.pairs(which), batch_size))
+        for which in ("pool", "target")
+    )
+    return representation_scores(pool, target, "max")
+
+
+def selections(
+    args: StudyArgs, scored: dict[str, torch.Tensor], similarity: torch.Tensor, setup: Setup
+) -> dict[str, dict[float, torch.Tensor]]:
+    """Per selector and fraction, the pool examples kept: every method by its scores, the first method also
+    by cosine and per target (BIDS' turns; not under --balance), LESS (TracIn's cosine), the lowest training
+    loss and RDS+."""
+    first = args.methods[0]
+    scores = {m: method_scores(scored, m, args.normalize) for m in args.methods}
+    if not args.normalize:
+        scores[f"{first} cos"] = method_scores(scored, first, normalize=True)
     if "tracin" in args.methods:
-        result["less"] = method_scores(scored, "tracin", normalize=True)
-    result["training loss"] = scored["train_loss"]
+        scores["less"] = method_scores(scored, "tracin", normalize=True)
+    scores["training loss"] = scored["train_loss"]
+    scores["RDS+"] = similarity
+    result = {
+        name: {f: select_top(s, f, setup.labels, balance=args.balance) for f in args.fractions}
+        for name, s in scores.items()
+    }
+    if not args.balance:
+        n = len(setup.lengths)
+        result[f"{first} per-target"] = {
+            f: round_robin(scored["per_target"], selection_size(f, n)) for f in args.fractions
+        }
     return result
 
 
 class Evaluation:
     """Continue training from the warm-up on a selection (cached) and measure test accuracy (cached)."""
 
-    def __init__(
-        self, args: StudyArgs, learner: Learner, split: PoolSplit, warm_state: dict[str, torch.Tensor], warm_key: str
-    ) -> None:
-        self.args, self.learner, self.split, self.warm_state, self.warm_key = args, learner, split, warm_state, warm_key
+    def __init__(self, args: StudyArgs, setup: Setup, warm_state: dict[str, torch.Tensor], warm_key: str) -> None:
+        self.args, self.setup, self.warm_state, self.warm_key = args, setup, warm_state, warm_key
         self.schedule = Schedule(epochs=args.continue_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-        self.test_key = training_key({}, split.pairs("test"))
+        self.pool = setup.split.pairs("pool")
 
-    def row(
-        self, selector: str, fraction: float, picked: torch.Tensor | None, lengths: torch.Tensor | None = None
-    ) -> dict[str, Any]:
+    def row(self, selector: str, fraction: float, picked: torch.Tensor | None) -> dict[str, Any]:
         """One table cell: train on ``picked`` (``None``: keep the warm-up) and test; the selection's make-up."""
-        pool = self.split.pool
-        load_trainable(self.learner.model, self.warm_state)  # every cell starts from the warm-up
+        learner = self.setup.learner
+        load_trainable(learner.model, self.warm_state)  # every cell starts from the warm-up
         key, training = self.warm_key, None
         if picked is not None:
-            pairs = [(pool.texts[i], int(pool.labels[i])) for i in sorted(picked.tolist())]
+            pairs = [self.pool[i] for i in sorted(picked.tolist())]
             key = training_key({"stage": "continue", "warm_up": self.warm_key, **asdict(self.schedule)}, pairs)
             training = train_or_load(
-                self.learner.model,
-                self.learner.loss,
+                learner.model,
+                learner.loss,
                 pairs,
-                self.learner.collate,
+                learner.collate,
                 self.schedule,
                 self.args.cache_dir / f"{key}.safetensors",
                 progress=self.args.progress,
@@ -201,45 +312,37 @@ class Evaluation:
             **self.accuracy(key),
             "trained_seconds": training and training["seconds"],
         }
-        if picked is not None and lengths is not None:
-            made = composition(pool, picked, lengths)
-            row["size"] = made["size"]
-            row["mean_tokens"] = made["tokens"]["mean"]
-            row.update({f"share_{name}": count / made["size"] for name, count in made["labels"].items()})
-            if self.split.flipped.any():
-                row["flipped_kept"] = float(self.split.flipped[picked].double().mean())
+        if picked is not None:
+            row["size"] = picked.numel()
+            row["mean_tokens"] = float(self.setup.lengths[picked].double().mean())
+            row.update(self.setup.make_up(picked))
+            if self.setup.flipped.any():
+                row["flipped_kept"] = float(self.setup.flipped[picked].double().mean())
         return row
 
     def accuracy(self, model_key: str) -> dict[str, float]:
-        """Test accuracy of the model now loaded, overall and per true label (``accuracy_<label>``: a model
-        that answers one label to everything shows as 1 and 0), cached by its weights' key and the test set."""
-        path = self.args.cache_dir.parent / "evals" / f"{model_key}_{self.test_key}.json"
+        """Test accuracy of the model now loaded (:attr:`Setup.measure`), cached by its weights' key and the test set."""
+        path = self.args.cache_dir.parent / "evals" / f"{model_key}_{self.setup.test_key}.json"
         if path.exists():
             cached = json.loads(path.read_text())
             if len(cached) > 1:  # evaluations cached before per-label accuracy are redone
                 return cached
-        test = self.split.test
-        correct = (self.learner.predict(test.texts, self.args.batch_size) == test.labels).double()
-        result = {"accuracy": float(correct.mean())}
-        result |= {
-            f"accuracy_{name}": float(correct[test.labels == i].mean())
-            for i, name in enumerate(test.label_names)
-            if (test.labels == i).any()
-        }
+        result = self.setup.measure()
         write_json(path, result)
         return result
 
 
-def pass_costs(learner: Learner, split: PoolSplit, batch_size: int, batches: int = 2) -> dict[str, float]:
+def pass_costs(learner: Learner, split: Splits, batch_size: int, batches: int = 2) -> dict[str, float]:
     """Seconds per example of a plain forward+backward of the pool's first batches (the yardstick of the scoring pass)."""
-    loader = learner.loader(split.pairs("pool")[: batches * batch_size], batch_size)
+    examples = split.pairs("pool")[: batches * batch_size]
+    loader = learner.loader(examples, batch_size)
     learner.model.zero_grad()
     start = time.perf_counter()
     for batch in loader:
         learner.loss(learner.model, batch).mean().backward()
     seconds = time.perf_counter() - start
     learner.model.zero_grad(set_to_none=True)
-    return {"forward_backward_seconds_per_example": seconds / min(batches * batch_size, split.pool.labels.numel())}
+    return {"forward_backward_seconds_per_example": seconds / len(examples)}
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -302,25 +405,25 @@ def print_study(args: StudyArgs, summary: list[dict[str, Any]]) -> None:
         f"\ntest accuracy after training on the kept share ({args.model}, {'dense last block' if args.dense else f'LoRA r={args.rank}'}, "
         f"{args.task}, {args.variant} pool, {seeds} seed{'s' if seeds != 1 else ''}{', mean ± std' if seeds > 1 else ''})"
     )
+    selectors = list(dict.fromkeys(e["selector"] for e in summary))
     fractions = sorted({e["fraction"] for e in summary if e["selector"] not in LEVELS})
-    print(f"{'selector':<16}" + "".join(f"{fraction_label(f):>16}" for f in fractions))
-    for selector in dict.fromkeys(e["selector"] for e in summary):
-        cells = {e["fraction"]: e for e in summary if e["selector"] == selector}
-        if selector in LEVELS:
-            entry = next(iter(cells.values()))
-            print(f"{selector:<16}{_cell(entry, 'accuracy', seeds):>16}")
-            continue
-        print(
-            f"{selector:<16}"
-            + "".join(f"{_cell(cells[f], 'accuracy', seeds) if f in cells else '':>16}" for f in fractions)
-        )
+    tables = [("accuracy", "accuracy")]
+    if any("accuracy_norm" in e for e in summary):
+        tables.append(("accuracy_norm", "acc_norm (log-likelihood per character)"))
     if args.variant == "noisy":
-        print("share of flipped labels among the kept examples (the pool has %.0f%%)" % (100 * args.flip_fraction))
-        for selector in dict.fromkeys(e["selector"] for e in summary if e["selector"] not in LEVELS):
+        share = 100 * args.flip_fraction
+        tables.append(
+            ("flipped_kept", f"share of flipped labels / replaced keys among the kept (the pool has {share:.0f}%)")
+        )
+    for column, title in tables:
+        print(f"{title}\n{'selector':<20}" + "".join(f"{fraction_label(f):>16}" for f in fractions))
+        for selector in selectors:
             cells = {e["fraction"]: e for e in summary if e["selector"] == selector}
-            print(
-                f"{selector:<16}" + "".join(f"{_cell(cells.get(f, {}), 'flipped_kept', seeds):>16}" for f in fractions)
-            )
+            if selector in LEVELS:
+                if column != "flipped_kept":
+                    print(f"{selector:<20}{_cell(next(iter(cells.values())), column, seeds):>16}")
+                continue
+            print(f"{selector:<20}" + "".join(f"{_cell(cells.get(f, {}), column, seeds):>16}" for f in fractions))
 
 
 def _cell(entry: dict[str, Any], column: str, seeds: int) -> str:

@@ -53,7 +53,12 @@ def label_measures(run: Path) -> dict[int, dict[str, dict[str, float]]]:
     for record in recorded["seeds"]:
         seeded = replace(args, seed=record["seed"])
         split = study_split(seeded)
-        path = scores_path(seeded, split, list(seeded.methods), record["warm_up"]["key"])
+        # the study scores per target too; runs made before it did cached without
+        paths = [
+            scores_path(seeded, split, list(seeded.methods), record["warm_up"]["key"], per_target)
+            for per_target in (True, False)
+        ]
+        path = next((p for p in paths if p.exists()), paths[0])
         if not path.exists():
             raise DataError(
                 f"{run}: seed {record['seed']}'s scores are not in the cache ({path}): rerun the study's command to make them"
