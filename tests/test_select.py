@@ -61,7 +61,7 @@ def select_args(data_file, tmp_path, **changes):
 
 
 def test_select_writes_the_k_most_helpful_rows_and_reuses_its_caches(data_file, tmp_path):
-    args = select_args(data_file, tmp_path)
+    args = select_args(data_file, tmp_path, balance=False)
     run_select(args)
     frame = pd.read_parquet(args.out / "scores.parquet")
     assert list(frame.columns) == ["row_id", "text", "label", "score", "rank", "token_length"]
@@ -141,24 +141,47 @@ def test_target_loss_by_label_equals_a_loop_of_single_examples(data_file, tmp_pa
     assert "target loss by label" in capsys.readouterr().out
 
 
-def test_balance_keeps_the_pools_label_shares(data_file, tmp_path):
-    args = select_args(data_file, tmp_path, balance=True, fractions=(0.2,))
+def test_labelled_rows_keep_the_pools_label_shares_by_default(data_file, tmp_path, capsys):
+    """Without --balance / --no-balance a labelled pool is selected per label (each label its most helpful rows),
+    as with --balance; --no-balance ranks the whole pool."""
+    args = select_args(data_file, tmp_path, fractions=(0.2,))
     run_select(args)
-    made = json.loads((args.out / "arguments.json").read_text())["selections"]["20pct"]["labels"]
-    assert made == {"negative": 4, "positive": 4}  # 20 of each label in the pool
+    assert "each label's share of the pool (the default" in capsys.readouterr().out
+    written = json.loads((args.out / "arguments.json").read_text())
+    assert written["balanced"] and written["selections"]["20pct"]["labels"] == {"negative": 4, "positive": 4}
+    frame = pd.read_parquet(args.out / "scores.parquet").sort_values(["score", "row_id"])
+    kept = [json.loads(line)["row_id"] for line in (args.out / "selected_20pct.jsonl").read_text().splitlines()]
+    expected = {i for label in ("negative", "positive") for i in frame[frame.label == label]["row_id"][:4]}
+    assert set(kept) == expected  # 20 of each label in the pool: each keeps its 4 most helpful
+    explicit = select_args(data_file, tmp_path, fractions=(0.2,), balance=True, out=tmp_path / "explicit")
+    run_select(explicit)
+    assert (explicit.out / "selected_20pct.jsonl").read_text() == (args.out / "selected_20pct.jsonl").read_text()
+    plain = select_args(data_file, tmp_path, fractions=(0.2,), balance=False, out=tmp_path / "plain")
+    run_select(plain)
+    kept = [json.loads(line)["row_id"] for line in (plain.out / "selected_20pct.jsonl").read_text().splitlines()]
+    assert kept == frame["row_id"].tolist()[:8]
 
 
 @pytest.mark.parametrize(
     "options, message",
     [
         ("--fraction 0.2,1.5", ["--fraction", "(0, 1]"]),
-        ("--fraction 0.01", ["< 1 example", "--fraction"]),
+        ("--fraction 0.01", ["< 1 example", "--fraction", "--no-balance"]),
+        ("--fraction 0.01 --no-balance", ["of the pool (40 examples)", "< 1 example", "--fraction"]),
         ("--target {tmp}/target.csv", ["labels the pool lacks", "'neutral'"]),
         ("--task {tmp}/one.csv", ["single class", "--label-column"]),
         ("--text-column body", ["no text column 'body'", "--text-column"]),
         ("--task {tmp}/empty.csv", ["is empty"]),
     ],
-    ids=["fraction above 1", "fewer than one", "unknown target label", "single class", "missing column", "empty pool"],
+    ids=[
+        "fraction above 1",
+        "fewer than one per label",
+        "fewer than one",
+        "unknown target label",
+        "single class",
+        "missing column",
+        "empty pool",
+    ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(data_file, tmp_path, capsys, options, message):
     pd.DataFrame({"text": ["a b", "c d"], "label": ["neutral", "positive"]}).to_csv(
@@ -363,7 +386,8 @@ def test_a_jsonl_pool_keeps_every_usable_row_and_its_selections_read_back(tmp_pa
     selected = first / "selected_50pct.jsonl"
     kept = [json.loads(line) for line in selected.read_text().splitlines()]
     second = tmp_path / "second"
-    assert main([*common, "--task", str(selected), "--target", str(selected), "--out", str(second)]) == 0
+    read_back = ["--task", str(selected), "--target", str(selected), "--fraction", "0.5", "--out", str(second)]
+    assert main([*common, *read_back]) == 0
     again = pd.read_parquet(second / "scores.parquet").sort_values("row_id")
     assert again["row_id"].tolist() == list(range(len(kept)))  # a row id is the row's position in the file
     assert again["text"].tolist() == [row["text"] for row in kept]

@@ -45,10 +45,12 @@ def option(
     engine: bool = False,
     default_factory: Callable[[], Any] | None = None,
     folder: bool = False,
+    negatable: bool = False,
 ) -> Any:
     """A dataclass field and its option (none without ``help``). ``key``: the cache key it enters;
     ``engine``: it is the :class:`hyperinf.InfluenceEngine` keyword argument of the same name; ``folder``:
-    its value may be a folder of saved weights, which enters the key with its files' sizes and times."""
+    its value may be a folder of saved weights, which enters the key with its files' sizes and times;
+    ``negatable``: a flag with a ``--no-`` form, whose default (``None``: decided by the command) neither sets."""
     if parse is None and default not in (MISSING, None) and not isinstance(default, (bool, tuple)):
         parse = type(default)
     metadata = {
@@ -59,6 +61,7 @@ def option(
         "key": key,
         "engine": engine,
         "folder": folder,
+        "negatable": negatable,
     }
     if default is MISSING and default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
@@ -127,6 +130,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Collection[
         default = defaults[f.name] if f.name in defaults else _default(f)
         flag = _flag(f)
         help = spec["help"].replace("%(default)s", _shown(default))
+        if spec.get("negatable"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help)
+            continue
         if isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=help)
             continue

@@ -96,7 +96,12 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
         help="rank by -cos(H^-1 v, g_k) instead of the inner product (LESS: against the bias toward short texts "
         "with large gradients)",
     )
-    balance: bool = option(False, help="keep the same fraction of every label")
+    balance: bool | None = option(
+        None,
+        negatable=True,
+        help="keep the same fraction of every label (default: on for labelled rows with --strategy top: without it "
+        "the selections collapse onto the labels the warm-up gets wrong, see README; --no-balance ranks the whole pool)",
+    )
     strategy: str = option(
         "top",
         choices=STRATEGIES,
@@ -186,6 +191,11 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
             raise ConfigurationError(f"--cache-gib {self.cache_gib:g}: must be at least 0 (0 keeps nothing in memory)")
         super().__post_init__()  # checks the engine options, the dtype set here too
 
+    def balances(self, labelled: bool) -> bool:
+        """Whether selections keep every label's share: ``--balance`` / ``--no-balance``, or by default for
+        labelled rows ranked against the target's mean gradient (``--strategy top``)."""
+        return self.balance if self.balance is not None else labelled and self.strategy == "top"
+
     def model_settings(self) -> dict[str, Any]:
         """What the trained or given weights depend on: the training key's settings, and the adapter when one is
         given (stamped with its files, like a model folder; absent otherwise, so earlier keys still hold)."""
@@ -247,7 +257,7 @@ def load_pool_split(args: SelectArgs, *, n_test: int = 0, flip_fraction: float =
             torch.zeros(pool.labels.numel(), dtype=torch.bool),
             {"task": data, "target": read},
         )
-    check_selectable(result.pool, args.fractions, args.balance)
+    check_selectable(result.pool, args.fractions, args.balances(labelled=True), asked=args.balance is not None)
     return result
 
 
@@ -277,8 +287,9 @@ def aligned(target: TextDataset, label_names: list[str]) -> TextDataset:
     return replace(target, labels=index[target.labels], label_names=list(label_names))
 
 
-def check_selectable(pool: TextDataset, fractions: tuple[float, ...], balance: bool) -> None:
-    """Refuse, before any training, a pool or fraction that cannot give a selection."""
+def check_selectable(pool: TextDataset, fractions: tuple[float, ...], balance: bool, asked: bool = True) -> None:
+    """Refuse, before any training, a pool or fraction that cannot give a selection (``asked``: ``balance`` was
+    given, not the default)."""
     if pool.labels.numel() == 0:
         raise DataError("the candidate pool is empty: pass a --task with rows (or raise --n-pool)")
     if pool.labels.unique().numel() < 2:
@@ -291,9 +302,16 @@ def check_selectable(pool: TextDataset, fractions: tuple[float, ...], balance: b
     for fraction in fractions:
         if balance:
             for label in pool.labels.unique().tolist():
-                selection_size(
-                    fraction, int((pool.labels == label).sum()), f"label {pool.label_names[label]!r} of the pool"
-                )
+                try:
+                    selection_size(
+                        fraction, int((pool.labels == label).sum()), f"label {pool.label_names[label]!r} of the pool"
+                    )
+                except DataError as error:
+                    if asked:
+                        raise
+                    raise DataError(
+                        f"{error}, or pass --no-balance (by default each label keeps its share of the pool)"
+                    ) from None
         else:
             selection_size(fraction, pool.labels.numel())
 
@@ -481,6 +499,7 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
         "warm_up": warm,
         "target_loss_by_label": target_loss,
         "skipped_rows": {which: data.skipped for which, data in split.files.items()},
+        "balanced": args.balances(labelled=True),
     }
     write_selection(args, split.pool, scores, lengths, selections, records)
     print(
@@ -488,6 +507,8 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
     )
     shares = ", ".join(f"{name} {v['loss_share']:.0%} ({v['n']} examples)" for name, v in target_loss.items())
     print(f"  the warm-up model's target loss by label: {shares} (selections lean toward the labels that carry it)")
+    if args.balances(labelled=True) and args.balance is None:
+        print("  every selection keeps each label's share of the pool (the default for labelled rows; --no-balance)")
     for fraction, picked in selections.items():
         made = composition(split.pool, picked, lengths)
         print(
@@ -497,7 +518,7 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
             print(
                 f"  warning: the {fraction:.0%} selection under-represents label {label!r} (less than half its share of the pool): "
                 "the target's mean gradient leans toward the labels the model gets wrong, and training on such a selection "
-                "can collapse onto them (docs/results.md); --balance keeps every label's share"
+                "can collapse onto them (docs/results.md); --balance (the default with --strategy top) keeps every label's share"
             )
     print(f"results written to {args.out}/")
     return {"scores": scores, "selections": selections}
@@ -509,7 +530,8 @@ def keep_rows(
     """Per fraction, the rows kept by ``args.strategy``: the most helpful by ``scores``, or the targets' turns."""
     if args.strategy == "per-target":
         return {f: round_robin(scored["per_target"], selection_size(f, scores.numel())) for f in args.fractions}
-    return {f: select_top(scores, f, labels, balance=args.balance) for f in args.fractions}
+    balance = args.balances(labelled=labels is not None)
+    return {f: select_top(scores, f, labels, balance=balance) for f in args.fractions}
 
 
 def skewed_labels(labels: torch.Tensor, picked: torch.Tensor, label_names: list[str]) -> list[str]:

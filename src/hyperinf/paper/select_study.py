@@ -92,7 +92,11 @@ class StudyArgs(SelectArgs):
     seeds: int = option(1, help="number of seeds; tables report mean ± std (default: %(default)s)")
     normalize: bool = override(SelectArgs, "normalize", help="select by -cos(H^-1 v, g_k) for every method")
     balance: bool = override(
-        SelectArgs, "balance", help="keep the same fraction of every label (the random selections too)"
+        SelectArgs,
+        "balance",
+        default=False,
+        negatable=False,
+        help="keep the same fraction of every label (the random selections too; the paper's protocol does not)",
     )
     out: Path = override(SelectArgs, "out", default=Path("runs/select-study"))
 
