@@ -320,8 +320,8 @@ COMMANDS = {  # command line, run function, the runs it makes, the keys of a run
         ["experiment", "select"],
         "hyperinf.paper.select_study.run_study",
         seeds_runs,
-        selection_keys(lambda args: list(args.methods), lambda args: True),  # the study always scores per target
-        [WARM_UP | {"--seeds"}, SCORES | {"--methods", "--seeds"}],
+        selection_keys(lambda args: list(args.methods), lambda args: not args.balance),
+        [WARM_UP | {"--seeds"}, SCORES | {"--methods", "--seeds", "--balance"}],  # --balance: no per-target pass
     ),
     "lds": (["experiment", "lds"], "hyperinf.paper.lds.run_lds", one_run, retraining_key, [RETRAINING]),
     "logo": (

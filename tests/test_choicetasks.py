@@ -83,6 +83,10 @@ def test_the_study_split_keeps_pool_target_and_test_apart_and_the_held_out_rows_
     assert pool["key_replaced"].sum() > 30  # about a fifth of 300
     by_article = {row["article"]: row for row in clean}
     assert all(row["answer"] == by_article[row["article"]]["answer"] and not row["key_replaced"] for row in split.test)
+    from hyperinf.hf.formats import encode
+
+    encoded = encode(pd.DataFrame(clean), tokenizer, "causal-lm", max_length=192).examples
+    assert split.pairs("target") == [encoded[i] for i in split.target_index]  # the target trains on the true keys
     replaced = pool[pool["key_replaced"]]
     assert all(a != by_article[art]["answer"] for a, art in zip(replaced["answer"], replaced["article"]))
     with pytest.raises(ConfigurationError, match="built-in multiple-choice task"):

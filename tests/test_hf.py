@@ -254,6 +254,7 @@ def test_answer_choices_picks_the_likeliest_option_overall_and_per_character(use
             expected.append(int(alone.argmax()))
             chars = torch.tensor([len(" " + c) for c in row["choices"]], dtype=torch.float64)
             expected_norm.append(int((alone / chars).argmax()))
+    assert expected != expected_norm  # the rows tell the two apart (the first: a short option wins only overall)
     for batch_size in (1, 4):
         answers = answer_choices(model, tokenizer, rows, batch_size)
         assert answers.answer.tolist() == expected and answers.answer_norm.tolist() == expected_norm

@@ -166,7 +166,7 @@ def test_labelled_rows_keep_the_pools_label_shares_by_default(data_file, tmp_pat
     "options, message",
     [
         ("--fraction 0.2,1.5", ["--fraction", "(0, 1]"]),
-        ("--fraction 0.01", ["< 1 example", "--fraction", "--no-balance"]),
+        ("--fraction 0.02", ["of label", "< 1 example", "--fraction", "--no-balance"]),
         ("--fraction 0.01 --no-balance", ["of the pool (40 examples)", "< 1 example", "--fraction"]),
         ("--target {tmp}/target.csv", ["labels the pool lacks", "'neutral'"]),
         ("--task {tmp}/one.csv", ["single class", "--label-column"]),
@@ -196,6 +196,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(data_file, tmp_path, cap
     assert status == 2 and len(err.strip().splitlines()) == 1
     for fragment in message:
         assert fragment in err
+    assert ("--no-balance" in err) == ("--no-balance" in message)  # the hint only where balancing is the cause
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 

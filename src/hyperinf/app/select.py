@@ -300,6 +300,7 @@ def check_selectable(pool: TextDataset, fractions: tuple[float, ...], balance: b
     if not fractions:
         raise DataError("no --fraction given: pass shares of the pool to keep, e.g. --fraction 0.05,0.2,0.4")
     for fraction in fractions:
+        selection_size(fraction, pool.labels.numel())
         if balance:
             for label in pool.labels.unique().tolist():
                 try:
@@ -312,8 +313,6 @@ def check_selectable(pool: TextDataset, fractions: tuple[float, ...], balance: b
                     raise DataError(
                         f"{error}, or pass --no-balance (by default each label keeps its share of the pool)"
                     ) from None
-        else:
-            selection_size(fraction, pool.labels.numel())
 
 
 def make_learner(args: SelectArgs, label_names: list[str]) -> Learner:
@@ -403,8 +402,11 @@ def score_pool(
     path = scores_path(args, split, methods, warm_key, per_target)
     from safetensors.torch import load_file, save_file
 
+    depth = selection_size(max(args.fractions), len(split.pairs("pool")))  # --fraction is not in the key
     if path.exists():
-        return load_file(str(path))
+        cached = load_file(str(path))
+        if not per_target or cached["per_target"].shape[1] >= depth:
+            return cached
     engine = InfluenceEngine(
         learner.model,
         learner.loss,
@@ -434,7 +436,6 @@ def score_pool(
     remove_if_empty(checkpoints.parent)
     result = {f"score/{m}": scored[m] for m in methods}
     if per_target:
-        depth = selection_size(max(args.fractions), len(split.pairs("pool")))
         result["per_target"] = engine.top_k(pool, target, k=depth, method=methods[0]).helpful
     result["train_loss"] = scored.train_loss
     result["gradient_norm"] = (-scored.self_influence).clamp_min(0).sqrt()
@@ -518,7 +519,7 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
             print(
                 f"  warning: the {fraction:.0%} selection under-represents label {label!r} (less than half its share of the pool): "
                 "the target's mean gradient leans toward the labels the model gets wrong, and training on such a selection "
-                "can collapse onto them (docs/results.md); --balance (the default with --strategy top) keeps every label's share"
+                "can collapse onto them (docs/results.md); --strategy top with --balance (its default) keeps every label's share"
             )
     print(f"results written to {args.out}/")
     return {"scores": scores, "selections": selections}

@@ -2,12 +2,14 @@
 
 Per seed: warm the model up on the whole pool, score the pool against the target set with every
 method, keep the top k% for each fraction, continue training from the warm-up on each selection
-and measure accuracy on a held-out test set. Beside the methods: random selections (the mean of
-``random_draws`` draws, drawn per label under ``balance``), the full pool, and the references a
-practitioner tries first — the lowest training loss, and LESS (cosine of each example's gradient
-with the mean target gradient).
-``variant="noisy"`` flips a share of the pool's labels and reports how many of them each selector
-kept. Every trained model, score file and accuracy is cached under a key of its settings, so a
+and measure accuracy on a held-out test set. Beside the methods: the first method's selections by
+cosine and per target (BIDS' turns), random selections (the mean of ``random_draws`` draws, drawn
+per label under ``balance``), the full pool, and the references a practitioner tries first — the
+lowest training loss, LESS (cosine of each example's gradient with the mean target gradient) and
+RDS+ (hidden-state similarity, no gradients). The rows are labelled texts (accuracy of the
+predicted label) or multiple-choice questions (lm-eval-harness' acc and acc_norm).
+``variant="noisy"`` flips a share of the pool's labels (replaces a share of its answer keys) and
+reports how many of them each selector kept. Every trained model, score file and accuracy is cached under a key of its settings, so a
 rerun or an interrupted run redoes only what is missing (two selectors that pick the same rows
 share one training).
 """
@@ -25,7 +27,6 @@ from typing import Any
 import torch
 
 from hyperinf.app.arguments import add_options, check_methods, from_namespace, method_list, option, override
-from hyperinf.app.choicetasks import OPTIONS
 from hyperinf.app.finetune import (
     Schedule,
     load_trainable,
@@ -51,7 +52,7 @@ from hyperinf.app.select import (
 from hyperinf.app.select_rows import load_row_split, reads_rows, row_learner
 from hyperinf.errors import DataError
 from hyperinf.hf.choices import answer_choices
-from hyperinf.hf.formats import answer_index
+from hyperinf.hf.formats import answer_index, plain_value
 from hyperinf.hf.lm import mean_hidden_states
 from hyperinf.results import atomic_write, write_json
 from hyperinf.selection import representation_scores, round_robin, select_top, selection_size
@@ -101,9 +102,14 @@ class StudyArgs(SelectArgs):
     out: Path = override(SelectArgs, "out", default=Path("runs/select-study"))
 
     def __post_init__(self) -> None:
+        self.balance = bool(self.balance)  # the paper's protocol: unbalanced unless asked (select's default is auto)
         super().__post_init__()
         if self.methods is None:
             self.methods = STUDY_METHODS + (DENSE_METHODS if self.dense else ())
+        if self.n_test < 0:
+            raise DataError(f"--n-test {self.n_test}: must be at least 0")
+        if not 0.0 < self.flip_fraction < 1.0:
+            raise DataError(f"--flip-fraction {self.flip_fraction:g}: must be in (0, 1)")
 
 
 def run_study(args: StudyArgs) -> list[dict[str, Any]]:
@@ -143,6 +149,7 @@ class Setup:
     test_key: str  # names the test set in the evaluation cache
     measure: Callable[[], dict[str, float]]  # test accuracy of the model now loaded
     make_up: Callable[[torch.Tensor], dict[str, float]]  # a selection's shares of labels (or topics, answer keys)
+    n_test: int
 
 
 def label_setup(args: StudyArgs) -> Setup:
@@ -170,7 +177,8 @@ def label_setup(args: StudyArgs) -> Setup:
         return {f"share_{name}": count / made["size"] for name, count in made["labels"].items()}
 
     test_key = training_key({}, split.pairs("test"))
-    return Setup(learner, split, split.pool.labels, lengths, split.flipped, test_key, measure, make_up)
+    labels = split.pool.labels
+    return Setup(learner, split, labels, lengths, split.flipped, test_key, measure, make_up, split.test.labels.numel())
 
 
 def choice_setup(args: StudyArgs) -> Setup:
@@ -185,14 +193,17 @@ def choice_setup(args: StudyArgs) -> Setup:
         )
     if not split.test:
         raise DataError("the protocol needs a test set: raise --n-test")
+    print(split.pool.summary(args.task))
     fields = split.frame.iloc[split.pool_rows()].reset_index(drop=True)
+    records = [{str(k): plain_value(v) for k, v in row.items()} for row in fields.to_dict("records")]
     lengths = torch.tensor([len(e["input_ids"]) for e in split.pairs("pool")])
     replaced = fields["key_replaced"] if "key_replaced" in fields else [False] * len(fields)
     flipped = torch.tensor([bool(v) for v in replaced], dtype=torch.bool)
 
     keys = torch.tensor([answer_index(row) for row in split.test])
     topics = [str(row.get("topic")) for row in split.test]
-    pool_keys = torch.tensor([answer_index(row) for row in fields.to_dict("records")])
+    pool_keys = torch.tensor([answer_index(row) for row in records])
+    options = max(len(row["choices"]) for row in records)
 
     def measure() -> dict[str, float]:
         answers = answer_choices(learner.model, learner.tokenizer, split.test, args.batch_size)
@@ -203,13 +214,14 @@ def choice_setup(args: StudyArgs) -> Setup:
         return result
 
     def make_up(picked: torch.Tensor) -> dict[str, float]:
-        shares = {f"share_key_{k}": float((pool_keys[picked] == k).double().mean()) for k in range(OPTIONS)}
+        shares = {f"share_key_{k}": float((pool_keys[picked] == k).double().mean()) for k in range(options)}
         if "topic" in fields:
             chosen = fields["topic"].iloc[picked.tolist()]
             shares |= {f"share_{t}": float((chosen == t).mean()) for t in sorted(fields["topic"].unique())}
         return shares
 
-    return Setup(learner, split, None, lengths, flipped, training_key({}, split.test), measure, make_up)
+    test_key = training_key({}, split.test)
+    return Setup(learner, split, None, lengths, flipped, test_key, measure, make_up, len(split.test))
 
 
 def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -222,7 +234,7 @@ def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if isinstance(split, PoolSplit):
         record["target_loss_by_label"] = target_loss_by_label(learner, split, args.batch_size)
     start = time.perf_counter()
-    scored = score_pool(args, learner, split, list(args.methods), warm["key"], per_target=True)
+    scored = score_pool(args, learner, split, list(args.methods), warm["key"], per_target=not args.balance)
     scoring = time.perf_counter() - start
     start = time.perf_counter()
     similarity = rds_scores(learner, split, args.batch_size)
@@ -231,7 +243,7 @@ def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         "rds_seconds": time.perf_counter() - start,
         **pass_costs(learner, split, args.batch_size),
     }
-    record["n"] = {"pool": len(split.pairs("pool")), "target": len(split.pairs("target"))}
+    record["n"] = {"pool": len(setup.lengths), "target": len(split.pairs("target")), "test": setup.n_test}
     test = Evaluation(args, setup, warm_state, warm["key"])
     rows = [test.row("warm-up only", 0.0, None)]
     for name, picks in selections(args, scored, similarity, setup).items():
@@ -266,7 +278,7 @@ def selections(
     loss and RDS+."""
     first = args.methods[0]
     scores = {m: method_scores(scored, m, args.normalize) for m in args.methods}
-    if not args.normalize:
+    if not args.normalize and first != "tracin":  # TracIn's cosine is LESS
         scores[f"{first} cos"] = method_scores(scored, first, normalize=True)
     if "tracin" in args.methods:
         scores["less"] = method_scores(scored, "tracin", normalize=True)
@@ -415,9 +427,9 @@ def print_study(args: StudyArgs, summary: list[dict[str, Any]]) -> None:
     if any("accuracy_norm" in e for e in summary):
         tables.append(("accuracy_norm", "acc_norm (log-likelihood per character)"))
     if args.variant == "noisy":
-        share = 100 * args.flip_fraction
+        pool = next((e["flipped_kept"] for e in summary if e["selector"] == "full pool"), float("nan"))
         tables.append(
-            ("flipped_kept", f"share of flipped labels / replaced keys among the kept (the pool has {share:.0f}%)")
+            ("flipped_kept", f"share of flipped labels / replaced keys among the kept (the pool: {pool:.3f})")
         )
     for column, title in tables:
         print(f"{title}\n{'selector':<20}" + "".join(f"{fraction_label(f):>16}" for f in fractions))
@@ -439,7 +451,8 @@ def _cell(entry: dict[str, Any], column: str, seeds: int) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hyperinf experiment select`` options: ``hyperinf select``'s but ``--method``, and the protocol's."""
-    # The study trains its own warm-up on labelled tasks: rows of other formats and a given adapter are select's.
+    # The study trains its own warm-up on built-in tasks or a file's labelled or multiple-choice rows (columns as
+    # named); column maps, a given adapter and the selection strategy are select's.
     add_options(parser, StudyArgs, skip=("method", "format", "columns", "adapter", "no_warmup", "strategy"))
 
 

@@ -28,6 +28,7 @@ import pandas as pd
 from safetensors.torch import load_file
 
 from hyperinf.app.select import scores_path
+from hyperinf.app.select_rows import reads_rows
 from hyperinf.errors import DataError
 from hyperinf.paper.select_study import StudyArgs, study_split
 
@@ -49,14 +50,16 @@ def label_measures(run: Path) -> dict[int, dict[str, dict[str, float]]]:
     """``seed -> measure -> label -> share``, the pool's gradient norms read from the run's cached scores."""
     recorded = json.loads((run / "arguments.json").read_text())
     args = study_args(recorded["args"])
+    if reads_rows(args):
+        raise DataError(f"{run} is a study of {args.task}'s rows: they have no labels to measure shares of")
     out = {}
     for record in recorded["seeds"]:
         seeded = replace(args, seed=record["seed"])
         split = study_split(seeded)
-        # the study scores per target too; runs made before it did cached without
+        # the study scores per target too unless --balance; runs made before it did cached without
         paths = [
             scores_path(seeded, split, list(seeded.methods), record["warm_up"]["key"], per_target)
-            for per_target in (True, False)
+            for per_target in (not seeded.balance, False)
         ]
         path = next((p for p in paths if p.exists()), paths[0])
         if not path.exists():
