@@ -145,3 +145,24 @@ def test_the_multiple_choice_study_refuses_what_it_cannot_run(tmp_path: Path, ca
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "study").exists() and not (tmp_path / "cache").exists()
+
+
+def test_the_study_runs_a_users_multiple_choice_file(tmp_path: Path):
+    """A parquet file of question / choices / answer rows (choices read back as arrays, answers as the choice's
+    text) runs the protocol like the built-in task, with its own number of options."""
+    rows = [
+        {"question": r["question"], "choices": r["choices"][:3], "answer": r["choices"][min(r["answer"], 2)]}
+        for r in choice_rows("bbc-next-mc")[:40]
+    ]
+    pd.DataFrame(rows).to_parquet(tmp_path / "qa.parquet")
+    argv = (
+        f"experiment select --task {tmp_path / 'qa.parquet'} --model tiny-llama --rank 2 --n-pool 24 --n-target 4 "
+        "--n-test 8 --fraction 0.5 --methods tracin --epochs 1 --continue-epochs 1 --random-draws 1 --batch-size 8 "
+        f"--max-length 192 --no-progress --cache-dir {tmp_path / 'cache'} --out {tmp_path / 'study'}"
+    ).split()
+    assert main(argv) == 0
+    results = pd.read_csv(tmp_path / "study" / "results.csv")
+    picked = results[results.selector != "warm-up only"]
+    shares = [f"share_key_{k}" for k in range(3)]
+    assert "share_key_3" not in results and (picked[shares].sum(axis=1) - 1).abs().max() < 1e-9
+    assert results[["accuracy", "accuracy_norm"]].stack().between(0, 1).all()
