@@ -100,8 +100,9 @@ def load_row_split(
 
     frame = table(variant)
     pool = encode(frame, tokenizer, "causal-lm", name=args.task, **options)
-    held_frame, held = (frame, pool) if variant == "clean" else (table("clean"), None)
-    if held is None:
+    held_frame, held = frame, pool  # what the target and test rows come from: the clean rows
+    if variant != "clean":
+        held_frame = table("clean")
         held = encode(held_frame, tokenizer, "causal-lm", name=args.task, **options)
         if held.rows != pool.rows:
             raise DataError(f"the {variant} and clean rows of {args.task} encode to different rows: report this")
