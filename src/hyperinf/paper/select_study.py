@@ -9,9 +9,9 @@ lowest training loss, LESS (cosine of each example's gradient with the mean targ
 RDS+ (hidden-state similarity, no gradients). The rows are labelled texts (accuracy of the
 predicted label) or multiple-choice questions (lm-eval-harness' acc and acc_norm).
 ``variant="noisy"`` flips a share of the pool's labels (replaces a share of its answer keys) and
-reports how many of them each selector kept. Every trained model, score file and accuracy is cached under a key of its settings, so a
-rerun or an interrupted run redoes only what is missing (two selectors that pick the same rows
-share one training).
+reports how many of them each selector kept. Every trained model, score file and accuracy is
+cached under a key of its settings, so a rerun or an interrupted run redoes only what is missing
+(two selectors that pick the same rows share one training).
 """
 
 from __future__ import annotations
