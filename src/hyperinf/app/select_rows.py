@@ -31,7 +31,7 @@ from hyperinf.app.select import (
 )
 from hyperinf.app.textdata import BUILT_IN_TASKS
 from hyperinf.errors import ConfigurationError, DataError
-from hyperinf.hf.formats import Encoded, collator, detect_layout, encode, plain_value, table_column
+from hyperinf.hf.formats import Encoded, collator, detect_layout, encode, plain_rows, table_column
 from hyperinf.hf.lm import CausalLMTask
 from hyperinf.hf.tables import read_table
 from hyperinf.results import atomic_write, write_json
@@ -117,7 +117,7 @@ def load_row_split(
                 f"{len(order)} usable rows of {args.task}: lower them or pass --target FILE"
             )
         target, target_index, order = held, sorted(order[: args.n_target]), order[args.n_target :]
-    test = [{str(k): plain_value(v) for k, v in held_frame.iloc[held.rows[i]].items()} for i in sorted(order[:n_test])]
+    test = plain_rows(held_frame, [held.rows[i] for i in sorted(order[:n_test])])
     order = order[n_test:]
     pool_index = sorted(order[: args.n_pool] if args.n_pool else order)
     for fraction in args.fractions:
@@ -175,18 +175,17 @@ def write_row_selection(
 
     rank = ranks(scores)
     rows = split.pool_rows()
-    fields = split.frame.iloc[rows].reset_index(drop=True)
+    records = plain_rows(split.frame, rows)
     table = {"row_id": rows}
     for column in split.pool.columns.values():
-        table[column] = table_column(fields[column].tolist())
+        table[column] = table_column([record[str(column)] for record in records])
     table |= {"score": scores.double().tolist(), "rank": rank.tolist(), "token_length": lengths.tolist()}
     frame = pd.DataFrame(table)
     atomic_write(args.out / "scores.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
-    records = fields.to_dict("records")
     for fraction, picked in selections.items():
         chosen = [
             {
-                **{str(k): plain_value(v) for k, v in records[i].items()},
+                **records[i],
                 "row_id": rows[i],
                 "score": float(scores[i]),
                 "rank": int(rank[i]),

@@ -210,6 +210,12 @@ def plain_value(cell: Any) -> Any:
     return cell
 
 
+def plain_rows(frame: Any, rows: Sequence[int]) -> list[dict[str, Any]]:
+    """Rows ``rows`` (positions) of a table as read, each a dict of plain values (:func:`plain_value`) under its
+    column names as text: the rows a selection or a test set holds, as they can be written back out."""
+    return [{str(k): plain_value(v) for k, v in record.items()} for record in frame.iloc[list(rows)].to_dict("records")]
+
+
 def table_column(values: list[Any]) -> list[Any]:
     """A column a parquet file can hold: plain values, lists and dicts as JSON text, and every value as text
     when the types mix (an answer given as an index in one row and as a choice's text in another)."""

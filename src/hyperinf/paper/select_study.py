@@ -52,7 +52,7 @@ from hyperinf.app.select import (
 from hyperinf.app.select_rows import load_row_split, reads_rows, row_learner
 from hyperinf.errors import DataError
 from hyperinf.hf.choices import answer_choices
-from hyperinf.hf.formats import answer_index, plain_value
+from hyperinf.hf.formats import answer_index, plain_rows
 from hyperinf.hf.lm import mean_hidden_states
 from hyperinf.results import atomic_write, write_json
 from hyperinf.selection import representation_scores, round_robin, select_top, selection_size
@@ -194,16 +194,15 @@ def choice_setup(args: StudyArgs) -> Setup:
     if not split.test:
         raise DataError("the protocol needs a test set: raise --n-test")
     print(split.pool.summary(args.task))
-    fields = split.frame.iloc[split.pool_rows()].reset_index(drop=True)
-    records = [{str(k): plain_value(v) for k, v in row.items()} for row in fields.to_dict("records")]
+    records = plain_rows(split.frame, split.pool_rows())
     lengths = torch.tensor([len(e["input_ids"]) for e in split.pairs("pool")])
-    replaced = fields["key_replaced"] if "key_replaced" in fields else [False] * len(fields)
-    flipped = torch.tensor([bool(v) for v in replaced], dtype=torch.bool)
+    flipped = torch.tensor([bool(row.get("key_replaced")) for row in records], dtype=torch.bool)
 
     keys = torch.tensor([answer_index(row) for row in split.test])
     topics = [str(row.get("topic")) for row in split.test]
     pool_keys = torch.tensor([answer_index(row) for row in records])
     options = max(len(row["choices"]) for row in records)
+    pool_topics = [row.get("topic") for row in records]
 
     def measure() -> dict[str, float]:
         answers = answer_choices(learner.model, learner.tokenizer, split.test, args.batch_size)
@@ -215,9 +214,9 @@ def choice_setup(args: StudyArgs) -> Setup:
 
     def make_up(picked: torch.Tensor) -> dict[str, float]:
         shares = {f"share_key_{k}": float((pool_keys[picked] == k).double().mean()) for k in range(options)}
-        if "topic" in fields:
-            chosen = fields["topic"].iloc[picked.tolist()]
-            shares |= {f"share_{t}": float((chosen == t).mean()) for t in sorted(fields["topic"].unique())}
+        if "topic" in records[0]:
+            chosen = [pool_topics[i] for i in picked.tolist()]
+            shares |= {f"share_{t}": chosen.count(t) / len(chosen) for t in sorted(set(pool_topics))}
         return shares
 
     test_key = training_key({}, split.test)
