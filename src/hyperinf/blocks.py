@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from hyperinf.errors import BlockSelectionError
+from hyperinf.errors import BlockSelectionError, FitMismatchError
 from hyperinf.layers import SUPPORTED, LayerKind, kind_of, weight_of
 
 Side = Literal["in", "out"]
@@ -215,6 +215,31 @@ def fingerprint(blocks: Sequence[Block]) -> list[dict[str, Any]]:
             {"name": block.name, "r": r, "d": d, "side": block.side, "bias": block.has_bias, "weights": weights}
         )
     return rows
+
+
+def check_fingerprint(saved: list[dict[str, Any]], current: list[dict[str, Any]], what: str, redo: str) -> None:
+    """Raise :class:`FitMismatchError` unless ``saved`` (a :func:`fingerprint` stored with ``what``, e.g. "the fit
+    in runs/x/fit") is that of the ``current`` blocks; ``redo`` is the fix when the model changed ("fit again")."""
+    saved_names, current_names = [b["name"] for b in saved], [b["name"] for b in current]
+    if saved_names != current_names:
+        missing = [n for n in saved_names if n not in current_names]
+        extra = [n for n in current_names if n not in saved_names]
+        raise FitMismatchError(
+            f"{what} covers other blocks than this engine: missing here {missing or 'none'}, "
+            f"not in it {extra or 'none'}. Select the same blocks, or {redo}."
+        )
+    for old, new in zip(saved, current):
+        changed = [key for key in ("r", "d", "side", "bias") if old[key] != new[key]]
+        if changed:
+            raise FitMismatchError(
+                f"block {old['name']!r} of {what} has {', '.join(f'{k}={old[k]!r}' for k in changed)}, "
+                f"this engine's has {', '.join(f'{k}={new[k]!r}' for k in changed)}: same model and options, or {redo}."
+            )
+        if old["weights"] != new["weights"]:
+            raise FitMismatchError(
+                f"the weights of block {old['name']!r} differ from those {what} was computed on "
+                f"(the model was trained or changed since): it no longer applies, so {redo}."
+            )
 
 
 def tensor_digest(tensors: Iterable[torch.Tensor]) -> str:

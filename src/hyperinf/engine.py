@@ -260,6 +260,20 @@ class InfluenceEngine:
             parts.append(running.result())
         return TopK.cat(parts)
 
+    def preconditioned_gradients(
+        self, train_loader: Iterable[Any], *, method: str | None = None, skip: int = 0
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Per training batch after the first ``skip``, every example's preconditioned gradient ``A_l^{-1} g_{k,l}``
+        (``{block: [B, r, d]}``), from pass 1's kept gradients when this is the fit's loader: what an index stores."""
+        pre = self._per_example_preconditioner(method or self.method, "a gradient index")
+        for batch in self._train(train_loader, skip=skip):
+            yield pre.apply(batch.grads)
+
+    def query_gradients(self, query_loader: Iterable[Any]) -> Iterator[dict[str, torch.Tensor]]:
+        """Per query batch, every example's gradient of the task's measurement (``{block: [B, r, d]}``), unpreconditioned."""
+        for _, grads in self._measured(query_loader, "query_loader"):
+            yield grads.grads
+
     def preconditioner(self, method: str) -> Preconditioner:
         """The fitted preconditioner of ``method`` (built once, then reused)."""
         self._check_method(method)
@@ -374,10 +388,10 @@ class InfluenceEngine:
             raise NotFittedError("call fit(train_loader) (or load_fit(directory)) before scoring.")
         return self._fit
 
-    def _per_example_preconditioner(self, method: str) -> Preconditioner:
+    def _per_example_preconditioner(self, method: str, use: str = "self-influence") -> Preconditioner:
         if self._check_method(method).train_pass:
             raise NotImplementedError(
-                f"self-influence with {method!r} would need a pass over the training set per example; use 'hyperinf' or 'exact'."
+                f"{use} with {method!r} would need a pass over the training set per example; use 'hyperinf' or 'exact'."
             )
         return self.preconditioner(method)
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from hyperinf.blocks import Block, fingerprint
+from hyperinf.blocks import Block, check_fingerprint, fingerprint
 from hyperinf.checkpoints import PassCheckpoint
 from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import CurvatureAccumulator, KroneckerAccumulator
@@ -222,7 +222,7 @@ class FittedCurvature:
                 f"{directory}/{_META} has format {meta.get('format')!r}; this hyperinf reads format {FORMAT}: fit again and save_fit with this version."
             )
         _check_fit_config(meta["fit"], asdict(config.fit), directory)
-        _check_blocks(meta["blocks"], fingerprint(blocks), directory)
+        check_fingerprint(meta["blocks"], fingerprint(blocks), f"the fit in {directory}", "fit again")
         curvature = CurvatureAccumulator(blocks, fim=meta["fim"], gfim=meta["gfim"], dtype=config.fit.torch_dtype)
         tensors = load_file(str(directory / _TENSORS))
         curvature.load(tensors, meta["count"])
@@ -246,29 +246,6 @@ def _check_fit_config(saved: dict[str, Any], current: dict[str, Any], directory:
         raise FitMismatchError(
             f"the fit in {directory} was computed with {', '.join(differ)}: construct the engine with the fit's options."
         )
-
-
-def _check_blocks(saved: list[dict[str, Any]], current: list[dict[str, Any]], directory: Path) -> None:
-    saved_names, current_names = [b["name"] for b in saved], [b["name"] for b in current]
-    if saved_names != current_names:
-        missing = [n for n in saved_names if n not in current_names]
-        extra = [n for n in current_names if n not in saved_names]
-        raise FitMismatchError(
-            f"the fit in {directory} covers other blocks than this engine: missing here {missing or 'none'}, "
-            f"not in the fit {extra or 'none'}. Select the same blocks, or fit again."
-        )
-    for old, new in zip(saved, current):
-        changed = [key for key in ("r", "d", "side", "bias") if old[key] != new[key]]
-        if changed:
-            raise FitMismatchError(
-                f"block {old['name']!r} of the fit in {directory} has {', '.join(f'{k}={old[k]!r}' for k in changed)}, "
-                f"this engine's has {', '.join(f'{k}={new[k]!r}' for k in changed)}: same model and options, or fit again."
-            )
-        if old["weights"] != new["weights"]:
-            raise FitMismatchError(
-                f"the weights of block {old['name']!r} differ from those the fit in {directory} was computed on "
-                "(the model was trained or changed since): the curvature no longer applies, so fit again."
-            )
 
 
 def _partial(sums: Mapping[str, Any]) -> dict[str, torch.Tensor]:
