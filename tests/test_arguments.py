@@ -377,6 +377,7 @@ def alternative_values(tmp_path: Path) -> dict[str, str]:
         "--subsets": "5",
         "--retrain-seeds": "2",
         "--dampings": "0.5",
+        "--index-dims": "0,64",
         "--groups": "3",
         "--query": "another query",
         "--query-file": str(queries),

@@ -7,6 +7,7 @@ The model, data and references are test_pairwise's: looped single-example gradie
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from test_pairwise import DAMPING, N_QUERY, N_TRAIN, assert_agree, loss_fn, quer
 from test_pairwise import setup as pairwise_setup
 
 import hyperinf.index
-from hyperinf import CheckpointMismatchError, FitMismatchError, InfluenceEngine
+from hyperinf import CheckpointMismatchError, ConfigurationError, FitMismatchError, InfluenceEngine
 from hyperinf.index import GradientIndex, plan_layout
 
 WHOLE = ["hyperinf", "exact", "exact-fim", "exact-hessian", "tracin", "kfac", "ekfac"]
@@ -148,6 +149,27 @@ def test_querying_with_other_weights_is_refused(tmp_path):
         index.pairwise(other, query_loader())
 
 
-def test_datainf_cannot_precondition_every_training_example(tmp_path):
-    with pytest.raises(NotImplementedError, match="a gradient index with 'datainf' would need a pass"):
-        build(tmp_path, method="datainf")
+def test_a_fresh_engine_loads_the_index_fit_and_other_damping_is_refused(tmp_path):
+    engine, _, _, loader = pairwise_setup()
+    index = build(tmp_path, dim=0, method="exact", storage="float32")
+    options = {"blocks": "linear", "method": "exact", "dtype": "float64", "progress": False}
+    fresh = InfluenceEngine(engine.model, loss_fn, damping=DAMPING, **options)
+    assert_agree(index.pairwise(fresh, query_loader()).double(), reference_pairwise("exact"), 1e-6)
+    other = InfluenceEngine(engine.model, loss_fn, damping=DAMPING / 2, **options)
+    with pytest.raises(FitMismatchError, match="'exact' preconditioner differs from the one the index in"):
+        index.pairwise(other, query_loader())
+
+
+@pytest.mark.parametrize("method", ["lissa", "datainf"])
+def test_methods_without_a_square_root_cannot_build_an_index(tmp_path, method):
+    with pytest.raises(ConfigurationError, match=f"method '{method}' cannot build a gradient index"):
+        build(tmp_path, method=method)
+    assert not (tmp_path / "index").exists()
+
+
+def test_a_distributed_engine_is_refused_rather_than_indexing_one_shard(tmp_path, monkeypatch):
+    engine = pairwise_setup()[0]
+    runtime = dataclasses.replace(engine.config.runtime, distributed=True)
+    monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, runtime=runtime))
+    with pytest.raises(ConfigurationError, match="one index per torch.distributed shard is not supported"):
+        GradientIndex.build(engine, pairwise_setup()[3], tmp_path / "index")

@@ -48,6 +48,11 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     with pytest.warns(DeadBlockWarning):
         exec(compile(fit_once, str(README), "exec"), namespace)
     assert namespace["top"].helpful.shape == (4, 10) and (tmp_path / "runs" / "fit" / "fit.json").is_file()
+    # "An index for many queries" continues from the loaded fit; the tiny model has fewer parameters than dim.
+    indexed = re.search(r"### An index for many queries.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    exact = namespace["engine"].pairwise(namespace["train_loader"], namespace["query_loader"])
+    exec(compile(indexed, str(README), "exec"), namespace)
+    assert torch.equal(namespace["top"].helpful, exact.topk(10, dim=0, largest=False).indices.T)
 
 
 def test_readme_own_model_example_runs_and_agrees_with_the_command(user_models, tmp_path, monkeypatch):

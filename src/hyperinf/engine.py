@@ -34,7 +34,7 @@ from hyperinf.hessian import (
     check_exact_size,
     require_outputs,
 )
-from hyperinf.methods import Method, get_method
+from hyperinf.methods import Method, check_indexable, get_method
 from hyperinf.pass2 import DirectionalDerivatives, TrainingPass, TrainingPasses
 from hyperinf.preconditioners import BlockDiagnostics, Preconditioner, Vectors
 from hyperinf.results import save_results
@@ -260,19 +260,22 @@ class InfluenceEngine:
             parts.append(running.result())
         return TopK.cat(parts)
 
-    def preconditioned_gradients(
-        self, train_loader: Iterable[Any], *, method: str | None = None, skip: int = 0
+    def half_preconditioned(
+        self, loader: Iterable[Any], *, method: str | None = None, queries: bool = False, skip: int = 0
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Per training batch after the first ``skip``, every example's preconditioned gradient ``A_l^{-1} g_{k,l}``
-        (``{block: [B, r, d]}``), from pass 1's kept gradients when this is the fit's loader: what an index stores."""
-        pre = self._per_example_preconditioner(method or self.method, "a gradient index")
-        for batch in self._train(train_loader, skip=skip):
-            yield pre.apply(batch.grads)
-
-    def query_gradients(self, query_loader: Iterable[Any]) -> Iterator[dict[str, torch.Tensor]]:
-        """Per query batch, every example's gradient of the task's measurement (``{block: [B, r, d]}``), unpreconditioned."""
-        for _, grads in self._measured(query_loader, "query_loader"):
-            yield grads.grads
+        """Per batch after the first ``skip``, every example's gradient times the square root of ``method``'s
+        inverse, ``A_l^{-1/2} g_{k,l}`` (``{block: [B, r, d]}``): the training loss's gradients (replayed when this
+        is the fit's loader), or with ``queries`` the measurement's. Two such vectors have the inner product
+        ``<A^{-1} g, q>``: what a gradient index stores and queries with."""
+        method = method or self.method
+        check_indexable(method)
+        pre = self.preconditioner(method)
+        if queries:
+            for _, grads in self._measured(loader, "query_loader", skip=skip):
+                yield pre.apply_sqrt(grads.grads)
+            return
+        for batch in self._train(loader, skip=skip):
+            yield pre.apply_sqrt(batch.grads)
 
     def preconditioner(self, method: str) -> Preconditioner:
         """The fitted preconditioner of ``method`` (built once, then reused)."""
@@ -388,10 +391,10 @@ class InfluenceEngine:
             raise NotFittedError("call fit(train_loader) (or load_fit(directory)) before scoring.")
         return self._fit
 
-    def _per_example_preconditioner(self, method: str, use: str = "self-influence") -> Preconditioner:
+    def _per_example_preconditioner(self, method: str) -> Preconditioner:
         if self._check_method(method).train_pass:
             raise NotImplementedError(
-                f"{use} with {method!r} would need a pass over the training set per example; use 'hyperinf' or 'exact'."
+                f"self-influence with {method!r} would need a pass over the training set per example; use 'hyperinf' or 'exact'."
             )
         return self.preconditioner(method)
 

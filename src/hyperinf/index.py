@@ -1,19 +1,23 @@
-"""A gradient index: every training example's preconditioned gradient, randomly projected and stored once, so a
-query costs one gradient and one matrix product instead of a pass over the training set.
+"""A gradient index: every training example's half-preconditioned gradient, randomly projected and stored once,
+so a query costs one gradient and one matrix product instead of a pass over the training set.
 
-For training example ``k`` and block ``l`` the index holds ``P_l (A_l^{-1} g_{k,l})``: the method's
-preconditioned gradient (:meth:`hyperinf.engine.InfluenceEngine.preconditioned_gradients`) under a
-Kronecker-structured Gaussian projection ``P_l: X -> R_l X D_l^T`` (``R_l`` is ``k_r x r``, ``D_l``
-``k_d x d``, entries ``N(0, 1/k)``; a side kept whole is not projected), so no ``rd x K`` matrix is
-ever formed. ``E[P^T P] = I``, so a query's score ``-<P A^{-1} g_k, P q>`` is an unbiased estimate of
-the engine's ``-<A^{-1} g_k, q>`` (:meth:`~hyperinf.engine.InfluenceEngine.pairwise`), with an error
-that falls as ``1 / sqrt(dim)``; ``dim=0`` stores the preconditioned gradients whole (exact scores).
+For training example ``k`` and block ``l`` the index holds ``P_l (A_l^{-1/2} g_{k,l})``: the gradient times the
+symmetric square root of the method's inverse (:meth:`hyperinf.engine.InfluenceEngine.half_preconditioned`)
+under a Kronecker-structured Gaussian projection ``P_l: X -> R_l X D_l^T`` (``R_l`` is ``k_r x r``, ``D_l``
+``k_d x d``, entries ``N(0, 1/k)``; a side kept whole is not projected), so no ``rd x K`` matrix is ever formed.
+A query's gradient is half-preconditioned and projected the same way. ``E[P^T P] = I``, so its score
+``-<P A^{-1/2} g_k, P A^{-1/2} q>`` is an unbiased estimate of the engine's ``-<A^{-1} g_k, q>``
+(:meth:`~hyperinf.engine.InfluenceEngine.pairwise`), with an error that falls as ``1 / sqrt(dim)``; ``dim=0``
+stores the vectors whole (exact scores). Splitting ``A^{-1}`` evenly between the two sides, rather than storing
+``A^{-1} g_k``, keeps that error small: it scales with ``||A^{-1/2} g_k|| ||A^{-1/2} q||``, not with
+``||A^{-1} g_k|| ||q||``, which the inverse's largest eigenvalues inflate (benchmarks/bench_index.py).
 
-On disk an index is a folder: ``index.json`` (settings, layout, projection seed, block fingerprints,
-row count), the fit it was built with (``fit/``) and ``chunk-NNNNNN.safetensors`` files, each holding
-the rows of ``chunk_batches`` loader batches as unit vectors (``float16`` by default) with their norms
-(``float32``) and row ids. Chunks are written atomically as the pass goes, so a killed build resumes after
-its last whole chunk; ``index.json`` says ``complete`` once every chunk is there.
+On disk an index is a folder: ``index.json`` (settings, layout, projection seed, block fingerprints, a digest of
+the preconditioner, row count), the fit it was built with (``fit/``, which a query loads) and
+``chunk-NNNNNN.safetensors`` files, each holding the rows of ``chunk_batches`` loader batches as unit vectors
+(``float16`` by default) with their norms (``float32``) and row ids. Chunks are written atomically as the pass
+goes, so a killed build resumes after its last whole chunk; ``index.json`` says ``complete`` once every chunk is
+there.
 """
 
 from __future__ import annotations
@@ -29,7 +33,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hyperinf.blocks import Block, check_fingerprint, fingerprint, tensor_digest
-from hyperinf.errors import CheckpointMismatchError, EmptyDataError, FitMismatchError
+from hyperinf.errors import (
+    CheckpointMismatchError,
+    ConfigurationError,
+    EmptyDataError,
+    FitMismatchError,
+    NotFittedError,
+)
+from hyperinf.methods import check_indexable
 from hyperinf.results import atomic_write, write_json
 from hyperinf.scoring import RunningTopK, TopK
 
@@ -146,7 +157,13 @@ class GradientIndex:
             raise ValueError(f"storage must be one of {', '.join(STORAGE)}, got {storage!r}")
         if chunk_batches < 1:
             raise ValueError(f"chunk_batches must be >= 1, got {chunk_batches}")
+        if engine.config.runtime.distributed:
+            raise ConfigurationError(
+                "a gradient index is built in one process: one index per torch.distributed shard is not supported "
+                "yet. Build it without distributed=True."
+            )
         directory, method = Path(directory), method or engine.method
+        check_indexable(method)
         layouts = plan_layout(engine.blocks, dim)
         settings = {
             "format": FORMAT,
@@ -166,7 +183,7 @@ class GradientIndex:
         projection = Projection(layouts, seed)
         position = sum(load_file(str(_chunk_path(directory, i)))["ids"].numel() for i in range(done))
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        batches = engine.preconditioned_gradients(train_loader, method=method, skip=done * chunk_batches)
+        batches = engine.half_preconditioned(train_loader, method=method, skip=done * chunk_batches)
         for h in batches:
             projected = projection(h).float().cpu()
             ids = _ids(row_ids, position, projected.shape[0])
@@ -212,20 +229,31 @@ class GradientIndex:
         return self.rows.shape[0]
 
     def check_engine(self, engine: InfluenceEngine) -> None:
-        """Refuse an engine whose blocks or weights are not those the index was built on."""
-        check_fingerprint(
-            self.meta["blocks"], fingerprint(engine.blocks), f"the index in {self.directory}", "build it again"
-        )
+        """Refuse an engine whose blocks or weights are not those the index was built on; load the index's fit into
+        an engine without one, and refuse one whose fit, damping or options precondition otherwise."""
+        where = f"the index in {self.directory}"
+        check_fingerprint(self.meta["blocks"], fingerprint(engine.blocks), where, "build it again")
+        try:
+            engine.fitted
+        except NotFittedError:
+            engine.load_fit(self.directory / "fit")
+        if _probe_digest(engine, self.meta["method"]) != self.meta["preconditioner"]:
+            raise FitMismatchError(
+                f"this engine's {self.meta['method']!r} preconditioner differs from the one {where} was built with "
+                "(another fit, damping or inverse option): construct the engine with the build's options and "
+                f"load_fit({str(self.directory / 'fit')!r})."
+            )
 
     def project_queries(self, engine: InfluenceEngine, query_loader: Iterable[Any]) -> torch.Tensor:
-        """Every query example's measurement gradient under the index's projection, ``[m, D]`` (float32)."""
+        """Every query example's half-preconditioned measurement gradient under the index's projection, ``[m, D]``
+        (float32)."""
         self.check_engine(engine)
-        projected = [self.projection(g).float().cpu() for g in engine.query_gradients(query_loader)]
-        return torch.cat(projected)
+        queries = engine.half_preconditioned(query_loader, method=self.meta["method"], queries=True)
+        return torch.cat([self.projection(g).float().cpu() for g in queries])
 
     def scores(self, queries: torch.Tensor, *, normalize: bool = False) -> Iterator[torch.Tensor]:
         """Scores of the indexed rows against projected ``queries`` ``[m, D]``, ``_ROW_BLOCK`` rows at a time
-        (``[b, m]`` each): ``-<P A^{-1} g_k, P q>``, or with ``normalize`` minus their cosine."""
+        (``[b, m]`` each): ``-<P A^{-1/2} g_k, P A^{-1/2} q>``, or with ``normalize`` minus their cosine."""
         if normalize:
             queries = queries / queries.norm(dim=1, keepdim=True).clamp_min(torch.finfo(queries.dtype).tiny)
         for start in range(0, len(self), _ROW_BLOCK):
@@ -243,8 +271,12 @@ class GradientIndex:
     ) -> TopK:
         """Per query the ``k`` most helpful and most harmful indexed rows (positions in the index; :attr:`ids`
         names them)."""
+        return self.search(self.project_queries(engine, query_loader), k=k, normalize=normalize)
+
+    def search(self, queries: torch.Tensor, *, k: int = 10, normalize: bool = False) -> TopK:
+        """:meth:`top_k` of queries already projected (:meth:`project_queries`): the part a query's latency is."""
         running = RunningTopK(k)
-        for block in self.scores(self.project_queries(engine, query_loader), normalize=normalize):
+        for block in self.scores(queries, normalize=normalize):
             running.update(block)
         return running.result()
 
@@ -257,12 +289,17 @@ def _probe_digest(engine: InfluenceEngine, method: str) -> str:
     return tensor_digest(probe[b.name] for b in engine.blocks)
 
 
+def saved_settings(directory: str | Path) -> dict[str, Any] | None:
+    """The settings of the index (complete or not) in ``directory``, or ``None`` when it holds none."""
+    meta_path = Path(directory) / _META
+    return json.loads(meta_path.read_text()) if meta_path.is_file() else None
+
+
 def _resumable_chunks(directory: Path, settings: Mapping[str, Any]) -> int:
     """How many whole chunks an earlier build with these ``settings`` left in ``directory`` (0 for a new folder)."""
-    meta_path = directory / _META
-    if not meta_path.is_file():
+    saved = saved_settings(directory)
+    if saved is None:
         return 0
-    saved = json.loads(meta_path.read_text())
     differ = sorted(key for key in settings if saved.get(key) != settings[key])
     if differ:
         raise CheckpointMismatchError(

@@ -1,4 +1,4 @@
-"""The product commands of ``hyperinf``: demo, score, mislabel, explain, select and methods, each a subparser."""
+"""The product commands of ``hyperinf``: demo, score, index, mislabel, explain, select and methods, each a subparser."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _methods(ns: argparse.Namespace) -> int:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add the product commands to the ``hyperinf`` parser's subcommands."""
-    from hyperinf.app import explain, mislabel, score, select
+    from hyperinf.app import explain, index, mislabel, score, select
     from hyperinf.app.demo import DemoArgs
 
     demo = commands.add_parser(
@@ -54,6 +54,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
             "Load a model saved with save_pretrained (and a peft adapter), score every --train row against the "
             "--target rows (or --query texts) with each method, no training, and write scores.parquet, top_k.jsonl "
             "(each target's proponents and opponents), arguments.json and the fit into --out.",
+        ),
+        (
+            "index",
+            index,
+            "index your model's training rows once (projected, preconditioned gradients), then query it in milliseconds",
+            "index build: store every --train row's preconditioned gradient, randomly projected, for a model saved "
+            "with save_pretrained (and a peft adapter). index query: each --target row's (or --query text's) "
+            "proponents and opponents among the indexed rows, from one gradient and one matrix product.",
         ),
         (
             "mislabel",

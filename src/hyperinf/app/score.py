@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,9 @@ SHIPPED = ("smollm2",)
 
 
 @dataclass
-class ScoreArgs(InfluenceOptions):
-    """Every setting of ``hyperinf score``."""
+class ModelRowsArgs(InfluenceOptions):
+    """A user's model and training rows, and how their gradients are computed: what ``hyperinf score`` and
+    ``hyperinf index build`` share."""
 
     model: str | None = option(
         None, parse=str, help="a folder written by save_pretrained (a causal LM or a sequence classifier), or smollm2"
@@ -64,8 +66,6 @@ class ScoreArgs(InfluenceOptions):
     train: Path | None = option(
         None, parse=Path, help="the training rows to score (.jsonl, .json, .csv, .tsv, .parquet or a datasets folder)"
     )
-    target: Path | None = option(None, parse=Path, help="the target rows whose loss is attributed (same formats)")
-    query: list[str] = field(default_factory=list)  # --query, repeatable: added by add_arguments
     format: str | None = option(
         None, choices=FORMATS, help="the rows' format (default: detected from the columns; see the README)"
     )
@@ -77,12 +77,6 @@ class ScoreArgs(InfluenceOptions):
         help="a causal LM example's loss: the mean (default) or the sum of its completion tokens' negative "
         "log-likelihoods",
     )
-    methods: tuple[str, ...] = option(
-        ("hyperinf",),
-        parse=method_list,
-        help="comma-separated influence methods; the first gives `score` and the top-k (default: %(default)s)",
-    )
-    k: int = option(10, flag="-k", help="proponents and opponents per target row or query (default: %(default)s)")
     batch_size: int = option(8, help="examples per batch (default: %(default)s)")
     cache_gib: float = option(
         4.0,
@@ -102,6 +96,20 @@ class ScoreArgs(InfluenceOptions):
         help="precision of the model's weights and its forward and backward passes (default: %(default)s)",
     )
     out: Path = output_folder("runs/score")
+
+
+@dataclass
+class ScoreArgs(ModelRowsArgs):
+    """Every setting of ``hyperinf score``."""
+
+    target: Path | None = option(None, parse=Path, help="the target rows whose loss is attributed (same formats)")
+    query: list[str] = field(default_factory=list)  # --query, repeatable: added by add_arguments
+    methods: tuple[str, ...] = option(
+        ("hyperinf",),
+        parse=method_list,
+        help="comma-separated influence methods; the first gives `score` and the top-k (default: %(default)s)",
+    )
+    k: int = option(10, flag="-k", help="proponents and opponents per target row or query (default: %(default)s)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,20 +139,30 @@ def model_folder(name: str) -> Path:
     return Path(name)
 
 
-def check_args(args: ScoreArgs) -> None:
-    """Refuse incomplete or contradictory settings before anything is loaded."""
+def check_model_rows(args: ModelRowsArgs) -> None:
+    """Refuse a missing model or training file and impossible batch or cache sizes before anything is loaded."""
     if args.model is None:
         raise DataError("--model is required: a folder written by save_pretrained, or smollm2")
     if args.train is None:
         raise DataError("--train is required: the file of training rows to score")
-    if (args.target is None) == (not args.query):
-        raise DataError("give the rows to attribute as --target FILE or as --query TEXT (repeatable), one of the two")
-    if args.k < 1:
-        raise DataError(f"-k {args.k}: ask for at least one proponent and opponent per target")
     if args.batch_size < 1:
         raise DataError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.cache_gib < 0:
         raise DataError(f"--cache-gib {args.cache_gib:g}: must be at least 0 (0 keeps nothing in memory)")
+
+
+def check_attributed(target: Path | None, query: list[str], k: int) -> None:
+    """Refuse attributed rows given both or neither way, and ``-k`` below one."""
+    if (target is None) == (not query):
+        raise DataError("give the rows to attribute as --target FILE or as --query TEXT (repeatable), one of the two")
+    if k < 1:
+        raise DataError(f"-k {k}: ask for at least one proponent and opponent per target")
+
+
+def check_args(args: ScoreArgs) -> None:
+    """Refuse incomplete or contradictory settings before anything is loaded."""
+    check_model_rows(args)
+    check_attributed(args.target, args.query, args.k)
     check_methods(args.methods)
 
 
@@ -158,35 +176,58 @@ class ScoreData:
     train_frame: Any  # --train as read
 
 
-def load_data(args: ScoreArgs, loaded: LoadedModel) -> ScoreData:
-    """Read and encode ``--train`` and ``--target`` (or the ``--query`` texts) for the loaded model."""
-    options = {
-        "format": args.format,
-        "columns": args.columns,
-        "max_length": args.max_length,
-        "label2id": loaded.label2id,
-    }
-    assert args.train is not None
-    frame = read_table(args.train)
-    train = encode(frame, loaded.tokenizer, loaded.kind, name=str(args.train), **options)
-    if args.target is not None:
-        target = encode(read_table(args.target), loaded.tokenizer, loaded.kind, name=str(args.target), **options)
-        return ScoreData(train, target, str(args.target), frame)
+def load_model_of(args: ModelRowsArgs) -> LoadedModel:
+    """``--model`` (with ``--adapter``) in ``--model-dtype``."""
+    assert args.model is not None
+    return load_model(model_folder(args.model), adapter=args.adapter, dtype=getattr(torch, args.model_dtype))
+
+
+def read_rows(args: ModelRowsArgs, loaded: LoadedModel, path: Path) -> tuple[Encoded, Any]:
+    """A rows file encoded for the loaded model with the run's format options, and the table as read."""
+    frame = read_table(path)
+    encoded = encode(
+        frame,
+        loaded.tokenizer,
+        loaded.kind,
+        name=str(path),
+        format=args.format,
+        columns=args.columns,
+        max_length=args.max_length,
+        label2id=loaded.label2id,
+    )
+    return encoded, frame
+
+
+def attributed_rows(
+    args: ModelRowsArgs, loaded: LoadedModel, target: Path | None, queries: list[str]
+) -> tuple[Encoded, str]:
+    """The rows whose loss is attributed, and their name: the ``target`` file, or the ``queries`` texts (every token
+    of a causal LM's; a classifier's predicted label)."""
+    if target is not None:
+        return read_rows(args, loaded, target)[0], str(target)
     import pandas as pd
 
-    texts = pd.DataFrame({"text": args.query})
+    texts = pd.DataFrame({"text": queries})
     if loaded.kind == "causal-lm":
         query = encode(texts, loaded.tokenizer, loaded.kind, format="text", max_length=args.max_length, name="--query")
     else:
         query = encode(
-            texts.assign(label=predicted_labels(loaded, args.query, args.max_length)),
+            texts.assign(label=predicted_labels(loaded, queries, args.max_length)),
             loaded.tokenizer,
             loaded.kind,
             format="classification",
             max_length=args.max_length,
             name="--query",
         )
-    return ScoreData(train, query, "--query", frame)
+    return query, "--query"
+
+
+def load_data(args: ScoreArgs, loaded: LoadedModel) -> ScoreData:
+    """Read and encode ``--train`` and ``--target`` (or the ``--query`` texts) for the loaded model."""
+    assert args.train is not None
+    train, frame = read_rows(args, loaded, args.train)
+    target, name = attributed_rows(args, loaded, args.target, args.query)
+    return ScoreData(train, target, name, frame)
 
 
 @torch.no_grad()
@@ -220,7 +261,7 @@ def describe_plan(engine: InfluenceEngine, data: ScoreData, args: ScoreArgs) -> 
     ]
 
 
-def train_key(args: ScoreArgs, data: ScoreData) -> str:
+def train_key(args: ModelRowsArgs, train: Encoded) -> str:
     """Hash of what a fit depends on beyond the attributed blocks' weights (which the saved fit checks itself):
     the model and adapter folders (their files' names, sizes and times), the training examples, the loss and
     the blocks asked for."""
@@ -231,27 +272,29 @@ def train_key(args: ScoreArgs, data: ScoreData) -> str:
         "loss": args.loss_reduction,
     }
     digest = hashlib.sha256(json.dumps(settings, default=str).encode())
-    for example in data.train.examples:
+    for example in train.examples:
         digest.update(json.dumps(example, sort_keys=True).encode())
     return digest.hexdigest()[:20]
 
 
-def fit_or_reuse(engine: InfluenceEngine, args: ScoreArgs, data: ScoreData, train_loader: DataLoader) -> str:
+def fit_or_reuse(
+    engine: InfluenceEngine, args: ModelRowsArgs, train: Encoded, train_loader: DataLoader, methods: Sequence[str]
+) -> str:
     """Load ``--out/fit`` when it was fitted on these training rows and holds every method's sums; else fit
     (resumable) and save it. Returns what was done, for the summary."""
-    folder, key = args.out / "fit", train_key(args, data)
+    folder, key = args.out / "fit", train_key(args, train)
     key_file = folder / "train_key.json"
     if key_file.is_file() and json.loads(key_file.read_text()).get("key") == key:
         try:
             engine.load_fit(folder, train_loader=train_loader)
-            for method in args.methods:
+            for method in methods:
                 engine.fitted.require(method)
             return f"reused the fit in {folder} (same model, blocks and --train rows)"
         except (FitMismatchError, NotFittedError) as why:
             reason = str(why).splitlines()[0]
             print(f"the fit in {folder} cannot be reused ({reason}): fitting again")
     checkpoint = args.out / "checkpoints" / "fit.ckpt"
-    engine.fit(train_loader, methods=args.methods, checkpoint=checkpoint, checkpoint_every=20)
+    engine.fit(train_loader, methods=methods, checkpoint=checkpoint, checkpoint_every=20)
     key_file.unlink(missing_ok=True)
     engine.save_fit(folder)
     write_json(key_file, {"key": key})
@@ -262,31 +305,22 @@ def fit_or_reuse(engine: InfluenceEngine, args: ScoreArgs, data: ScoreData, trai
 def run_score(args: ScoreArgs) -> dict[str, Any]:
     """The ``hyperinf score`` job: load, fit (or reuse), score, write; returns the scores and the top-k."""
     check_args(args)
-    assert args.model is not None
     started = time.perf_counter()
-    loaded = load_model(model_folder(args.model), adapter=args.adapter, dtype=getattr(torch, args.model_dtype))
+    loaded = load_model_of(args)
     data = load_data(args, loaded)
-    blocks = parse_blocks(args.blocks) if args.blocks else default_blocks(loaded.model)
-    engine = InfluenceEngine(
-        loaded.model,
-        task_of(loaded, args.loss_reduction),
-        blocks=blocks,
-        method=args.methods[0],
-        **engine_options(args, cache_bytes=int(args.cache_gib * 2**30), spill_dir=str(args.out / "spill")),
-    )
-    for method in args.methods:
-        engine.check_supports(method)
+    engine = make_engine(args, loaded, args.methods)
     for line in describe_plan(engine, data, args):
         print(line)
     train_loader = loader(data.train.examples, loaded.tokenizer, args.batch_size)
     target_loader = loader(data.target.examples, loaded.tokenizer, args.batch_size)
-    fitted = fit_or_reuse(engine, args, data, train_loader)
+    fitted = fit_or_reuse(engine, args, data.train, train_loader, args.methods)
     print(fitted)
     scored = engine.score_methods(train_loader, target_loader, list(args.methods))
     top = engine.top_k(train_loader, target_loader, k=min(args.k, len(data.train.examples)), method=args.methods[0])
     seconds = time.perf_counter() - started
     write_scores(args, data, {m: scored[m] for m in args.methods}, scored.train_loss, data.train_frame)
-    write_top_k(args, data, top)
+    targets = [(row, data.target.texts[row]) for row in data.target.rows]
+    write_jsonl(args.out / "top_k.jsonl", top_k_records(top, data.train.rows, data.train.texts, targets))
     write_json(
         args.out / "arguments.json",
         {
@@ -294,9 +328,9 @@ def run_score(args: ScoreArgs) -> dict[str, Any]:
             "sign": SIGN,
             "model_kind": loaded.kind,
             "format": data.train.format,
-            "train": _data_record(data.train),
-            "target": _data_record(data.target),
-            "blocks": [{"name": b.name, "r": b.shape[0], "d": b.shape[1]} for b in engine.blocks],
+            "train": data_record(data.train),
+            "target": data_record(data.target),
+            "blocks": block_records(engine),
             "fit": fitted,
             "seconds": seconds,
         },
@@ -308,7 +342,29 @@ def run_score(args: ScoreArgs) -> dict[str, Any]:
     return {"scores": {m: scored[m] for m in args.methods}, "top_k": top}
 
 
-def _data_record(encoded: Encoded) -> dict[str, Any]:
+def make_engine(args: ModelRowsArgs, loaded: LoadedModel, methods: Sequence[str]) -> InfluenceEngine:
+    """The engine on the loaded model's ``--blocks`` (default: its adapters, else its linear layers), checked to
+    run every one of ``methods`` (the first is its default); gradients past ``--cache-gib`` spill to ``--out/spill``."""
+    blocks = parse_blocks(args.blocks) if args.blocks else default_blocks(loaded.model)
+    engine = InfluenceEngine(
+        loaded.model,
+        task_of(loaded, args.loss_reduction),
+        blocks=blocks,
+        method=methods[0],
+        **engine_options(args, cache_bytes=int(args.cache_gib * 2**30), spill_dir=str(args.out / "spill")),
+    )
+    for method in methods:
+        engine.check_supports(method)
+    return engine
+
+
+def block_records(engine: InfluenceEngine) -> list[dict[str, Any]]:
+    """The attributed blocks' names and gradient layouts, for arguments.json."""
+    return [{"name": b.name, "r": b.shape[0], "d": b.shape[1]} for b in engine.blocks]
+
+
+def data_record(encoded: Encoded) -> dict[str, Any]:
+    """What was read of a rows file, for arguments.json: its format, rows, examples, skipped and cut rows."""
     return {
         "format": encoded.format,
         "columns": encoded.columns,
@@ -345,22 +401,25 @@ def write_scores(
     atomic_write(args.out / "scores.parquet", lambda tmp: result.to_parquet(tmp, index=False))
 
 
-def write_top_k(args: ScoreArgs, data: ScoreData, top: TopK) -> None:
-    """top_k.jsonl: per target row (or query), its proponents (most helpful first) and opponents (most harmful first)."""
+def top_k_records(
+    top: TopK, rows: Sequence[int], texts: Sequence[str] | Mapping[int, str], targets: Sequence[tuple[int, str]]
+) -> list[dict[str, Any]]:
+    """top_k.jsonl's records: per target ``(row, text)``, its proponents (most helpful first) and opponents (most
+    harmful first) as row, score and text; ``rows[j]`` is the training row at position ``j`` of ``top``'s indices,
+    ``texts[row]`` its text."""
 
     def listed(indices: torch.Tensor, scores: torch.Tensor) -> list[dict[str, Any]]:
         return [
-            {"row": data.train.rows[j], "score": float(s), "text": data.train.texts[data.train.rows[j]]}
+            {"row": rows[j], "score": float(s), "text": texts[rows[j]]}
             for j, s in zip(indices.tolist(), scores.tolist())
         ]
 
-    records = [
+    return [
         {
-            "target": target_row,
-            "text": data.target.texts[target_row],
+            "target": row,
+            "text": text,
             "proponents": listed(top.helpful[i], top.helpful_scores[i]),
             "opponents": listed(top.harmful[i], top.harmful_scores[i]),
         }
-        for i, target_row in enumerate(data.target.rows)
+        for i, (row, text) in enumerate(targets)
     ]
-    write_jsonl(args.out / "top_k.jsonl", records)

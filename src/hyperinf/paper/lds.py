@@ -7,7 +7,9 @@ for one query is Spearman's correlation over the subsets between the summed pair
 measured loss (:func:`hyperinf.metrics.linear_datamodeling_score`). Under hyperinf's sign a
 positive score is harmful, so a subset holding more of them ends with a higher loss: a good
 method's LDS is positive. The table reports the mean over queries with a bootstrap 95% interval,
-at each method's default damping and at the best of a damping sweep.
+at each method's default damping and at the best of a damping sweep. With ``--index-dims`` the first
+method is also scored from a gradient index (:mod:`hyperinf.index`) at each of those dimensions:
+the LDS of projected scores beside the unprojected ones.
 
 Every training goes through :func:`hyperinf.app.finetune.train_or_load`, cached under a key of the
 setting, the schedule and the examples, so a rerun or an interrupted run retrains only what is
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -39,14 +42,17 @@ from hyperinf.app.arguments import (
     add_options,
     float_list,
     from_namespace,
+    int_list,
     option,
 )
 from hyperinf.app.report import new_figure, save_figure
+from hyperinf.engine import InfluenceEngine
 from hyperinf.errors import (
     DataError,
     HyperinfError,
     NotConvergedWarning,
 )
+from hyperinf.index import GradientIndex
 from hyperinf.metrics import bootstrap_interval, linear_datamodeling_score
 from hyperinf.paper.retraining import (
     SETTINGS,
@@ -79,6 +85,12 @@ class LdsArgs(RetrainArgs):
         parse=float_list,
         help="comma-separated dampings swept beside the default (default: %(default)s)",
     )
+    index_dims: tuple[int, ...] = option(
+        (),
+        parse=int_list,
+        help="also score the first method from a gradient index (hyperinf.index, float16 rows) at each of these "
+        "comma-separated --dim values, 0 for whole; rows '<method> idx<dim>' (default: none)",
+    )
     bootstrap_draws: int = 1000
 
 
@@ -93,6 +105,8 @@ def check_args(args: LdsArgs) -> None:
         raise DataError(f"--dampings must be positive, got {','.join(map(str, args.dampings)) or '(none)'}")
     if args.retrain_seeds < 1:
         raise DataError(f"--retrain-seeds must be at least 1, got {args.retrain_seeds}")
+    if any(dim < 0 for dim in args.index_dims):
+        raise DataError(f"--index-dims must be at least 0 (0: whole), got {','.join(map(str, args.index_dims))}")
 
 
 def subset_masks(n_train: int, subsets: int, seed: int) -> torch.Tensor:
@@ -134,8 +148,8 @@ def score_methods(args: LdsArgs, setting: Setting, model: nn.Module) -> list[dic
         for entry in _scores_at(args, setting, model, damping, train, query)
     ]
     return sorted(
-        results, key=lambda entry: args.methods.index(entry["method"])
-    )  # stable: dampings ascending per method
+        results, key=lambda entry: args.methods.index(entry.get("of", entry["method"]))
+    )  # stable: dampings ascending per method, a method's index rows after its own
 
 
 def _scores_at(
@@ -169,6 +183,31 @@ def _scores_at(
         except (HyperinfError, torch.linalg.LinAlgError) as error:
             entry["error"] = f"{type(error).__name__}: {error}"
         results.append(entry)
+    if default and args.index_dims and args.methods[0] in runnable:
+        results += _index_scores(args, engine, args.methods[0], train, query)
+    return results
+
+
+def _index_scores(
+    args: LdsArgs, engine: InfluenceEngine, method: str, train: DataLoader, query: DataLoader
+) -> list[dict[str, Any]]:
+    """``method``'s pairwise scores from a gradient index at each of ``--index-dims`` (built, queried, deleted)."""
+    results = []
+    for dim in args.index_dims:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:
+            index = GradientIndex.build(engine, train, folder, dim=dim, method=method, seed=args.seed)
+            scores = index.pairwise(engine, query).double()
+        results.append(
+            {
+                "method": f"{method} idx{dim}",
+                "of": method,
+                "damping": engine.config.score.damping,
+                "default": True,
+                "scores": scores,
+                "seconds": time.perf_counter() - start,
+            }
+        )
     return results
 
 
@@ -286,12 +325,12 @@ def print_lds(args: LdsArgs, rows: list[dict[str, Any]], record: dict[str, Any])
         f"({'its own seeds' if args.independent_seeds else 'the same seeds for every subset'}), "
         f"{n_queries} queries; mean over queries [95% bootstrap interval] (damping_mode={args.damping_mode})"
     )
-    print(f"{'method':<15}{'default damping':>32}{'best damping':>34}")
+    print(f"{'method':<18}{'default damping':>32}{'best damping':>34}")
     for method, (default, best) in best_rows(rows).items():
         if best is None:
-            print(f"{method:<15}  {default['error']}")
+            print(f"{method:<18}  {default['error']}")
             continue
-        print(f"{method:<15}{_cell(default):>32}{_cell(best):>34}")
+        print(f"{method:<18}{_cell(default):>32}{_cell(best):>34}")
     if any(r.get("converged") is False for r in rows):
         print("* the iterative inverse stopped above its tolerance on some block (column converged in lds.csv)")
     trainings = record["trainings"]
