@@ -194,6 +194,7 @@ def test_index_rows_score_as_the_engine_when_whole_and_otherwise_when_projected(
     [
         ({"subsets": 2}, DataError, "at least 3"),
         ({"index_dims": (64, -1)}, DataError, "--index-dims must be at least 0"),
+        ({"index_dims": (64,), "methods": ("ekfac", "hyperinf")}, DataError, "ekfac is not one: put one of them"),
         ({"methods": ("exact", "influence")}, ConfigurationError, "unknown method 'influence'"),
         ({"n_train": 4990, "n_query": 20}, DataError, "exceed the 5000 MNIST digits"),
         ({"dampings": (0.0,)}, DataError, "--dampings must be positive"),

@@ -14,7 +14,6 @@ from hyperinf.linalg import (
     cholesky_solve,
     hyperpower_inverse,
     neumann_series,
-    psd_sqrt,
     schulz_inverse,
     spectral_bounds,
 )
@@ -387,17 +386,3 @@ def test_cg_starts_from_x0():
     expected = torch.linalg.solve(A, b)
     x, info = conjugate_gradient(A, b, x0=expected, tol=1e-10)
     assert info.iterations == 0 and torch.equal(x, expected)
-
-
-def test_psd_sqrt_squares_back_and_treats_rounding_below_zero_as_zero():
-    gen = torch.Generator().manual_seed(0)
-    m = torch.randn(6, 6, generator=gen, dtype=torch.float64)
-    spd = m @ m.T + 0.1 * torch.eye(6, dtype=torch.float64)
-    root = psd_sqrt(spd)
-    torch.testing.assert_close(root, root.T)
-    torch.testing.assert_close(root @ root, spd)
-    q, _ = torch.linalg.qr(m)
-    nearly = q @ torch.diag(torch.tensor([-1e-12, 0.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)) @ q.T
-    expected = q @ torch.diag(torch.tensor([0.0, 0.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64).sqrt()) @ q.T
-    torch.testing.assert_close(psd_sqrt(nearly), expected)
-    assert psd_sqrt(spd.float()).dtype == torch.float32

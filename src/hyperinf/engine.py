@@ -34,7 +34,7 @@ from hyperinf.hessian import (
     check_exact_size,
     require_outputs,
 )
-from hyperinf.methods import Method, check_indexable, get_method
+from hyperinf.methods import Method, get_method
 from hyperinf.pass2 import DirectionalDerivatives, TrainingPass, TrainingPasses
 from hyperinf.preconditioners import BlockDiagnostics, Preconditioner, Vectors
 from hyperinf.results import save_results
@@ -260,22 +260,18 @@ class InfluenceEngine:
             parts.append(running.result())
         return TopK.cat(parts)
 
-    def half_preconditioned(
-        self, loader: Iterable[Any], *, method: str | None = None, queries: bool = False, skip: int = 0
+    def per_example_gradients(
+        self, loader: Iterable[Any], *, queries: bool = False, skip: int = 0
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Per batch after the first ``skip``, every example's gradient times the square root of ``method``'s
-        inverse, ``A_l^{-1/2} g_{k,l}`` (``{block: [B, r, d]}``): the training loss's gradients (replayed when this
-        is the fit's loader), or with ``queries`` the measurement's. Two such vectors have the inner product
-        ``<A^{-1} g, q>``: what a gradient index stores and queries with."""
-        method = method or self.method
-        check_indexable(method)
-        pre = self.preconditioner(method)
+        """Per batch after the first ``skip``, every example's gradient ``{block: [B, r, d]}``: of the training loss
+        (pass 1's kept gradients when ``loader`` is the fit's), or with ``queries`` of the task's measurement.
+        No fit is needed: what a gradient index stores and queries with."""
         if queries:
             for _, grads in self._measured(loader, "query_loader", skip=skip):
-                yield pre.apply_sqrt(grads.grads)
+                yield grads.grads
             return
         for batch in self._train(loader, skip=skip):
-            yield pre.apply_sqrt(batch.grads)
+            yield batch.grads
 
     def preconditioner(self, method: str) -> Preconditioner:
         """The fitted preconditioner of ``method`` (built once, then reused)."""

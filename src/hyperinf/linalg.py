@@ -322,13 +322,6 @@ def cholesky_inverse(A: Tensor) -> Tensor:
     return torch.cholesky_inverse(_cholesky(A))
 
 
-def psd_sqrt(X: Tensor) -> Tensor:
-    """The symmetric square root of a symmetric positive semi-definite ``X [..., d, d]`` (e.g. a fitted inverse),
-    by a float64 eigendecomposition; eigenvalues below zero (rounding in an iterative inverse) count as zero."""
-    values, vectors = torch.linalg.eigh(X.double())
-    return ((vectors * values.clamp_min(0).sqrt().unsqueeze(-2)) @ vectors.mT).to(X.dtype)
-
-
 def cholesky_solve(A: Tensor, B: Tensor) -> Tensor:
     """Exact ``A^{-1} B`` for SPD ``A [..., d, d]``, ``B [..., d]`` or ``[..., d, k]``."""
     L = _cholesky(A)

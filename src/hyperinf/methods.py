@@ -79,8 +79,7 @@ class Method:
 
     ``gfim``: the ``d x d`` GFIM is accumulated; ``fim``: the flattened ``rd x rd`` FIM is; ``hessian``: the exact Hessian is; ``ggn``: the exact GGN is;
     ``kronecker``: the token covariances of each block's inputs and output gradients are; ``train_pass``: every ``apply`` sums over the training gradients (no self-influence then,
-    and pass 2 cannot skip per-example gradients); ``sqrt``: its preconditioner has a symmetric square root
-    (``apply_sqrt``), which a gradient index needs; ``check`` refuses configurations the method
+    and pass 2 cannot skip per-example gradients); ``check`` refuses configurations the method
     cannot run with, before any data is read.
     """
 
@@ -92,7 +91,6 @@ class Method:
     ggn: bool = False
     kronecker: bool = False
     train_pass: bool = False
-    sqrt: bool = True
     check: Callable[[InfluenceConfig], None] | None = None
 
     def needs(self) -> tuple[str, ...]:
@@ -303,8 +301,8 @@ for _method in (
     Method("exact-fim", _block_inverse(fim=True, iterative=False), fim=True),
     Method("exact-hessian", _exact_curvature(ggn=False), hessian=True),
     Method("exact-ggn", _exact_curvature(ggn=True), ggn=True),
-    Method("datainf", _datainf, train_pass=True, sqrt=False, check=_check_datainf),
-    Method("lissa", _lissa, gfim=True, sqrt=False),
+    Method("datainf", _datainf, train_pass=True, check=_check_datainf),
+    Method("lissa", _lissa, gfim=True),
     Method("tracin", _tracin),
     Method("kfac", _kfac, kronecker=True),
     Method("ekfac", _ekfac, kronecker=True),
@@ -315,18 +313,6 @@ for _method in (
 def method_names() -> tuple[str, ...]:
     """Names of every registered method, in registration order."""
     return tuple(REGISTRY)
-
-
-def check_indexable(name: str) -> None:
-    """Refuse a method whose preconditioner has no square root: a gradient index cannot split it between
-    the stored training rows and the queries."""
-    if not get_method(name).sqrt:
-        usable = ", ".join(m for m, method in REGISTRY.items() if method.sqrt)
-        raise ConfigurationError(
-            f"method {name!r} cannot build a gradient index: its preconditioner has no square root to split between "
-            f"the training rows and the queries (DataInf sums over the training set, LiSSA truncates a series). "
-            f"Use one of: {usable}."
-        )
 
 
 def get_method(name: str) -> Method:

@@ -60,11 +60,6 @@ class Preconditioner(ABC):
     def apply(self, vectors: Vectors) -> dict[str, torch.Tensor]:
         """``h_l`` for every block, same shapes as ``vectors``."""
 
-    def apply_sqrt(self, vectors: Vectors) -> dict[str, torch.Tensor]:
-        """``A_l^{-1/2} V_l`` for every block, the symmetric square root of :meth:`apply`'s map: two vectors
-        preconditioned so have the inner product ``<A^{-1} u, v>`` (what a gradient index stores)."""
-        raise ConfigurationError(f"method {self.name!r} has no square root of its preconditioner")
-
 
 class InversePreconditioner(Preconditioner):
     """Applies explicit inverses: ``V_l X_l`` on the GFIM side, or ``vec(V) X`` over groups of blocks."""
@@ -80,32 +75,16 @@ class InversePreconditioner(Preconditioner):
         super().__init__(name, blocks, diagnostics)
         self.right = dict(right)
         self.flat_groups = list(flat_groups)
-        self._roots: tuple[dict[str, torch.Tensor], list[tuple[Sequence[str], torch.Tensor]]] | None = None
 
     def apply(self, vectors: Vectors) -> dict[str, torch.Tensor]:
-        return _apply_inverses(self.right, self.flat_groups, vectors)
-
-    def apply_sqrt(self, vectors: Vectors) -> dict[str, torch.Tensor]:
-        if self._roots is None:  # the inverses' square roots, computed on first use
-            self._roots = (
-                {name: linalg.psd_sqrt(inverse) for name, inverse in self.right.items()},
-                [(names, linalg.psd_sqrt(inverse)) for names, inverse in self.flat_groups],
-            )
-        return _apply_inverses(*self._roots, vectors)
-
-
-def _apply_inverses(
-    right: Mapping[str, torch.Tensor], flat_groups: Sequence[tuple[Sequence[str], torch.Tensor]], vectors: Vectors
-) -> dict[str, torch.Tensor]:
-    """``V_l X_l`` per block on the GFIM side, and ``vec(V) X`` over each group of blocks with a flattened ``X``."""
-    out = {name: vectors[name] @ inverse for name, inverse in right.items()}
-    for names, inverse in flat_groups:
-        shapes = [vectors[n].shape for n in names]
-        m = shapes[0][0]
-        flat = torch.cat([vectors[n].reshape(m, -1) for n in names], dim=1) @ inverse
-        for n, piece, shape in zip(names, flat.split([s[1] * s[2] for s in shapes], dim=1), shapes):
-            out[n] = piece.reshape(shape)
-    return out
+        out = {name: vectors[name] @ inverse for name, inverse in self.right.items()}
+        for names, inverse in self.flat_groups:
+            shapes = [vectors[n].shape for n in names]
+            m = shapes[0][0]
+            flat = torch.cat([vectors[n].reshape(m, -1) for n in names], dim=1) @ inverse
+            for n, piece, shape in zip(names, flat.split([s[1] * s[2] for s in shapes], dim=1), shapes):
+                out[n] = piece.reshape(shape)
+        return out
 
 
 class LissaPreconditioner(Preconditioner):
@@ -222,18 +201,11 @@ class KroneckerPreconditioner(Preconditioner):
             )
 
     def apply(self, vectors: Vectors) -> dict[str, torch.Tensor]:
-        return self._divided(vectors, 1.0)
-
-    def apply_sqrt(self, vectors: Vectors) -> dict[str, torch.Tensor]:
-        return self._divided(vectors, 0.5)
-
-    def _divided(self, vectors: Vectors, power: float) -> dict[str, torch.Tensor]:
-        """``Q_r [(Q_r^T V Q_d) / (Lambda + lambda)^power] Q_d^T`` per block."""
         out = {}
         for name, v in vectors.items():
             rows, columns = self.bases[name]
             rotated = rows.T @ v.to(rows.dtype) @ columns
-            out[name] = (rows @ (rotated / self._denominators[name] ** power) @ columns.T).to(v.dtype)
+            out[name] = (rows @ (rotated / self._denominators[name]) @ columns.T).to(v.dtype)
         return out
 
 
@@ -241,7 +213,4 @@ class IdentityPreconditioner(Preconditioner):
     """No curvature: ``h = v`` (TracIn)."""
 
     def apply(self, vectors: Vectors) -> dict[str, torch.Tensor]:
-        return dict(vectors)
-
-    def apply_sqrt(self, vectors: Vectors) -> dict[str, torch.Tensor]:
         return dict(vectors)

@@ -1,10 +1,10 @@
 """``hyperinf index build`` / ``hyperinf index query``: index a model's training rows once, then answer each query
 with one gradient and one matrix product (:mod:`hyperinf.index`).
 
-``build`` reads the same model, adapter and rows as ``hyperinf score``, fits the curvature (or reuses the fit in
-``--out/fit``) and writes the index into ``--out`` with the rows' texts (``rows.jsonl``) and its settings
-(``arguments.json``). ``query`` loads the model and options the index was built with, and writes ``query.jsonl``
-in ``hyperinf score``'s ``top_k.jsonl`` layout.
+``build`` reads the same model, adapter and rows as ``hyperinf score`` and, in one pass over the rows, writes the
+index into ``--out`` with the rows' texts (``rows.jsonl``) and its settings (``arguments.json``). ``query`` loads
+the model and options the index was built with, preconditions each query in the projected space with ``--method``
+and ``--damping``, and writes ``query.jsonl`` in ``hyperinf score``'s ``top_k.jsonl`` layout.
 """
 
 from __future__ import annotations
@@ -12,11 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from hyperinf.app.arguments import add_options, from_namespace, method_name, option, output_folder, override
+from hyperinf.app.arguments import (
+    InfluenceOptions,
+    add_options,
+    from_namespace,
+    method_name,
+    option,
+    output_folder,
+    override,
+)
 from hyperinf.app.score import (
     SIGN,
     ModelRowsArgs,
@@ -25,16 +33,15 @@ from hyperinf.app.score import (
     check_attributed,
     check_model_rows,
     data_record,
-    fit_or_reuse,
     load_model_of,
     loader,
     make_engine,
     read_rows,
     top_k_records,
 )
+from hyperinf.curvature import DampingMode
 from hyperinf.errors import DataError
-from hyperinf.index import STORAGE, GradientIndex, saved_settings
-from hyperinf.methods import check_indexable
+from hyperinf.index import STORAGE, GradientIndex, index_methods, saved_settings
 from hyperinf.results import write_json, write_jsonl
 
 QUERY_HELP = (
@@ -47,16 +54,10 @@ QUERY_HELP = (
 class IndexBuildArgs(ModelRowsArgs):
     """Every setting of ``hyperinf index build``."""
 
-    method: str = option(
-        "hyperinf",
-        parse=method_name,
-        help="the preconditioner split between the stored rows and the queries: any method but datainf and lissa "
-        "(default: %(default)s)",
-    )
     dim: int = option(
         8192,
         help="projected coordinates per training row, split over the blocks by their sizes; 0 stores the "
-        "preconditioned gradients whole (exact scores, largest index) (default: %(default)s)",
+        "gradients whole (exact scores, largest index) (default: %(default)s)",
     )
     seed: int = option(0, help="seed of the random projection (default: %(default)s)")
     storage: str = option("float16", choices=tuple(STORAGE), help="precision of the stored rows (default: %(default)s)")
@@ -70,6 +71,16 @@ class IndexQueryArgs:
     """Every setting of ``hyperinf index query``."""
 
     index: Path | None = option(None, parse=Path, help="an index folder written by hyperinf index build")
+    method: str = option(
+        "hyperinf",
+        parse=method_name,
+        help=f"the preconditioner of the projected gradients: one of {', '.join(index_methods())} (default: "
+        "%(default)s)",
+    )
+    damping: float = override(InfluenceOptions, "damping")
+    damping_mode: DampingMode = override(
+        InfluenceOptions, "damping_mode", default="relative", help="how the damping scales (default: %(default)s)"
+    )
     target: Path | None = option(None, parse=Path, help="the rows whose loss is attributed (the index's formats)")
     query: list[str] = field(default_factory=list)  # --query, repeatable: added by add_arguments
     k: int = option(10, flag="-k", help="proponents and opponents per target row or query (default: %(default)s)")
@@ -84,10 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     build = actions.add_parser(
         "build",
-        help="index every --train row's preconditioned, projected gradient (once)",
-        description="Load a model saved with save_pretrained (and a peft adapter), fit the curvature on the --train "
-        "rows (or reuse --out/fit) and store each row's preconditioned gradient, randomly projected to --dim "
-        "coordinates, in --out.",
+        help="index every --train row's randomly projected gradient (once)",
+        description="Load a model saved with save_pretrained (and a peft adapter) and store each --train row's "
+        "gradient, randomly projected to --dim coordinates, with the curvature of the projected gradients, in --out.",
     )
     add_options(build, IndexBuildArgs)
     build.set_defaults(run=main_build)
@@ -113,14 +123,13 @@ def main_query(ns: argparse.Namespace) -> int:
 
 
 def run_build(args: IndexBuildArgs) -> GradientIndex:
-    """The ``hyperinf index build`` job: load, fit (or reuse), index, write; returns the index."""
+    """The ``hyperinf index build`` job: load, index (one pass over the rows), write; returns the index."""
     check_model_rows(args)
     if args.dim < 0:
         raise DataError(f"--dim {args.dim}: must be at least 0 (0 stores the gradients whole)")
-    check_indexable(args.method)
     earlier = saved_settings(args.out)
     if earlier is not None:
-        asked = {"method": args.method, "dim": args.dim, "seed": args.seed, "storage": args.storage}
+        asked = {"dim": args.dim, "seed": args.seed, "storage": args.storage}
         differ = [f"--{key} {earlier[key]}" for key, value in asked.items() if earlier.get(key) != value]
         if differ:
             raise DataError(
@@ -131,22 +140,17 @@ def run_build(args: IndexBuildArgs) -> GradientIndex:
     started = time.perf_counter()
     loaded = load_model_of(args)
     train, _ = read_rows(args, loaded, args.train)
-    engine = make_engine(args, loaded, [args.method])
+    engine = make_engine(args, loaded, ["tracin"])  # no curvature of the full blocks is needed
     plan = engine.gradient_plan(len(train.examples))
-    for line in (train.summary(str(args.train)), *plan.describe()):
+    for line in (train.summary(str(args.train)), plan.describe()[0]):
         print(line)
-    train_loader = loader(train.examples, loaded.tokenizer, args.batch_size)
-    fitted = fit_or_reuse(engine, args, train, train_loader, [args.method])
-    print(fitted)
-    fit_seconds = time.perf_counter() - started
     write_jsonl(args.out / "rows.jsonl", [{"row": row, "text": train.texts[row]} for row in train.rows])
     index = GradientIndex.build(
         engine,
-        train_loader,
+        loader(train.examples, loaded.tokenizer, args.batch_size),
         args.out,
         dim=args.dim,
         seed=args.seed,
-        method=args.method,
         storage=args.storage,
         row_ids=train.rows,
     )
@@ -156,15 +160,13 @@ def run_build(args: IndexBuildArgs) -> GradientIndex:
         args.out / "arguments.json",
         {
             "args": asdict(args),
-            "sign": SIGN,
             "model_kind": loaded.kind,
             "train": data_record(train),
             "blocks": block_records(engine),
-            "fit": fitted,
             "dim": index.projection.dim,
             "index_bytes": size,
             "gradient_bytes": plan.bytes,
-            "seconds": {"load_and_fit": fit_seconds, "index": seconds - fit_seconds},
+            "seconds": seconds,
         },
     )
     print(
@@ -194,12 +196,12 @@ def run_query(args: IndexQueryArgs) -> dict[str, Any]:
     if args.index is None:
         raise DataError("--index is required: a folder written by hyperinf index build")
     check_attributed(args.target, args.query, args.k)
-    built = built_args(args.index)
+    built = replace(built_args(args.index), damping=args.damping, damping_mode=args.damping_mode)
     index = GradientIndex.open(args.index)
     loaded = load_model_of(built)
     target, name = attributed_rows(built, loaded, args.target, args.query)
     print(target.summary(name))
-    engine = make_engine(built, loaded, [built.method])
+    engine = make_engine(built, loaded, [args.method])
     started = time.perf_counter()
     queries = index.project_queries(engine, loader(target.examples, loaded.tokenizer, built.batch_size))
     gradient_seconds = time.perf_counter() - started
@@ -217,7 +219,7 @@ def run_query(args: IndexQueryArgs) -> dict[str, Any]:
         {
             "args": asdict(args),
             "sign": "minus the cosine of the projected gradients" if args.normalize else SIGN,
-            "index": {"rows": len(index), "dim": index.projection.dim, "method": index.meta["method"]},
+            "index": {"rows": len(index), "dim": index.projection.dim},
             "target": data_record(target),
             "seconds": {"query_gradients": gradient_seconds, "search": search_seconds},
             "search_ms_per_query": per_query_ms,

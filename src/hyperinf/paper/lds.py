@@ -52,7 +52,7 @@ from hyperinf.errors import (
     HyperinfError,
     NotConvergedWarning,
 )
-from hyperinf.index import GradientIndex
+from hyperinf.index import GradientIndex, index_methods
 from hyperinf.metrics import bootstrap_interval, linear_datamodeling_score
 from hyperinf.paper.retraining import (
     SETTINGS,
@@ -88,8 +88,9 @@ class LdsArgs(RetrainArgs):
     index_dims: tuple[int, ...] = option(
         (),
         parse=int_list,
-        help="also score the first method from a gradient index (hyperinf.index, float16 rows) at each of these "
-        "comma-separated --dim values, 0 for whole; rows '<method> idx<dim>' (default: none)",
+        help="also score the first method from a gradient index (hyperinf.index, float16 rows, preconditioned in "
+        "the projected space) at each of these comma-separated --dim values, 0 for whole; rows '<method> idx<dim>' "
+        "(default: none)",
     )
     bootstrap_draws: int = 1000
 
@@ -107,6 +108,11 @@ def check_args(args: LdsArgs) -> None:
         raise DataError(f"--retrain-seeds must be at least 1, got {args.retrain_seeds}")
     if any(dim < 0 for dim in args.index_dims):
         raise DataError(f"--index-dims must be at least 0 (0: whole), got {','.join(map(str, args.index_dims))}")
+    if args.index_dims and args.methods[0] not in index_methods():
+        raise DataError(
+            f"--index-dims scores the first of --methods from an index, which preconditions with "
+            f"{', '.join(index_methods())}; {args.methods[0]} is not one: put one of them first"
+        )
 
 
 def subset_masks(n_train: int, subsets: int, seed: int) -> torch.Tensor:
@@ -196,8 +202,8 @@ def _index_scores(
     for dim in args.index_dims:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
-            index = GradientIndex.build(engine, train, folder, dim=dim, method=method, seed=args.seed)
-            scores = index.pairwise(engine, query).double()
+            index = GradientIndex.build(engine, train, folder, dim=dim, seed=args.seed)
+            scores = index.pairwise(engine, query, method=method).double()
         results.append(
             {
                 "method": f"{method} idx{dim}",
