@@ -10,8 +10,8 @@ blocks, ``k_d x k_d``) is summed from the stored rows, and a query's projected g
 any GFIM method of the registry (``hyperinf``: Schulz; ``exact``; ``lissa``; ``tracin``) with the engine's damping:
 ``score_k = -<P g_k, A_P^{-1} P q>``. ``dim=0`` keeps every block whole: the engine's exact scores.
 
-Why precondition after projecting (LoGra's order) and not project ``A^{-1} g_k`` (an unbiased estimate of the
-unprojected scores): on the MNIST MLP the unbiased estimate's LDS fell from 0.469 (whole) to 0.11 / 0.14 / 0.30
+Why precondition after projecting (LoGra's order) and not project ``A^{-1/2} g_k`` and ``A^{-1/2} q`` (an unbiased
+estimate of the unprojected scores, commit 0018f4c): on the MNIST MLP the unbiased estimate's LDS fell from 0.469 (whole) to 0.11 / 0.14 / 0.30
 at 1k / 4k / 16k coordinates, its noise swamping scores that are small next to the vectors' norms, while the
 projected model's influence kept 0.45 / 0.51 / 0.51 (docs/results.md, "Gradient index").
 
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from hyperinf.config import InfluenceConfig
     from hyperinf.engine import InfluenceEngine
 
-FORMAT = 2  # 1: projected A^{-1} g_k (commit 0018f4c), no longer read
+FORMAT = 2  # 1: projected A^{-1/2} g_k (commit 0018f4c), no longer read
 STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _META, _CURVATURE = "index.json", "curvature.safetensors"
 _ROW_BLOCK = 65536  # rows scored per matrix product in a query, so the scores of a large index are never all in memory
