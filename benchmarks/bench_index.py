@@ -2,6 +2,12 @@
 
     python benchmarks/bench_index.py [--models mnist,minilm,smollm2] [--n 1000,1000,200] [--queries 50]
                                      [--dims 256,1024,4096,16384] [--json out.json]
+    python benchmarks/bench_index.py --scale minilm [--n 22789] [--dims 8192] [--queries 50]
+
+``--scale MODEL`` measures size and speed only, on MiniLM or SmolLM2 with rsLoRA r = 8 (``lora_B`` drawn as
+after training) over the first ``n`` tweets of all 22,789 (no confidence filter): one plain training epoch
+(AdamW), the index build from an unfitted engine (its gradient pass included), the index and whole-gradient
+sizes, the time of the queries' gradients and of a top-10 search over every row per query, peak RSS.
 
 Per model, an engine (HyperINF, the commands' dtypes: float32 for the MLP and MiniLM, float64 for SmolLM2) is
 fitted on ``n`` training rows and the unprojected pairwise scores against ``--queries`` held-out rows are the
@@ -128,6 +134,46 @@ def run_model(model: str, n: int, queries: int, dims: list[int], batch_size: int
     }
 
 
+def run_scale(model: str, n: int, queries: int, dim: int, batch_size: int) -> dict:
+    """Size and speed of an index of ``n`` tweets (see the module docstring)."""
+    data = load_task("tweets", min_confidence=0.0)
+    learner = build_learner(model, data.label_names, rank=8, max_length=64)
+    as_trained_lora(learner.model)
+    if n + queries > len(data.texts):
+        raise SystemExit(f"--n {n} + --queries {queries} exceed the {len(data.texts)} tweets: lower --n")
+    pairs = list(zip(data.texts[: n + queries], data.labels[: n + queries].tolist()))
+    train, query = learner.loader(pairs[:n], batch_size), learner.loader(pairs[n:], batch_size)
+    epoch = training_epoch_seconds(learner.model, learner.loss, train)
+    engine = InfluenceEngine(learner.model, learner.loss, blocks=learner.blocks, dtype=DTYPES[model], progress=False)
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        index = GradientIndex.build(engine, train, folder, dim=dim)
+        build = time.perf_counter() - start
+        size = sum(p.stat().st_size for p in Path(folder).glob("chunk-*.safetensors"))
+    start = time.perf_counter()
+    projected = index.project_queries(engine, query)
+    gradients = time.perf_counter() - start
+    start = time.perf_counter()
+    for row in projected.split(1):
+        index.search(row, k=TOP)
+    search_ms = 1000 * (time.perf_counter() - start) / len(projected)
+    return {
+        "n": len(index),
+        "dim": index.projection.dim,
+        "parameters": sum(b.num_params for b in engine.blocks),
+        "gradient_mib": engine.gradient_plan(n).bytes / 2**20,
+        "index_mib": size / 2**20,
+        "epoch_seconds": epoch,
+        "build_seconds": build,
+        "build_per_epoch": build / epoch,
+        "query_gradient_ms": 1000 * gradients / len(projected),
+        "search_ms_per_query": search_ms,
+    }
+
+
+DTYPES = {"minilm": "float32", "smollm2": "float64"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mnist,minilm,smollm2")
@@ -135,10 +181,18 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--dims", default="256,1024,4096,16384")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--scale", choices=tuple(DTYPES), default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     dims = [int(v) for v in args.dims.split(",")]
     result = {"torch_threads": torch.get_num_threads(), "models": {}}
+    if args.scale:
+        result["scale"] = row = run_scale(args.scale, int(args.n.split(",")[0]), args.queries, dims[0], args.batch_size)
+        row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(row, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return
     for model, n in zip(args.models.split(","), (int(v) for v in args.n.split(","))):
         result["models"][model] = m = run_model(model, n, args.queries, dims, args.batch_size)
         print(

@@ -134,12 +134,20 @@ def test_the_projection_seed_fixes_the_index_and_is_recorded(tmp_path):
     assert a.meta["seed"] == 3 and a.meta["dim"] == 12
 
 
+class Narrow:
+    """A block-shaped stand-in: a 1000 x 4 gradient layout."""
+
+    name, shape = "narrow", (1000, 4)
+
+
 def test_the_layout_splits_the_dimension_over_blocks_by_size():
     engine = pairwise_setup()[0]
     whole = plan_layout(engine.blocks, 0)
     assert [(x.k_r, x.k_d) for x in whole] == [b.shape for b in engine.blocks]  # [5 x 5], [3 x 6]
     small = plan_layout(engine.blocks, 12)  # shares 25/43 and 18/43 of 12: 7 and 5
     assert [(x.k_r, x.k_d) for x in small] == [(2, 3), (2, 2)]
+    narrow = hyperinf.index.plan_layout([Narrow()], 400)  # r = 1000, d = 4: the rows take what d cannot
+    assert [(x.k_r, x.k_d) for x in narrow] == [(100, 4)]
     with pytest.raises(ValueError, match="dim must be >= 0"):
         plan_layout(engine.blocks, -1)
 
@@ -175,10 +183,12 @@ def test_a_killed_build_resumes_after_its_last_whole_chunk(tmp_path, monkeypatch
     assert all(torch.equal(x, y) for x, y in zip(resumed.curvature.tensors(), whole.curvature.tensors()))
 
 
-def test_a_folder_built_with_other_settings_is_refused(tmp_path):
-    build(tmp_path, dim=12)
+def test_a_folder_built_with_other_settings_or_rows_is_refused(tmp_path):
+    build(tmp_path, dim=12, source="rows-a")
     with pytest.raises(CheckpointMismatchError, match=r"other settings \(dim, layouts differ\)"):
-        build(tmp_path, dim=6)
+        build(tmp_path, dim=6, source="rows-a")
+    with pytest.raises(CheckpointMismatchError, match=r"other settings \(source differ\)"):
+        build(tmp_path, dim=12, source="rows-b")
 
 
 def test_querying_with_other_weights_is_refused(tmp_path):

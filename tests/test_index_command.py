@@ -79,6 +79,10 @@ def test_a_rebuild_keeps_the_index_and_queries_take_text(
     assert {p: p.stat().st_mtime_ns for p in index.glob("chunk-*.safetensors")} == chunks
     assert build(user_models, train, index, "--dim", 32) == 2
     assert "holds an index built with --dim 64: choose another --out" in capsys.readouterr().err
+    edited = write_jsonl(tmp_path / "edited.jsonl", [{"text": r["text"] + "!"} for r in ROWS["text"]])
+    assert build(user_models, edited, index, "--dim", 64) == 2  # as many rows, other text: not the same index
+    assert "other settings (source differ)" in capsys.readouterr().err
+    assert json.loads((index / "rows.jsonl").read_text().splitlines()[0])["text"] == ROWS["text"][0]["text"]
     assert query(index, tmp_path / "q", "--query", "The quick brown fox", "--query", "gold", "-k", 10) == 0
     answers = records(tmp_path / "q" / "query.jsonl")
     assert [a["text"] for a in answers] == ["The quick brown fox", "gold"]
@@ -96,7 +100,7 @@ def test_user_errors_are_one_line_and_write_nothing(
     for run, says in (
         (lambda: query(tmp_path / "index", out, "--query", "a", "--method", "ekfac"), "cannot precondition in an"),
         (lambda: build(user_models, train, out, "--dim", -1), "--dim -1: must be at least 0"),
-        (lambda: query(tmp_path / "nothing", out, "--query", "a"), "holds no arguments.json"),
+        (lambda: query(tmp_path / "nothing", out, "--query", "a"), "holds no gradient index"),
         (lambda: main(["index", "query", "--query", "a", "--out", str(out)]), "--index is required"),
     ):
         code = run()

@@ -13,7 +13,7 @@ any GFIM method of the registry (``hyperinf``: Schulz; ``exact``; ``lissa``; ``t
 Why precondition after projecting (LoGra's order) and not project ``A^{-1/2} g_k`` and ``A^{-1/2} q`` (an unbiased
 estimate of the unprojected scores, commit 0018f4c): on the MNIST MLP the unbiased estimate's LDS fell from 0.469 (whole) to 0.11 / 0.14 / 0.30
 at 1k / 4k / 16k coordinates, its noise swamping scores that are small next to the vectors' norms, while the
-projected model's influence kept 0.45 / 0.51 / 0.51 (docs/results.md, "Gradient index").
+projected model's influence kept 0.45 / 0.51 / 0.51 (docs/results/index.md).
 
 On disk an index is a folder: ``index.json`` (settings, layout, projection seed, block fingerprints, row count),
 ``curvature.safetensors`` (the projected blocks' curvature sums) and ``chunk-NNNNNN.safetensors`` files, each
@@ -37,7 +37,7 @@ from torch import nn
 
 from hyperinf.blocks import Block, check_fingerprint, fingerprint
 from hyperinf.curvature import CurvatureAccumulator
-from hyperinf.errors import CheckpointMismatchError, ConfigurationError, EmptyDataError, FitMismatchError
+from hyperinf.errors import CheckpointMismatchError, ConfigurationError, FitMismatchError
 from hyperinf.methods import FittedInputs, build_preconditioner, get_method, method_names
 from hyperinf.preconditioners import Preconditioner
 from hyperinf.results import atomic_write, write_json
@@ -88,7 +88,7 @@ def plan_layout(blocks: Sequence[Block], dim: int) -> list[BlockLayout]:
         if share >= r * d:
             layouts.append(BlockLayout(block.name, r, d, r, d))
             continue
-        k_r = min(r, math.isqrt(share))
+        k_r = min(r, max(math.isqrt(share), share // d))  # a narrow d leaves the rows more of the share
         layouts.append(BlockLayout(block.name, r, d, k_r, min(d, share // k_r)))
     return layouts
 
@@ -182,13 +182,16 @@ class GradientIndex:
         storage: str = "float16",
         chunk_batches: int = 50,
         row_ids: Sequence[int] | None = None,
+        source: str | None = None,
     ) -> GradientIndex:
         """Index ``train_loader``'s per-example gradients under ``engine``'s model, blocks and loss (no fit needed;
         pass 1's kept gradients are replayed when this is its loader).
 
         ``dim`` projected coordinates per example in all (``0``: whole), ``storage`` the stored precision of the
-        unit rows, ``row_ids`` what each row is called in results (default: its position). A folder holding a
-        partial build with the same settings is resumed; one with other settings is refused.
+        unit rows, ``row_ids`` what each row is called in results (default: its position), ``source`` a digest of
+        what the gradients depend on beyond the weights and the loader's length (the rows, the loss), when the
+        caller has one. A folder holding a partial build with the same settings is resumed; one with other
+        settings is refused.
         """
         if storage not in STORAGE:
             raise ValueError(f"storage must be one of {', '.join(STORAGE)}, got {storage!r}")
@@ -209,7 +212,9 @@ class GradientIndex:
             "chunk_batches": chunk_batches,
             "layouts": [asdict(layout) for layout in layouts],
             "blocks": fingerprint(engine.blocks),
+            "dtype": engine.config.fit.dtype,
             "batches": len(train_loader) if isinstance(train_loader, Sized) else None,
+            "source": source,
         }
         done = _resumable_chunks(directory, settings)
         write_json(directory / _META, {**settings, "complete": False})
@@ -226,8 +231,6 @@ class GradientIndex:
         if pending:
             _write_chunk(directory, done, pending, STORAGE[storage])
             done += 1
-        if position == 0:
-            raise EmptyDataError("train_loader yielded no examples: an index needs at least one training example.")
         curvature = CurvatureAccumulator(projected_blocks(layouts), dtype=torch.float64)
         for i in range(done):  # from the stored rows: the curvature of exactly what the queries are scored against
             chunk = load_file(str(_chunk_path(directory, i)))
@@ -243,7 +246,7 @@ class GradientIndex:
         meta = saved_settings(directory)
         if meta is None:
             raise FitMismatchError(
-                f"{directory} holds no gradient index ({_META}): build one with GradientIndex.build."
+                f"{directory} holds no gradient index ({_META}): build one with `hyperinf index build` or GradientIndex.build."
             )
         if meta.get("format") != FORMAT:
             raise FitMismatchError(
@@ -293,13 +296,14 @@ class GradientIndex:
         pre = self.preconditioner(method or engine.method, engine.config)
         queries = []
         for grads in engine.per_example_gradients(query_loader, queries=True):
-            projected = {name: g.double() for name, g in self.projection.blocks(grads).items()}
+            projected = {name: g.double().cpu() for name, g in self.projection.blocks(grads).items()}
             queries.append(self.projection.flat(pre.apply(projected)))
         return torch.cat(queries)
 
     def scores(self, queries: torch.Tensor, *, normalize: bool = False) -> Iterator[torch.Tensor]:
         """Scores of the indexed rows against :meth:`project_queries`' ``queries`` ``[m, D]``, ``_ROW_BLOCK`` rows at
-        a time (``[b, m]`` each): ``-<P g_k, A_P^{-1} P q>``, or with ``normalize`` minus their cosine."""
+        a time (``[b, m]`` each): ``-<P g_k, A_P^{-1} P q>``, or with ``normalize`` minus the cosine of ``P g_k``
+        and ``A_P^{-1} P q`` (of the projected gradients themselves with ``tracin``: LESS's ranking)."""
         if normalize:
             queries = queries / queries.norm(dim=1, keepdim=True).clamp_min(torch.finfo(queries.dtype).tiny)
         for start in range(0, len(self), _ROW_BLOCK):

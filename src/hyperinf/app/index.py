@@ -38,6 +38,7 @@ from hyperinf.app.score import (
     make_engine,
     read_rows,
     top_k_records,
+    train_key,
 )
 from hyperinf.curvature import DampingMode
 from hyperinf.errors import DataError
@@ -85,7 +86,9 @@ class IndexQueryArgs:
     query: list[str] = field(default_factory=list)  # --query, repeatable: added by add_arguments
     k: int = option(10, flag="-k", help="proponents and opponents per target row or query (default: %(default)s)")
     normalize: bool = option(
-        False, help="rank by minus the cosine of the projected gradients (LESS) instead of the influence"
+        False,
+        help="rank by minus the cosine of the training row's projected gradient and the query's preconditioned one "
+        "(with --method tracin, of the two projected gradients: LESS's ranking) instead of the influence",
     )
     out: Path = output_folder("runs/index-query")
 
@@ -99,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Load a model saved with save_pretrained (and a peft adapter) and store each --train row's "
         "gradient, randomly projected to --dim coordinates, with the curvature of the projected gradients, in --out.",
     )
-    add_options(build, IndexBuildArgs)
+    add_options(build, IndexBuildArgs, skip=("damping", "damping_mode"))  # chosen per query
     build.set_defaults(run=main_build)
     query = actions.add_parser(
         "query",
@@ -144,7 +147,6 @@ def run_build(args: IndexBuildArgs) -> GradientIndex:
     plan = engine.gradient_plan(len(train.examples))
     for line in (train.summary(str(args.train)), plan.describe()[0]):
         print(line)
-    write_jsonl(args.out / "rows.jsonl", [{"row": row, "text": train.texts[row]} for row in train.rows])
     index = GradientIndex.build(
         engine,
         loader(train.examples, loaded.tokenizer, args.batch_size),
@@ -153,7 +155,9 @@ def run_build(args: IndexBuildArgs) -> GradientIndex:
         seed=args.seed,
         storage=args.storage,
         row_ids=train.rows,
+        source=train_key(args, train),
     )
+    write_jsonl(args.out / "rows.jsonl", [{"row": row, "text": train.texts[row]} for row in train.rows])
     seconds = time.perf_counter() - started
     size = sum(p.stat().st_size for p in args.out.glob("chunk-*.safetensors"))
     write_json(
@@ -196,8 +200,8 @@ def run_query(args: IndexQueryArgs) -> dict[str, Any]:
     if args.index is None:
         raise DataError("--index is required: a folder written by hyperinf index build")
     check_attributed(args.target, args.query, args.k)
-    built = replace(built_args(args.index), damping=args.damping, damping_mode=args.damping_mode)
     index = GradientIndex.open(args.index)
+    built = replace(built_args(args.index), damping=args.damping, damping_mode=args.damping_mode)
     loaded = load_model_of(built)
     target, name = attributed_rows(built, loaded, args.target, args.query)
     print(target.summary(name))
@@ -218,7 +222,7 @@ def run_query(args: IndexQueryArgs) -> dict[str, Any]:
         args.out / "arguments.json",
         {
             "args": asdict(args),
-            "sign": "minus the cosine of the projected gradients" if args.normalize else SIGN,
+            "sign": "minus the cosine of P g_k and A_P^-1 P q" if args.normalize else SIGN,
             "index": {"rows": len(index), "dim": index.projection.dim},
             "target": data_record(target),
             "seconds": {"query_gradients": gradient_seconds, "search": search_seconds},

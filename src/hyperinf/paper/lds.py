@@ -155,7 +155,7 @@ def score_methods(args: LdsArgs, setting: Setting, model: nn.Module) -> list[dic
     ]
     return sorted(
         results, key=lambda entry: args.methods.index(entry.get("of", entry["method"]))
-    )  # stable: dampings ascending per method, a method's index rows after its own
+    )  # stable: per method its rows in damping order, the index rows beside its default damping's
 
 
 def _scores_at(
@@ -200,20 +200,21 @@ def _index_scores(
     """``method``'s pairwise scores from a gradient index at each of ``--index-dims`` (built, queried, deleted)."""
     results = []
     for dim in args.index_dims:
+        entry: dict[str, Any] = {
+            "method": f"{method} idx{dim}",
+            "of": method,
+            "damping": None if method in DAMPING_FREE else engine.config.score.damping,
+            "default": True,
+        }
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as folder:
-            index = GradientIndex.build(engine, train, folder, dim=dim, seed=args.seed)
-            scores = index.pairwise(engine, query, method=method).double()
-        results.append(
-            {
-                "method": f"{method} idx{dim}",
-                "of": method,
-                "damping": engine.config.score.damping,
-                "default": True,
-                "scores": scores,
-                "seconds": time.perf_counter() - start,
-            }
-        )
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                index = GradientIndex.build(engine, train, folder, dim=dim, seed=args.seed)
+                entry["scores"] = index.pairwise(engine, query, method=method).double()
+            entry["seconds"] = time.perf_counter() - start
+        except (HyperinfError, torch.linalg.LinAlgError) as error:
+            entry["error"] = f"{type(error).__name__}: {error}"
+        results.append(entry)
     return results
 
 
