@@ -98,30 +98,9 @@ def run_model(model: str, n: int, queries: int, dims: list[int], batch_size: int
     exact = engine.pairwise(train, query)
     rows = []
     for dim in dims:
-        with tempfile.TemporaryDirectory() as folder:
-            start = time.perf_counter()
-            index = GradientIndex.build(engine, train, folder, dim=dim)
-            build = time.perf_counter() - start
-            size = sum(p.stat().st_size for p in Path(folder).glob("chunk-*.safetensors"))
-        start = time.perf_counter()
-        projected_queries = index.project_queries(engine, query)
-        gradients = time.perf_counter() - start
-        start = time.perf_counter()
-        for row in projected_queries.split(1):
-            index.search(row, k=TOP)
-        search_ms = 1000 * (time.perf_counter() - start) / len(projected_queries)
-        scores = torch.cat(list(index.scores(projected_queries)))
-        rows.append(
-            {
-                "dim": index.projection.dim,
-                "asked": dim,
-                **agreement(scores, exact),
-                "index_mib": size / 2**20,
-                "build_seconds": build,
-                "query_gradient_seconds": gradients,
-                "search_ms_per_query": search_ms,
-            }
-        )
+        index, projected, row = timed_index(engine, train, query, dim)
+        scores = torch.cat(list(index.scores(projected)))
+        rows.append({"asked": dim, **agreement(scores, exact), **row})
     return {
         "n": n,
         "queries": queries,
@@ -145,6 +124,20 @@ def run_scale(model: str, n: int, queries: int, dim: int, batch_size: int) -> di
     train, query = learner.loader(pairs[:n], batch_size), learner.loader(pairs[n:], batch_size)
     epoch = training_epoch_seconds(learner.model, learner.loss, train)
     engine = InfluenceEngine(learner.model, learner.loss, blocks=learner.blocks, dtype=DTYPES[model], progress=False)
+    index, _, row = timed_index(engine, train, query, dim)
+    return {
+        "n": len(index),
+        "parameters": sum(b.num_params for b in engine.blocks),
+        "gradient_mib": engine.gradient_plan(n).bytes / 2**20,
+        "epoch_seconds": epoch,
+        **row,
+        "build_per_epoch": row["build_seconds"] / epoch,
+    }
+
+
+def timed_index(engine, train, query, dim: int) -> tuple[GradientIndex, torch.Tensor, dict]:
+    """Build an index of ``train`` (in a temporary folder), project ``query``, and search a top-10 per query:
+    the index, the projected queries, and the sizes and times."""
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         index = GradientIndex.build(engine, train, folder, dim=dim)
@@ -157,18 +150,17 @@ def run_scale(model: str, n: int, queries: int, dim: int, batch_size: int) -> di
     for row in projected.split(1):
         index.search(row, k=TOP)
     search_ms = 1000 * (time.perf_counter() - start) / len(projected)
-    return {
-        "n": len(index),
-        "dim": index.projection.dim,
-        "parameters": sum(b.num_params for b in engine.blocks),
-        "gradient_mib": engine.gradient_plan(n).bytes / 2**20,
-        "index_mib": size / 2**20,
-        "epoch_seconds": epoch,
-        "build_seconds": build,
-        "build_per_epoch": build / epoch,
-        "query_gradient_ms": 1000 * gradients / len(projected),
-        "search_ms_per_query": search_ms,
-    }
+    return (
+        index,
+        projected,
+        {
+            "dim": index.projection.dim,
+            "index_mib": size / 2**20,
+            "build_seconds": build,
+            "query_gradient_ms": 1000 * gradients / len(projected),
+            "search_ms_per_query": search_ms,
+        },
+    )
 
 
 DTYPES = {"minilm": "float32", "smollm2": "float64"}
