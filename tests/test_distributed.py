@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hyperinf import InfluenceEngine
 from hyperinf.distributed import shard
-from hyperinf.errors import EmptyDataError
+from hyperinf.errors import EmptyDataError, FitMismatchError
+from hyperinf.index import GradientIndex
 
 HERE = Path(__file__).parent
 
@@ -24,9 +26,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
 
 
-@pytest.mark.parametrize("processes", [2, 3])
-def test_torchrun_shards_give_the_single_process_scores_and_pairwise(tmp_path, processes):
-    out = tmp_path / "scores.pt"
+def torchrun(processes: int, script: str, *args: object) -> None:
+    """Run ``script`` (in this folder) on ``processes`` local processes; fail with its stderr if it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
@@ -34,11 +35,17 @@ def test_torchrun_shards_give_the_single_process_scores_and_pairwise(tmp_path, p
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={processes}",
-        str(HERE / "distributed_worker.py"),
-        str(out),
+        str(HERE / script),
+        *map(str, args),
     ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert finished.returncode == 0, finished.stderr[-3000:]
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_torchrun_shards_give_the_single_process_scores_and_pairwise(tmp_path, processes):
+    out = tmp_path / "scores.pt"
+    torchrun(processes, "distributed_worker.py", out)
     together = torch.load(out)
 
     model, train, val = problem()
@@ -72,3 +79,24 @@ def test_distributed_without_a_process_group_says_how_to_start_one():
     model, _, _ = problem()
     with pytest.raises(RuntimeError, match="torchrun.*init_process_group"):
         InfluenceEngine(model, loss_fn, blocks="linear", distributed=True)
+
+
+def test_an_index_built_in_shards_opens_as_the_single_process_index(tmp_path):
+    """Each torchrun process indexes its shard; the folder opens as one index equal to one process's, in data-set
+    order, curvature summed; a missing shard is refused."""
+    torchrun(2, "index_worker.py", tmp_path / "shards", 12)
+    together = GradientIndex.open(tmp_path / "shards")
+    model, train, val = problem()
+    engine = InfluenceEngine(model, loss_fn, **OPTIONS)
+    alone = GradientIndex.build(engine, DataLoader(train, batch_size=7), tmp_path / "alone", dim=12, storage="float32")
+    assert torch.equal(together.ids, alone.ids) and torch.equal(together.ids, torch.arange(len(train)))
+    torch.testing.assert_close(together.rows * together.norms[:, None], alone.rows * alone.norms[:, None])
+    for mine, theirs in zip(together.curvature.tensors(), alone.curvature.tensors()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=0)
+    queries = DataLoader(val, batch_size=5)
+    torch.testing.assert_close(
+        together.pairwise(engine, queries, method="exact"), alone.pairwise(engine, queries, method="exact")
+    )
+    shutil.rmtree(tmp_path / "shards" / "shard-00001")
+    with pytest.raises(FitMismatchError, match=r"holds the index shards of ranks \[0\], not all 2"):
+        GradientIndex.open(tmp_path / "shards")

@@ -8,7 +8,6 @@ The model, data and references are test_pairwise's: looped single-example gradie
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -209,11 +208,3 @@ def test_methods_beyond_the_projected_gfim_are_refused(tmp_path, method):
     index = build(tmp_path, dim=12)
     with pytest.raises(ConfigurationError, match=f"method '{method}' cannot precondition in an index"):
         index.pairwise(pairwise_setup()[0], query_loader(), method=method)
-
-
-def test_a_distributed_engine_is_refused_rather_than_indexing_one_shard(tmp_path, monkeypatch):
-    engine = pairwise_setup()[0]
-    runtime = dataclasses.replace(engine.config.runtime, distributed=True)
-    monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, runtime=runtime))
-    with pytest.raises(ConfigurationError, match="one index per torch.distributed shard is not supported"):
-        GradientIndex.build(engine, pairwise_setup()[3], tmp_path / "index")

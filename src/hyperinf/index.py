@@ -15,7 +15,9 @@ estimate of the unprojected scores, commit 0018f4c): on the MNIST MLP the unbias
 at 1k / 4k / 16k coordinates, its noise swamping scores that are small next to the vectors' norms, while the
 projected model's influence kept 0.45 / 0.51 / 0.51 (docs/results/index.md).
 
-On disk an index is a folder: ``index.json`` (settings, layout, projection seed, block fingerprints, row count),
+Under ``torch.distributed`` each process indexes its shard into ``shard-<rank>/`` of the folder, and
+:meth:`GradientIndex.open` of the folder loads every shard as one index (curvature sums add up). On disk an index is
+a folder: ``index.json`` (settings, layout, projection seed, block fingerprints, row count),
 ``curvature.safetensors`` (the projected blocks' curvature sums) and ``chunk-NNNNNN.safetensors`` files, each
 holding the rows of ``chunk_batches`` loader batches as unit vectors (``float16`` by default) with their norms
 (``float32``) and row ids. Chunks are written atomically as the pass goes, so a killed build resumes after its
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -197,15 +200,15 @@ class GradientIndex:
             raise ValueError(f"storage must be one of {', '.join(STORAGE)}, got {storage!r}")
         if chunk_batches < 1:
             raise ValueError(f"chunk_batches must be >= 1, got {chunk_batches}")
-        if engine.config.runtime.distributed:
-            raise ConfigurationError(
-                "a gradient index is built in one process: one index per torch.distributed shard is not supported "
-                "yet. Build it without distributed=True."
-            )
-        directory = Path(directory)
+        directory, shard = Path(directory), None
+        if engine.config.runtime.distributed:  # each process indexes its shard, in a folder of its own
+            shard = {"rank": dist.get_rank(), "of": dist.get_world_size()}
+            directory = directory / f"shard-{shard['rank']:05d}"
         layouts = plan_layout(engine.blocks, dim)
         settings = {
             "format": FORMAT,
+            "shard": shard,
+            "ids": "positions" if row_ids is None else "given",
             "dim": dim,
             "seed": seed,
             "storage": storage,
@@ -241,9 +244,13 @@ class GradientIndex:
 
     @classmethod
     def open(cls, directory: str | Path) -> GradientIndex:
-        """Load a complete index for queries (its rows as float32 in memory)."""
+        """Load a complete index for queries (its rows as float32 in memory); a folder of per-process shards (built
+        under torch.distributed) as one index of every shard's rows, in rank order."""
         directory = Path(directory)
         meta = saved_settings(directory)
+        shards = sorted(directory.glob("shard-*/" + _META))
+        if meta is None and shards:
+            return cls._merged(directory, [cls.open(path.parent) for path in shards])
         if meta is None:
             raise FitMismatchError(
                 f"{directory} holds no gradient index ({_META}): build one with `hyperinf index build` or GradientIndex.build."
@@ -265,6 +272,32 @@ class GradientIndex:
         rows = torch.cat([c["rows"].float() for c in chunks])
         norms, ids = torch.cat([c["norms"] for c in chunks]), torch.cat([c["ids"] for c in chunks])
         return cls(directory, meta, rows, norms, ids, curvature)
+
+    @classmethod
+    def _merged(cls, directory: Path, shards: list[GradientIndex]) -> GradientIndex:
+        """One index of every shard's rows in rank order, their curvature summed; positions as row ids are shifted
+        to positions in the whole (shards of :func:`hyperinf.distributed.shard` are contiguous)."""
+        first = shards[0].meta
+        ranks = [s.meta["shard"]["rank"] for s in shards]
+        if ranks != list(range(first["shard"]["of"])):
+            raise FitMismatchError(
+                f"{directory} holds the index shards of ranks {ranks}, not all {first['shard']['of']}: finish the "
+                "build on every process."
+            )
+        shared = ("dim", "seed", "storage", "layouts", "blocks", "dtype", "ids")
+        differ = sorted({key for s in shards for key in shared if s.meta[key] != first[key]})
+        if differ:
+            raise FitMismatchError(f"the index shards in {directory} were built with other {', '.join(differ)}")
+        ids, offset = [], 0
+        for s in shards:
+            ids.append(s.ids + offset if first["ids"] == "positions" else s.ids)
+            offset += len(s)
+        curvature = shards[0].curvature
+        for s in shards[1:]:
+            curvature.merge(s.curvature)
+        meta = {**first, "shard": None, "rows": offset, "shards": len(shards)}
+        rows, norms = torch.cat([s.rows for s in shards]), torch.cat([s.norms for s in shards])
+        return cls(directory, meta, rows, norms, torch.cat(ids), curvature)
 
     def __len__(self) -> int:
         return self.rows.shape[0]
