@@ -26,6 +26,7 @@ from hyperinf.app.arguments import (
     override,
 )
 from hyperinf.app.score import (
+    QUERY_HELP,
     SIGN,
     ModelRowsArgs,
     attributed_rows,
@@ -44,11 +45,6 @@ from hyperinf.curvature import DampingMode
 from hyperinf.errors import DataError
 from hyperinf.index import STORAGE, GradientIndex, index_methods, saved_settings
 from hyperinf.results import write_json, write_jsonl
-
-QUERY_HELP = (
-    "a text to attribute instead of --target (repeatable): its every token for a causal LM, the predicted label "
-    "for a classifier"
-)
 
 
 @dataclass
@@ -102,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Load a model saved with save_pretrained (and a peft adapter) and store each --train row's "
         "gradient, randomly projected to --dim coordinates, with the curvature of the projected gradients, in --out.",
     )
-    add_options(build, IndexBuildArgs, skip=("damping", "damping_mode"))  # chosen per query
+    add_options(build, IndexBuildArgs, skip=("damping", "damping_mode", "cache_gib"))  # chosen per query; no fit
     build.set_defaults(run=main_build)
     query = actions.add_parser(
         "query",

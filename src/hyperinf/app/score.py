@@ -46,6 +46,10 @@ from hyperinf.task import Task
 
 SIGN = "score = -v^T H^-1 g_k: negative = helpful (up-weighting the row lowers the target loss), positive = harmful"
 SHIPPED = ("smollm2",)
+QUERY_HELP = (
+    "a text to attribute instead of --target (repeatable): its every token for a causal LM, the predicted label "
+    "for a classifier"
+)
 
 
 @dataclass
@@ -115,13 +119,7 @@ class ScoreArgs(ModelRowsArgs):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hyperinf score`` options (argparse)."""
     add_options(parser, ScoreArgs)
-    parser.add_argument(
-        "--query",
-        action="append",
-        default=[],
-        help="a text to attribute instead of --target (repeatable): its every token for a causal LM, the predicted "
-        "label for a classifier",
-    )
+    parser.add_argument("--query", action="append", default=[], help=QUERY_HELP)
 
 
 def main(ns: argparse.Namespace) -> int:
