@@ -11,7 +11,18 @@ import copy
 
 import pytest
 import torch
-from models import reference_gradients, split_examples
+from models import (
+    bert_loss,
+    mlp,
+    mlp_batch,
+    mlp_loss,
+    random_padded_batch,
+    reference_gradients,
+    split_examples,
+    tiny_bert_lora,
+)
+from test_conv import CONVS, SmallCNN, images
+from test_conv import loss_fn as conv_loss
 from test_pairwise import DAMPING, N_QUERY, N_TRAIN, assert_agree, loss_fn, query_loader, reference_pairwise
 from test_pairwise import setup as pairwise_setup
 
@@ -208,3 +219,43 @@ def test_methods_beyond_the_projected_gfim_are_refused(tmp_path, method):
     index = build(tmp_path, dim=12)
     with pytest.raises(ConfigurationError, match=f"method '{method}' cannot precondition in an index"):
         index.pairwise(pairwise_setup()[0], query_loader(), method=method)
+
+
+def projected_both_ways(engine: InfluenceEngine, loader, dim: int) -> tuple[list, list]:
+    """The engine's projected per-example gradients from the factors, and its whole gradients then projected."""
+    projection = Projection(plan_layout(engine.blocks, dim), seed=1)
+    factored = list(engine.per_example_gradients(loader, project=projection.factors))
+    whole = [projection.blocks(g) for g in engine.per_example_gradients(loader)]
+    return factored, whole
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_gradients_projected_from_their_factors_equal_the_projected_gradients_of_dense_layers(side):
+    """Biases (a 1 appended to the inputs) and either layout side; no fit, so the factors are used."""
+    model = mlp(dtype=torch.float64)
+    engine = InfluenceEngine(model, mlp_loss, blocks="linear", side=side, dtype="float64", progress=False)
+    loader = [mlp_batch(5, seed=s, dtype=torch.float64) for s in range(2)]
+    factored, whole = projected_both_ways(engine, loader, dim=30)
+    for mine, theirs in zip(factored, whole):
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            assert mine[name].shape == theirs[name].shape
+            torch.testing.assert_close(mine[name], theirs[name], rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_projected_from_their_factors_equal_the_projected_gradients_of_padded_lora_and_convolutions():
+    """LoRA on a padded batch (lora_B laid out transposed; padding masked) and convolutions (input patches)."""
+    pytest.importorskip("peft")
+    bert = tiny_bert_lora(r=2).double()
+    with torch.no_grad():
+        for name, p in bert.named_parameters():
+            if "lora_B" in name:  # a trained adapter: every block has gradient
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    engine = InfluenceEngine(bert, bert_loss, blocks="lora", dtype="float64", progress=False)
+    factored, whole = projected_both_ways(engine, [random_padded_batch(4, seed=3)], dim=40)
+    for name in whole[0]:
+        torch.testing.assert_close(factored[0][name], whole[0][name], rtol=1e-9, atol=1e-12)
+    engine = InfluenceEngine(SmallCNN().double(), conv_loss, blocks=[*CONVS, "head"], dtype="float64", progress=False)
+    factored, whole = projected_both_ways(engine, [images(3, seed=0)], dim=20)
+    for name in whole[0]:
+        torch.testing.assert_close(factored[0][name], whole[0][name], rtol=1e-9, atol=1e-12)

@@ -25,7 +25,7 @@ from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import check_fim_size
 from hyperinf.errors import ConfigurationError, NotFittedError
 from hyperinf.fitted import FittedCurvature
-from hyperinf.gradients import LossFn, PerSampleGradients
+from hyperinf.gradients import Factors, LossFn, PerSampleGradients, project_matrix
 from hyperinf.hessian import (
     GGNAccumulator,
     HessianAccumulator,
@@ -39,7 +39,7 @@ from hyperinf.pass2 import DirectionalDerivatives, TrainingPass, TrainingPasses
 from hyperinf.preconditioners import BlockDiagnostics, Preconditioner, Vectors
 from hyperinf.results import save_results
 from hyperinf.scoring import RunningTopK, TopK
-from hyperinf.sources import GradientPlan, GradientStream, TrainingGradients, mean_gradient
+from hyperinf.sources import GradientPlan, GradientStream, TrainingGradients, check_order, mean_gradient
 from hyperinf.task import Task, as_task
 
 
@@ -261,17 +261,37 @@ class InfluenceEngine:
         return TopK.cat(parts)
 
     def per_example_gradients(
-        self, loader: Iterable[Any], *, queries: bool = False, skip: int = 0
+        self,
+        loader: Iterable[Any],
+        *,
+        queries: bool = False,
+        skip: int = 0,
+        project: Mapping[str, Factors] | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Per batch after the first ``skip``, every example's gradient ``{block: [B, r, d]}``: of the training loss
         (pass 1's kept gradients when ``loader`` is the fit's), or with ``queries`` of the task's measurement.
-        No fit is needed: what a gradient index stores and queries with."""
-        if queries:
-            for _, grads in self._measured(loader, "query_loader", skip=skip):
-                yield grads.grads
+        No fit is needed. With ``project`` (block -> ``(R, D)``), each block's ``R g D^T`` ``[B, k_r, k_d]``
+        instead, formed from the projected inputs and output gradients when computed here: what a gradient
+        index stores and queries with."""
+        if project is not None and (queries or not self._train.holds(loader)):
+            yield from self._projected_gradients(loader, queries, skip, project)
             return
-        for batch in self._train(loader, skip=skip):
-            yield batch.grads
+        batches = (grads for _, grads in self._measured(loader, "query_loader", skip=skip)) if queries else None
+        for grads in batches if batches is not None else self._train(loader, skip=skip):
+            yield grads.grads if project is None else {n: project_matrix(g, project[n]) for n, g in grads.grads.items()}
+
+    def _projected_gradients(
+        self, loader: Iterable[Any], queries: bool, skip: int, project: Mapping[str, Factors]
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """:meth:`per_example_gradients` computed from the projected factors (the loss's, or the measurement's)."""
+        if not queries:
+            check_order(loader, "train_loader")
+        loss = self.task.measurement if queries else self.task.loss
+        dtype, padding = self.config.fit.torch_dtype, self.task.padding_mask
+        gradients = PerSampleGradients(self.model, loss, self.blocks, dtype=dtype, padding=padding, project=project)
+        stream = GradientStream(gradients, self.device, progress=self.config.runtime.progress)
+        for _, grads in stream(loader, "query_loader" if queries else "train_loader", skip=skip):
+            yield grads.grads
 
     def preconditioner(self, method: str) -> Preconditioner:
         """The fitted preconditioner of ``method`` (built once, then reused)."""

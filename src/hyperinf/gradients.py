@@ -17,7 +17,7 @@ non-padding tokens of ``a a^T`` (``a`` with a 1 appended when the block includes
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +32,7 @@ from hyperinf.errors import BlockSelectionError, LossShapeError, NonFiniteGradie
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 PaddingFn = Callable[[Any], torch.Tensor | None]
+Factors = tuple[torch.Tensor | None, torch.Tensor | None]  # (R, D) of a projection X -> R X D^T; None: kept whole
 
 
 @dataclass
@@ -65,7 +66,9 @@ class PerSampleGradients:
     ``loss_fn(model, batch)`` must return one loss per example (shape ``[B]``). Padding positions
     named by ``padding(batch)`` (``[B, T]``, by default a dict batch's 2-D ``attention_mask``) are zeroed, so they contribute nothing even if the
     model leaks gradient into them (see :func:`_token_mask` for which layer inputs it applies to).
-    ``kronecker`` adds each block's :class:`TokenFactors` (see :meth:`capturing_factors`).
+    ``kronecker`` adds each block's :class:`TokenFactors` (see :meth:`capturing_factors`). ``project`` maps a block
+    to ``(R, D)`` (``k_r x r``, ``k_d x d``, ``None`` for a side kept whole): the block's gradient is then
+    ``R g D^T`` ``[B, k_r, k_d]``, formed from the projected output gradients and inputs without ``g`` itself.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class PerSampleGradients:
         dtype: torch.dtype = torch.float32,
         kronecker: bool = False,
         padding: PaddingFn = padding_mask,
+        project: Mapping[str, Factors] | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -84,6 +88,7 @@ class PerSampleGradients:
         self.dtype = dtype
         self.padding = padding
         self.kronecker = kronecker
+        self.project = project
 
     @contextmanager
     def capturing_factors(self, on: bool = True) -> Iterator[None]:
@@ -155,10 +160,26 @@ class PerSampleGradients:
             delta = kind.output_grads(block.module, delta.to(device=device, dtype=self.dtype))
         if positions is not None:
             delta = delta * positions.to(device=device, dtype=self.dtype).unsqueeze(-1)
+        if self.project is not None:
+            return self._projected_gradient(block, a, delta), None
         weight_grad = torch.einsum("bto,bti->boi", delta, a)
         bias_grad = delta.sum(dim=1) if block.has_bias else None
         gradient = block.layout_matrix(weight_grad, bias_grad)
         return gradient, (self._token_factors(block, a, delta, positions) if self.kronecker else None)
+
+    def _projected_gradient(self, block: Block, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``R g D^T`` ``[B, k_r, k_d]`` as ``sum_t (R x_t)(D y_t)^T`` over the layout's row and column factors per
+        token (``delta`` and ``a``, a 1 appended to ``a`` for the bias): no ``[B, r, d]`` gradient is formed."""
+        assert self.project is not None
+        if block.has_bias:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        rows, columns = block.kronecker_order(a, delta)
+        left, right = self.project[block.name]
+        if left is not None:
+            rows = rows @ left.to(rows).T
+        if right is not None:
+            columns = columns @ right.to(columns).T
+        return torch.einsum("btr,btd->brd", rows, columns)
 
     @staticmethod
     def _token_factors(
@@ -196,6 +217,16 @@ class PerSampleGradients:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def project_matrix(x: torch.Tensor, factors: Factors) -> torch.Tensor:
+    """``R X D^T`` for ``X`` ``[..., r, d]`` and ``factors = (R, D)`` (``None``: that side kept whole)."""
+    left, right = factors
+    if left is not None:
+        x = left.to(x) @ x
+    if right is not None:
+        x = x @ right.to(x).T
+    return x
 
 
 def _token_mask(block: Block, shape: torch.Size, mask: torch.Tensor | None, batch_index: int) -> torch.Tensor | None:

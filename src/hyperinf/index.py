@@ -41,6 +41,7 @@ from torch import nn
 from hyperinf.blocks import Block, check_fingerprint, fingerprint
 from hyperinf.curvature import CurvatureAccumulator
 from hyperinf.errors import CheckpointMismatchError, ConfigurationError, FitMismatchError
+from hyperinf.gradients import Factors, project_matrix
 from hyperinf.methods import FittedInputs, build_preconditioner, get_method, method_names
 from hyperinf.preconditioners import Preconditioner
 from hyperinf.results import atomic_write, write_json
@@ -102,7 +103,7 @@ class Projection:
     def __init__(self, layouts: Sequence[BlockLayout], seed: int) -> None:
         self.layouts, self.seed = list(layouts), seed
         generator = torch.Generator().manual_seed(seed)
-        self._factors: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._factors: dict[str, Factors] = {}
         for layout in self.layouts:  # drawn in block order, so the same layouts and seed give the same matrices
             rows = _gaussian(layout.k_r, layout.r, generator)
             columns = _gaussian(layout.k_d, layout.d, generator)
@@ -112,18 +113,16 @@ class Projection:
     def dim(self) -> int:
         return sum(layout.size for layout in self.layouts)
 
+    @property
+    def factors(self) -> dict[str, Factors]:
+        """Per block ``(R_l, D_l)`` (``None``: a side kept whole), as the engine's projected gradients take them."""
+        return dict(self._factors)
+
     def blocks(self, vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``R_l V_l D_l^T`` for every block."""
-        out = {}
-        for layout in self.layouts:
-            x = vectors[layout.name]
-            rows, columns = self._factors[layout.name]
-            if rows is not None:
-                x = rows.to(x) @ x
-            if columns is not None:
-                x = x @ columns.to(x).T
-            out[layout.name] = x
-        return out
+        return {
+            layout.name: project_matrix(vectors[layout.name], self._factors[layout.name]) for layout in self.layouts
+        }
 
     def flat(self, blocks: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Projected blocks as one row per example, ``[m, dim]`` (float32, on the CPU)."""
@@ -224,8 +223,9 @@ class GradientIndex:
         projection = Projection(layouts, seed)
         position = sum(load_file(str(_chunk_path(directory, i)))["ids"].numel() for i in range(done))
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for grads in engine.per_example_gradients(train_loader, skip=done * chunk_batches):
-            projected = projection.flat(projection.blocks(grads))
+        batches = engine.per_example_gradients(train_loader, skip=done * chunk_batches, project=projection.factors)
+        for grads in batches:
+            projected = projection.flat(grads)
             pending.append((projected, _ids(row_ids, position, projected.shape[0])))
             position += projected.shape[0]
             if len(pending) == chunk_batches:
@@ -328,8 +328,8 @@ class GradientIndex:
         self.check_engine(engine)
         pre = self.preconditioner(method or engine.method, engine.config)
         queries = []
-        for grads in engine.per_example_gradients(query_loader, queries=True):
-            projected = {name: g.double().cpu() for name, g in self.projection.blocks(grads).items()}
+        for grads in engine.per_example_gradients(query_loader, queries=True, project=self.projection.factors):
+            projected = {name: g.double().cpu() for name, g in grads.items()}
             queries.append(self.projection.flat(pre.apply(projected)))
         return torch.cat(queries)
 
