@@ -21,7 +21,9 @@ def main(folder: str, dim: int) -> None:
     model, train, _ = problem()
     engine = InfluenceEngine(model, loss_fn, distributed=True, **OPTIONS)
     loader = DataLoader(shard(train), batch_size=7)
-    GradientIndex.build(engine, loader, folder, dim=dim, storage="float32", chunk_batches=1)
+    index = GradientIndex.build(engine, loader, folder, dim=dim, storage="float32", chunk_batches=1)
+    if len(index) != len(train):  # every process gets the whole index back, not its shard
+        raise SystemExit(f"rank {dist.get_rank()} got {len(index)} rows of {len(train)}")
     dist.destroy_process_group()
 
 

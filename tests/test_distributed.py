@@ -82,8 +82,9 @@ def test_distributed_without_a_process_group_says_how_to_start_one():
 
 
 def test_an_index_built_in_shards_opens_as_the_single_process_index(tmp_path):
-    """Each torchrun process indexes its shard; the folder opens as one index equal to one process's, in data-set
-    order, curvature summed; a missing shard is refused."""
+    """Each torchrun process indexes its shard and gets the whole index back (index_worker.py checks); the folder
+    opens as one index equal to one process's, in data-set order, curvature summed; a folder that also holds a
+    one-process index, or misses a shard, is refused."""
     torchrun(2, "index_worker.py", tmp_path / "shards", 12)
     together = GradientIndex.open(tmp_path / "shards")
     model, train, val = problem()
@@ -97,6 +98,10 @@ def test_an_index_built_in_shards_opens_as_the_single_process_index(tmp_path):
     torch.testing.assert_close(
         together.pairwise(engine, queries, method="exact"), alone.pairwise(engine, queries, method="exact")
     )
+    shutil.copy(tmp_path / "alone" / "index.json", tmp_path / "shards" / "index.json")
+    with pytest.raises(FitMismatchError, match="holds both an index and per-process index shards"):
+        GradientIndex.open(tmp_path / "shards")
+    (tmp_path / "shards" / "index.json").unlink()
     shutil.rmtree(tmp_path / "shards" / "shard-00001")
     with pytest.raises(FitMismatchError, match=r"holds the index shards of ranks \[0\], not all 2"):
         GradientIndex.open(tmp_path / "shards")

@@ -170,7 +170,16 @@ def test_stored_float16_rows_keep_scores_to_float16_precision(tmp_path):
     assert_agree(scores, reference_pairwise("exact"), 2e-2)
 
 
-def test_a_killed_build_resumes_after_its_last_whole_chunk(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fitted", [True, False], ids=["replayed", "from-factors"])
+def test_a_killed_build_resumes_after_its_last_whole_chunk(tmp_path, monkeypatch, fitted):
+    """Both ways to the gradients: the fit's kept ones replayed, and projected factors computed anew."""
+    engine = pairwise_setup()[0]
+    if not fitted:
+        engine = InfluenceEngine(engine.model, loss_fn, blocks="linear", dtype="float64", progress=False)
+
+    def build(tmp_path, name="index", **options):
+        return GradientIndex.build(engine, pairwise_setup()[3], tmp_path / name, **options)
+
     written = []
     write = hyperinf.index._write_chunk
 
@@ -246,12 +255,13 @@ def test_gradients_projected_from_their_factors_equal_the_projected_gradients_of
 def test_gradients_projected_from_their_factors_equal_the_projected_gradients_of_padded_lora_and_convolutions():
     """LoRA on a padded batch (lora_B laid out transposed; padding masked) and convolutions (input patches)."""
     pytest.importorskip("peft")
-    bert = tiny_bert_lora(r=2).double()
+    bert = tiny_bert_lora(r=8).double()
     with torch.no_grad():
         for name, p in bert.named_parameters():
             if "lora_B" in name:  # a trained adapter: every block has gradient
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     engine = InfluenceEngine(bert, bert_loss, blocks="lora", dtype="float64", progress=False)
+    assert all(x.k_r < x.r for x in plan_layout(engine.blocks, 40))  # both sides of every block projected
     factored, whole = projected_both_ways(engine, [random_padded_batch(4, seed=3)], dim=40)
     for name in whole[0]:
         torch.testing.assert_close(factored[0][name], whole[0][name], rtol=1e-9, atol=1e-12)

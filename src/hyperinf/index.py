@@ -190,7 +190,9 @@ class GradientIndex:
         pass 1's kept gradients are replayed when this is its loader).
 
         ``dim`` projected coordinates per example in all (``0``: whole), ``storage`` the stored precision of the
-        unit rows, ``row_ids`` what each row is called in results (default: its position), ``source`` a digest of
+        unit rows, ``row_ids`` what each row is called in results (default: its position; under torch.distributed,
+        the process's own shard's ids, or positions in :func:`hyperinf.distributed.shard`'s contiguous shards, which
+        opening the folder shifts to positions in the whole), ``source`` a digest of
         what the gradients depend on beyond the weights and the loader's length (the rows, the loss), when the
         caller has one. A folder holding a partial build with the same settings is resumed; one with other
         settings is refused.
@@ -240,6 +242,9 @@ class GradientIndex:
             curvature.update(projection.unflat(chunk["rows"].double() * chunk["norms"].double().unsqueeze(1)))
         atomic_write(directory / _CURVATURE, lambda tmp: save_file(curvature.named_tensors(), str(tmp)))
         write_json(directory / _META, {**settings, "complete": True, "rows": position, "chunks": done})
+        if shard is not None:  # every process returns the whole index, once every shard is written
+            dist.barrier()
+            return cls.open(directory.parent)
         return cls.open(directory)
 
     @classmethod
@@ -249,7 +254,12 @@ class GradientIndex:
         directory = Path(directory)
         meta = saved_settings(directory)
         shards = sorted(directory.glob("shard-*/" + _META))
-        if meta is None and shards:
+        if meta is not None and shards:
+            raise FitMismatchError(
+                f"{directory} holds both an index and per-process index shards (shard-*/): keep one of the two, "
+                "or build into another folder."
+            )
+        if shards:
             return cls._merged(directory, [cls.open(path.parent) for path in shards])
         if meta is None:
             raise FitMismatchError(
@@ -295,6 +305,10 @@ class GradientIndex:
         curvature = shards[0].curvature
         for s in shards[1:]:
             curvature.merge(s.curvature)
+        if first["ids"] == "given" and len(set(torch.cat(ids).tolist())) < offset:
+            raise FitMismatchError(
+                f"the index shards in {directory} name some rows twice: give each process its own shard's row ids."
+            )
         meta = {**first, "shard": None, "rows": offset, "shards": len(shards)}
         rows, norms = torch.cat([s.rows for s in shards]), torch.cat([s.norms for s in shards])
         return cls(directory, meta, rows, norms, torch.cat(ids), curvature)
