@@ -288,7 +288,14 @@ class InfluenceEngine:
             check_order(loader, "train_loader")
         loss = self.task.measurement if queries else self.task.loss
         dtype, padding = self.config.fit.torch_dtype, self.task.padding_mask
-        gradients = PerSampleGradients(self.model, loss, self.blocks, dtype=dtype, padding=padding, project=project)
+
+        def placed(m: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+            return None if m is None else m.to(device=device, dtype=dtype)
+
+        on_device = {  # each block's projection matrices where its gradients are formed, converted once
+            b.name: (placed(project[b.name][0], b.device), placed(project[b.name][1], b.device)) for b in self.blocks
+        }
+        gradients = PerSampleGradients(self.model, loss, self.blocks, dtype=dtype, padding=padding, project=on_device)
         stream = GradientStream(gradients, self.device, progress=self.config.runtime.progress)
         for _, grads in stream(loader, "query_loader" if queries else "train_loader", skip=skip):
             yield grads.grads
