@@ -48,6 +48,7 @@ from hyperinf.paper.lds import LdsArgs
 from hyperinf.paper.retraining import SETTINGS, Trainer
 
 TOP = 10
+DTYPES = {"minilm": "float32", "smollm2": "float64"}  # the commands' gradient precision per model
 
 
 def setting_parts(model: str, n: int, queries: int, batch_size: int):
@@ -161,9 +162,6 @@ def timed_index(engine, train, query, dim: int) -> tuple[GradientIndex, torch.Te
             "search_ms_per_query": search_ms,
         },
     )
-
-
-DTYPES = {"minilm": "float32", "smollm2": "float64"}
 
 
 def main() -> None:

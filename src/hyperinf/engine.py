@@ -25,7 +25,7 @@ from hyperinf.config import InfluenceConfig
 from hyperinf.curvature import check_fim_size
 from hyperinf.errors import ConfigurationError, NotFittedError
 from hyperinf.fitted import FittedCurvature
-from hyperinf.gradients import Factors, LossFn, PerSampleGradients, project_matrix
+from hyperinf.gradients import BatchGradients, Factors, LossFn, PerSampleGradients, project_matrix
 from hyperinf.hessian import (
     GGNAccumulator,
     HessianAccumulator,
@@ -276,8 +276,13 @@ class InfluenceEngine:
         if project is not None and (queries or not self._train.holds(loader)):
             yield from self._projected_gradients(loader, queries, skip, project)
             return
-        batches = (grads for _, grads in self._measured(loader, "query_loader", skip=skip)) if queries else None
-        for grads in batches if batches is not None else self._train(loader, skip=skip):
+        if queries:
+            batches: Iterable[BatchGradients] = (
+                grads for _, grads in self._measured(loader, "query_loader", skip=skip)
+            )
+        else:
+            batches = self._train(loader, skip=skip)
+        for grads in batches:
             yield grads.grads if project is None else {n: project_matrix(g, project[n]) for n, g in grads.grads.items()}
 
     def _projected_gradients(

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -223,7 +224,7 @@ class GradientIndex:
         done = _resumable_chunks(directory, settings)
         write_json(directory / _META, {**settings, "complete": False})
         projection = Projection(layouts, seed)
-        position = sum(load_file(str(_chunk_path(directory, i)))["ids"].numel() for i in range(done))
+        position = sum(_chunk_rows(directory, i) for i in range(done))
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         batches = engine.per_example_gradients(train_loader, skip=done * chunk_batches, project=projection.factors)
         for grads in batches:
@@ -424,6 +425,12 @@ def _ids(row_ids: Sequence[int] | None, start: int, count: int) -> torch.Tensor:
 
 def _chunk_path(directory: Path, index: int) -> Path:
     return directory / f"chunk-{index:06d}.safetensors"
+
+
+def _chunk_rows(directory: Path, index: int) -> int:
+    """How many rows a written chunk holds, read from its header (its tensors are not loaded)."""
+    with safe_open(str(_chunk_path(directory, index)), framework="pt") as handle:
+        return int(handle.get_slice("ids").get_shape()[0])
 
 
 def _write_chunk(
