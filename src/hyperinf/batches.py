@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +18,24 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+@dataclass(frozen=True)
+class ModulePadding:
+    """Padding masks of a batch whose layers run on different sequences, e.g. a vision-language model's text
+    (``sequence``, ``[B, T]``) and image patches (its projector's input: no padding).
+
+    ``modules`` maps a module name to the mask of the sequence the layers beneath it see (``None``: no
+    padding); a block whose dotted name contains one of those names takes its mask, every other block
+    ``sequence``. A :class:`hyperinf.Task` returns it from ``padding_mask``."""
+
+    sequence: torch.Tensor | None
+    modules: Mapping[str, torch.Tensor | None] = field(default_factory=dict)
+
+    def for_block(self, name: str) -> torch.Tensor | None:
+        """The mask of the sequence the block ``name`` runs on."""
+        parts = name.split(".")
+        return next((mask for module, mask in self.modules.items() if module in parts), self.sequence)
 
 
 def padding_mask(batch: Any) -> torch.Tensor | None:

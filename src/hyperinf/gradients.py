@@ -26,12 +26,12 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from hyperinf.batches import padding_mask
+from hyperinf.batches import ModulePadding, padding_mask
 from hyperinf.blocks import Block, block_gradients_enabled
 from hyperinf.errors import BlockSelectionError, LossShapeError, NonFiniteGradientError
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-PaddingFn = Callable[[Any], torch.Tensor | None]
+PaddingFn = Callable[[Any], torch.Tensor | ModulePadding | None]
 Factors = tuple[torch.Tensor | None, torch.Tensor | None]  # (R, D) of a projection X -> R X D^T; None: kept whole
 
 
@@ -64,8 +64,10 @@ class PerSampleGradients:
     """Computes :class:`BatchGradients` for batches of ``model`` under ``loss_fn``.
 
     ``loss_fn(model, batch)`` must return one loss per example (shape ``[B]``). Padding positions
-    named by ``padding(batch)`` (``[B, T]``, by default a dict batch's 2-D ``attention_mask``) are zeroed, so they contribute nothing even if the
-    model leaks gradient into them (see :func:`_token_mask` for which layer inputs it applies to).
+    named by ``padding(batch)`` (``[B, T]``, by default a dict batch's 2-D ``attention_mask``; a
+    :class:`~hyperinf.batches.ModulePadding` where layers run on different sequences) are zeroed, so they
+    contribute nothing even if the model leaks gradient into them (see :func:`_token_mask` for which layer
+    inputs it applies to).
     ``kronecker`` adds each block's :class:`TokenFactors` (see :meth:`capturing_factors`). ``project`` maps a block
     to ``(R, D)`` (``k_r x r``, ``k_d x d``, ``None`` for a side kept whole): the block's gradient is then
     ``R g D^T`` ``[B, k_r, k_d]``, formed from the projected output gradients and inputs without ``g`` itself.
@@ -106,7 +108,7 @@ class PerSampleGradients:
             outputs = [y for block in self.blocks for _, y in records[block.name]]
             deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
         losses = losses.detach()
-        mask = self.padding(batch)
+        padding = self.padding(batch)
         grads: dict[str, torch.Tensor] = {}
         factors: dict[str, TokenFactors] | None = {} if self.kronecker else None
         position = 0
@@ -118,6 +120,7 @@ class PerSampleGradients:
                     "check that loss_fn runs the model and that the adapter is active and not merged."
                 )
             g, block_factors = None, None
+            mask = padding.for_block(block.name) if isinstance(padding, ModulePadding) else padding
             for (a, _), delta in zip(calls, deltas[position : position + len(calls)]):
                 term, term_factors = self._block_gradient(block, a, delta, mask, losses.shape[0], batch_index)
                 g = term if g is None else g + term

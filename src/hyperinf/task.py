@@ -7,7 +7,8 @@ A :class:`Task` separates what a user's setting decides from what the engine com
 - ``measurement``: what the validation and query side attributes, one value per example ``[B]``
   (by default the loss); e.g. the log-probability of one answer, or the margin of a classifier.
 - ``padding_mask``: ``[B, T]``, 1 for a token and 0 for padding, or ``None``; padding positions
-  contribute nothing to any gradient. By default a dict batch's 2-D ``attention_mask``.
+  contribute nothing to any gradient. By default a dict batch's 2-D ``attention_mask``; a
+  :class:`~hyperinf.batches.ModulePadding` where layers run on different sequences (text and image patches).
 - ``output_functions``: the loss split into the model's outputs ``[B, K]`` and the loss of them,
   which only the exact GGN needs (by default not given).
 
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hyperinf.batches import padding_mask
+from hyperinf.batches import ModulePadding, padding_mask
 from hyperinf.errors import ConfigurationError
 from hyperinf.gradients import LossFn
 from hyperinf.hessian import OutputFn, OutputFunctions, OutputLossFn, output_functions
@@ -34,11 +35,15 @@ class Task:
         """Per-example training losses ``[B]``."""
         raise NotImplementedError(f"{type(self).__name__} must define loss(model, batch) -> [B]")
 
+    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The training loss: a task serves wherever a plain ``loss_fn(model, batch)`` does (e.g. to train)."""
+        return self.loss(model, batch)
+
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Per-example values ``[B]`` attributed on validation and query batches (by default the loss)."""
         return self.loss(model, batch)
 
-    def padding_mask(self, batch: Any) -> torch.Tensor | None:
+    def padding_mask(self, batch: Any) -> torch.Tensor | ModulePadding | None:
         """``[B, T]``, 1 for a token and 0 for padding: a dict batch's 2-D ``attention_mask`` by default."""
         return padding_mask(batch)
 

@@ -47,16 +47,18 @@ class Learner:
     tokenizer: Any
     blocks: list[str] | str
     loss: Callable[[nn.Module, Any], torch.Tensor]
-    collate: Callable[[Sequence[Pair]], dict[str, torch.Tensor]]
-    predict_labels: Callable[[Sequence[str], int], torch.Tensor]
+    collate: Callable[[Sequence[Any]], dict[str, torch.Tensor]]
+    predict_labels: Callable[[Sequence[str], int], torch.Tensor] | None = None  # None: the rows have no labels
 
-    def loader(self, pairs: Sequence[Pair], batch_size: int) -> DataLoader:
-        """A loader over ``pairs`` in their order (what the influence engine needs)."""
+    def loader(self, pairs: Sequence[Any], batch_size: int) -> DataLoader:
+        """A loader over ``pairs`` (or other examples ``collate`` takes) in their order (what the influence engine needs)."""
         return DataLoader(list(pairs), batch_size=batch_size, collate_fn=self.collate)
 
     @torch.no_grad()
     def predict(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
         """The predicted label index of every text."""
+        if self.predict_labels is None:
+            raise ConfigurationError("this learner's rows have no labels to predict: measure it on its own rows")
         return self.predict_labels(texts, batch_size)
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:

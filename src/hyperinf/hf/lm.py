@@ -4,7 +4,8 @@ A causal LM's loss is the negative log-likelihood of an example's scored tokens 
 ``target_ids`` entry is not ``-100``: the completion, the assistant turns, every token of plain
 text), averaged over them by default (``reduction="sum"`` for the summed convention); a sequence
 classifier's is the cross-entropy of its label. :class:`CausalLMTask` and
-:class:`ClassificationTask` are these losses as :class:`hyperinf.Task` objects, what
+:class:`ClassificationTask` are these losses as :class:`hyperinf.Task` objects (:class:`VisionLanguageTask`
+for a LLaVA-style model, whose batches carry images), what
 :class:`hyperinf.InfluenceEngine` differentiates. :func:`choice_log_likelihoods` scores every
 option of multiple-choice questions (lm-eval-harness' way).
 """
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hyperinf.batches import ModulePadding, padding_mask
 from hyperinf.errors import ConfigurationError
 from hyperinf.task import Task
 
@@ -66,11 +68,17 @@ def logits_at(model: nn.Module, batch: Mapping[str, torch.Tensor], keep: torch.T
     SmolLM2 the head is a fifth of a forward pass. Any other model computes every position's logits
     and they are selected afterwards: the same numbers.
     """
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = model_inputs(batch)
     if _slices_logits_by_mask(model):
         return model(**inputs, logits_to_keep=keep.to(batch["input_ids"].device)).logits
     logits = model(**inputs).logits
     return logits[keep.to(logits.device)]
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a batch gives the model: ``input_ids``, ``attention_mask`` and, for a vision-language model,
+    ``pixel_values`` (targets and labels stay out: the model would average them into one loss)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
 
 
 def _slices_logits_by_mask(model: nn.Module) -> bool:
@@ -102,6 +110,22 @@ class CausalLMTask(Task):
         return completion_loss(model, batch, self.reduction)
 
 
+class VisionLanguageTask(CausalLMTask):
+    """:func:`completion_loss` of a vision-language model (transformers' LLaVA classes): batches carry
+    ``pixel_values`` beside the token ids, and the layers of ``image_modules`` (the vision tower and the
+    projector) run on image patches, which have no padding, while the language model's run on the text
+    sequence, padded as ``attention_mask`` says."""
+
+    def __init__(
+        self, reduction: Reduction = "mean", image_modules: Sequence[str] = ("vision_tower", "multi_modal_projector")
+    ) -> None:
+        super().__init__(reduction)
+        self.image_modules = tuple(image_modules)
+
+    def padding_mask(self, batch: Any) -> ModulePadding:
+        return ModulePadding(padding_mask(batch), dict.fromkeys(self.image_modules))
+
+
 class ClassificationTask(Task):
     """:func:`classification_loss` as a task."""
 
@@ -123,14 +147,36 @@ def choice_log_likelihoods(model: nn.Module, batches: Sequence[Mapping[str, torc
 
 
 @torch.no_grad()
+def greedy_matches(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """``[N]`` bool: whether greedy decoding reproduces each row's scored tokens, over ``batches`` in order.
+
+    Greedy decoding from the prompt writes exactly the scored tokens when each of them is the most likely
+    next token given the tokens before it, so one teacher-forced forward pass decides an exact-match answer
+    (end the scored tokens with an EOS for the match to include stopping there).
+    """
+    device = next(model.parameters()).device
+    parts = []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        targets = batch["target_ids"]
+        keep = target_predicting(targets)
+        rows, cols = torch.nonzero(keep, as_tuple=True)
+        wrong = logits_at(model, batch, keep).argmax(-1) != targets[rows, cols + 1]
+        misses = torch.zeros(targets.shape[0], dtype=torch.long, device=device).index_add(0, rows, wrong.long())
+        parts.append((misses == 0) & keep.any(dim=1))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=device)
+
+
+@torch.no_grad()
 def mean_hidden_states(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
     """``[N, H]``: each row's final hidden states averaged over its tokens (padding left out), over ``batches``
     in order: the representation RDS+ compares (:func:`hyperinf.selection.representation_scores`)."""
     device = next(model.parameters()).device
     parts = []
     for batch in batches:
-        mask = batch["attention_mask"].to(device)
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, output_hidden_states=True)
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+        mask = inputs["attention_mask"]
+        out = model(**inputs, output_hidden_states=True)
         hidden = out.hidden_states[-1]
         weights = mask.to(hidden.dtype).unsqueeze(-1)
         parts.append((hidden * weights).sum(1) / weights.sum(1))

@@ -108,7 +108,7 @@ def add_experiments(commands: argparse._SubParsersAction) -> None:
     inv.add_argument("--full", action="store_true", help="no time budget: run every method at every size")
     inv.set_defaults(run=_experiment(inverse.InverseArgs, inverse.run_inverse, {"time_budget": math.inf}))
 
-    from hyperinf.paper import epochs, lds, logo, select_study
+    from hyperinf.paper import epochs, lds, logo, select_study, vlm_select
 
     for name, module, run, summary, description in (
         (
@@ -119,6 +119,16 @@ def add_experiments(commands: argparse._SubParsersAction) -> None:
             "Warm the model up on a candidate pool, score the pool against a target set with every "
             "method, keep the top 5/20/40 percent, continue training on each selection and report test accuracy "
             "beside random selections, the full pool, the lowest training loss and LESS's gradient cosine.",
+        ),
+        (
+            "vlm-select",
+            vlm_select,
+            vlm_select.main,
+            "instruction-data selection for a vision-language model (Sec. 5.3, Tables 5 and 8)",
+            "Pretrain a small ViT on MNIST digit grids, assemble a LLaVA model with SmolLM2, align it on captions "
+            "(--setting after-alignment) or not (before-alignment), score an instruction pool of four question "
+            "families with every method, keep the top 5/20/40 percent, instruction-tune on each selection and "
+            "report exact-match accuracy per family beside random selections, the full pool, LESS and RDS+.",
         ),
         (
             "lds",

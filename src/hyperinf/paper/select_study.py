@@ -20,9 +20,9 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -112,14 +112,18 @@ class StudyArgs(SelectArgs):
             raise DataError(f"--flip-fraction {self.flip_fraction:g}: must be in (0, 1)")
 
 
-def run_study(args: StudyArgs) -> list[dict[str, Any]]:
-    """Every seed of the protocol; writes results.csv, summary.csv, a figure and arguments.json."""
+A = TypeVar("A", bound=StudyArgs)
+
+
+def run_study(args: A, make_setup: Callable[[A], Setup] | None = None) -> list[dict[str, Any]]:
+    """Every seed of the protocol; writes results.csv, summary.csv, a figure and arguments.json. ``make_setup``
+    gives a seed's material (default: :func:`label_setup` or :func:`choice_setup` by the rows of ``args.task``)."""
     if args.variant not in ("clean", "noisy"):
         raise DataError(f"--variant must be 'clean' or 'noisy', got {args.variant!r}")
     check_methods(args.methods)
     rows, records = [], []
     for offset in range(args.seeds):
-        seed_rows, record = run_seed(replace(args, seed=args.seed + offset))
+        seed_rows, record = run_seed(replace(args, seed=args.seed + offset), make_setup)
         rows += seed_rows
         records.append(record)
     summary = summarize(rows)
@@ -150,6 +154,8 @@ class Setup:
     measure: Callable[[], dict[str, float]]  # test accuracy of the model now loaded
     make_up: Callable[[torch.Tensor], dict[str, float]]  # a selection's shares of labels (or topics, answer keys)
     n_test: int
+    warm_up: Callable[[], dict[str, Any]]  # trains (or loads) the model the pool is scored with; its record has a "key"
+    details: dict[str, Any] = field(default_factory=dict)  # what else the seed's record keeps
 
 
 def label_setup(args: StudyArgs) -> Setup:
@@ -177,8 +183,19 @@ def label_setup(args: StudyArgs) -> Setup:
         return {f"share_{name}": count / made["size"] for name, count in made["labels"].items()}
 
     test_key = training_key({}, split.pairs("test"))
-    labels = split.pool.labels
-    return Setup(learner, split, labels, lengths, split.flipped, test_key, measure, make_up, split.test.labels.numel())
+    labels, n_test = split.pool.labels, split.test.labels.numel()
+    return Setup(
+        learner,
+        split,
+        labels,
+        lengths,
+        split.flipped,
+        test_key,
+        measure,
+        make_up,
+        n_test,
+        pool_warm_up(args, learner, split),
+    )
 
 
 def choice_setup(args: StudyArgs) -> Setup:
@@ -220,16 +237,32 @@ def choice_setup(args: StudyArgs) -> Setup:
         return shares
 
     test_key = training_key({}, split.test)
-    return Setup(learner, split, None, lengths, flipped, test_key, measure, make_up, len(split.test))
+    return Setup(
+        learner,
+        split,
+        None,
+        lengths,
+        flipped,
+        test_key,
+        measure,
+        make_up,
+        len(split.test),
+        pool_warm_up(args, learner, split),
+    )
 
 
-def run_seed(args: StudyArgs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def pool_warm_up(args: StudyArgs, learner: Learner, split: Splits) -> Callable[[], dict[str, Any]]:
+    """The protocol's warm-up: training on the whole pool (:func:`hyperinf.app.select.warm_up`)."""
+    return lambda: warm_up(args, learner, split.pairs("pool"))
+
+
+def run_seed(args: A, make_setup: Callable[[A], Setup] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One seed: split, warm up, score, then train and test on every selection."""
-    setup = choice_setup(args) if reads_rows(args) else label_setup(args)
+    setup = make_setup(args) if make_setup else choice_setup(args) if reads_rows(args) else label_setup(args)
     learner, split = setup.learner, setup.split
-    warm = warm_up(args, learner, split.pairs("pool"))
+    warm = setup.warm_up()
     warm_state = trainable_state(learner.model)
-    record: dict[str, Any] = {"seed": args.seed, "warm_up": warm}
+    record: dict[str, Any] = {"seed": args.seed, **setup.details, "warm_up": warm}
     if isinstance(split, PoolSplit):
         record["target_loss_by_label"] = target_loss_by_label(learner, split, args.batch_size)
     start = time.perf_counter()
