@@ -293,9 +293,7 @@ def test_mask_that_does_not_match_the_token_axis_is_an_error():
     model = _PairsAndHead(drop_first=True)
     batch = random_padded_batch(4, max_len=6, min_len=2, vocab_size=20, seed=2)
     psg = PerSampleGradients(model, _pairs_loss, select_blocks(model, ["pairs"]))
-    expected = (
-        r"'pairs' in batch 3: .* attention_mask has shape \(4, 6\), but the layer's input has shape \(4, 5, 2, 2\)"
-    )
+    expected = r"'pairs' in batch 3: .* padding mask has shape \(4, 6\), but the layer's input has shape \(4, 5, 2, 2\)"
     with pytest.raises(LossShapeError, match=expected + ".*Fix:"):
         psg(batch, batch_index=3)
 

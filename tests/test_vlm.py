@@ -12,8 +12,10 @@ import torch
 from models import max_relative_error, reference_gradients, reference_kronecker
 from peft.tuners.lora import LoraLayer
 
+from hyperinf.batches import ModulePadding
 from hyperinf.blocks import select_blocks
 from hyperinf.cli import main as cli_main
+from hyperinf.errors import DataError, LossShapeError
 from hyperinf.gradients import PerSampleGradients
 from hyperinf.hf.lm import IGNORE_INDEX, VisionLanguageTask, completion_loss, greedy_matches
 from hyperinf.paper import digit_grids as grids
@@ -146,7 +148,7 @@ def test_a_projector_block_needs_the_image_padding(digits, tiny_vlm):
         )
     )
     blocks = select_blocks(model, projector_and_lora(model)[:1])
-    with pytest.raises(Exception, match="multi_modal_projector.linear_1"):
+    with pytest.raises(LossShapeError, match="multi_modal_projector.linear_1.*ModulePadding"):
         PerSampleGradients(model, completion_loss, blocks, dtype=torch.float64)(batch)
 
 
@@ -180,19 +182,33 @@ def test_greedy_matches_equal_a_decoding_loop(tiny_vlm, digits):
     assert greedy_matches(model, batches).tolist() == [True, False] * len(rows)
 
 
-def test_backbone_pretraining_is_cached_and_reads_digits(digits, tmp_path):
-    first = pretrain_backbone(digits, "tiny-llama", grids=32, epochs=1, seed=0, cache_dir=tmp_path, progress=False)
-    again = pretrain_backbone(digits, "tiny-llama", grids=32, epochs=1, seed=0, cache_dir=tmp_path, progress=False)
+def test_backbone_pretraining_is_cached_under_its_settings(digits, tmp_path):
+    def backbone(**changes):
+        settings = {"grids": 32, "epochs": 1, "seed": 0} | changes
+        return pretrain_backbone(digits, "tiny-llama", cache_dir=tmp_path, progress=False, **settings)
+
+    first, again = backbone(), backbone()
     assert not first.record["cached"] and again.record["cached"] and first.key == again.key
     for name, tensor in first.state.items():
         torch.testing.assert_close(again.state[name], tensor)
-    assert 0.0 <= first.record["test_cell_accuracy"] <= 1.0
+    assert len({first.key, backbone(grids=48).key, backbone(epochs=2).key, backbone(seed=1).key}) == 4
 
 
-def test_vlm_select_runs_end_to_end(tmp_path):
+def test_module_padding_matches_whole_dotted_parts():
+    text, image = torch.ones(2, 5), torch.ones(2, 4)
+    padding = ModulePadding(text, {"multi_modal_projector": None, "model.vision_tower": image})
+    assert padding.for_block("base_model.model.model.multi_modal_projector.linear_1") is None
+    assert padding.for_block("model.vision_tower.encoder.fc") is image
+    assert padding.for_block("vision_tower.encoder.fc") is text  # "model.vision_tower" needs both parts
+    assert padding.for_block("model.my_multi_modal_projector.fc") is text  # a part, not a substring
+
+
+@pytest.mark.parametrize("setting", ["after-alignment", "before-alignment"])
+def test_vlm_select_runs_end_to_end(tmp_path, setting):
     out = tmp_path / "run"
     argv = [
-        "experiment", "vlm-select", "--model", "tiny-llama", "--variant", "noisy", "--n-pool", "20", "--n-target", "4",
+        "experiment", "vlm-select", "--model", "tiny-llama", "--setting", setting, "--variant", "noisy",
+        "--n-pool", "20", "--n-target", "4",
         "--n-test", "2", "--n-align", "8", "--vision-grids", "16", "--vision-epochs", "1", "--batch-size", "8",
         "--random-draws", "1", "--fraction", "0.25,0.5", "--methods", "hyperinf,tracin",
         "--cache-dir", str(tmp_path / "cache" / "adapters"), "--out", str(out), "--no-progress",
@@ -216,6 +232,20 @@ def test_vlm_select_runs_end_to_end(tmp_path):
     full = results[results["selector"] == "full pool"].iloc[0]
     assert full["flipped_kept"] == pytest.approx(0.2) and full["size"] == 20
     record = json.loads((out / "arguments.json").read_text())
-    assert record["args"]["setting"] == "after-alignment" and "vision" in record["seeds"][0]
+    assert record["args"]["setting"] == setting and "vision" in record["seeds"][0]
     assert (out / "selection.png").stat().st_size > 0
-    assert Path(record["seeds"][0]["warm_up"]["path"]).exists()  # the aligned model is cached
+    if setting == "after-alignment":
+        assert Path(record["seeds"][0]["warm_up"]["path"]).exists()  # the aligned model is cached
+    else:  # scored on the last language-model block of the unaligned model
+        assert record["args"]["methods"] == ["hyperinf", "tracin"] and record["args"]["dense"]
+        assert "path" not in record["seeds"][0]["warm_up"]
+
+
+def test_settings_choose_blocks_methods_and_keys():
+    from hyperinf.paper.vlm_select import VlmStudyArgs
+
+    after, before = VlmStudyArgs(), VlmStudyArgs(setting="before-alignment")
+    assert after.methods == ("hyperinf", "datainf", "lissa", "tracin") and not after.dense
+    assert before.methods == after.methods + ("ekfac",) and before.dense and before.damping_mode == "gfim"
+    with pytest.raises(DataError, match="--vision-epochs 0"):
+        VlmStudyArgs(vision_epochs=0)

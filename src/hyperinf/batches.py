@@ -25,17 +25,18 @@ class ModulePadding:
     """Padding masks of a batch whose layers run on different sequences, e.g. a vision-language model's text
     (``sequence``, ``[B, T]``) and image patches (its projector's input: no padding).
 
-    ``modules`` maps a module name to the mask of the sequence the layers beneath it see (``None``: no
-    padding); a block whose dotted name contains one of those names takes its mask, every other block
-    ``sequence``. A :class:`hyperinf.Task` returns it from ``padding_mask``."""
+    ``modules`` maps a module name (one or more dotted parts, e.g. ``"multi_modal_projector"``) to the mask
+    of the sequence the layers beneath it see (``None``: no padding): a block whose dotted name holds those
+    parts, whole and in order, takes that mask; every other block ``sequence``. A :class:`hyperinf.Task`
+    returns it from ``padding_mask``."""
 
     sequence: torch.Tensor | None
     modules: Mapping[str, torch.Tensor | None] = field(default_factory=dict)
 
     def for_block(self, name: str) -> torch.Tensor | None:
         """The mask of the sequence the block ``name`` runs on."""
-        parts = name.split(".")
-        return next((mask for module, mask in self.modules.items() if module in parts), self.sequence)
+        dotted = f".{name}."
+        return next((mask for module, mask in self.modules.items() if f".{module}." in dotted), self.sequence)
 
 
 def padding_mask(batch: Any) -> torch.Tensor | None:

@@ -246,12 +246,15 @@ def _token_mask(block: Block, shape: torch.Size, mask: torch.Tensor | None, batc
         per_token = math.prod(shape[2:-1])
         return mask.unsqueeze(-1).expand(-1, -1, per_token).reshape(shape[0], -1)
     raise LossShapeError(
-        f"block {block.name!r} in batch {batch_index}: the batch's attention_mask has shape "
+        f"block {block.name!r} in batch {batch_index}: the padding mask has shape "
         f"{tuple(mask.shape)}, but the layer's input has shape {tuple(shape)}, so its padding "
         "positions cannot be found. The mask applies to inputs [B, T, ..., d] with the mask's "
         "[B, T]; inputs [B, d] are not masked. Fix: pass an attention_mask for the sequence the "
-        "model runs on; for a layer that sees only some positions, give it a [B, d] input "
-        "(index hidden[:, 0] rather than slice hidden[:, :1]) or leave the block out."
+        "model runs on; where layers run on other sequences (a vision-language model's projector "
+        "on image patches), return a hyperinf.batches.ModulePadding from Task.padding_mask "
+        "(hyperinf.hf.lm.VisionLanguageTask does for LLaVA); for a layer that sees only some "
+        "positions, give it a [B, d] input (index hidden[:, 0] rather than slice hidden[:, :1]) "
+        "or leave the block out."
     )
 
 

@@ -135,11 +135,7 @@ def row_learner(args: SelectArgs) -> Learner:
             "folder whose config.json names a ...ForCausalLM"
         )
     net, tokenizer, blocks = causal(args.model, rank=args.rank, seed=args.seed, dense=args.dense, adapter=args.adapter)
-    return Learner(net, tokenizer, blocks, CausalLMTask().loss, collator(tokenizer), _no_labels)
-
-
-def _no_labels(texts: Any, batch_size: int) -> torch.Tensor:
-    raise ConfigurationError("rows without labels have no label to predict")
+    return Learner(net, tokenizer, blocks, CausalLMTask().loss, collator(tokenizer))
 
 
 def run_select_rows(args: SelectArgs) -> dict[str, Any]:

@@ -31,8 +31,8 @@ Reduction = Literal["mean", "sum"]
 def completion_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], reduction: Reduction = "mean") -> torch.Tensor:
     """Per-example negative log-likelihood of the scored tokens, ``[B]``: their mean, or their sum.
 
-    The logits at position ``t`` predict token ``t + 1``; only ``input_ids`` and
-    ``attention_mask`` go to the model, and logits are formed at the scoring positions alone
+    The logits at position ``t`` predict token ``t + 1``; only ``input_ids``, ``attention_mask`` (and
+    a vision-language model's ``pixel_values``) go to the model, and logits are formed at the scoring positions alone
     (:func:`logits_at`). A row without a scored token has loss 0 under ``"sum"`` and is refused
     under ``"mean"``, where it has no mean.
     """
@@ -111,8 +111,8 @@ class CausalLMTask(Task):
 
 
 class VisionLanguageTask(CausalLMTask):
-    """:func:`completion_loss` of a vision-language model (transformers' LLaVA classes): batches carry
-    ``pixel_values`` beside the token ids, and the layers of ``image_modules`` (the vision tower and the
+    """:func:`completion_loss` of a vision-language model (transformers' ``LlavaForConditionalGeneration``):
+    batches carry ``pixel_values`` beside the token ids, and the layers of ``image_modules`` (the vision tower and the
     projector) run on image patches, which have no padding, while the language model's run on the text
     sequence, padded as ``attention_mask`` says."""
 

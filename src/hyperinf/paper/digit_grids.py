@@ -119,16 +119,7 @@ def ask(family: str, labels: Sequence[int], rng: random.Random) -> tuple[str, st
     raise DataError(f"unknown question family {family!r}: use one of {', '.join(FAMILIES)}")
 
 
-def instruction_rows(
-    digits: Digits,
-    part: str,
-    n: int,
-    seed: int,
-    *,
-    name: str,
-    noise: float = 0.0,
-    families: Sequence[str] = tuple(FAMILIES),
-) -> list[Row]:
+def instruction_rows(digits: Digits, part: str, n: int, seed: int, *, name: str, noise: float = 0.0) -> list[Row]:
     """``n`` instruction rows on grids of ``part``, the families in equal shares and shuffled; with ``noise``,
     that share of the rows (exactly, rounded) answers wrongly and is marked ``answer_replaced``. ``name`` seeds
     the draw apart from other sets of the same part (pool, target)."""
@@ -136,6 +127,7 @@ def instruction_rows(
         raise DataError(f"{name}: asked for {n} rows; at least one is needed")
     rng = random.Random(f"{name}-{seed}")
     grids = draw_grids(digits, part, n, rng)
+    families = list(FAMILIES)
     kinds = [families[i % len(families)] for i in range(n)]
     rng.shuffle(kinds)
     rows = []

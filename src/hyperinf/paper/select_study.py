@@ -111,6 +111,10 @@ class StudyArgs(SelectArgs):
         if not 0.0 < self.flip_fraction < 1.0:
             raise DataError(f"--flip-fraction {self.flip_fraction:g}: must be in (0, 1)")
 
+    def scored_blocks(self) -> str:
+        """The attributed blocks, as tables and figures name them."""
+        return "dense last block" if self.dense else f"LoRA r={self.rank}"
+
 
 A = TypeVar("A", bound=StudyArgs)
 
@@ -443,14 +447,14 @@ def plot_study(args: StudyArgs, summary: list[dict[str, Any]], path: Path) -> No
     ax.set_xlabel("share of the pool kept")
     ax.set_ylabel("test accuracy")
     how = ", balanced" if args.balance else ""
-    ax.set_title(f"data selection: {args.model} {'dense' if args.dense else 'LoRA'}, {args.task}, {args.variant}{how}")
+    ax.set_title(f"data selection: {args.model} {args.scored_blocks()}, {args.task}, {args.variant}{how}")
     save_figure(fig, ax, path)
 
 
 def print_study(args: StudyArgs, summary: list[dict[str, Any]]) -> None:
     seeds = summary[0]["seeds"] if summary else 0
     print(
-        f"\ntest accuracy after training on the kept share ({args.model}, {'dense last block' if args.dense else f'LoRA r={args.rank}'}, "
+        f"\ntest accuracy after training on the kept share ({args.model}, {args.scored_blocks()}, "
         f"{args.task}, {args.variant} pool, {seeds} seed{'s' if seeds != 1 else ''}{', mean ± std' if seeds > 1 else ''})"
     )
     selectors = list(dict.fromkeys(e["selector"] for e in summary))

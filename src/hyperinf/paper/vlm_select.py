@@ -32,7 +32,7 @@ from hyperinf.app.learners import Learner
 from hyperinf.errors import DataError
 from hyperinf.hf.formats import Example
 from hyperinf.hf.lm import VisionLanguageTask, greedy_matches
-from hyperinf.paper.digit_grids import FAMILIES, Row, caption_rows, instruction_rows, load_digits
+from hyperinf.paper.digit_grids import FAMILIES, caption_rows, instruction_rows, load_digits
 from hyperinf.paper.select_study import Setup, StudyArgs, run_study
 from hyperinf.paper.vlm import (
     LANGUAGE_MODELS,
@@ -109,21 +109,26 @@ class VlmStudyArgs(StudyArgs):
             self.methods = VLM_METHODS + (DENSE_METHODS if self.dense else ())
         super().__post_init__()
         if self.balance:
-            raise DataError("--balance keeps label shares, and the instruction rows have no labels")
+            raise DataError("balance keeps label shares, and the instruction rows have no labels")
         for flag, value in (
             ("--n-test", self.n_test),
             ("--n-align", self.n_align),
             ("--vision-grids", self.vision_grids),
+            ("--vision-epochs", self.vision_epochs),
         ):
             if value < 1:
                 raise DataError(f"{flag} {value}: must be at least 1")
 
+    def scored_blocks(self) -> str:
+        if self.setting == "before-alignment":
+            return "last LM block, unaligned"
+        return f"projector + LoRA r={self.rank}, aligned"
+
 
 @dataclass
 class GridSplit:
-    """The pool, target and test rows (:mod:`hyperinf.paper.digit_grids`) and each as the model's examples."""
+    """The pool, target and test rows (:mod:`hyperinf.paper.digit_grids`) as the model's examples."""
 
-    rows: dict[str, list[Row]]
     examples: dict[str, list[Example]]
 
     def pairs(self, which: str) -> list[Example]:
@@ -151,7 +156,7 @@ def grid_setup(args: VlmStudyArgs) -> Setup:
         "target": instruction_rows(digits, "pool", args.n_target, args.seed, name="target"),
         "test": instruction_rows(digits, "test", args.n_test * len(FAMILIES), args.seed, name="test"),
     }
-    split = GridSplit(rows, {k: [encode_row(tokenizer, r) for r in v] for k, v in rows.items()})
+    split = GridSplit({k: [encode_row(tokenizer, r) for r in v] for k, v in rows.items()})
     test_families = [r["family"] for r in rows["test"]]
     pool_families = [r["family"] for r in rows["pool"]]
 
@@ -190,7 +195,8 @@ def scored_model(args: VlmStudyArgs, learner: Learner, backbone: Backbone, capti
     cached), or as assembled before alignment. The record's ``key`` names it."""
     settings = {**key_settings(args), "vision": backbone.key}
     if args.setting == "before-alignment":
-        return {"cached": False, "seconds": 0.0, "key": training_key({"stage": "unaligned", **settings}, [])}
+        assembled = {k: v for k, v in settings.items() if k not in ("epochs", "n_align")}  # alignment's own
+        return {"cached": False, "seconds": 0.0, "key": training_key({"stage": "unaligned", **assembled}, [])}
     schedule = Schedule(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     key = training_key({"stage": "align", **settings}, captions)
     record = train_or_load(
