@@ -22,7 +22,7 @@ from hyperinf.app.mislabel import (  # noqa: E402
 )
 from hyperinf.app.textdata import TextDataset  # noqa: E402
 from hyperinf.cli import main  # noqa: E402
-from hyperinf.errors import DataError  # noqa: E402
+from hyperinf.errors import CheckpointMismatchError, ConfigurationError, DataError  # noqa: E402
 
 QUERIES = ["great lovely superb", "awful grim sad poor"]
 
@@ -185,3 +185,35 @@ def test_a_saved_classifier_and_its_adapter_are_explained_as_given(args, user_mo
         logits = loaded.model(**loaded.tokenizer(QUERIES, return_tensors="pt", padding=True)).logits
     assert [r["label"] for r in records] == [["negative", "positive"][i] for i in logits.argmax(-1).tolist()]
     assert all(len(r["proponents"]) == 3 and r["label_is_prediction"] for r in records)
+
+
+def test_an_index_whole_gradients_gives_the_engines_scores_and_is_built_once(args, tmp_path):
+    """``--index`` with ``--dim 0`` (gradients whole, float16 rows): the same proponents' scores as the exact
+    pairwise matrix, to float16's precision; a second call answers from the index without rebuilding it."""
+    folder = tmp_path / "index"
+    records = explain(args, QUERIES, k=4, index=folder, dim=0)
+    data = load_task(args)
+    seed = trained_seed(args, data)
+    labels = [data.label_names.index(r["label"]) for r in records]
+    queries = seed.loader(TextDataset(QUERIES, torch.tensor(labels), data.label_names))
+    train = seed.loader(seed.split.train)
+    matrix = influence_engine(args, seed).fit(train).pairwise(train, queries)
+    for j, record in enumerate(records):
+        chosen = [p["train_index"] for p in record["proponents"]]
+        scores = torch.tensor([p["score"] for p in record["proponents"]], dtype=matrix.dtype)
+        scale = matrix[:, j].abs().max()
+        torch.testing.assert_close(scores, matrix[chosen, j], atol=2e-3 * scale, rtol=0)
+        best = matrix[:, j].sort().values[:4]  # the index's choice is the exact top 4, up to float16 ties
+        assert (matrix[chosen, j] - best).abs().max() <= 4e-3 * scale
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("chunk-*.safetensors")}
+    assert stamps and explain(args, QUERIES, k=4, index=folder, dim=0) == records
+    assert {p: p.stat().st_mtime_ns for p in folder.glob("chunk-*.safetensors")} == stamps
+
+
+def test_an_index_of_other_settings_or_a_method_it_cannot_serve_is_refused(args, tmp_path):
+    folder = tmp_path / "index"
+    explain(args, QUERIES[:1], k=2, index=folder, dim=64)
+    with pytest.raises(CheckpointMismatchError, match=r"other settings \(dim, layouts differ\)"):
+        explain(args, QUERIES[:1], k=2, index=folder, dim=128)
+    with pytest.raises(ConfigurationError, match="cannot precondition in an index.*hyperinf"):
+        explain(dataclasses.replace(args, methods=("ekfac",)), QUERIES[:1], k=2, index=folder, dim=64)

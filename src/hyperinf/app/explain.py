@@ -4,7 +4,9 @@ The classifier is the one ``hyperinf mislabel`` fine-tunes (same options, same a
 a built-in task or a user's table. Each query is scored under a label — the one given, or the
 model's own prediction, which then explains that prediction — and :meth:`InfluenceEngine.top_k`
 streams its ``k`` proponents (most negative scores: up-weighting them lowers the query's loss)
-and opponents (most positive) out of the training set.
+and opponents (most positive) out of the training set. With ``--index DIR`` the training gradients
+are indexed once (:class:`hyperinf.index.GradientIndex`: one pass, no fit) and every later call
+answers from the index, with one gradient per query and one matrix product.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from typing import Any
 import torch
 
 from hyperinf.app.arguments import add_options, from_namespace, method_name
+from hyperinf.app.finetune import training_key
 from hyperinf.app.minilm import classifier_logits
 from hyperinf.app.mislabel import MislabelArgs, influence_engine, load_task, trained_seed
 from hyperinf.app.textdata import TextDataset, report_skipped
 from hyperinf.errors import DataError
+from hyperinf.index import GradientIndex, index_methods
 from hyperinf.results import write_json, write_jsonl
 from hyperinf.scoring import TopK
 
@@ -59,18 +63,31 @@ def label_queries(texts: list[str], label: str | None, label_names: list[str], m
 
 
 def explain(
-    args: MislabelArgs, texts: list[str], *, label: str | None = None, k: int = 5, data: TextDataset | None = None
+    args: MislabelArgs,
+    texts: list[str],
+    *,
+    label: str | None = None,
+    k: int = 5,
+    data: TextDataset | None = None,
+    index: Path | None = None,
+    dim: int = 8192,
 ) -> list[dict[str, Any]]:
     """Train (or load) the task's model, then each query's ``k`` proponents and opponents, as records.
-    ``data``: the task's rows, when already read."""
+    ``data``: the task's rows, when already read; ``index``: a folder where the training gradients are indexed
+    (``dim`` projected coordinates per row; built on first use, resumed if cut short, then reused)."""
     data = data if data is not None else load_task(args)
     seed = trained_seed(args, data)
     queries = label_queries(texts, label, data.label_names, seed.model, seed.loader)
     engine = influence_engine(args, seed)
     train_loader = seed.loader(seed.split.train)
-    engine.fit(train_loader)
     query_set = TextDataset([q.text for q in queries], torch.tensor([q.label for q in queries]), data.label_names)
-    top = engine.top_k(train_loader, seed.loader(query_set), k=k)
+    if index is None:
+        engine.fit(train_loader)
+        top = engine.top_k(train_loader, seed.loader(query_set), k=k)
+    else:
+        rows = training_key({}, zip(seed.split.train.texts, seed.split.train.labels.tolist()))
+        indexed = GradientIndex.build(engine, train_loader, index, dim=dim, source=rows)
+        top = indexed.top_k(engine, seed.loader(query_set), k=min(k, len(indexed)))
     return [_record(i, q, top, seed.split, data.label_names) for i, q in enumerate(queries)]
 
 
@@ -130,17 +147,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="hyperinf",
         help="influence method (default: hyperinf; see `hyperinf methods`)",
     )
+    parser.add_argument(
+        "--index",
+        type=Path,
+        default=None,
+        help="a folder for a gradient index of the training rows: built on the first call (one pass, no fit), "
+        f"then every call answers from it in milliseconds (methods: {', '.join(index_methods())})",
+    )
+    parser.add_argument(
+        "--dim",
+        type=int,
+        default=8192,
+        help="with --index: projected coordinates per training row; 0 keeps the gradients whole (default: 8192)",
+    )
     add_options(parser, MislabelArgs, skip=("methods", "fim"), flip_fraction=0.0, out=Path("runs/explain"))
 
 
-def run_explain(args: MislabelArgs, texts: list[str], *, label: str | None = None, k: int = 5) -> list[dict[str, Any]]:
+def run_explain(
+    args: MislabelArgs,
+    texts: list[str],
+    *,
+    label: str | None = None,
+    k: int = 5,
+    index: Path | None = None,
+    dim: int = 8192,
+) -> list[dict[str, Any]]:
     """The ``hyperinf explain`` job: read the task, explain every query, print and write the records."""
     data = load_task(args)
     report_skipped(data, args.task)
-    records = explain(args, texts, label=label, k=k, data=data)
+    records = explain(args, texts, label=label, k=k, data=data, index=index, dim=dim)
     print_records(records)
     write_jsonl(args.out / "explanations.jsonl", records)
-    settings = {"args": asdict(args), "k": k, "query_label": label, "skipped_rows": {"task": data.skipped}}
+    settings = {
+        "args": asdict(args),
+        "k": k,
+        "query_label": label,
+        "index": {"folder": str(index), "dim": dim} if index is not None else None,
+        "skipped_rows": {"task": data.skipped},
+    }
     write_json(args.out / "arguments.json", settings)
     print(f"\n{len(records)} explanation(s) written to {args.out}/explanations.jsonl (* = a flipped training label)")
     return records
@@ -151,5 +195,7 @@ def main(ns: argparse.Namespace) -> int:
     args = from_namespace(MislabelArgs, ns, methods=(ns.method,))
     if ns.k < 1:
         raise DataError(f"-k {ns.k}: ask for at least one proponent and opponent per query")
-    run_explain(args, read_queries(ns.query, ns.query_file), label=ns.query_label, k=ns.k)
+    if ns.index is not None and ns.dim < 0:
+        raise DataError(f"--dim {ns.dim}: must be at least 0 (0 keeps the gradients whole)")
+    run_explain(args, read_queries(ns.query, ns.query_file), label=ns.query_label, k=ns.k, index=ns.index, dim=ns.dim)
     return 0
