@@ -386,6 +386,8 @@ def alternative_values(tmp_path: Path) -> dict[str, str]:
         "--format": "classification",
         "--strategy": "per-target",
         "--k": "3",
+        "--index": str(tmp_path / "index"),
+        "--dim": "64",
     }
 
 
