@@ -65,6 +65,15 @@ def index_methods() -> tuple[str, ...]:
     )
 
 
+def check_index_method(method: str) -> None:
+    """Refuse a method that cannot precondition in an index (before anything is built for it)."""
+    if method not in index_methods():
+        raise ConfigurationError(
+            f"method {method!r} cannot precondition in an index: it needs more than the projected blocks' GFIM. "
+            f"Use one of: {', '.join(index_methods())}."
+        )
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """How one block's ``r x d`` gradient is projected: to ``k_r x k_d`` (``k_r == r``: rows kept)."""
@@ -325,11 +334,7 @@ class GradientIndex:
     def preconditioner(self, method: str, config: InfluenceConfig) -> Preconditioner:
         """``method``'s preconditioner of the projected blocks under ``config``'s damping and inverse options (built
         once per method and options)."""
-        if method not in index_methods():
-            raise ConfigurationError(
-                f"method {method!r} cannot precondition in an index: it needs more than the projected blocks' GFIM. "
-                f"Use one of: {', '.join(index_methods())}."
-            )
+        check_index_method(method)
         key = (method, json.dumps(config.to_dict(), sort_keys=True, default=str))
         if key not in self._built:
             self._built[key] = build_preconditioner(method, FittedInputs(self.curvature, config))

@@ -24,7 +24,7 @@ from hyperinf.app.minilm import classifier_logits
 from hyperinf.app.mislabel import MislabelArgs, influence_engine, load_task, trained_seed
 from hyperinf.app.textdata import TextDataset, report_skipped
 from hyperinf.errors import DataError
-from hyperinf.index import GradientIndex, index_methods
+from hyperinf.index import GradientIndex, check_index_method, index_methods
 from hyperinf.results import write_json, write_jsonl
 from hyperinf.scoring import TopK
 
@@ -75,6 +75,8 @@ def explain(
     """Train (or load) the task's model, then each query's ``k`` proponents and opponents, as records.
     ``data``: the task's rows, when already read; ``index``: a folder where the training gradients are indexed
     (``dim`` projected coordinates per row; built on first use, resumed if cut short, then reused)."""
+    if index is not None:
+        check_index_method(args.methods[0])
     data = data if data is not None else load_task(args)
     seed = trained_seed(args, data)
     queries = label_queries(texts, label, data.label_names, seed.model, seed.loader)
