@@ -10,6 +10,7 @@ and warm-up helpers are shared with ``hyperinf experiment select`` (:mod:`.selec
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -339,17 +340,25 @@ def warm_up(args: SelectArgs, learner: Learner, pairs: list[tuple[str, int]]) ->
             "seconds": 0.0,
             "key": training_key({"stage": "as-given", **args.model_settings()}, []),
         }
+    return stage_training(args, learner, pairs, {"stage": "warm-up", **args.model_settings()}, "warm-up")
+
+
+def stage_training(
+    args: SelectArgs, learner: Learner, examples: Sequence[Any], settings: dict[str, Any], desc: str
+) -> dict[str, Any]:
+    """Train the learner's trainable parameters on ``examples`` (``args.epochs``, ``--lr``, ``--batch-size``,
+    ``--seed``), or load them from the cache under the key of ``settings`` and the examples; the record with its key."""
     schedule = Schedule(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    key = training_key({"stage": "warm-up", **args.model_settings()}, pairs)
+    key = training_key(settings, examples)
     record = train_or_load(
         learner.model,
         learner.loss,
-        pairs,
+        examples,
         learner.collate,
         schedule,
         args.cache_dir / f"{key}.safetensors",
         progress=args.progress,
-        desc="warm-up",
+        desc=desc,
     )
     return {**record, "key": key}
 

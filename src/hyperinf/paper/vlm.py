@@ -40,8 +40,6 @@ VISION_SIZES = {
     "smollm2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
     "tiny-llama": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
 }
-
-
 IMAGES = {"image_size": 56, "patch_size": 28, "num_channels": 1}
 
 
@@ -159,7 +157,7 @@ def build_vlm(language: str, backbone: Backbone, *, rank: int, seed: int) -> tup
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         model = get_peft_model(model, lora)
-    for param in projector(model).parameters():
+    for param in projector(model)[1].parameters():
         param.requires_grad_(True)
     return model, tokenizer
 
@@ -173,15 +171,15 @@ def _tiny_llama(seed: int) -> tuple[nn.Module, Any]:
     return causal_lm.tiny_llama(len(tokenizer), seed=seed), tokenizer
 
 
-def projector(model: nn.Module) -> nn.Module:
-    """The LLaVA model's ``multi_modal_projector`` (under any peft wrapper)."""
-    return next(m for n, m in model.named_modules() if n.endswith("multi_modal_projector"))
+def projector(model: nn.Module) -> tuple[str, nn.Module]:
+    """The LLaVA model's ``multi_modal_projector`` (under any peft wrapper) and its module name."""
+    return next((n, m) for n, m in model.named_modules() if n.endswith("multi_modal_projector"))
 
 
 def projector_and_lora(model: nn.Module) -> list[str]:
     """Module names of the projector's two ``nn.Linear`` layers and every LoRA adapter: Table 5's blocks."""
-    name = next(n for n, _ in model.named_modules() if n.endswith("multi_modal_projector"))
-    linears = [n for n, m in model.named_modules() if n.startswith(name + ".") and isinstance(m, nn.Linear)]
+    name, module = projector(model)
+    linears = [f"{name}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     return linears + [b.name for b in select_blocks(model, "lora")]
 
 

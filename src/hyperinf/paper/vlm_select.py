@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from hyperinf.app.arguments import add_options, from_namespace, key_settings, option, override
-from hyperinf.app.finetune import Schedule, train_or_load, training_key
+from hyperinf.app.finetune import training_key
 from hyperinf.app.learners import Learner
+from hyperinf.app.select import stage_training
 from hyperinf.errors import DataError
 from hyperinf.hf.formats import Example
 from hyperinf.hf.lm import VisionLanguageTask, greedy_matches
@@ -197,19 +198,7 @@ def scored_model(args: VlmStudyArgs, learner: Learner, backbone: Backbone, capti
     if args.setting == "before-alignment":
         assembled = {k: v for k, v in settings.items() if k not in ("epochs", "n_align")}  # alignment's own
         return {"cached": False, "seconds": 0.0, "key": training_key({"stage": "unaligned", **assembled}, [])}
-    schedule = Schedule(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    key = training_key({"stage": "align", **settings}, captions)
-    record = train_or_load(
-        learner.model,
-        learner.loss,
-        captions,
-        learner.collate,
-        schedule,
-        args.cache_dir / f"{key}.safetensors",
-        progress=args.progress,
-        desc="align",
-    )
-    return {**record, "key": key}
+    return stage_training(args, learner, captions, {"stage": "align", **settings}, "align")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
