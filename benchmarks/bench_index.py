@@ -2,12 +2,14 @@
 
     python benchmarks/bench_index.py [--models mnist,minilm,smollm2] [--n 1000,1000,200] [--queries 50]
                                      [--dims 256,1024,4096,16384] [--json out.json]
-    python benchmarks/bench_index.py --scale minilm [--n 22789] [--dims 8192] [--queries 50]
+    python benchmarks/bench_index.py --scale minilm [--n 22789] [--dims 8192] [--queries 50] [--epoch-rows M]
 
 ``--scale MODEL`` measures size and speed only, on MiniLM or SmolLM2 with rsLoRA r = 8 (``lora_B`` drawn as
 after training) over the first ``n`` tweets of all 22,789 (no confidence filter): one plain training epoch
 (AdamW), the index build from an unfitted engine (its gradient pass included), the index and whole-gradient
-sizes, the time of the queries' gradients and of a top-10 search over every row per query, peak RSS.
+sizes, the time of the queries' gradients and of a top-10 search over every row per query, peak RSS. With
+``--epoch-rows M`` the epoch is timed over the first ``M`` of the ``n`` rows and scaled by ``n / M`` (an epoch's
+cost is linear in its rows), for runs where a whole epoch would cost as much as the build.
 
 Per model, an engine (HyperINF, the commands' dtypes: float32 for the MLP and MiniLM, float64 for SmolLM2) is
 fitted on ``n`` training rows and the unprojected pairwise scores against ``--queries`` held-out rows are the
@@ -114,7 +116,7 @@ def run_model(model: str, n: int, queries: int, dims: list[int], batch_size: int
     }
 
 
-def run_scale(model: str, n: int, queries: int, dim: int, batch_size: int) -> dict:
+def run_scale(model: str, n: int, queries: int, dim: int, batch_size: int, epoch_rows: int | None) -> dict:
     """Size and speed of an index of ``n`` tweets (see the module docstring)."""
     data = load_task("tweets", min_confidence=0.0)
     learner = build_learner(model, data.label_names, rank=8, max_length=64)
@@ -123,13 +125,17 @@ def run_scale(model: str, n: int, queries: int, dim: int, batch_size: int) -> di
         raise SystemExit(f"--n {n} + --queries {queries} exceed the {len(data.texts)} tweets: lower --n")
     pairs = list(zip(data.texts[: n + queries], data.labels[: n + queries].tolist()))
     train, query = learner.loader(pairs[:n], batch_size), learner.loader(pairs[n:], batch_size)
-    epoch = training_epoch_seconds(learner.model, learner.loss, train)
+    timed_rows = min(epoch_rows or n, n)
+    epoch_part = training_epoch_seconds(learner.model, learner.loss, learner.loader(pairs[:timed_rows], batch_size))
+    epoch = epoch_part * n / timed_rows
     engine = InfluenceEngine(learner.model, learner.loss, blocks=learner.blocks, dtype=DTYPES[model], progress=False)
     index, _, row = timed_index(engine, train, query, dim)
     return {
         "n": len(index),
         "parameters": sum(b.num_params for b in engine.blocks),
         "gradient_mib": engine.gradient_plan(n).bytes / 2**20,
+        "epoch_rows_timed": timed_rows,
+        "epoch_seconds_timed": epoch_part,
         "epoch_seconds": epoch,
         **row,
         "build_per_epoch": row["build_seconds"] / epoch,
@@ -172,12 +178,15 @@ def main() -> None:
     parser.add_argument("--dims", default="256,1024,4096,16384")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--scale", choices=tuple(DTYPES), default=None)
+    parser.add_argument("--epoch-rows", type=int, default=None, help="--scale: time the epoch over this many rows")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     dims = [int(v) for v in args.dims.split(",")]
     result = {"torch_threads": torch.get_num_threads(), "models": {}}
     if args.scale:
-        result["scale"] = row = run_scale(args.scale, int(args.n.split(",")[0]), args.queries, dims[0], args.batch_size)
+        result["scale"] = row = run_scale(
+            args.scale, int(args.n.split(",")[0]), args.queries, dims[0], args.batch_size, args.epoch_rows
+        )
         row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(row, indent=2))
         if args.json:
