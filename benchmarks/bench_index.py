@@ -3,13 +3,15 @@
     python benchmarks/bench_index.py [--models mnist,minilm,smollm2] [--n 1000,1000,200] [--queries 50]
                                      [--dims 256,1024,4096,16384] [--json out.json]
     python benchmarks/bench_index.py --scale minilm [--n 22789] [--dims 8192] [--queries 50] [--epoch-rows M]
+                                     [--keep DIR]
 
 ``--scale MODEL`` measures size and speed only, on MiniLM or SmolLM2 with rsLoRA r = 8 (``lora_B`` drawn as
 after training) over the first ``n`` tweets of all 22,789 (no confidence filter): one plain training epoch
 (AdamW), the index build from an unfitted engine (its gradient pass included), the index and whole-gradient
 sizes, the time of the queries' gradients and of a top-10 search over every row per query, peak RSS. With
 ``--epoch-rows M`` the epoch is timed over the first ``M`` of the ``n`` rows and scaled by ``n / M`` (an epoch's
-cost is linear in its rows), for runs where a whole epoch would cost as much as the build.
+cost is linear in its rows), for runs where a whole epoch would cost as much as the build. ``--keep DIR`` (a new
+folder) builds the index there and keeps it, with the projected queries (``queries.pt``), for later searches.
 
 Per model, an engine (HyperINF, the commands' dtypes: float32 for the MLP and MiniLM, float64 for SmolLM2) is
 fitted on ``n`` training rows and the unprojected pairwise scores against ``--queries`` held-out rows are the
@@ -28,6 +30,7 @@ here), tweets as instruction data.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -116,8 +119,12 @@ def run_model(model: str, n: int, queries: int, dims: list[int], batch_size: int
     }
 
 
-def run_scale(model: str, n: int, queries: int, dim: int, batch_size: int, epoch_rows: int | None) -> dict:
+def run_scale(
+    model: str, n: int, queries: int, dim: int, batch_size: int, epoch_rows: int | None, keep: Path | None
+) -> dict:
     """Size and speed of an index of ``n`` tweets (see the module docstring)."""
+    if keep is not None and keep.exists():
+        raise SystemExit(f"--keep {keep} exists: give a new folder, so the build is timed whole")
     data = load_task("tweets", min_confidence=0.0)
     learner = build_learner(model, data.label_names, rank=8, max_length=64)
     as_trained_lora(learner.model)
@@ -129,7 +136,9 @@ def run_scale(model: str, n: int, queries: int, dim: int, batch_size: int, epoch
     epoch_part = training_epoch_seconds(learner.model, learner.loss, learner.loader(pairs[:timed_rows], batch_size))
     epoch = epoch_part * n / timed_rows
     engine = InfluenceEngine(learner.model, learner.loss, blocks=learner.blocks, dtype=DTYPES[model], progress=False)
-    index, _, row = timed_index(engine, train, query, dim)
+    index, projected, row = timed_index(engine, train, query, dim, keep)
+    if keep is not None:
+        torch.save(projected, keep / "queries.pt")
     return {
         "n": len(index),
         "parameters": sum(b.num_params for b in engine.blocks),
@@ -142,10 +151,10 @@ def run_scale(model: str, n: int, queries: int, dim: int, batch_size: int, epoch
     }
 
 
-def timed_index(engine, train, query, dim: int) -> tuple[GradientIndex, torch.Tensor, dict]:
-    """Build an index of ``train`` (in a temporary folder), project ``query``, and search a top-10 per query:
-    the index, the projected queries, and the sizes and times."""
-    with tempfile.TemporaryDirectory() as folder:
+def timed_index(engine, train, query, dim: int, keep: Path | None = None) -> tuple[GradientIndex, torch.Tensor, dict]:
+    """Build an index of ``train`` (in a temporary folder, or ``keep``), project ``query``, and search a top-10 per
+    query: the index, the projected queries, and the sizes and times."""
+    with contextlib.nullcontext(str(keep)) if keep is not None else tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         index = GradientIndex.build(engine, train, folder, dim=dim)
         build = time.perf_counter() - start
@@ -179,13 +188,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--scale", choices=tuple(DTYPES), default=None)
     parser.add_argument("--epoch-rows", type=int, default=None, help="--scale: time the epoch over this many rows")
+    parser.add_argument("--keep", type=Path, default=None, help="--scale: build the index in this new folder, kept")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     dims = [int(v) for v in args.dims.split(",")]
     result = {"torch_threads": torch.get_num_threads(), "models": {}}
     if args.scale:
         result["scale"] = row = run_scale(
-            args.scale, int(args.n.split(",")[0]), args.queries, dims[0], args.batch_size, args.epoch_rows
+            args.scale, int(args.n.split(",")[0]), args.queries, dims[0], args.batch_size, args.epoch_rows, args.keep
         )
         row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(row, indent=2))
