@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-MAIN_EXTRAS := hf,data,experiments,test
+MAIN_EXTRAS := hf,data,experiments,faiss,test
 PEER_EXTRAS := hf,data,experiments
 PEERS  := .venv-peers
 PEERS_PY := $(PEERS)/bin/python

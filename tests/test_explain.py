@@ -215,6 +215,8 @@ def test_an_index_of_other_settings_or_a_method_it_cannot_serve_is_refused(args,
     explain(args, QUERIES[:1], k=2, index=folder, dim=64)
     with pytest.raises(CheckpointMismatchError, match=r"other settings \(dim, layouts differ\)"):
         explain(args, QUERIES[:1], k=2, index=folder, dim=128)
+    with pytest.raises(CheckpointMismatchError, match=r"other settings \(kronecker differ\)"):
+        explain(dataclasses.replace(args, methods=("ekfac",)), QUERIES[:1], k=2, index=folder, dim=64)
     with pytest.raises(ConfigurationError, match="cannot precondition in an index.*hyperinf"):
-        explain(dataclasses.replace(args, methods=("ekfac",)), QUERIES[:1], k=2, index=tmp_path / "other", dim=64)
+        explain(dataclasses.replace(args, methods=("datainf",)), QUERIES[:1], k=2, index=tmp_path / "other", dim=64)
     assert not (tmp_path / "other").exists()  # refused before anything is built

@@ -18,6 +18,7 @@ from models import (
     mlp_loss,
     random_padded_batch,
     reference_gradients,
+    reference_kronecker,
     split_examples,
     tiny_bert_lora,
 )
@@ -28,10 +29,12 @@ from test_pairwise import setup as pairwise_setup
 
 import hyperinf.index
 from hyperinf import CheckpointMismatchError, ConfigurationError, FitMismatchError, InfluenceEngine
-from hyperinf.index import GradientIndex, Projection, plan_layout
+from hyperinf.gradients import PerSampleGradients
+from hyperinf.index import GradientIndex, Projection, needs_kronecker, plan_layout
 from hyperinf.metrics import spearman
 
-WHOLE = {"hyperinf": "exact", "exact": "exact", "tracin": "tracin"}  # method -> its reference in test_pairwise
+# method -> its reference in test_pairwise
+WHOLE = {"hyperinf": "exact", "exact": "exact", "tracin": "tracin", "kfac": "kfac", "ekfac": "ekfac"}
 
 
 def build(tmp_path, name="index", **options):
@@ -49,7 +52,7 @@ def looped(queries: bool = False) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method", list(WHOLE))
 def test_a_whole_index_gives_the_exact_pairwise_scores(tmp_path, method):
     engine = pairwise_setup()[0]
-    index = build(tmp_path, dim=0, storage="float32", chunk_batches=2)
+    index = build(tmp_path, dim=0, storage="float32", chunk_batches=2, kronecker=needs_kronecker(method))
     assert len(index) == N_TRAIN and index.projection.dim == sum(b.num_params for b in engine.blocks)
     scores = index.pairwise(engine, query_loader(), method=method)
     assert scores.shape == (N_TRAIN, N_QUERY)
@@ -77,6 +80,35 @@ def test_a_projected_index_gives_the_exact_influence_of_the_projected_model(tmp_
         expected -= gb.reshape(n, -1) @ h.reshape(N_QUERY, -1).T
     for method in ("exact", "hyperinf"):
         assert_agree(index.pairwise(engine, query_loader(), method=method).double(), expected, 1e-5)
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_a_projected_index_gives_the_kronecker_influence_of_the_projected_model(tmp_path, method):
+    """Reference: the looped token factors projected, ``R S R^T (x) D A D^T`` (EK-FAC: its eigenbases with the
+    eigenvalues refit on the projected gradients) written out as an explicit ``k_r k_d`` square matrix and solved."""
+    engine, train, _, _ = pairwise_setup()
+    index = build(tmp_path, dim=12, seed=5, storage="float32", kronecker=True)
+    sums = reference_kronecker(engine.model, loss_fn, split_examples(train.tensors), engine.blocks)
+    g, q = index.projection.blocks(looped()), index.projection.blocks(looped(queries=True))
+    expected = torch.zeros(N_TRAIN, N_QUERY, dtype=torch.float64)
+    for block in engine.blocks:
+        gb, qb = g[block.name], q[block.name]
+        n, k_r, k_d = gb.shape
+        left, right = (
+            m if m is not None else torch.eye(size)
+            for m, size in zip(index.projection.factors[block.name], block.shape)
+        )
+        s = left @ sums[block.name]["outputs"] @ left.T / n  # side "in": the output gradients index the rows
+        a = right @ sums[block.name]["inputs"] @ right.T / sums[block.name]["tokens"]
+        curvature = torch.kron(s, a)
+        if method == "ekfac":
+            (_, q_r), (_, q_d) = torch.linalg.eigh(s), torch.linalg.eigh(a)
+            basis = torch.kron(q_r, q_d)
+            curvature = basis @ torch.diag((q_r.T @ gb @ q_d).square().mean(0).reshape(-1)) @ basis.T
+        damping = DAMPING * gb.square().sum() / (n * k_r * k_d)
+        h = torch.linalg.solve(curvature + damping * torch.eye(k_r * k_d, dtype=gb.dtype), qb.reshape(N_QUERY, -1).T)
+        expected -= gb.reshape(n, -1) @ h
+    assert_agree(index.pairwise(engine, query_loader(), method=method).double(), expected, 1e-6)
 
 
 def test_the_projection_is_unbiased():
@@ -170,36 +202,41 @@ def test_stored_float16_rows_keep_scores_to_float16_precision(tmp_path):
     assert_agree(scores, reference_pairwise("exact"), 2e-2)
 
 
-@pytest.mark.parametrize("fitted", [True, False], ids=["replayed", "from-factors"])
-def test_a_killed_build_resumes_after_its_last_whole_chunk(tmp_path, monkeypatch, fitted):
-    """Both ways to the gradients: the fit's kept ones replayed, and projected factors computed anew."""
-    engine = pairwise_setup()[0]
-    if not fitted:
+@pytest.mark.parametrize("way", ["replayed", "from-factors", "kronecker"])
+def test_a_killed_build_resumes_after_its_last_whole_chunk(tmp_path, monkeypatch, way):
+    """Every way to the gradients: the fit's kept ones replayed, projected factors computed anew, and those with
+    the projected token factors summed (which resume from their sums saved after the last whole chunk)."""
+    engine, kronecker = pairwise_setup()[0], way == "kronecker"
+    if way != "replayed":
         engine = InfluenceEngine(engine.model, loss_fn, blocks="linear", dtype="float64", progress=False)
 
     def build(tmp_path, name="index", **options):
-        return GradientIndex.build(engine, pairwise_setup()[3], tmp_path / name, **options)
+        return GradientIndex.build(engine, pairwise_setup()[3], tmp_path / name, kronecker=kronecker, **options)
 
     written = []
     write = hyperinf.index._write_chunk
 
-    def dying(directory, index, batches, dtype):
+    def dying(directory, index, *rest):
         if index == 2:
             raise KeyboardInterrupt
         written.append(index)
-        write(directory, index, batches, dtype)
+        return write(directory, index, *rest)
 
     monkeypatch.setattr(hyperinf.index, "_write_chunk", dying)
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path, dim=12, chunk_batches=1)
     with pytest.raises(FitMismatchError, match="not complete"):
         GradientIndex.open(tmp_path / "index")
-    monkeypatch.setattr(hyperinf.index, "_write_chunk", lambda *a: (written.append(a[1]), write(*a)))
+    monkeypatch.setattr(hyperinf.index, "_write_chunk", lambda *a: (written.append(a[1]), write(*a))[1])
     resumed = build(tmp_path, dim=12, chunk_batches=1)
     assert written == [0, 1, 2]  # the resumed build wrote only the missing chunk
     whole = build(tmp_path, "fresh", dim=12, chunk_batches=1)
     assert torch.equal(resumed.rows, whole.rows) and torch.equal(resumed.ids, torch.arange(N_TRAIN))
     assert all(torch.equal(x, y) for x, y in zip(resumed.curvature.tensors(), whole.curvature.tensors()))
+    if kronecker:
+        assert resumed.kronecker is not None and whole.kronecker is not None
+        assert resumed.kronecker.count == whole.kronecker.count == N_TRAIN
+        assert all(torch.allclose(x, y) for x, y in zip(resumed.kronecker.tensors(), whole.kronecker.tensors()))
 
 
 def test_a_folder_built_with_other_settings_or_rows_is_refused(tmp_path):
@@ -223,11 +260,19 @@ def test_querying_with_other_weights_is_refused(tmp_path):
         index.pairwise(other, query_loader())
 
 
-@pytest.mark.parametrize("method", ["kfac", "datainf", "exact-fim"])
-def test_methods_beyond_the_projected_gfim_are_refused(tmp_path, method):
+@pytest.mark.parametrize("method", ["datainf", "exact-fim"])
+def test_methods_beyond_the_projected_gfim_and_factors_are_refused(tmp_path, method):
     index = build(tmp_path, dim=12)
     with pytest.raises(ConfigurationError, match=f"method '{method}' cannot precondition in an index"):
         index.pairwise(pairwise_setup()[0], query_loader(), method=method)
+
+
+def test_kronecker_methods_on_an_index_built_without_the_factors_are_refused(tmp_path):
+    index = build(tmp_path, dim=12)
+    with pytest.raises(
+        FitMismatchError, match=r"'ekfac' needs the projected layers' Kronecker factors.*--method ekfac"
+    ):
+        index.pairwise(pairwise_setup()[0], query_loader(), method="ekfac")
 
 
 def projected_both_ways(engine: InfluenceEngine, loader, dim: int) -> tuple[list, list]:
@@ -269,3 +314,31 @@ def test_gradients_projected_from_their_factors_equal_the_projected_gradients_of
     factored, whole = projected_both_ways(engine, [images(3, seed=0)], dim=20)
     for name in whole[0]:
         torch.testing.assert_close(factored[0][name], whole[0][name], rtol=1e-9, atol=1e-12)
+
+
+def test_projected_token_factors_are_the_projected_kronecker_factors_of_padded_lora_and_convolutions():
+    """An index built for K-FAC sums ``R S R^T`` and ``D A D^T`` per block: the unprojected token factors (padding
+    left out), in layout order, projected on each side."""
+    pytest.importorskip("peft")
+    bert = tiny_bert_lora(r=8).double()
+    cnn = SmallCNN().double()
+    cases = [
+        (bert, bert_loss, "lora", random_padded_batch(4, seed=3), 40),
+        (cnn, conv_loss, [*CONVS, "head"], images(3, seed=0), 20),
+    ]
+    for model, loss, blocks, batch, dim in cases:
+        engine = InfluenceEngine(model, loss, blocks=blocks, dtype="float64", progress=False)
+        projection = Projection(plan_layout(engine.blocks, dim), seed=1)
+        (projected,) = engine.projected_gradients([batch], projection.factors, kronecker=True)
+        whole = PerSampleGradients(model, loss, engine.blocks, dtype=torch.float64, kronecker=True)(batch)
+        assert projected.factors is not None and whole.factors is not None
+        for block in engine.blocks:
+            mine, theirs = projected.factors[block.name], whole.factors[block.name]
+            rows, columns = block.kronecker_order(theirs.inputs, theirs.outputs)
+            left, right = (
+                m if m is not None else torch.eye(n, dtype=torch.float64)
+                for m, n in zip(projection.factors[block.name], block.shape)
+            )
+            torch.testing.assert_close(mine.outputs, left @ rows @ left.T, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(mine.inputs, right @ columns @ right.T, rtol=1e-9, atol=1e-12)
+            assert mine.tokens == theirs.tokens

@@ -89,6 +89,43 @@ def test_a_rebuild_keeps_the_index_and_queries_take_text(
     assert all(len(a["proponents"]) == 4 for a in answers)  # k capped at the indexed rows
     scores = [p["score"] for p in answers[0]["proponents"]]
     assert scores == sorted(scores)
+    assert query(index, tmp_path / "f", "--query", "The quick brown fox", "--query", "gold", "--faiss", "Flat") == 0
+    through_faiss = records(tmp_path / "f" / "query.jsonl")
+    for mine, theirs in zip(through_faiss, answers):
+        for side in ("proponents", "opponents"):
+            assert [p["row"] for p in mine[side]] == [p["row"] for p in theirs[side]]
+            torch.testing.assert_close(
+                torch.tensor([p["score"] for p in mine[side]]), torch.tensor([p["score"] for p in theirs[side]])
+            )
+
+
+def test_an_index_built_for_kfac_holds_its_factors_and_queries_with_it_by_default(
+    user_models: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whole and float32, K-FAC from the index lists the same proponents as K-FAC from the engine's fit, and
+    a folder of a GFIM build is not reused for it."""
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS["text"])
+    index = tmp_path / "index"
+    options = ["--dim", 0, "--storage", "float32", "--model-dtype", "float64"]
+    assert build(user_models, train, index, *options, "--method", "kfac") == 0
+    assert (index / "kronecker.safetensors").is_file()
+    assert query(index, tmp_path / "q", "--query", "The quick brown fox", "-k", 4) == 0
+    assert json.loads((tmp_path / "q" / "arguments.json").read_text())["args"]["method"] == "kfac"
+    answer = records(tmp_path / "q" / "query.jsonl")[0]
+    score = ["--model", user_models.llama, "--adapter", user_models.adapter, "--train", train, "--methods", "kfac"]
+    more = ["--query", "The quick brown fox", "-k", 4, "--model-dtype", "float64", "--out", tmp_path / "s"]
+    assert main(["score", "--no-progress", *map(str, score + more)]) == 0
+    scored = records(tmp_path / "s" / "top_k.jsonl")[0]
+    assert [p["row"] for p in answer["proponents"]] == [p["row"] for p in scored["proponents"]]
+    torch.testing.assert_close(
+        torch.tensor([p["score"] for p in answer["proponents"]]),
+        torch.tensor([p["score"] for p in scored["proponents"]]),
+        rtol=1e-4,
+        atol=0.0,
+    )
+    capsys.readouterr()
+    assert build(user_models, train, index, *options) == 2
+    assert "holds an index built with Kronecker factors" in capsys.readouterr().err
 
 
 def test_user_errors_are_one_line_and_write_nothing(
@@ -98,10 +135,17 @@ def test_user_errors_are_one_line_and_write_nothing(
     assert build(user_models, train, tmp_path / "index", "--dim", 64) == 0
     out = tmp_path / "out"
     for run, says in (
-        (lambda: query(tmp_path / "index", out, "--query", "a", "--method", "ekfac"), "cannot precondition in an"),
+        (lambda: query(tmp_path / "index", out, "--query", "a", "--method", "datainf"), "cannot precondition in an"),
+        (
+            lambda: query(tmp_path / "index", out, "--query", "a", "--method", "ekfac"),
+            "--method ekfac) in another folder",
+        ),
+        (lambda: build(user_models, train, out, "--method", "lissa", "--dim", 8, "--method", "datainf"), "'datainf'"),
         (lambda: build(user_models, train, out, "--dim", -1), "--dim -1: must be at least 0"),
         (lambda: query(tmp_path / "nothing", out, "--query", "a"), "holds no gradient index"),
         (lambda: main(["index", "query", "--query", "a", "--out", str(out)]), "--index is required"),
+        (lambda: query(tmp_path / "index", out, "--query", "a", "--faiss-parameters", "nprobe=2"), "give --faiss"),
+        (lambda: query(tmp_path / "index", out, "--query", "a", "--faiss", "Nonsense"), "not a faiss index factory"),
     ):
         code = run()
         err = capsys.readouterr().err.strip()

@@ -162,13 +162,14 @@ def test_run_lds_end_to_end_then_from_the_cache(tmp_path, capsys):
     assert list(table.columns[:8]) == ["method", "damping", "default", "lds", "low", "high", "n_queries", "subsets"]
 
 
-def test_index_rows_score_as_the_engine_when_whole_and_otherwise_when_projected(tmp_path):
+@pytest.mark.parametrize("method", ["exact", "ekfac"])
+def test_index_rows_score_as_the_engine_when_whole_and_otherwise_when_projected(tmp_path, method):
     args = LdsArgs(
         n_train=60,
         n_query=10,
         subsets=4,
         epochs=2,
-        methods=("exact",),
+        methods=(method,),
         dampings=(1.0,),
         index_dims=(0, 2000),
         out=tmp_path / "out",
@@ -177,16 +178,16 @@ def test_index_rows_score_as_the_engine_when_whole_and_otherwise_when_projected(
     )
     rows = run_lds(args)
     assert [(r["method"], r["damping"], r["default"]) for r in rows] == [
-        ("exact", 0.1, True),
-        ("exact idx0", 0.1, True),
-        ("exact idx2000", 0.1, True),
-        ("exact", 1.0, False),
+        (method, 0.1, True),
+        (f"{method} idx0", 0.1, True),
+        (f"{method} idx2000", 0.1, True),
+        (method, 1.0, False),
     ]
     exact, whole, projected = (r["lds"] for r in rows[:3])
     assert abs(whole - exact) < 0.02  # float16 rows: ties at most move
     assert -1 <= projected <= 1 and projected != exact  # how close, by dim: test_index.py
     per_query = pd.read_csv(tmp_path / "out" / "per_query.csv")
-    assert set(per_query["method"]) == {"exact", "exact idx0", "exact idx2000"}
+    assert set(per_query["method"]) == {method, f"{method} idx0", f"{method} idx2000"}
 
 
 @pytest.mark.parametrize(
@@ -194,7 +195,7 @@ def test_index_rows_score_as_the_engine_when_whole_and_otherwise_when_projected(
     [
         ({"subsets": 2}, DataError, "at least 3"),
         ({"index_dims": (64, -1)}, DataError, "--index-dims must be at least 0"),
-        ({"index_dims": (64,), "methods": ("ekfac", "hyperinf")}, DataError, "ekfac is not one: put one of them"),
+        ({"index_dims": (64,), "methods": ("datainf", "hyperinf")}, DataError, "datainf is not one: put one of them"),
         ({"methods": ("exact", "influence")}, ConfigurationError, "unknown method 'influence'"),
         ({"n_train": 4990, "n_query": 20}, DataError, "exceed the 5000 MNIST digits"),
         ({"dampings": (0.0,)}, DataError, "--dampings must be positive"),

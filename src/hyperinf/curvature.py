@@ -43,6 +43,15 @@ class _Sums:
             mine.copy_(tensors[name])
         self.count = count
 
+    def merge(self, other: _Sums) -> None:
+        """Add the sums of an accumulator of the same blocks and sums over another shard of the data."""
+        mine, theirs = self.named_tensors(), other.named_tensors()
+        if mine.keys() != theirs.keys():
+            raise ValueError("cannot merge accumulators of different blocks or sums")
+        for name, tensor in mine.items():
+            tensor += theirs[name].to(tensor.device)
+        self.count += other.count
+
 
 class CurvatureAccumulator(_Sums):
     """Sums of per-sample gradient statistics for a fixed list of blocks."""
@@ -90,15 +99,14 @@ class CurvatureAccumulator(_Sums):
                 self.fim[block.name].addmm_(flat.T, flat)
         self.count += batch_size or 0
 
-    def merge(self, other: CurvatureAccumulator) -> None:
+    def merge(self, other: _Sums) -> None:
         """Add the sums of an accumulator over another shard of the data."""
+        assert isinstance(other, CurvatureAccumulator)
         if [b.name for b in other.blocks] != [b.name for b in self.blocks]:
             raise ValueError("cannot merge curvature accumulators over different blocks")
         if (self.fim is None) != (other.fim is None) or (self.gram is None) != (other.gram is None):
             raise ValueError("cannot merge an accumulator with the flattened FIM or the GFIM into one without it")
-        for mine, theirs in zip(self.tensors(), other.tensors()):
-            mine += theirs.to(mine.device)
-        self.count += other.count
+        super().merge(other)
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Every running sum by name (``gram/<block>``, ``sq_norm/<block>``, ``fim/<block>``), in a fixed order."""

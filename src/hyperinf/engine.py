@@ -274,7 +274,8 @@ class InfluenceEngine:
         instead, formed from the projected inputs and output gradients when computed here: what a gradient
         index stores and queries with."""
         if project is not None and (queries or not self._train.holds(loader)):
-            yield from self._projected_gradients(loader, queries, skip, project)
+            for batch in self.projected_gradients(loader, project, queries=queries, skip=skip):
+                yield batch.grads
             return
         if queries:
             batches: Iterable[BatchGradients] = (
@@ -285,10 +286,18 @@ class InfluenceEngine:
         for grads in batches:
             yield grads.grads if project is None else {n: project_matrix(g, project[n]) for n, g in grads.grads.items()}
 
-    def _projected_gradients(
-        self, loader: Iterable[Any], queries: bool, skip: int, project: Mapping[str, Factors]
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """:meth:`per_example_gradients` computed from the projected factors (the loss's, or the measurement's)."""
+    def projected_gradients(
+        self,
+        loader: Iterable[Any],
+        project: Mapping[str, Factors],
+        *,
+        queries: bool = False,
+        skip: int = 0,
+        kronecker: bool = False,
+    ) -> Iterator[BatchGradients]:
+        """Per batch after the first ``skip``, each block's projected gradient ``R g D^T`` ``[B, k_r, k_d]`` formed
+        from the projected inputs and output gradients (of the loss, or with ``queries`` of the measurement), always
+        computed here; with ``kronecker``, also the projected blocks' token factors (K-FAC of the projected model)."""
         if not queries:
             check_order(loader, "train_loader")
         loss = self.task.measurement if queries else self.task.loss
@@ -300,10 +309,12 @@ class InfluenceEngine:
         on_device = {  # each block's projection matrices where its gradients are formed, converted once
             b.name: (placed(project[b.name][0], b.device), placed(project[b.name][1], b.device)) for b in self.blocks
         }
-        gradients = PerSampleGradients(self.model, loss, self.blocks, dtype=dtype, padding=padding, project=on_device)
+        gradients = PerSampleGradients(
+            self.model, loss, self.blocks, dtype=dtype, padding=padding, project=on_device, kronecker=kronecker
+        )
         stream = GradientStream(gradients, self.device, progress=self.config.runtime.progress)
         for _, grads in stream(loader, "query_loader" if queries else "train_loader", skip=skip):
-            yield grads.grads
+            yield grads
 
     def preconditioner(self, method: str) -> Preconditioner:
         """The fitted preconditioner of ``method`` (built once, then reused)."""

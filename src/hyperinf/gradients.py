@@ -164,25 +164,37 @@ class PerSampleGradients:
         if positions is not None:
             delta = delta * positions.to(device=device, dtype=self.dtype).unsqueeze(-1)
         if self.project is not None:
-            return self._projected_gradient(block, a, delta), None
+            return self._projected_gradient(block, a, delta, positions)
         weight_grad = torch.einsum("bto,bti->boi", delta, a)
         bias_grad = delta.sum(dim=1) if block.has_bias else None
         gradient = block.layout_matrix(weight_grad, bias_grad)
         return gradient, (self._token_factors(block, a, delta, positions) if self.kronecker else None)
 
-    def _projected_gradient(self, block: Block, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def _projected_gradient(
+        self, block: Block, a: torch.Tensor, delta: torch.Tensor, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, TokenFactors | None]:
         """``R g D^T`` ``[B, k_r, k_d]`` as ``sum_t (R x_t)(D y_t)^T`` over the layout's row and column factors per
-        token (``delta`` and ``a``, a 1 appended to ``a`` for the bias): no ``[B, r, d]`` gradient is formed."""
+        token (``delta`` and ``a``, a 1 appended to ``a`` for the bias): no ``[B, r, d]`` gradient is formed. With
+        ``kronecker``, also the token factors of the projected block, a ``k_d -> k_r`` layer: sums of ``(D y_t)(D
+        y_t)^T`` as its inputs' and of ``(R x_t)(R x_t)^T`` as its output gradients' (the K-FAC factors of the
+        projected model; which side is normalised per token or per example does not change their product)."""
         assert self.project is not None
         if block.has_bias:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        if positions is not None:  # delta is masked already; masking a too keeps padding out of its token sums
+            a = a * positions.to(a).unsqueeze(-1)
         rows, columns = block.kronecker_order(a, delta)
         left, right = self.project[block.name]
         if left is not None:
             rows = rows @ left.to(rows).T
         if right is not None:
             columns = columns @ right.to(columns).T
-        return torch.einsum("btr,btd->brd", rows, columns)
+        gradient = torch.einsum("btr,btd->brd", rows, columns)
+        if not self.kronecker:
+            return gradient, None
+        tokens = a.shape[0] * a.shape[1] if positions is None else int(positions.sum())
+        rows, columns = rows.reshape(-1, rows.shape[-1]), columns.reshape(-1, columns.shape[-1])
+        return gradient, TokenFactors(columns.T @ columns, rows.T @ rows, tokens)
 
     @staticmethod
     def _token_factors(

@@ -8,7 +8,10 @@ loss with respect to ``Theta_l`` when the block's weight is restricted to ``W_l 
 that model's influence, computed exactly in its ``k_r x k_d`` blocks. The curvature (the GFIM of the projected
 blocks, ``k_d x k_d``) is summed from the stored rows, and a query's projected gradient is preconditioned there by
 any GFIM method of the registry (``hyperinf``: Schulz; ``exact``; ``lissa``; ``tracin``) with the engine's damping:
-``score_k = -<P g_k, A_P^{-1} P q>``. ``dim=0`` keeps every block whole: the engine's exact scores.
+``score_k = -<P g_k, A_P^{-1} P q>``. ``dim=0`` keeps every block whole: the engine's exact scores. Built with
+``kronecker=True``, the index also sums the projected layers' token factors (``(D_l x_t)(D_l x_t)^T`` and
+``(R_l y_t)(R_l y_t)^T`` over tokens: the K-FAC factors of the projected model), so ``kfac`` and ``ekfac`` (whose
+eigenvalues are refit on the stored rows) precondition in their eigenbases too.
 
 Why precondition after projecting (LoGra's order) and not project ``A^{-1/2} g_k`` and ``A^{-1/2} q`` (an unbiased
 estimate of the unprojected scores, commit 0018f4c): on the MNIST MLP the unbiased estimate's LDS fell from 0.469 (whole) to 0.11 / 0.14 / 0.30
@@ -18,7 +21,8 @@ projected model's influence kept 0.45 / 0.51 / 0.51 (docs/results/index.md).
 Under ``torch.distributed`` each process indexes its shard into ``shard-<rank>/`` of the folder, and
 :meth:`GradientIndex.open` of the folder loads every shard as one index (curvature sums add up). On disk an index is
 a folder: ``index.json`` (settings, layout, projection seed, block fingerprints, row count),
-``curvature.safetensors`` (the projected blocks' curvature sums) and ``chunk-NNNNNN.safetensors`` files, each
+``curvature.safetensors`` (the projected blocks' curvature sums), with ``kronecker=True`` ``kronecker.safetensors``
+(the token factors' sums over the chunks written so far), and ``chunk-NNNNNN.safetensors`` files, each
 holding the rows of ``chunk_batches`` loader batches as unit vectors (``float16`` by default) with their norms
 (``float32``) and row ids. Chunks are written atomically as the pass goes, so a killed build resumes after its
 last whole chunk; ``index.json`` says ``complete`` once every chunk and the curvature are there.
@@ -40,9 +44,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hyperinf.blocks import Block, check_fingerprint, fingerprint
-from hyperinf.curvature import CurvatureAccumulator
+from hyperinf.curvature import CurvatureAccumulator, KroneckerAccumulator
 from hyperinf.errors import CheckpointMismatchError, ConfigurationError, FitMismatchError
-from hyperinf.gradients import Factors, project_matrix
+from hyperinf.gradients import BatchGradients, Factors, TokenFactors, project_matrix
 from hyperinf.methods import FittedInputs, build_preconditioner, get_method, method_names
 from hyperinf.preconditioners import Preconditioner
 from hyperinf.results import atomic_write, write_json
@@ -54,14 +58,17 @@ if TYPE_CHECKING:
 
 FORMAT = 2  # 1: projected A^{-1/2} g_k (commit 0018f4c), no longer read
 STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_META, _CURVATURE = "index.json", "curvature.safetensors"
+_META, _CURVATURE, _KRONECKER = "index.json", "curvature.safetensors", "kronecker.safetensors"
 _ROW_BLOCK = 65536  # rows scored per matrix product in a query, so the scores of a large index are never all in memory
 
 
 def index_methods() -> tuple[str, ...]:
-    """The methods an index preconditions with: those built from the GFIM alone (or from nothing)."""
+    """The methods an index preconditions with: those built from the GFIM, the Kronecker factors or nothing, and
+    not summing over the training gradients at every query."""
     return tuple(
-        name for name in method_names() if set(get_method(name).needs()) <= {"gfim"} and not get_method(name).train_pass
+        name
+        for name in method_names()
+        if set(get_method(name).needs()) <= {"gfim", "kronecker"} and not get_method(name).train_pass
     )
 
 
@@ -69,9 +76,14 @@ def check_index_method(method: str) -> None:
     """Refuse a method that cannot precondition in an index (before anything is built for it)."""
     if method not in index_methods():
         raise ConfigurationError(
-            f"method {method!r} cannot precondition in an index: it needs more than the projected blocks' GFIM. "
-            f"Use one of: {', '.join(index_methods())}."
+            f"method {method!r} cannot precondition in an index: it needs more than the projected blocks' GFIM or "
+            f"Kronecker factors. Use one of: {', '.join(index_methods())}."
         )
+
+
+def needs_kronecker(method: str) -> bool:
+    """Whether an index must be built with ``kronecker=True`` for ``method`` to precondition in it."""
+    return "kronecker" in get_method(method).needs()
 
 
 @dataclass(frozen=True)
@@ -175,10 +187,11 @@ class GradientIndex:
         norms: torch.Tensor,
         ids: torch.Tensor,
         curvature: CurvatureAccumulator,
+        kronecker: KroneckerAccumulator | None = None,
     ) -> None:
         self.directory, self.meta = directory, meta
         self.rows, self.norms, self.ids = rows, norms, ids
-        self.curvature = curvature
+        self.curvature, self.kronecker = curvature, kronecker
         self.projection = Projection([BlockLayout(**layout) for layout in meta["layouts"]], meta["seed"])
         self._built: dict[tuple[str, str], Preconditioner] = {}
 
@@ -195,6 +208,7 @@ class GradientIndex:
         chunk_batches: int = 50,
         row_ids: Sequence[int] | None = None,
         source: str | None = None,
+        kronecker: bool = False,
     ) -> GradientIndex:
         """Index ``train_loader``'s per-example gradients under ``engine``'s model, blocks and loss (no fit needed;
         pass 1's kept gradients are replayed when this is its loader).
@@ -204,8 +218,9 @@ class GradientIndex:
         the process's own shard's ids, or positions in :func:`hyperinf.distributed.shard`'s contiguous shards, which
         opening the folder shifts to positions in the whole), ``source`` a digest of
         what the gradients depend on beyond the weights and the loader's length (the rows, the loss), when the
-        caller has one. A folder holding a partial build with the same settings is resumed; one with other
-        settings is refused.
+        caller has one. ``kronecker`` also sums the projected layers' token factors, for ``kfac`` / ``ekfac``
+        queries (computed here then, never replayed from pass 1). A folder holding a partial build with the same
+        settings is resumed; one with other settings is refused.
         """
         if storage not in STORAGE:
             raise ValueError(f"storage must be one of {', '.join(STORAGE)}, got {storage!r}")
@@ -229,23 +244,26 @@ class GradientIndex:
             "dtype": engine.config.fit.dtype,
             "batches": len(train_loader) if isinstance(train_loader, Sized) else None,
             "source": source,
+            "kronecker": kronecker,
         }
         done = _resumable_chunks(directory, settings)
         write_json(directory / _META, {**settings, "complete": False})
         projection = Projection(layouts, seed)
+        factors = KroneckerAccumulator(projected_blocks(layouts), dtype=torch.float64) if kronecker else None
+        if factors is not None:  # resume from the factors' sums over the chunks they cover
+            done = _load_kronecker(directory, factors, done)
         position = sum(_chunk_rows(directory, i) for i in range(done))
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        batches = engine.per_example_gradients(train_loader, skip=done * chunk_batches, project=projection.factors)
-        for grads in batches:
+        for grads, tokens in _gradient_batches(engine, train_loader, projection, done * chunk_batches, kronecker):
             projected = projection.flat(grads)
             pending.append((projected, _ids(row_ids, position, projected.shape[0])))
             position += projected.shape[0]
+            if factors is not None and tokens is not None:
+                factors.update(tokens, projected.shape[0])
             if len(pending) == chunk_batches:
-                _write_chunk(directory, done, pending, STORAGE[storage])
-                done, pending = done + 1, []
+                done, pending = _write_chunk(directory, done, pending, STORAGE[storage], factors), []
         if pending:
-            _write_chunk(directory, done, pending, STORAGE[storage])
-            done += 1
+            done = _write_chunk(directory, done, pending, STORAGE[storage], factors)
         curvature = CurvatureAccumulator(projected_blocks(layouts), dtype=torch.float64)
         for i in range(done):  # from the stored rows: the curvature of exactly what the queries are scored against
             chunk = load_file(str(_chunk_path(directory, i)))
@@ -291,7 +309,11 @@ class GradientIndex:
         curvature.load(load_file(str(directory / _CURVATURE)), meta["rows"])
         rows = torch.cat([c["rows"].float() for c in chunks])
         norms, ids = torch.cat([c["norms"] for c in chunks]), torch.cat([c["ids"] for c in chunks])
-        return cls(directory, meta, rows, norms, ids, curvature)
+        factors = None
+        if meta.get("kronecker"):
+            factors = KroneckerAccumulator(projected_blocks(layouts), dtype=torch.float64)
+            _load_kronecker(directory, factors, meta["chunks"])
+        return cls(directory, meta, rows, norms, ids, curvature, factors)
 
     @classmethod
     def _merged(cls, directory: Path, shards: list[GradientIndex]) -> GradientIndex:
@@ -304,7 +326,7 @@ class GradientIndex:
                 f"{directory} holds the index shards of ranks {ranks}, not all {first['shard']['of']}: finish the "
                 "build on every process."
             )
-        shared = ("dim", "seed", "storage", "layouts", "blocks", "dtype", "ids")
+        shared = ("dim", "seed", "storage", "layouts", "blocks", "dtype", "ids", "kronecker")
         differ = sorted({key for s in shards for key in shared if s.meta[key] != first[key]})
         if differ:
             raise FitMismatchError(f"the index shards in {directory} were built with other {', '.join(differ)}")
@@ -312,16 +334,18 @@ class GradientIndex:
         for s in shards:
             ids.append(s.ids + offset if first["ids"] == "positions" else s.ids)
             offset += len(s)
-        curvature = shards[0].curvature
+        curvature, factors = shards[0].curvature, shards[0].kronecker
         for s in shards[1:]:
             curvature.merge(s.curvature)
+            if factors is not None and s.kronecker is not None:
+                factors.merge(s.kronecker)
         if first["ids"] == "given" and len(set(torch.cat(ids).tolist())) < offset:
             raise FitMismatchError(
                 f"the index shards in {directory} name some rows twice: give each process its own shard's row ids."
             )
         meta = {**first, "shard": None, "rows": offset, "shards": len(shards)}
         rows, norms = torch.cat([s.rows for s in shards]), torch.cat([s.norms for s in shards])
-        return cls(directory, meta, rows, norms, torch.cat(ids), curvature)
+        return cls(directory, meta, rows, norms, torch.cat(ids), curvature, factors)
 
     def __len__(self) -> int:
         return self.rows.shape[0]
@@ -335,10 +359,27 @@ class GradientIndex:
         """``method``'s preconditioner of the projected blocks under ``config``'s damping and inverse options (built
         once per method and options)."""
         check_index_method(method)
+        if needs_kronecker(method) and self.kronecker is None:
+            raise FitMismatchError(
+                f"method {method!r} needs the projected layers' Kronecker factors, and the index in {self.directory} "
+                f"was built without them: build one with kronecker=True (hyperinf index build --method {method}) "
+                "in another folder, or query with a GFIM method."
+            )
         key = (method, json.dumps(config.to_dict(), sort_keys=True, default=str))
         if key not in self._built:
-            self._built[key] = build_preconditioner(method, FittedInputs(self.curvature, config))
+            fitted = FittedInputs(
+                self.curvature, config, kronecker=self.kronecker, train_gradients=self._stored_gradients
+            )
+            self._built[key] = build_preconditioner(method, fitted)
         return self._built[key]
+
+    def _stored_gradients(self) -> Iterator[BatchGradients]:
+        """The indexed rows as projected per-block gradients, ``_ROW_BLOCK`` rows at a time (for EK-FAC's
+        eigenvalue refit: the curvature of exactly what the queries are scored against)."""
+        for start in range(0, len(self), _ROW_BLOCK):
+            rows = self.rows[start : start + _ROW_BLOCK].double() * self.norms[start : start + _ROW_BLOCK, None]
+            no_losses = torch.full((rows.shape[0],), float("nan"))  # an index keeps no losses; EK-FAC reads none
+            yield BatchGradients(no_losses, self.projection.unflat(rows))
 
     def project_queries(
         self, engine: InfluenceEngine, query_loader: Iterable[Any], *, method: str | None = None
@@ -420,6 +461,33 @@ def _resumable_chunks(directory: Path, settings: Mapping[str, Any]) -> int:
     return done
 
 
+def _gradient_batches(
+    engine: InfluenceEngine, loader: Iterable[Any], projection: Projection, skip: int, kronecker: bool
+) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, TokenFactors] | None]]:
+    """Per batch after ``skip``, the projected gradients and, with ``kronecker``, the projected token factors
+    (computed from the loader; without them pass 1's kept gradients are replayed when this is its loader)."""
+    if kronecker:
+        for batch in engine.projected_gradients(loader, projection.factors, skip=skip, kronecker=True):
+            yield batch.grads, batch.factors
+    else:
+        for grads in engine.per_example_gradients(loader, skip=skip, project=projection.factors):
+            yield grads, None
+
+
+def _load_kronecker(directory: Path, factors: KroneckerAccumulator, done: int) -> int:
+    """Load the factors' sums saved after the last chunk written, and return how many chunks they cover (at most
+    ``done``: a chunk written after them, by a build killed in between, is rewritten)."""
+    path = directory / _KRONECKER
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), framework="pt") as handle:
+        covered, count = int(handle.metadata()["chunks"]), int(handle.metadata()["count"])
+    if covered > done:
+        raise FitMismatchError(f"{path} covers {covered} chunks but {directory} holds {done}: build it again")
+    factors.load(load_file(str(path)), count)
+    return covered
+
+
 def _ids(row_ids: Sequence[int] | None, start: int, count: int) -> torch.Tensor:
     if row_ids is None:
         return torch.arange(start, start + count)
@@ -439,9 +507,14 @@ def _chunk_rows(directory: Path, index: int) -> int:
 
 
 def _write_chunk(
-    directory: Path, index: int, batches: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
-) -> None:
-    """Write one chunk atomically: the rows as unit vectors in ``dtype``, their norms and ids."""
+    directory: Path,
+    index: int,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    dtype: torch.dtype,
+    factors: KroneckerAccumulator | None,
+) -> int:
+    """Write one chunk atomically: the rows as unit vectors in ``dtype``, their norms and ids; then the token
+    factors' sums so far (``factors``), marked with the chunks they cover. Returns the chunks written in all."""
     projected = torch.cat([p for p, _ in batches])
     norms = projected.norm(dim=1)
     unit = projected / norms.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
@@ -451,3 +524,7 @@ def _write_chunk(
         "ids": torch.cat([i for _, i in batches]),
     }
     atomic_write(_chunk_path(directory, index), lambda tmp: save_file(tensors, str(tmp)))
+    if factors is not None:
+        sums, marks = factors.named_tensors(), {"chunks": str(index + 1), "count": str(factors.count)}
+        atomic_write(directory / _KRONECKER, lambda tmp: save_file(sums, str(tmp), metadata=marks))
+    return index + 1

@@ -24,7 +24,7 @@ from hyperinf.app.minilm import classifier_logits
 from hyperinf.app.mislabel import MislabelArgs, influence_engine, load_task, trained_seed
 from hyperinf.app.textdata import TextDataset, report_skipped
 from hyperinf.errors import DataError
-from hyperinf.index import GradientIndex, check_index_method, index_methods
+from hyperinf.index import GradientIndex, check_index_method, index_methods, needs_kronecker
 from hyperinf.results import write_json, write_jsonl
 from hyperinf.scoring import TopK
 
@@ -88,7 +88,8 @@ def explain(
         top = engine.top_k(train_loader, seed.loader(query_set), k=k)
     else:
         rows = training_key({}, zip(seed.split.train.texts, seed.split.train.labels.tolist()))
-        indexed = GradientIndex.build(engine, train_loader, index, dim=dim, source=rows)
+        kronecker = needs_kronecker(args.methods[0])
+        indexed = GradientIndex.build(engine, train_loader, index, dim=dim, source=rows, kronecker=kronecker)
         top = indexed.top_k(engine, seed.loader(query_set), k=min(k, len(indexed)))
     return [_record(i, q, top, seed.split, data.label_names) for i, q in enumerate(queries)]
 

@@ -2,9 +2,10 @@
 with one gradient and one matrix product (:mod:`hyperinf.index`).
 
 ``build`` reads the same model, adapter and rows as ``hyperinf score`` and, in one pass over the rows, writes the
-index into ``--out`` with the rows' texts (``rows.jsonl``) and its settings (``arguments.json``). ``query`` loads
-the model and options the index was built with, preconditions each query in the projected space with ``--method``
-and ``--damping``, and writes ``query.jsonl`` in ``hyperinf score``'s ``top_k.jsonl`` layout.
+index into ``--out`` with the rows' texts (``rows.jsonl``) and its settings (``arguments.json``); built with
+``--method kfac`` or ``ekfac`` it also sums the projected layers' Kronecker factors. ``query`` loads the model and
+options the index was built with, preconditions each query in the projected space with ``--method`` (default: the
+build's) and ``--damping``, and writes ``query.jsonl`` in ``hyperinf score``'s ``top_k.jsonl`` layout.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from hyperinf.app.score import (
 )
 from hyperinf.curvature import DampingMode
 from hyperinf.errors import DataError
-from hyperinf.index import STORAGE, GradientIndex, index_methods, saved_settings
+from hyperinf.index import STORAGE, GradientIndex, check_index_method, index_methods, needs_kronecker, saved_settings
+from hyperinf.index_faiss import FaissSearch
 from hyperinf.results import write_json, write_jsonl
 
 
@@ -58,6 +60,13 @@ class IndexBuildArgs(ModelRowsArgs):
     )
     seed: int = option(0, help="seed of the random projection (default: %(default)s)")
     storage: str = option("float16", choices=tuple(STORAGE), help="precision of the stored rows (default: %(default)s)")
+    method: str = option(
+        "hyperinf",
+        parse=method_name,
+        help=f"the queries' default preconditioner, one of {', '.join(index_methods())}; kfac and ekfac need the "
+        "projected layers' Kronecker factors, which the build then sums (any GFIM method can query any index) "
+        "(default: %(default)s)",
+    )
     out: Path = override(
         ModelRowsArgs, "out", default=Path("runs/index"), help="the index folder (default: %(default)s)"
     )
@@ -68,11 +77,11 @@ class IndexQueryArgs:
     """Every setting of ``hyperinf index query``."""
 
     index: Path | None = option(None, parse=Path, help="an index folder written by hyperinf index build")
-    method: str = option(
-        "hyperinf",
+    method: str | None = option(
+        None,
         parse=method_name,
-        help=f"the preconditioner of the projected gradients: one of {', '.join(index_methods())} (default: "
-        "%(default)s)",
+        help=f"the preconditioner of the projected gradients: one of {', '.join(index_methods())} (default: the "
+        "build's --method)",
     )
     damping: float = override(InfluenceOptions, "damping")
     damping_mode: DampingMode = override(
@@ -85,6 +94,15 @@ class IndexQueryArgs:
         False,
         help="rank by minus the cosine of the training row's projected gradient and the query's preconditioned one "
         "(with --method tracin, of the two projected gradients: LESS's ranking) instead of the influence",
+    )
+    faiss: str | None = option(
+        None,
+        parse=str,
+        help="search with a faiss inner-product index of this factory string (e.g. Flat, IVF1024,Flat, HNSW32; "
+        "built once and saved in the index folder) instead of the exact search; needs hyperinf[faiss]",
+    )
+    faiss_parameters: str = option(
+        "", parse=str, help="with --faiss: search-time parameters in faiss's syntax, e.g. nprobe=16"
     )
     out: Path = output_folder("runs/index-query")
 
@@ -126,10 +144,13 @@ def run_build(args: IndexBuildArgs) -> GradientIndex:
     check_model_rows(args)
     if args.dim < 0:
         raise DataError(f"--dim {args.dim}: must be at least 0 (0 stores the gradients whole)")
+    check_index_method(args.method)
     earlier = saved_settings(args.out)
     if earlier is not None:
         asked = {"dim": args.dim, "seed": args.seed, "storage": args.storage}
         differ = [f"--{key} {earlier[key]}" for key, value in asked.items() if earlier.get(key) != value]
+        if earlier.get("kronecker", False) != needs_kronecker(args.method):
+            differ.append("Kronecker factors" if earlier.get("kronecker") else "no Kronecker factors")
         if differ:
             raise DataError(
                 f"{args.out} holds an index built with {', '.join(differ)}: choose another --out, or delete it to "
@@ -152,6 +173,7 @@ def run_build(args: IndexBuildArgs) -> GradientIndex:
         storage=args.storage,
         row_ids=train.rows,
         source=train_key(args, train),
+        kronecker=needs_kronecker(args.method),
     )
     write_jsonl(args.out / "rows.jsonl", [{"row": row, "text": train.texts[row]} for row in train.rows])
     seconds = time.perf_counter() - started
@@ -184,6 +206,8 @@ def built_args(folder: Path) -> IndexBuildArgs:
     saved = json.loads(path.read_text())["args"]
     values: dict[str, Any] = {}
     for f in fields(IndexBuildArgs):
+        if f.name not in saved:  # a setting newer than the index: its default
+            continue
         value, parse = saved[f.name], f.metadata.get("parse")
         values[f.name] = (
             parse(value) if parse is not None and isinstance(value, str) else value
@@ -196,16 +220,23 @@ def run_query(args: IndexQueryArgs) -> dict[str, Any]:
     if args.index is None:
         raise DataError("--index is required: a folder written by hyperinf index build")
     check_attributed(args.target, args.query, args.k)
+    if args.faiss_parameters and args.faiss is None:
+        raise DataError("--faiss-parameters applies to a faiss search: give --faiss FACTORY too")
     index = GradientIndex.open(args.index)
+    searcher = None
+    if args.faiss is not None:  # built (or read) before the timed search
+        searcher = FaissSearch(index, args.faiss, normalize=args.normalize, parameters=args.faiss_parameters)
     built = replace(built_args(args.index), damping=args.damping, damping_mode=args.damping_mode)
     loaded = load_model_of(built)
     target, name = attributed_rows(built, loaded, args.target, args.query)
     print(target.summary(name))
-    engine = make_engine(built, loaded, [args.method])
+    method = args.method or built.method
+    engine = make_engine(built, loaded, ["tracin"])  # the index holds the projected curvature; the engine none
     started = time.perf_counter()
-    queries = index.project_queries(engine, loader(target.examples, loaded.tokenizer, built.batch_size))
+    queries = index.project_queries(engine, loader(target.examples, loaded.tokenizer, built.batch_size), method=method)
     gradient_seconds = time.perf_counter() - started
-    top = index.search(queries, k=min(args.k, len(index)), normalize=args.normalize)
+    k = min(args.k, len(index))
+    top = searcher.search(queries, k=k) if searcher else index.search(queries, k=k, normalize=args.normalize)
     search_seconds = time.perf_counter() - started - gradient_seconds
     texts = {
         record["row"]: record["text"]
@@ -217,7 +248,7 @@ def run_query(args: IndexQueryArgs) -> dict[str, Any]:
     write_json(
         args.out / "arguments.json",
         {
-            "args": asdict(args),
+            "args": asdict(args) | {"method": method},
             "sign": "minus the cosine of P g_k and A_P^-1 P q" if args.normalize else SIGN,
             "index": {"rows": len(index), "dim": index.projection.dim},
             "target": data_record(target),

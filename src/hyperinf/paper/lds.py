@@ -52,7 +52,7 @@ from hyperinf.errors import (
     HyperinfError,
     NotConvergedWarning,
 )
-from hyperinf.index import GradientIndex, index_methods
+from hyperinf.index import GradientIndex, index_methods, needs_kronecker
 from hyperinf.metrics import bootstrap_interval, linear_datamodeling_score
 from hyperinf.paper.retraining import (
     SETTINGS,
@@ -209,7 +209,8 @@ def _index_scores(
         start = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory() as folder:
-                index = GradientIndex.build(engine, train, folder, dim=dim, seed=args.seed)
+                kronecker = needs_kronecker(method)
+                index = GradientIndex.build(engine, train, folder, dim=dim, seed=args.seed, kronecker=kronecker)
                 entry["scores"] = index.pairwise(engine, query, method=method).double()
             entry["seconds"] = time.perf_counter() - start
         except (HyperinfError, torch.linalg.LinAlgError) as error:
