@@ -1,4 +1,5 @@
-"""Run by ``torchrun`` from test_distributed.py: each process indexes its shard of the training set.
+"""Run by ``torchrun`` from test_distributed.py: each process indexes its shard of the training set (with the
+projected Kronecker factors).
 
 Usage: torchrun --nproc-per-node N tests/index_worker.py FOLDER DIM
 """
@@ -21,7 +22,7 @@ def main(folder: str, dim: int) -> None:
     model, train, _ = problem()
     engine = InfluenceEngine(model, loss_fn, distributed=True, **OPTIONS)
     loader = DataLoader(shard(train), batch_size=7)
-    index = GradientIndex.build(engine, loader, folder, dim=dim, storage="float32", chunk_batches=1)
+    index = GradientIndex.build(engine, loader, folder, dim=dim, storage="float32", chunk_batches=1, kronecker=True)
     if len(index) != len(train):  # every process gets the whole index back, not its shard
         raise SystemExit(f"rank {dist.get_rank()} got {len(index)} rows of {len(train)}")
     dist.destroy_process_group()

@@ -83,21 +83,26 @@ def test_distributed_without_a_process_group_says_how_to_start_one():
 
 def test_an_index_built_in_shards_opens_as_the_single_process_index(tmp_path):
     """Each torchrun process indexes its shard and gets the whole index back (index_worker.py checks); the folder
-    opens as one index equal to one process's, in data-set order, curvature summed; a folder that also holds a
-    one-process index, or misses a shard, is refused."""
+    opens as one index equal to one process's, in data-set order, curvature and Kronecker factors summed; a folder
+    that also holds a one-process index, or misses a shard, is refused."""
     torchrun(2, "index_worker.py", tmp_path / "shards", 12)
     together = GradientIndex.open(tmp_path / "shards")
     model, train, val = problem()
     engine = InfluenceEngine(model, loss_fn, **OPTIONS)
-    alone = GradientIndex.build(engine, DataLoader(train, batch_size=7), tmp_path / "alone", dim=12, storage="float32")
+    loader = DataLoader(train, batch_size=7)
+    alone = GradientIndex.build(engine, loader, tmp_path / "alone", dim=12, storage="float32", kronecker=True)
     assert torch.equal(together.ids, alone.ids) and torch.equal(together.ids, torch.arange(len(train)))
     torch.testing.assert_close(together.rows * together.norms[:, None], alone.rows * alone.norms[:, None])
-    for mine, theirs in zip(together.curvature.tensors(), alone.curvature.tensors()):
-        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=0)
+    assert together.kronecker is not None and alone.kronecker is not None
+    assert together.kronecker.count == alone.kronecker.count == len(train)
+    for sums in ("curvature", "kronecker"):
+        for mine, theirs in zip(getattr(together, sums).tensors(), getattr(alone, sums).tensors()):
+            torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=0)
     queries = DataLoader(val, batch_size=5)
-    torch.testing.assert_close(
-        together.pairwise(engine, queries, method="exact"), alone.pairwise(engine, queries, method="exact")
-    )
+    for method in ("exact", "ekfac"):
+        torch.testing.assert_close(
+            together.pairwise(engine, queries, method=method), alone.pairwise(engine, queries, method=method)
+        )
     shutil.copy(tmp_path / "alone" / "index.json", tmp_path / "shards" / "index.json")
     with pytest.raises(FitMismatchError, match="holds both an index and per-process index shards"):
         GradientIndex.open(tmp_path / "shards")
