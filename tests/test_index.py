@@ -8,6 +8,7 @@ The model, data and references are test_pairwise's: looped single-example gradie
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from models import (
     reference_gradients,
     reference_kronecker,
     split_examples,
+    tiny_bert,
     tiny_bert_lora,
 )
 from test_conv import CONVS, SmallCNN, images
@@ -82,14 +84,24 @@ def test_a_projected_index_gives_the_exact_influence_of_the_projected_model(tmp_
         assert_agree(index.pairwise(engine, query_loader(), method=method).double(), expected, 1e-5)
 
 
+@pytest.mark.parametrize("side", ["in", "out"])
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
-def test_a_projected_index_gives_the_kronecker_influence_of_the_projected_model(tmp_path, method):
-    """Reference: the looped token factors projected, ``R S R^T (x) D A D^T`` (EK-FAC: its eigenbases with the
-    eigenvalues refit on the projected gradients) written out as an explicit ``k_r k_d`` square matrix and solved."""
-    engine, train, _, _ = pairwise_setup()
-    index = build(tmp_path, dim=12, seed=5, storage="float32", kronecker=True)
+def test_a_projected_index_gives_the_kronecker_influence_of_the_projected_model(tmp_path, method, side):
+    """Reference: the looped token factors projected, ``R S R^T (x) D A D^T`` in the layout's order (side "out":
+    the inputs' factor on the rows; EK-FAC: its eigenbases with the eigenvalues refit on the projected gradients)
+    written out as an explicit ``k_r k_d`` square matrix and solved."""
+    fitted, train, queries, loader = pairwise_setup()
+    engine = InfluenceEngine(
+        fitted.model, loss_fn, blocks="linear", side=side, damping=DAMPING, dtype="float64", progress=False
+    )
+    index = GradientIndex.build(engine, loader, tmp_path / "index", dim=12, seed=5, storage="float32", kronecker=True)
     sums = reference_kronecker(engine.model, loss_fn, split_examples(train.tensors), engine.blocks)
-    g, q = index.projection.blocks(looped()), index.projection.blocks(looped(queries=True))
+    g = index.projection.blocks(
+        reference_gradients(engine.model, loss_fn, split_examples(train.tensors), engine.blocks)
+    )
+    q = index.projection.blocks(
+        reference_gradients(engine.model, loss_fn, split_examples(queries.tensors), engine.blocks)
+    )
     expected = torch.zeros(N_TRAIN, N_QUERY, dtype=torch.float64)
     for block in engine.blocks:
         gb, qb = g[block.name], q[block.name]
@@ -98,8 +110,9 @@ def test_a_projected_index_gives_the_kronecker_influence_of_the_projected_model(
             m if m is not None else torch.eye(size)
             for m, size in zip(index.projection.factors[block.name], block.shape)
         )
-        s = left @ sums[block.name]["outputs"] @ left.T / n  # side "in": the output gradients index the rows
-        a = right @ sums[block.name]["inputs"] @ right.T / sums[block.name]["tokens"]
+        outputs, inputs = sums[block.name]["outputs"] / n, sums[block.name]["inputs"] / sums[block.name]["tokens"]
+        rows, columns = (outputs, inputs) if side == "in" else (inputs, outputs)
+        s, a = left @ rows @ left.T, right @ columns @ right.T
         curvature = torch.kron(s, a)
         if method == "ekfac":
             (_, q_r), (_, q_d) = torch.linalg.eigh(s), torch.linalg.eigh(a)
@@ -239,6 +252,49 @@ def test_a_killed_build_resumes_after_its_last_whole_chunk(tmp_path, monkeypatch
         assert all(torch.allclose(x, y) for x, y in zip(resumed.kronecker.tensors(), whole.kronecker.tensors()))
 
 
+def test_a_build_killed_between_a_chunk_and_its_factors_rewrites_that_chunk(tmp_path, monkeypatch):
+    """The factors' sums are saved after each chunk; a kill in between leaves them one chunk behind, and the resumed
+    build rewrites that chunk rather than miss its factors."""
+    saves = []
+    write = hyperinf.index.atomic_write
+
+    def dying(path, save):
+        if path.name == "kronecker.safetensors":
+            if len(saves) == 2:
+                raise KeyboardInterrupt
+            saves.append(path)
+        return write(path, save)
+
+    monkeypatch.setattr(hyperinf.index, "atomic_write", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path, dim=12, chunk_batches=1, kronecker=True)
+    assert (tmp_path / "index" / "chunk-000002.safetensors").is_file()  # written, its factors not
+    monkeypatch.setattr(hyperinf.index, "atomic_write", write)
+    resumed = build(tmp_path, dim=12, chunk_batches=1, kronecker=True)
+    whole = build(tmp_path, "fresh", dim=12, chunk_batches=1, kronecker=True)
+    assert resumed.kronecker is not None and whole.kronecker is not None
+    assert resumed.kronecker.count == N_TRAIN and torch.equal(resumed.ids, whole.ids)
+    assert all(torch.allclose(x, y) for x, y in zip(resumed.kronecker.tensors(), whole.kronecker.tensors()))
+
+
+def test_an_index_missing_its_factors_or_from_before_them_is_handled(tmp_path):
+    """Factors deleted (or not copied with the index): refused, not read as zero. An index.json written before
+    indexes had factors opens and resumes as one without them."""
+    build(tmp_path, dim=12, kronecker=True)
+    (tmp_path / "index" / "kronecker.safetensors").unlink()
+    with pytest.raises(FitMismatchError, match="Kronecker factors in .* are missing or do not cover every row"):
+        GradientIndex.open(tmp_path / "index")
+    build(tmp_path, "old", dim=12)
+    meta_path = tmp_path / "old" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["kronecker"]
+    meta_path.write_text(json.dumps(meta))
+    assert GradientIndex.open(tmp_path / "old").kronecker is None
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "old").glob("chunk-*")}
+    build(tmp_path, "old", dim=12)  # the same settings: nothing rebuilt
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "old").glob("chunk-*")} == stamps
+
+
 def test_a_folder_built_with_other_settings_or_rows_is_refused(tmp_path):
     build(tmp_path, dim=12, source="rows-a")
     with pytest.raises(CheckpointMismatchError, match=r"other settings \(dim, layouts differ\)"):
@@ -318,12 +374,14 @@ def test_gradients_projected_from_their_factors_equal_the_projected_gradients_of
 
 def test_projected_token_factors_are_the_projected_kronecker_factors_of_padded_lora_and_convolutions():
     """An index built for K-FAC sums ``R S R^T`` and ``D A D^T`` per block: the unprojected token factors (padding
-    left out), in layout order, projected on each side."""
+    left out), in layout order, projected on each side. Dense BERT layers have biases on padded tokens, and a head
+    on a pooled vector (no token axis)."""
     pytest.importorskip("peft")
     bert = tiny_bert_lora(r=8).double()
     cnn = SmallCNN().double()
     cases = [
         (bert, bert_loss, "lora", random_padded_batch(4, seed=3), 40),
+        (tiny_bert(dtype=torch.float64), bert_loss, "linear", random_padded_batch(4, seed=3), 2000),
         (cnn, conv_loss, [*CONVS, "head"], images(3, seed=0), 20),
     ]
     for model, loss, blocks, batch, dim in cases:

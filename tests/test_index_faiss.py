@@ -48,6 +48,9 @@ def test_an_ivf_index_probing_every_cluster_is_exact_and_is_saved_once(whole):
     assert saved.stat().st_mtime_ns == stamp and torch.equal(again.helpful, top.helpful)
     FaissSearch(index, "IVF2,Flat", normalize=True)
     assert len(list(index.directory.glob("faiss-*.index"))) == 2  # one per factory and cosine option
+    index.norms = index.norms * 2  # other rows under the same settings (e.g. a shard rebuilt): not the saved one
+    FaissSearch(index, "IVF2,Flat")
+    assert len(list(index.directory.glob("faiss-*.index"))) == 3
 
 
 def test_the_cosine_option_ranks_by_minus_the_cosine(whole):
@@ -66,6 +69,8 @@ def test_bad_factories_parameters_and_a_search_that_finds_too_few_rows_are_refus
         FaissSearch(index, "Nonsense")
     with pytest.raises(ConfigurationError, match="faiss parameters 'nprobe=2' do not apply to a 'Flat' index"):
         FaissSearch(index, "Flat", parameters="nprobe=2")
+    with pytest.raises(ConfigurationError, match=f"faiss could not build a 'IVF64,Flat' index of {N_TRAIN} rows"):
+        FaissSearch(index, "IVF64,Flat")
     narrow = FaissSearch(index, "IVF4,Flat", parameters="nprobe=1")
     with pytest.raises(ConfigurationError, match=f"found fewer than {N_TRAIN} rows for some queries"):
         narrow.search(queries, k=N_TRAIN)

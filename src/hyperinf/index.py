@@ -60,6 +60,7 @@ FORMAT = 2  # 1: projected A^{-1/2} g_k (commit 0018f4c), no longer read
 STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _META, _CURVATURE, _KRONECKER = "index.json", "curvature.safetensors", "kronecker.safetensors"
 _ROW_BLOCK = 65536  # rows scored per matrix product in a query, so the scores of a large index are never all in memory
+_REFIT_ROWS = 4096  # rows per batch of EK-FAC's eigenvalue refit (float64 copies of whole rows)
 
 
 def index_methods() -> tuple[str, ...]:
@@ -310,9 +311,13 @@ class GradientIndex:
         rows = torch.cat([c["rows"].float() for c in chunks])
         norms, ids = torch.cat([c["norms"] for c in chunks]), torch.cat([c["ids"] for c in chunks])
         factors = None
-        if meta.get("kronecker"):
+        if meta["kronecker"]:
             factors = KroneckerAccumulator(projected_blocks(layouts), dtype=torch.float64)
-            _load_kronecker(directory, factors, meta["chunks"])
+            if _load_kronecker(directory, factors, meta["chunks"]) != meta["chunks"] or factors.count != meta["rows"]:
+                raise FitMismatchError(
+                    f"the Kronecker factors in {directory / _KRONECKER} are missing or do not cover every row of the "
+                    "index: delete the folder and build it again"
+                )
         return cls(directory, meta, rows, norms, ids, curvature, factors)
 
     @classmethod
@@ -337,7 +342,8 @@ class GradientIndex:
         curvature, factors = shards[0].curvature, shards[0].kronecker
         for s in shards[1:]:
             curvature.merge(s.curvature)
-            if factors is not None and s.kronecker is not None:
+            if factors is not None:  # every shard has them: "kronecker" is a shared setting
+                assert s.kronecker is not None
                 factors.merge(s.kronecker)
         if first["ids"] == "given" and len(set(torch.cat(ids).tolist())) < offset:
             raise FitMismatchError(
@@ -358,13 +364,7 @@ class GradientIndex:
     def preconditioner(self, method: str, config: InfluenceConfig) -> Preconditioner:
         """``method``'s preconditioner of the projected blocks under ``config``'s damping and inverse options (built
         once per method and options)."""
-        check_index_method(method)
-        if needs_kronecker(method) and self.kronecker is None:
-            raise FitMismatchError(
-                f"method {method!r} needs the projected layers' Kronecker factors, and the index in {self.directory} "
-                f"was built without them: build one with kronecker=True (hyperinf index build --method {method}) "
-                "in another folder, or query with a GFIM method."
-            )
+        self.check_method(method)
         key = (method, json.dumps(config.to_dict(), sort_keys=True, default=str))
         if key not in self._built:
             fitted = FittedInputs(
@@ -373,11 +373,21 @@ class GradientIndex:
             self._built[key] = build_preconditioner(method, fitted)
         return self._built[key]
 
+    def check_method(self, method: str) -> None:
+        """Refuse a method this index cannot precondition with (before any query gradient is computed)."""
+        check_index_method(method)
+        if needs_kronecker(method) and self.kronecker is None:
+            raise FitMismatchError(
+                f"method {method!r} needs the projected layers' Kronecker factors, and the index in {self.directory} "
+                f"was built without them: build one with kronecker=True (hyperinf index build --method {method}) "
+                "in another folder, or query with a GFIM method."
+            )
+
     def _stored_gradients(self) -> Iterator[BatchGradients]:
-        """The indexed rows as projected per-block gradients, ``_ROW_BLOCK`` rows at a time (for EK-FAC's
+        """The indexed rows as projected per-block gradients, ``_REFIT_ROWS`` rows at a time (for EK-FAC's
         eigenvalue refit: the curvature of exactly what the queries are scored against)."""
-        for start in range(0, len(self), _ROW_BLOCK):
-            rows = self.rows[start : start + _ROW_BLOCK].double() * self.norms[start : start + _ROW_BLOCK, None]
+        for start in range(0, len(self), _REFIT_ROWS):
+            rows = self.rows[start : start + _REFIT_ROWS].double() * self.norms[start : start + _REFIT_ROWS, None]
             no_losses = torch.full((rows.shape[0],), float("nan"))  # an index keeps no losses; EK-FAC reads none
             yield BatchGradients(no_losses, self.projection.unflat(rows))
 
@@ -441,7 +451,11 @@ class GradientIndex:
 def saved_settings(directory: str | Path) -> dict[str, Any] | None:
     """The settings of the index (complete or not) in ``directory``, or ``None`` when it holds none."""
     meta_path = Path(directory) / _META
-    return json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("kronecker", False)  # indexes written before the factors could be indexed have none
+    return meta
 
 
 def _resumable_chunks(directory: Path, settings: Mapping[str, Any]) -> int:
@@ -483,7 +497,9 @@ def _load_kronecker(directory: Path, factors: KroneckerAccumulator, done: int) -
     with safe_open(str(path), framework="pt") as handle:
         covered, count = int(handle.metadata()["chunks"]), int(handle.metadata()["count"])
     if covered > done:
-        raise FitMismatchError(f"{path} covers {covered} chunks but {directory} holds {done}: build it again")
+        raise FitMismatchError(
+            f"{path} covers {covered} chunks but {directory} holds {done}: delete the folder and build it again"
+        )
     factors.load(load_file(str(path)), count)
     return covered
 

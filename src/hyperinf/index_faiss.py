@@ -7,8 +7,8 @@ cosine) and is described by a faiss factory string: ``Flat`` (exact, faiss's BLA
 clustered; a query scores the ``nprobe`` nearest clusters only), ``IVF<n>,SQfp16`` or ``...,PQ<m>`` (compressed
 rows), ``HNSW32`` (a graph). Scores keep the index's sign, ``-<P g_k, A_P^{-1} P q>``: proponents are the rows of
 largest inner product with the query, opponents those of largest inner product with its negation. The trained faiss
-index is saved beside the gradient index (``faiss-<digest>.index``, keyed by the index's settings, the factory and
-the cosine option) and read back by later searches.
+index is saved beside the gradient index (``faiss-<digest>.index``, keyed by the index's settings and rows, the
+factory and the cosine option) and read back by later searches.
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ class FaissSearch:
     ) -> None:
         faiss = _faiss()
         self.index, self.factory, self.normalize = index, factory, normalize
-        key = json.dumps([index.meta, factory, normalize], sort_keys=True, default=str)
-        path = index.directory / f"faiss-{hashlib.sha256(key.encode()).hexdigest()[:16]}.index"
+        digest = hashlib.sha256(json.dumps([index.meta, factory, normalize], sort_keys=True, default=str).encode())
+        for tensor in (index.ids, index.norms):  # the rows themselves, also where the settings are alike
+            digest.update(tensor.numpy().tobytes())
+        path = index.directory / f"faiss-{digest.hexdigest()[:16]}.index"
         if path.is_file():
             self._faiss = faiss.read_index(str(path))
         else:
@@ -71,9 +73,14 @@ class FaissSearch:
             built = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as error:
             raise ConfigurationError(f"{factory!r} is not a faiss index factory string: {error}") from error
-        if not built.is_trained:
-            built.train(vectors)
-        built.add(vectors)
+        try:
+            if not built.is_trained:
+                built.train(vectors)
+            built.add(vectors)
+        except RuntimeError as error:
+            raise ConfigurationError(
+                f"faiss could not build a {factory!r} index of {len(vectors)} rows: {error}"
+            ) from error
         return built
 
     def search(self, queries: torch.Tensor, *, k: int = 10) -> TopK:

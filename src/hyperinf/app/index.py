@@ -223,14 +223,15 @@ def run_query(args: IndexQueryArgs) -> dict[str, Any]:
     if args.faiss_parameters and args.faiss is None:
         raise DataError("--faiss-parameters applies to a faiss search: give --faiss FACTORY too")
     index = GradientIndex.open(args.index)
+    built = replace(built_args(args.index), damping=args.damping, damping_mode=args.damping_mode)
+    method = args.method or built.method
+    index.check_method(method)
     searcher = None
     if args.faiss is not None:  # built (or read) before the timed search
         searcher = FaissSearch(index, args.faiss, normalize=args.normalize, parameters=args.faiss_parameters)
-    built = replace(built_args(args.index), damping=args.damping, damping_mode=args.damping_mode)
     loaded = load_model_of(built)
     target, name = attributed_rows(built, loaded, args.target, args.query)
     print(target.summary(name))
-    method = args.method or built.method
     engine = make_engine(built, loaded, ["tracin"])  # the index holds the projected curvature; the engine none
     started = time.perf_counter()
     queries = index.project_queries(engine, loader(target.examples, loaded.tokenizer, built.batch_size), method=method)
