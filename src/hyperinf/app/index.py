@@ -149,8 +149,8 @@ def run_build(args: IndexBuildArgs) -> GradientIndex:
     if earlier is not None:
         asked = {"dim": args.dim, "seed": args.seed, "storage": args.storage}
         differ = [f"--{key} {earlier[key]}" for key, value in asked.items() if earlier.get(key) != value]
-        if earlier.get("kronecker", False) != needs_kronecker(args.method):
-            differ.append("Kronecker factors" if earlier.get("kronecker") else "no Kronecker factors")
+        if earlier["kronecker"] != needs_kronecker(args.method):
+            differ.append("Kronecker factors" if earlier["kronecker"] else "no Kronecker factors")
         if differ:
             raise DataError(
                 f"{args.out} holds an index built with {', '.join(differ)}: choose another --out, or delete it to "
