@@ -409,7 +409,7 @@ class GradientIndex:
         a time (``[b, m]`` each): ``-<P g_k, A_P^{-1} P q>``, or with ``normalize`` minus the cosine of ``P g_k``
         and ``A_P^{-1} P q`` (of the projected gradients themselves with ``tracin``: LESS's ranking)."""
         if normalize:
-            queries = queries / queries.norm(dim=1, keepdim=True).clamp_min(torch.finfo(queries.dtype).tiny)
+            queries = unit_rows(queries)
         for start in range(0, len(self), _ROW_BLOCK):
             block = -(self.rows[start : start + _ROW_BLOCK] @ queries.T)
             yield block if normalize else block * self.norms[start : start + _ROW_BLOCK, None]
@@ -446,6 +446,11 @@ class GradientIndex:
         for block in self.scores(queries, normalize=normalize):
             running.update(block)
         return running.result()
+
+
+def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """``vectors`` ``[m, D]`` scaled to unit length per row (a zero row stays zero): cosine rankings' queries."""
+    return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(torch.finfo(vectors.dtype).tiny)
 
 
 def saved_settings(directory: str | Path) -> dict[str, Any] | None:

@@ -16,17 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from hyperinf.errors import ConfigurationError
+from hyperinf.index import GradientIndex, unit_rows
 from hyperinf.results import atomic_write
 from hyperinf.scoring import TopK
-
-if TYPE_CHECKING:
-    from hyperinf.index import GradientIndex
 
 
 def _faiss() -> ModuleType:
@@ -87,7 +85,7 @@ class FaissSearch:
         """:meth:`GradientIndex.search <hyperinf.index.GradientIndex.search>` through faiss: per query ``[m, D]``
         (projected and preconditioned), its ``k`` proponents and opponents (positions in the index)."""
         if self.normalize:
-            queries = queries / queries.norm(dim=1, keepdim=True).clamp_min(torch.finfo(queries.dtype).tiny)
+            queries = unit_rows(queries)
         vectors = np.ascontiguousarray(queries.float().numpy())
         k = min(k, self._faiss.ntotal)
         helpful_products, helpful = self._faiss.search(vectors, k)

@@ -198,7 +198,7 @@ def _index_scores(
     args: LdsArgs, engine: InfluenceEngine, method: str, train: DataLoader, query: DataLoader
 ) -> list[dict[str, Any]]:
     """``method``'s pairwise scores from a gradient index at each of ``--index-dims`` (built, queried, deleted)."""
-    results = []
+    results, kronecker = [], needs_kronecker(method)
     for dim in args.index_dims:
         entry: dict[str, Any] = {
             "method": f"{method} idx{dim}",
@@ -209,7 +209,6 @@ def _index_scores(
         start = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory() as folder:
-                kronecker = needs_kronecker(method)
                 index = GradientIndex.build(engine, train, folder, dim=dim, seed=args.seed, kronecker=kronecker)
                 entry["scores"] = index.pairwise(engine, query, method=method).double()
             entry["seconds"] = time.perf_counter() - start
