@@ -466,6 +466,13 @@ def test_multiple_choice_rows_are_selected_on_a_saved_causal_lm_and_read_back(tm
     best = frame.sort_values(["score", "row_id"])["row_id"].tolist()
     assert [r["row_id"] for r in chosen] == best[: round(0.5 * 9)]
     assert all(r["id"] == rows[r["row_id"]]["id"] and r["choices"] == rows[r["row_id"]]["choices"] for r in chosen)
+    assert "the default for rows without labels" in printed
+    assert json.loads((tmp_path / "out" / "arguments.json").read_text())["normalized"] is True
+    for flag, same in (("--normalize", True), ("--no-normalize", False)):  # the cosine is the default for rows
+        assert main([*command(out=tmp_path / flag), flag]) == 0
+        scores = pd.read_parquet(tmp_path / flag / "scores.parquet")["score"]
+        assert bool((scores.to_numpy() == frame["score"].to_numpy()).all()) is same
+    assert frame["score"].abs().max() <= 1.0
     again = command(task=tmp_path / "out" / "selected_50pct.jsonl", n_target=1, out=tmp_path / "again")
     assert main(again) == 0  # a selection reads back as a pool
     assert main([*command(out=tmp_path / "x"), "--balance"]) == 2

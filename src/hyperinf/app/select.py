@@ -92,10 +92,12 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
         parse=method_name,
         help=f"influence method: {', '.join(method_names())} (default: %(default)s; see `hyperinf methods`)",
     )
-    normalize: bool = option(
-        False,
+    normalize: bool | None = option(
+        None,
+        negatable=True,
         help="rank by -cos(H^-1 v, g_k) instead of the inner product (LESS: against the bias toward short texts "
-        "with large gradients)",
+        "with large gradients; default: on for rows without labels, where it was measured better, off for "
+        "labelled rows, see README)",
     )
     balance: bool | None = option(
         None,
@@ -191,6 +193,11 @@ class SelectArgs(InfluenceOptions, TrainingOptions, DataOptions):
         if self.cache_gib < 0:
             raise ConfigurationError(f"--cache-gib {self.cache_gib:g}: must be at least 0 (0 keeps nothing in memory)")
         super().__post_init__()  # checks the engine options, the dtype set here too
+
+    def normalizes(self, labelled: bool) -> bool:
+        """Whether ``top`` ranks by the cosine: ``--normalize`` / ``--no-normalize``, or by default for rows without
+        labels (measured ahead of the inner product there, behind it on labelled rows with ``--balance``)."""
+        return self.normalize if self.normalize is not None else not labelled and self.strategy == "top"
 
     def balances(self, labelled: bool) -> bool:
         """Whether selections keep every label's share: ``--balance`` / ``--no-balance``, or by default for
@@ -502,7 +509,7 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
     warm = warm_up(args, learner, split.pairs("pool"))
     target_loss = target_loss_by_label(learner, split, args.batch_size)
     scored = score_pool(args, learner, split, [args.method], warm["key"], args.strategy == "per-target")
-    scores = method_scores(scored, args.method, args.normalize)
+    scores = method_scores(scored, args.method, args.normalizes(labelled=True))
     lengths = torch.tensor(learner.token_lengths(split.pool.texts))
     selections = keep_rows(args, scored, scores, split.pool.labels)
     records = {
@@ -510,6 +517,7 @@ def run_select(args: SelectArgs) -> dict[str, Any]:
         "target_loss_by_label": target_loss,
         "skipped_rows": {which: data.skipped for which, data in split.files.items()},
         "balanced": args.balances(labelled=True),
+        "normalized": args.normalizes(labelled=True),
     }
     write_selection(args, split.pool, scores, lengths, selections, records)
     print(

@@ -147,11 +147,13 @@ def run_select_rows(args: SelectArgs) -> dict[str, Any]:
         print(split.target.summary(str(args.target)))
     warm = warm_up(args, learner, split.pairs("pool"))
     scored = score_pool(args, learner, split, [args.method], warm["key"], args.strategy == "per-target")
-    scores = method_scores(scored, args.method, args.normalize)
+    scores = method_scores(scored, args.method, args.normalizes(labelled=False))
     lengths = torch.tensor([len(e["input_ids"]) for e in split.pairs("pool")])
     selections = keep_rows(args, scored, scores, None)
     write_row_selection(args, split, scores, lengths, selections, warm)
     print(f"scored {len(split.pool_index)} pool rows against {len(split.target_index)} target rows with {args.method}")
+    if args.normalizes(labelled=False) and args.normalize is None:
+        print("  ranked by the cosine -cos(H^-1 v, g_k) (the default for rows without labels; --no-normalize)")
     for fraction, picked in selections.items():
         print(f"  {fraction:.0%}: {picked.numel()} rows, mean {lengths[picked].double().mean():.1f} tokens")
     print(f"results written to {args.out}/")
@@ -203,6 +205,7 @@ def write_row_selection(
                 **({"target": split.target.truncated} if args.target else {}),
             },
             "warm_up": warm,
+            "normalized": args.normalizes(labelled=False),
             "selections": {fraction_label(f): {"size": int(p.numel())} for f, p in selections.items()},
         },
     )

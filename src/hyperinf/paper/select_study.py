@@ -91,7 +91,13 @@ class StudyArgs(SelectArgs):
     )
     random_draws: int = option(3, help="random selections per fraction and seed (default: %(default)s)")
     seeds: int = option(1, help="number of seeds; tables report mean ± std (default: %(default)s)")
-    normalize: bool = override(SelectArgs, "normalize", help="select by -cos(H^-1 v, g_k) for every method")
+    normalize: bool = override(
+        SelectArgs,
+        "normalize",
+        default=False,
+        negatable=False,
+        help="select by -cos(H^-1 v, g_k) for every method (without it the first method's cosine is a column too)",
+    )
     balance: bool = override(
         SelectArgs,
         "balance",
