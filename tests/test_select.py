@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 import torch
+from references import pairwise_auc
+from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -14,7 +16,8 @@ pd = pytest.importorskip("pandas")
 from hyperinf.app.finetune import load_trainable  # noqa: E402
 from hyperinf.app.select import SelectArgs, load_pool_split, make_learner, run_select  # noqa: E402
 from hyperinf.cli import main  # noqa: E402
-from hyperinf.errors import ConfigurationError  # noqa: E402
+from hyperinf.errors import ConfigurationError, DataError  # noqa: E402
+from hyperinf.paper.analysis.select_noise import noise_aucs  # noqa: E402
 from hyperinf.paper.select_study import StudyArgs, run_study  # noqa: E402
 
 GOOD = ["great", "lovely", "happy", "wonderful", "superb"]
@@ -93,8 +96,6 @@ def test_normalize_equals_the_cosine_computed_by_hand(data_file, tmp_path):
     args = select_args(data_file, tmp_path, method="tracin", normalize=True, dtype="float64", fractions=(0.2,))
     run_select(args)
     scores = torch.tensor(pd.read_parquet(args.out / "scores.parquet")["score"].to_numpy())
-
-    from safetensors.torch import load_file
 
     from hyperinf.app.select import load_pool_split
 
@@ -242,6 +243,22 @@ def test_experiment_select_runs_the_protocol_and_a_second_run_trains_nothing(dat
     again = pd.read_csv(args.out / "results.csv")
     assert again["trained_seconds"].fillna(0).eq(0).all()  # every continuation came from the cache
     assert (again["accuracy"] == rows["accuracy"]).all()
+
+    # select_noise: each ranking's ROC-AUC for the flipped labels, against a count of pairs of the cached scores
+    clean, noisy = (load_pool_split(args, n_test=16, flip_fraction=f).pool for f in (0.0, 0.2))
+    assert clean.texts == noisy.texts
+    flipped = clean.labels != noisy.labels
+    aucs = noise_aucs(args.out)[0]
+    assert set(aucs) == selectors - {"hyperinf per-target"} and all(0 <= a <= 1 for a in aucs.values())
+    scored = load_file(str(next((args.cache_dir.parent / "scores").glob("*.safetensors"))))
+    for name, column in [("hyperinf", "score/hyperinf"), ("tracin", "score/tracin"), ("training loss", "train_loss")]:
+        assert aucs[name] == pytest.approx(pairwise_auc(scored[column], flipped))
+    record = json.loads((args.out / "arguments.json").read_text())
+    record["args"]["variant"] = "clean"
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "clean" / "arguments.json").write_text(json.dumps(record))
+    with pytest.raises(DataError, match="clean run: no label or answer key was replaced"):
+        noise_aucs(tmp_path / "clean")
 
 
 def test_balanced_study_draws_random_per_label(data_file, tmp_path):

@@ -261,6 +261,11 @@ def choice_setup(args: StudyArgs) -> Setup:
     )
 
 
+def study_setup(args: StudyArgs) -> Setup:
+    """The seed's material for the rows of ``--task``: multiple-choice rows or labelled texts."""
+    return choice_setup(args) if reads_rows(args) else label_setup(args)
+
+
 def pool_warm_up(args: StudyArgs, learner: Learner, split: Splits) -> Callable[[], dict[str, Any]]:
     """The protocol's warm-up: training on the whole pool (:func:`hyperinf.app.select.warm_up`)."""
     return lambda: warm_up(args, learner, split.pairs("pool"))
@@ -268,7 +273,7 @@ def pool_warm_up(args: StudyArgs, learner: Learner, split: Splits) -> Callable[[
 
 def run_seed(args: A, make_setup: Callable[[A], Setup] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One seed: split, warm up, score, then train and test on every selection."""
-    setup = make_setup(args) if make_setup else choice_setup(args) if reads_rows(args) else label_setup(args)
+    setup = make_setup(args) if make_setup else study_setup(args)
     learner, split = setup.learner, setup.split
     warm = setup.warm_up()
     warm_state = trainable_state(learner.model)
@@ -312,12 +317,9 @@ def rds_scores(learner: Learner, split: Splits, batch_size: int) -> torch.Tensor
     return representation_scores(pool, target, "max")
 
 
-def selections(
-    args: StudyArgs, scored: dict[str, torch.Tensor], similarity: torch.Tensor, setup: Setup
-) -> dict[str, dict[float, torch.Tensor]]:
-    """Per selector and fraction, the pool examples kept: every method by its scores, the first method also
-    by cosine and per target (BIDS' turns; not under --balance), LESS (TracIn's cosine), the lowest training
-    loss and RDS+."""
+def rankings(args: StudyArgs, scored: dict[str, torch.Tensor], similarity: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per selector that ranks the whole pool, its scores (lowest kept first): every method, the first method's
+    cosine, LESS (TracIn's cosine), the lowest training loss and RDS+."""
     first = args.methods[0]
     scores = {m: method_scores(scored, m, args.normalize) for m in args.methods}
     if not args.normalize and first != "tracin":  # TracIn's cosine is LESS
@@ -326,13 +328,21 @@ def selections(
         scores["less"] = method_scores(scored, "tracin", normalize=True)
     scores["training loss"] = scored["train_loss"]
     scores["RDS+"] = similarity
+    return scores
+
+
+def selections(
+    args: StudyArgs, scored: dict[str, torch.Tensor], similarity: torch.Tensor, setup: Setup
+) -> dict[str, dict[float, torch.Tensor]]:
+    """Per selector and fraction, the pool examples kept: the top of every :func:`rankings` score, and the
+    first method per target too (BIDS' turns; not under --balance)."""
     result = {
         name: {f: select_top(s, f, setup.labels, balance=args.balance) for f in args.fractions}
-        for name, s in scores.items()
+        for name, s in rankings(args, scored, similarity).items()
     }
     if not args.balance:
         n = len(setup.lengths)
-        result[f"{first} per-target"] = {
+        result[f"{args.methods[0]} per-target"] = {
             f: round_robin(scored["per_target"], selection_size(f, n)) for f in args.fractions
         }
     return result

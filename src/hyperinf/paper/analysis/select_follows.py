@@ -19,54 +19,29 @@ largest; with more, the Pearson correlation over (seed, label) pairs.
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from safetensors.torch import load_file
 
-from hyperinf.app.select import scores_path
 from hyperinf.app.select_rows import reads_rows
 from hyperinf.errors import DataError
-from hyperinf.paper.select_study import StudyArgs, study_split
+from hyperinf.paper.analysis.study_runs import cached_scores, seeded_runs
+from hyperinf.paper.select_study import study_split
 
 SKIPPED = ("random", "exact")  # random has no direction; exact repeats hyperinf's selections
 MEASURES = ("target loss", "pool |g|^2")
 
 
-def study_args(recorded: dict) -> StudyArgs:
-    """A run's settings from the ``args`` it recorded in arguments.json."""
-    paths = {
-        "out": Path(recorded["out"]),
-        "cache_dir": Path(recorded["cache_dir"]),
-        "target": recorded["target"] and Path(recorded["target"]),
-    }
-    return StudyArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()} | paths)
-
-
 def label_measures(run: Path) -> dict[int, dict[str, dict[str, float]]]:
     """``seed -> measure -> label -> share``, the pool's gradient norms read from the run's cached scores."""
-    recorded = json.loads((run / "arguments.json").read_text())
-    args = study_args(recorded["args"])
+    args, seeds = seeded_runs(run)
     if reads_rows(args):
         raise DataError(f"{run} is a study of {args.task}'s rows: they have no labels to measure shares of")
     out = {}
-    for record in recorded["seeds"]:
-        seeded = replace(args, seed=record["seed"])
+    for seeded, record in seeds:
         split = study_split(seeded)
-        # the study scores per target too unless --balance; runs made before it did cached without
-        paths = [
-            scores_path(seeded, split, list(seeded.methods), record["warm_up"]["key"], per_target)
-            for per_target in (not seeded.balance, False)
-        ]
-        path = next((p for p in paths if p.exists()), paths[0])
-        if not path.exists():
-            raise DataError(
-                f"{run}: seed {record['seed']}'s scores are not in the cache ({path}): rerun the study's command to make them"
-            )
-        squared = load_file(str(path))["gradient_norm"].double() ** 2
+        squared = cached_scores(run, seeded, split, record)["gradient_norm"].double() ** 2
         labels, names = split.pool.labels, split.pool.label_names
         out[record["seed"]] = {
             "target loss": {name: v["loss_share"] for name, v in record["target_loss_by_label"].items()},
