@@ -59,6 +59,11 @@ def training_key(settings: Mapping[str, Any], examples: Iterable[Any]) -> str:
     return digest.hexdigest()[:20]
 
 
+def trained_path(cache_dir: Path, key: str) -> Path:
+    """Where :func:`train_or_load` keeps the weights trained under ``key`` (from :func:`training_key`)."""
+    return cache_dir / f"{key}.safetensors"
+
+
 @dataclass(frozen=True)
 class Schedule:
     """How long and how fast to train: AdamW (no weight decay) over shuffled batches."""

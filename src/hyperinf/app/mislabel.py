@@ -35,7 +35,7 @@ from hyperinf.app.arguments import (
     output_folder,
     override,
 )
-from hyperinf.app.finetune import Schedule, train_or_load, training_key
+from hyperinf.app.finetune import Schedule, train_or_load, trained_path, training_key
 from hyperinf.app.learners import classifier
 from hyperinf.app.minilm import (
     classifier_logits,
@@ -164,7 +164,7 @@ def trained_seed(args: MislabelArgs, data: TextDataset) -> TrainedSeed:
         return TrainedSeed(split, model, blocks, loader_fn, {"cached": False, "seconds": 0.0, "as_given": True})
     examples = list(zip(split.train.texts, split.train.labels.tolist()))
     schedule = Schedule(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    path = args.cache_dir / f"{args.training_key(split)}.safetensors"
+    path = trained_path(args.cache_dir, args.training_key(split))
     training = train_or_load(
         model, sequence_classification_loss, examples, collate, schedule, path, progress=args.progress
     )

@@ -36,7 +36,7 @@ from hyperinf.app.arguments import (
     override,
 )
 from hyperinf.app.causal_lm import default_template
-from hyperinf.app.finetune import Schedule, train_or_load, training_key
+from hyperinf.app.finetune import Schedule, train_or_load, trained_path, training_key
 from hyperinf.app.learners import MODELS, Learner, build_learner, trains_as_causal_lm
 from hyperinf.app.textdata import (
     BUILT_IN_TASKS,
@@ -363,7 +363,7 @@ def stage_training(
         examples,
         learner.collate,
         schedule,
-        args.cache_dir / f"{key}.safetensors",
+        trained_path(args.cache_dir, key),
         progress=args.progress,
         desc=desc,
     )

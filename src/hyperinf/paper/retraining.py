@@ -38,7 +38,7 @@ from hyperinf.app.arguments import (
     output_path,
     override,
 )
-from hyperinf.app.finetune import LossFn, Schedule, train_or_load, training_key
+from hyperinf.app.finetune import LossFn, Schedule, train_or_load, trained_path, training_key
 from hyperinf.blocks import BlockSpec
 from hyperinf.curvature import DampingMode
 from hyperinf.engine import InfluenceEngine
@@ -318,7 +318,7 @@ class Trainer:
             examples,
             setting.collate,
             schedule,
-            args.cache_dir / f"{key}.safetensors",
+            trained_path(args.cache_dir, key),
             progress=False,
         )
         self.cached += record["cached"]

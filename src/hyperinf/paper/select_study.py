@@ -32,6 +32,7 @@ from hyperinf.app.finetune import (
     load_trainable,
     train_or_load,
     trainable_state,
+    trained_path,
     training_key,
 )
 from hyperinf.app.learners import Learner
@@ -370,7 +371,7 @@ class Evaluation:
                 pairs,
                 learner.collate,
                 self.schedule,
-                self.args.cache_dir / f"{key}.safetensors",
+                trained_path(self.args.cache_dir, key),
                 progress=self.args.progress,
                 desc=f"{selector} {fraction:.0%}",
             )

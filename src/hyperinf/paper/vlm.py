@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyperinf.app import causal_lm
-from hyperinf.app.finetune import Schedule, train_or_load, training_key
+from hyperinf.app.finetune import Schedule, train_or_load, trained_path, training_key
 from hyperinf.blocks import select_blocks
 from hyperinf.hf.formats import Example, collator, question_prompt
 from hyperinf.hf.lm import IGNORE_INDEX
@@ -104,7 +104,7 @@ def pretrain_backbone(
     vision = VISION_SIZES[language] | IMAGES
     key = training_key({"stage": "vision", "vision": vision, "schedule": str(schedule)}, examples)
     record = train_or_load(
-        reader, loss, examples, collate, schedule, cache_dir / f"{key}.safetensors", progress=progress, desc="vision"
+        reader, loss, examples, collate, schedule, trained_path(cache_dir, key), progress=progress, desc="vision"
     )
     test = draw_grids(digits, "test", 500, random.Random(f"vision-test-{seed}"))
     with torch.no_grad():

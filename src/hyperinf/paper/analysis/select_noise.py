@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hyperinf.app.finetune import trained_path
 from hyperinf.errors import DataError
 from hyperinf.metrics import roc_auc
 from hyperinf.paper.analysis.study_runs import cached_scores, seeded_runs
@@ -34,7 +35,7 @@ def noise_aucs(run: Path) -> dict[int, dict[str, float]]:
         )
     out = {}
     for seeded, record in seeds:
-        warm = seeded.cache_dir / f"{record['warm_up']['key']}.safetensors"
+        warm = trained_path(seeded.cache_dir, record["warm_up"]["key"])
         if not seeded.no_warmup and not warm.exists():
             raise DataError(
                 f"{run}: seed {seeded.seed}'s warm-up is not in the cache ({warm}): rerun the study's command to make it"
